@@ -1,0 +1,206 @@
+"""The ``ActionType`` base class: the contract every plugin's action type keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from blktx.errors import ActionFailures
+from blktx.params import Param
+from blktx.states import START, Lifecycle
+
+if TYPE_CHECKING:
+    from blktx.context import RunContext
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """Something a failed cancel left behind: where it is, what it is."""
+
+    target: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.target}: {self.what}"
+
+
+class Action:
+    """One action of a transaction, and the model its type's machine moves.
+
+    ``params`` holds the validated parameters. ``undo`` holds what ``cancel`` needs
+    (the file ``do`` will create, the snapshot ids that existed before); it must stay
+    JSON-serialisable, because the journal records it before every side effect and
+    ``blktx recover`` rebuilds the action from it.
+    """
+
+    __slots__ = (
+        "durations",
+        "error",
+        "failed_phase",
+        "index",
+        "line",
+        "output",
+        "params",
+        "state",
+        "target",
+        "type",
+        "undo",
+    )
+
+    def __init__(self, index: int, atype: ActionType, params: dict[str, Any], target: str,
+                 line: int | None = None) -> None:
+        self.index = index
+        self.type = atype
+        self.params = params
+        self.target = target
+        self.state = START
+        self.undo: dict[str, Any] = {}
+        self.error: str | None = None
+        self.failed_phase: str | None = None
+        self.line = line
+        self.durations: dict[str, float] | None = None
+        self.output: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Action #{self.index} {self.type.name} {self.target} {self.state}>"
+
+    def timed(self, phase: str, seconds: float) -> None:
+        if self.durations is None:
+            self.durations = {}
+        self.durations[phase] = self.durations.get(phase, 0.0) + seconds
+
+
+class ActionType:
+    """Base class of every action type. Subclass it, declare, implement, register.
+
+    **Declaration** (class attributes):
+
+    - ``name``: the spec's ``type``, ``plugin.verb`` (``qcow2.internal-create``).
+    - ``params``: a tuple of :class:`~blktx.params.Param`.
+    - ``finalize``: True when ``do`` cannot be undone (deleting a snapshot). Such an
+      action's ``do`` runs only after the commit point, is retried on failure, and
+      what still fails is reported pending and finished by ``blktx recover``.
+    - ``shares_target``: True when several actions of this type may change one
+      target in one transaction (two internal snapshots of one image). Otherwise a
+      second action on the target is refused at check time.
+    - ``lifecycle``: the states and transitions (:mod:`blktx.states`); the default
+      core lifecycle suits nearly every type. Its machine is built once per type.
+
+    **Callbacks**, each given the :class:`Action` and the run's
+    :class:`~blktx.context.RunContext`. Raise any exception to fail; its message
+    is shown to the user as the backend's own words.
+
+    ``target(action) -> str``
+        The stable key of the one thing the action changes (an absolute path,
+        ``vm:<address>/<node>``). Targets are locked in sorted order.
+    ``check(action, ctx)``
+        Runs in START before anything in the transaction is touched. No side
+        effects. Raise :class:`~blktx.errors.Refused` with a reason and a hint to
+        refuse. Record in ``action.undo`` what a later ``cancel`` will need to tell
+        what this transaction made from what already existed (for example the
+        snapshot ids present now). For a finalize type, ``check`` must prove ``do``
+        can succeed.
+    ``do(action, ctx)``
+        START -> CREATED. Make the new thing without making anyone use it. Never
+        delete or overwrite anything the transaction did not create. If ``do``
+        learns more that ``cancel`` needs (the id the snapshot got), store it in
+        ``action.undo`` before returning.
+    ``invalidate(action, ctx)``
+        CREATED -> INVALIDATED. Switch users over to the new thing (pivot a drive,
+        re-point the active image). The default does nothing.
+    ``cancel(action, ctx)``
+        Any state -> CANCELED. Undo whatever this action did, whichever state it is
+        in, including a ``do`` that raised or was killed half-way (START). It must
+        be idempotent: after a crash inside it, running it again leaves the same
+        world as running it once. It must work from ``action.params`` and
+        ``action.undo`` alone, because ``blktx recover`` calls it on an action
+        rebuilt from the journal in a new process.
+    ``leftovers(action) -> list[Leftover]``
+        What would stay behind if ``cancel`` failed now, named exactly (which file,
+        which snapshot id). Reported when a cancel fails.
+
+    **Batches**: ``check_many``/``do_many``/``invalidate_many``/``cancel_many``
+    receive every action of this type in a phase, in order (reverse order for
+    cancel). The defaults call the single-action callbacks in turn; override them
+    to send one request for the whole batch (one QMP ``transaction``). A batch
+    that fails for some actions only raises :class:`~blktx.errors.ActionFailures`;
+    any other exception fails every action of the batch.
+    """
+
+    name: ClassVar[str] = ""
+    params: ClassVar[tuple[Param, ...]] = ()
+    finalize: ClassVar[bool] = False
+    shares_target: ClassVar[bool] = False
+    lifecycle: ClassVar[Lifecycle] = Lifecycle()
+    #: Whether this type overrides a ``*_many`` method (set at class creation).
+    batched: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.batched = any(
+            getattr(cls, m) is not getattr(ActionType, m)
+            for m in ("check_many", "do_many", "invalidate_many", "cancel_many")
+        )
+
+    # -- single-action callbacks -------------------------------------------------
+
+    def target(self, action: Action) -> str:
+        raise NotImplementedError(f"{type(self).__name__}.target")
+
+    def check(self, action: Action, ctx: RunContext) -> None:
+        return None
+
+    def do(self, action: Action, ctx: RunContext) -> None:
+        raise NotImplementedError(f"{type(self).__name__}.do")
+
+    def invalidate(self, action: Action, ctx: RunContext) -> None:
+        return None
+
+    def cancel(self, action: Action, ctx: RunContext) -> None:
+        raise NotImplementedError(f"{type(self).__name__}.cancel")
+
+    def leftovers(self, action: Action) -> list[Leftover]:
+        return [Leftover(action.target, f"whatever {self.name} action #{action.index} made")]
+
+    # -- batches -----------------------------------------------------------------
+
+    def check_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
+        self._each("check", actions, ctx)
+
+    def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
+        self._each("do", actions, ctx)
+
+    def invalidate_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
+        self._each("invalidate", actions, ctx)
+
+    def cancel_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
+        self._each("cancel", actions, ctx, keep_going=True)
+
+    def _each(self, step: str, actions: Sequence[Action], ctx: RunContext,
+              keep_going: bool = False) -> None:
+        failures: dict[int, BaseException] = {}
+        method = getattr(self, step)
+        for n, action in enumerate(actions):
+            try:
+                method(action, ctx)
+            except Exception as exc:
+                failures[action.index] = exc
+                if not keep_going:
+                    raise ActionFailures(failures, [a.index for a in actions[n + 1:]]) from exc
+        if failures:
+            raise ActionFailures(failures)
+
+    # -- introspection -------------------------------------------------------------
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    @classmethod
+    def param(cls, name: str) -> Param | None:
+        for p in cls.params:
+            if p.name == name:
+                return p
+        return None

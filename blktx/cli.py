@@ -1,0 +1,164 @@
+"""The ``blktx`` command: parses arguments, calls the library, prints. Nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from blktx import plugins
+from blktx.errors import EXIT_INVALID, InvalidTransaction
+from blktx.executor import Executor
+from blktx.report import Progress, console, print_json, print_result, print_types, types_json
+from blktx.result import INVALID, Result
+from blktx.spec import load_spec
+
+EXIT_HELP = """exit status:
+  0  committed: every action took effect
+  1  rolled back: nothing changed; the failure is reported
+  2  invalid: the spec, a check, a lock or the command line refused; nothing was touched
+  3  needs recovery: a cancel or finalize step failed, or a run was killed;
+     `blktx recover` finishes it
+"""
+
+
+def _registry(args: argparse.Namespace) -> plugins.Registry:
+    registry = plugins.default_registry()
+    if not getattr(args, "json", False):
+        err = console(sys.stderr)
+        for problem in registry.problems:
+            err.print(f"[yellow]warning[/yellow]: {problem}", highlight=False)
+    return registry
+
+
+def _emit(result: Result, args: argparse.Namespace) -> int:
+    if args.json:
+        print_json(result.to_json())
+    else:
+        print_result(result, console())
+    return result.exit_status
+
+
+def _invalid(exc: InvalidTransaction, args: argparse.Namespace) -> int:
+    return _emit(Result("-", INVALID, problems=exc.problems), args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    try:
+        tx = load_spec(args.spec)
+    except InvalidTransaction as exc:
+        return _invalid(exc, args)
+    if not args.json and sys.stderr.isatty():
+        registry.pm.register(Progress(sys.stderr), name="blktx-progress")
+    overrides: dict[str, Any] = {}
+    if args.jobs is not None:
+        overrides["jobs"] = args.jobs
+    executor = Executor(registry, journal=_journal(args), locker=_locker(args))
+    result = executor.run(tx, allow_exec=args.allow_exec, roots=_roots(args), overrides=overrides)
+    return _emit(result, args)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    try:
+        tx = load_spec(args.spec)
+    except InvalidTransaction as exc:
+        return _invalid(exc, args)
+    return _emit(Executor(registry).check(tx, allow_exec=args.allow_exec, roots=_roots(args)), args)
+
+
+def cmd_types(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    if args.json:
+        print_json({"types": types_json(registry),
+                    "problems": [{"plugin": p.plugin, "message": p.message} for p in registry.problems]})
+    else:
+        print_types(registry, console())
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    entry = registry.types.get(args.type)
+    if entry is None:
+        from blktx.params import did_you_mean
+
+        hint = did_you_mean(args.type, sorted(registry.types)) or "`blktx types` lists them"
+        print(f"blktx graph: unknown action type {args.type!r} ({hint})", file=sys.stderr)
+        return EXIT_INVALID
+    lifecycle = entry.cls.lifecycle
+    if args.json:
+        print_json({"type": args.type, "finalize": entry.cls.finalize, **lifecycle.as_dict()})
+    else:
+        sys.stdout.write(lifecycle.mermaid(title=args.type))
+    return 0
+
+
+def _roots(args: argparse.Namespace) -> list[str] | None:
+    roots: list[str] = [os.path.abspath(r) for r in args.root or []]
+    if roots:
+        roots.append(os.path.dirname(os.path.abspath(args.spec)))
+    return roots or None
+
+
+def _journal(args: argparse.Namespace) -> Any:
+    return None
+
+
+def _locker(args: argparse.Namespace) -> Any:
+    return None
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="the transaction's TOML file (see specs/README.md)")
+    p.add_argument("--allow-exec", action="store_true",
+                   help="allow actions that run external commands (exec); off by default")
+    p.add_argument("--root", action="append", metavar="DIR",
+                   help="also allow paths under DIR (default: only the spec's directory); repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blktx",
+        description="Group snapshots of many block devices as one all-or-none transaction.",
+        epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from blktx import __version__
+
+    parser.add_argument("--version", action="version", version=f"blktx {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
+        ("run", "run a transaction all-or-none", cmd_run),
+        ("check", "validate a spec and run every check; touches nothing", cmd_check),
+        ("types", "list every registered action type, its parameters and its plugin", cmd_types),
+        ("graph", "print an action type's state machine as a Mermaid diagram", cmd_graph),
+    ]
+    subs: dict[str, argparse.ArgumentParser] = {}
+    for name, help_text, func in commands:
+        p = sub.add_parser(name, help=help_text, description=help_text.capitalize() + ".",
+                           epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        p.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
+        subs[name] = p
+    for name in ("run", "check"):
+        _add_spec_args(subs[name])
+    subs["run"].add_argument("--jobs", type=int, metavar="N", help="run up to N steps at once (overrides the spec)")
+    subs["graph"].add_argument("type", help="an action type, e.g. qcow2.internal-create")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except KeyboardInterrupt:
+        print("blktx: interrupted", file=sys.stderr)
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,475 @@
+"""The lockstep executor: check all, lock, quiesce, do all, invalidate all, commit,
+resume, finalize; on any failure or interrupt before the commit point, cancel in
+reverse order. See docs/semantics.md for the contract this module keeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+from typing import Any, Protocol, cast
+
+from blktx.actiontype import Action, ActionType, Leftover
+from blktx.context import Options, RunContext
+from blktx.errors import ActionFailures, InvalidTransaction, Problem, Refused
+from blktx.events import Event, Hold
+from blktx.plugins import Registry, default_registry
+from blktx.result import COMMITTED, INVALID, NEEDS_RECOVERY, ROLLED_BACK, Failure, Result
+from blktx.spec import Transaction, bind
+from blktx.states import (
+    CANCELED,
+    CREATED,
+    INVALIDATED,
+    LIVE_STATES,
+    START,
+    TX_ABORTED,
+    TX_COMMITTED,
+    TX_DONE,
+)
+
+
+class Journal(Protocol):
+    """Where the executor records intents and outcomes (see :mod:`blktx.journal`)."""
+
+    def begin(self, txid: str, info: dict[str, Any], actions: Sequence[Action]) -> None: ...
+    def intent(self, txid: str, phase: str, actions: Sequence[Action]) -> None: ...
+    def done(self, txid: str, phase: str, actions: Sequence[Action]) -> None: ...
+    def holds(self, txid: str, holds: Sequence[Hold], resumed: bool) -> None: ...
+    def outcome(self, txid: str, outcome: str, detail: dict[str, Any]) -> None: ...
+
+
+class Locker(Protocol):
+    """Locks targets across processes (see :mod:`blktx.locks`)."""
+
+    def acquire(self, txid: str, targets: Sequence[str]) -> contextlib.AbstractContextManager[None]: ...
+
+
+class NullJournal:
+    """Records nothing: for library use where crash recovery is not wanted."""
+
+    def begin(self, txid: str, info: dict[str, Any], actions: Sequence[Action]) -> None: ...
+    def intent(self, txid: str, phase: str, actions: Sequence[Action]) -> None: ...
+    def done(self, txid: str, phase: str, actions: Sequence[Action]) -> None: ...
+    def holds(self, txid: str, holds: Sequence[Hold], resumed: bool) -> None: ...
+    def outcome(self, txid: str, outcome: str, detail: dict[str, Any]) -> None: ...
+
+
+class NullLocker:
+    @contextlib.contextmanager
+    def acquire(self, txid: str, targets: Sequence[str]) -> Iterator[None]:
+        yield
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived before the commit point."""
+
+
+class _PhaseFailed(Exception):
+    def __init__(self, failures: list[Failure]) -> None:
+        super().__init__(str(failures[0]))
+        self.failures = failures
+
+
+def new_txid() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+class Executor:
+    """Runs transactions all-or-none. One executor can run many transactions in turn."""
+
+    def __init__(self, registry: Registry | None = None, journal: Journal | None = None,
+                 locker: Locker | None = None) -> None:
+        self.registry = registry or default_registry()
+        self.journal: Journal = journal or NullJournal()
+        self.locker: Locker = locker or NullLocker()
+        self._interrupt: str | None = None
+        hook = self.registry.pm.hook
+        self._observed = bool(hook.blktx_event.get_hookimpls())
+
+    # -- entry points --------------------------------------------------------------
+
+    def check(self, tx: Transaction, *, allow_exec: bool = False, roots: list[str] | None = None) -> Result:
+        """Validate and run every check. Touches nothing."""
+        txid = new_txid()
+        try:
+            actions, options = bind(tx, self.registry, allow_exec=allow_exec, roots=roots)
+        except InvalidTransaction as exc:
+            return Result(txid, INVALID, problems=exc.problems, checked_only=True)
+        ctx = RunContext(txid, options, tx.base_dir, self.registry.pm.hook)
+        try:
+            problems = self.check_actions(actions, ctx, tx.file)
+        finally:
+            ctx.close()
+        if problems:
+            return Result(txid, INVALID, actions=actions, problems=problems, checked_only=True)
+        return Result(txid, COMMITTED, actions=actions, checked_only=True)
+
+    def run(self, tx: Transaction, *, allow_exec: bool = False, roots: list[str] | None = None,
+            overrides: dict[str, Any] | None = None) -> Result:
+        """Run ``tx`` all-or-none and report what happened."""
+        txid = new_txid()
+        try:
+            actions, options = bind(tx, self.registry, allow_exec=allow_exec, roots=roots, overrides=overrides)
+        except InvalidTransaction as exc:
+            return Result(txid, INVALID, problems=exc.problems)
+        return self.run_actions(actions, options, base_dir=tx.base_dir, file=tx.file, txid=txid)
+
+    def run_actions(self, actions: list[Action], options: Options, *, base_dir: str,
+                    file: str | None = None, txid: str | None = None) -> Result:
+        txid = txid or new_txid()
+        started = time.perf_counter()
+        ctx = RunContext(txid, options, base_dir, self.registry.pm.hook)
+        result = Result(txid, ROLLED_BACK, actions=actions)
+        try:
+            t = time.perf_counter()
+            problems = self.check_actions(actions, ctx, file)
+            result.phases["check"] = time.perf_counter() - t
+            if problems:
+                result.outcome, result.problems = INVALID, problems
+                return result
+            targets = sorted({a.target for a in actions})
+            with self.locker.acquire(txid, targets), self._signals():
+                self._execute(actions, ctx, result, file)
+        except InvalidTransaction as exc:  # a lock or journal refusal before anything ran
+            result.outcome, result.problems = INVALID, exc.problems
+        finally:
+            result.warnings.extend(ctx.close())
+            result.seconds = time.perf_counter() - started
+            self._emit("outcome", txid, message=result.summary(), seconds=result.seconds)
+        return result
+
+    # -- phases ----------------------------------------------------------------------
+
+    def check_actions(self, actions: list[Action], ctx: RunContext, file: str | None) -> list[Problem]:
+        """Phase 2: every check, every conflict. All refusals are returned at once."""
+        problems: list[Problem] = []
+
+        def refuse(a: Action, exc: BaseException) -> None:
+            hint = exc.hint if isinstance(exc, Refused) else None
+            problems.append(Problem(str(exc) or type(exc).__name__, file, a.line, None, a.index,
+                                    None, a.target, hint))
+
+        by_index = {a.index: a for a in actions}
+        for atype, group in _by_type(actions):
+            if atype.batched:
+                try:
+                    atype.check_many(group, ctx)
+                except ActionFailures as exc:
+                    for index, err in exc.failures.items():
+                        refuse(by_index[index], err)
+                except Exception as exc:  # noqa: BLE001 - a failed batch check refuses the whole batch
+                    for a in group:
+                        refuse(a, exc)
+            else:
+                for a in group:
+                    try:
+                        atype.check(a, ctx)
+                    except Exception as exc:  # noqa: BLE001 - every check error is a refusal
+                        refuse(a, exc)
+        on_target: dict[str, list[Action]] = {}
+        for a in actions:
+            on_target.setdefault(a.target, []).append(a)
+        for target, group in on_target.items():
+            if len(group) > 1 and not all(a.type.shares_target for a in group):
+                for a in group[1:]:
+                    problems.append(Problem(
+                        f"conflicts with action #{group[0].index} ({group[0].type.name}) on the same target",
+                        file, a.line, None, a.index, None, target,
+                        "a target can be changed by several actions only when every one of their types allows it; "
+                        "split the transaction"))
+        problems.sort(key=lambda p: (p.action if p.action is not None else -1))
+        return problems
+
+    def _execute(self, actions: list[Action], ctx: RunContext, result: Result, file: str | None) -> None:
+        txid = ctx.txid
+        options = ctx.options
+        journal = self.journal
+        journal.begin(txid, {"file": file, "base_dir": ctx.base_dir, "options": options.__dict__}, actions)
+        undoable = [a for a in actions if not a.type.finalize]
+        finals = [a for a in actions if a.type.finalize]
+        touched: set[int] = set()
+        holds = result.holds
+        try:
+            try:
+                self._raise_if_interrupted()
+                if options.quiesce != "none":
+                    journal.intent(txid, "quiesce", actions)
+                    self._quiesce(ctx, actions, holds)
+                    journal.holds(txid, holds, resumed=False)
+                for step in ("do", "invalidate"):
+                    t = time.perf_counter()
+                    journal.intent(txid, step, undoable)
+                    self._phase(step, undoable, ctx, touched, options.jobs)
+                    journal.done(txid, step, undoable)
+                    result.phases[step] = time.perf_counter() - t
+                    self._raise_if_interrupted()
+                journal.outcome(txid, TX_COMMITTED, {})
+                result.committed = True
+            except (_PhaseFailed, Interrupted) as exc:
+                if isinstance(exc, _PhaseFailed):
+                    result.failures = exc.failures
+                else:
+                    result.failures = [Failure("interrupt", f"interrupted by {self._interrupt}")]
+                result.failure = result.failures[0]
+                self._emit("failure", txid, message=str(result.failure))
+                self._rollback(undoable, ctx, touched, result)
+                journal.outcome(txid, TX_ABORTED, {"failure": result.failure.to_json(),
+                                                   "leftovers": [str(lo) for lo in result.leftovers]})
+        finally:
+            if holds:
+                self._resume(ctx, holds, result)
+                journal.holds(txid, holds, resumed=True)
+        if not result.committed:
+            result.outcome = NEEDS_RECOVERY if result.leftovers else ROLLED_BACK
+            return
+        if finals:
+            self._finalize(finals, ctx, result)
+        result.outcome = NEEDS_RECOVERY if result.pending else COMMITTED
+        journal.outcome(txid, TX_DONE if not result.pending else TX_COMMITTED,
+                        {"pending": [p.to_json() for p in result.pending]})
+
+    def _phase(self, step: str, actions: Sequence[Action], ctx: RunContext, touched: set[int],
+               jobs: int, *, reverse: bool = False) -> None:
+        """Run one step over ``actions`` in lockstep; raise _PhaseFailed on any failure."""
+        parallel = jobs > 1
+        units = _units(actions, reverse, parallel)
+        failures: list[Failure] = []
+        lock = threading.Lock()
+        total = len(actions)
+        self._emit("phase-start", ctx.txid, phase=step, total=total)
+
+        def run_unit(unit: list[Action]) -> None:
+            if failures or self._interrupt:
+                return
+            errors = self._step(step, unit, ctx, touched)
+            if errors:
+                with lock:
+                    failures.extend(errors)
+
+        if not parallel or len(units) <= 1:
+            for unit in units:
+                run_unit(unit)
+                if failures or self._interrupt:
+                    break
+        else:
+            with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="blktx") as pool:
+                list(pool.map(run_unit, units))
+        self._emit("phase-end", ctx.txid, phase=step, total=total, count=len(failures))
+        if failures:
+            failures.sort(key=lambda f: f.action if f.action is not None else -1)
+            raise _PhaseFailed(failures)
+
+    def _step(self, step: str, unit: list[Action], ctx: RunContext, touched: set[int]) -> list[Failure]:
+        """Run ``step`` on one unit (a batch of one type, or one target's actions)."""
+        atype = unit[0].type
+        events = atype.lifecycle.machine.events[step]
+        for a in unit:
+            if a.state not in events.transitions:
+                raise RuntimeError(f"executor bug: {step} from {a.state} is not allowed for {a!r}")
+        failures: list[Failure] = []
+        if atype.batched:
+            touched.update(a.index for a in unit)
+            t = time.perf_counter()
+            failed: dict[int, BaseException] = {}
+            skipped: set[int] = set()
+            try:
+                getattr(atype, step + "_many")(unit, ctx)
+            except ActionFailures as exc:
+                failed, skipped = exc.failures, set(exc.not_started)
+            except Exception as exc:  # noqa: BLE001 - the backend's message is the report
+                failed = {a.index: exc for a in unit}
+            spent = (time.perf_counter() - t) / len(unit)
+            for a in unit:
+                if a.index in skipped:
+                    touched.discard(a.index)
+                    continue
+                a.timed(step, spent)
+                err = failed.get(a.index)
+                if err is None:
+                    events.trigger(a)
+                    self._emit_action(ctx, step, a)
+                else:
+                    failures.append(self._fail(a, step, err))
+            return failures
+        method: Callable[[Action, RunContext], None] = getattr(atype, step)
+        for a in unit:
+            touched.add(a.index)
+            t = time.perf_counter()
+            try:
+                method(a, ctx)
+            except Exception as exc:  # noqa: BLE001 - the backend's message is the report
+                a.timed(step, time.perf_counter() - t)
+                failures.append(self._fail(a, step, exc))
+                if step != "cancel":
+                    break
+                continue
+            a.timed(step, time.perf_counter() - t)
+            events.trigger(a)
+            if self._observed:
+                self._emit_action(ctx, step, a)
+        return failures
+
+    def _fail(self, a: Action, step: str, exc: BaseException) -> Failure:
+        message = str(exc) or type(exc).__name__
+        a.error, a.failed_phase = message, step
+        return Failure(step, message, a.index, a.type.name, a.target)
+
+    def _rollback(self, undoable: list[Action], ctx: RunContext, touched: set[int], result: Result) -> None:
+        """Cancel every action that may have changed something, newest first."""
+        victims = [a for a in undoable if a.state in LIVE_STATES or (a.index in touched and a.state == START)]
+        if not victims:
+            return
+        t = time.perf_counter()
+        self.journal.intent(ctx.txid, "cancel", victims)
+        remaining = victims
+        for _attempt in range(ctx.options.cancel_retries + 1):
+            try:
+                self._phase_keep_going("cancel", remaining, ctx, touched)
+            finally:
+                remaining = [a for a in remaining if a.state != CANCELED]
+            if not remaining:
+                break
+        self.journal.done(ctx.txid, "cancel", victims)
+        result.phases["cancel"] = time.perf_counter() - t
+        for a in sorted(remaining, key=lambda a: -a.index):
+            try:
+                result.leftovers.extend(a.type.leftovers(a))
+            except Exception as exc:  # noqa: BLE001 - still name the action that left something
+                result.leftovers.append(Leftover(a.target, f"{a.type.name} action #{a.index}: {exc}"))
+
+    def _phase_keep_going(self, step: str, actions: list[Action], ctx: RunContext, touched: set[int]) -> None:
+        jobs = ctx.options.jobs
+        units = _units(actions, reverse=True, parallel=jobs > 1)
+        if jobs <= 1 or len(units) <= 1:
+            for unit in units:
+                self._step(step, unit, ctx, touched)
+        else:
+            with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="blktx") as pool:
+                list(pool.map(lambda u: self._step(step, u, ctx, touched), units))
+
+    def _finalize(self, finals: list[Action], ctx: RunContext, result: Result) -> None:
+        """Roll forward: the actions that cannot be undone, retried, after the commit point."""
+        t = time.perf_counter()
+        remaining = finals
+        touched: set[int] = set()
+        for attempt in range(ctx.options.finalize_retries + 1):
+            if attempt:
+                time.sleep(ctx.options.retry_delay * attempt)
+            self.journal.intent(ctx.txid, "finalize", remaining)
+            self._phase_all("do", [a for a in remaining if a.state == START], ctx, touched)
+            self._phase_all("invalidate", [a for a in remaining if a.state == CREATED], ctx, touched)
+            self.journal.done(ctx.txid, "finalize", remaining)
+            remaining = [a for a in remaining if a.state != INVALIDATED]
+            if not remaining or self._interrupt:
+                break
+        result.phases["finalize"] = time.perf_counter() - t
+        result.pending = [Failure("finalize", a.error or "interrupted before it ran", a.index, a.type.name, a.target)
+                          for a in remaining]
+
+    def _phase_all(self, step: str, actions: list[Action], ctx: RunContext, touched: set[int]) -> None:
+        for unit in _units(actions, False):
+            self._step(step, unit, ctx, touched)
+
+    # -- quiesce ---------------------------------------------------------------------
+
+    def _quiesce(self, ctx: RunContext, actions: list[Action], holds: list[Hold]) -> None:
+        failure: Exception | None = None
+        for impl in self.registry.pm.hook.blktx_quiesce.get_hookimpls():
+            kwargs: dict[str, Any] = {"ctx": ctx, "actions": actions}
+            try:
+                got = cast("list[Hold] | None", impl.function(**{k: kwargs[k] for k in impl.argnames}))
+            except Exception as exc:  # noqa: BLE001 - the other plugins' holds are still resumed
+                failure = exc
+                break
+            for hold in got or []:
+                hold.start = hold.start or time.monotonic()
+                holds.append(hold)
+                self._emit("quiesced", ctx.txid, target=hold.target, message=hold.kind)
+        if failure is not None:
+            self.journal.holds(ctx.txid, holds, resumed=False)
+            raise _PhaseFailed([Failure("quiesce", str(failure))])
+
+    def _resume(self, ctx: RunContext, holds: list[Hold], result: Result) -> None:
+        for hold in reversed(holds):
+            try:
+                done = self.registry.pm.hook.blktx_resume(ctx=ctx, hold=hold)
+                if not done:
+                    result.warnings.append(f"no plugin resumed {hold.kind} hold on {hold.target}")
+            except Exception as exc:  # noqa: BLE001 - keep resuming the others
+                result.leftovers.append(Leftover(hold.target, f"still {hold.kind} (resume failed: {exc})"))
+            hold.end = time.monotonic()
+            self._emit("resumed", ctx.txid, target=hold.target, message=hold.kind, seconds=hold.window or 0.0)
+
+    # -- signals and events ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        self._interrupt = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self._interrupt = signal.Signals(signum).name
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def interrupt(self, why: str = "request") -> None:
+        """Ask a running transaction to stop; before the commit point it rolls back."""
+        self._interrupt = why
+
+    def _raise_if_interrupted(self) -> None:
+        if self._interrupt:
+            raise Interrupted(self._interrupt)
+
+    def _emit(self, kind: str, txid: str, **fields: Any) -> None:
+        if not self._observed:
+            return
+        for impl in self.registry.pm.hook.blktx_event.get_hookimpls():
+            with contextlib.suppress(Exception):
+                impl.function(event=Event(kind, txid, **fields))
+
+    def _emit_action(self, ctx: RunContext, step: str, a: Action) -> None:
+        if self._observed:
+            self._emit("action", ctx.txid, phase=step, action=a.index, state=a.state, target=a.target)
+
+
+def _by_type(actions: Sequence[Action]) -> list[tuple[ActionType, list[Action]]]:
+    groups: dict[int, tuple[ActionType, list[Action]]] = {}
+    for a in actions:
+        groups.setdefault(id(a.type), (a.type, []))[1].append(a)
+    return list(groups.values())
+
+
+def _units(actions: Sequence[Action], reverse: bool, parallel: bool = False) -> list[list[Action]]:
+    """Split a phase into units that run one after another (or ``parallel``).
+
+    Serially, the order of the actions is kept exactly (reversed for cancel);
+    consecutive actions of one batched type form one batch. In parallel, each
+    batched type is one unit and every other target is one unit, so order is kept
+    per target while different targets run at once.
+    """
+    ordered = list(reversed(actions)) if reverse else list(actions)
+    if parallel:
+        groups: dict[Any, list[Action]] = {}
+        for a in ordered:
+            groups.setdefault(id(a.type) if a.type.batched else a.target, []).append(a)
+        return list(groups.values())
+    units: list[list[Action]] = []
+    for a in ordered:
+        if units and a.type.batched and units[-1][0].type is a.type:
+            units[-1].append(a)
+        else:
+            units.append([a])
+    return units

@@ -1,0 +1,116 @@
+"""Every hook a blktx plugin can implement. These docstrings are the plugin reference.
+
+Implement a hook with :data:`blktx.hookimpl` in a module listed under the ``blktx``
+entry-point group, and give it only the arguments you need (pluggy passes them by
+name).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from blktx.actiontype import Action, ActionType
+    from blktx.context import RunContext
+    from blktx.events import Event, Hold
+
+hookspec = pluggy.HookspecMarker("blktx")
+#: Mark a function of your plugin module as a blktx hook implementation.
+hookimpl = pluggy.HookimplMarker("blktx")
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def blktx_register_action_types(register: Callable[[type[ActionType]], None]) -> None:
+    """Register the action types this plugin provides.
+
+    :param register: call it once per :class:`~blktx.ActionType` subclass. The core
+        checks the declaration (a ``plugin.verb`` name not taken by another plugin,
+        well-formed parameters, a lifecycle that keeps the core states and
+        transitions) and records which plugin registered it. A malformed type is
+        reported with the plugin's name and skipped; the plugin's other types and
+        the other plugins still load.
+    """
+
+
+# ---------------------------------------------------------------------------
+# Quiescing: keep targets still around the do and invalidate phases
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> list[Hold] | None:
+    """Pause or freeze what the transaction's actions need still.
+
+    Called after every target is locked and before the first ``do``, only when the
+    transaction's ``quiesce`` option is not ``"none"`` (read it from
+    ``ctx.options.quiesce``). Pause only what you own (for example the VMs of your
+    actions) and leave alone whatever was already paused.
+
+    :param ctx: the run's context.
+    :param actions: every action of the transaction.
+    :return: one :class:`~blktx.events.Hold` per thing you paused; each is recorded
+        in the journal and handed to :func:`blktx_resume` in every outcome,
+        including a failure, an interrupt, or ``blktx recover`` after a crash.
+        Raising fails the transaction before anything was done; holds returned by
+        other plugins are still resumed.
+    """
+
+
+@hookspec(firstresult=True)
+def blktx_resume(ctx: RunContext, hold: Hold) -> bool | None:
+    """Resume one thing that :func:`blktx_quiesce` paused.
+
+    Called right after the commit point, or after a rollback, newest hold first.
+    Stops at the first non-None result: return ``True`` when ``hold.kind`` is yours
+    and you resumed it, ``None`` when it is not yours. Must be idempotent: it may be
+    called again by ``blktx recover`` for a hold that was already resumed.
+
+    :param ctx: the run's context (in ``blktx recover``, a context with the
+        journal's transaction id).
+    :param hold: what was paused, as your quiesce hook returned it.
+    """
+
+
+# ---------------------------------------------------------------------------
+# Switching users over to a new image
+# ---------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def blktx_switch_active_image(ctx: RunContext, action: Action, device: str, old: str, new: str) -> bool | None:
+    """Make ``new`` the active image of ``device`` in a management stack's configuration.
+
+    Called by ``qcow2.external-create`` in invalidate (``old`` -> ``new``) and in
+    cancel (``new`` -> ``old``), before blktx's own default (re-pointing the
+    ``device`` symlink). Stops at the first non-None result: return ``True`` when
+    you switched it yourself (the symlink is then left alone), ``None`` to let the
+    default run. Must be idempotent.
+
+    :param device: the stable path that users open (the spec's ``device``).
+    :param old: the image that is active before the switch.
+    :param new: the image that is active after the switch.
+    """
+
+
+# ---------------------------------------------------------------------------
+# Observing a run
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def blktx_event(event: Event) -> None:
+    """Observe a run: phases starting and ending, actions changing state, failures,
+    quiesce windows and the outcome. For progress bars, logs and metrics.
+
+    Called in the executor's thread, synchronously: keep it cheap. An exception
+    raised here is reported as a warning and never changes the outcome.
+
+    :param event: what happened (:class:`~blktx.events.Event`).
+    """

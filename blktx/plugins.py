@@ -1,0 +1,145 @@
+"""Loading plugins and recording the action types they register."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import pluggy
+
+from blktx import hookspecs
+from blktx.actiontype import ActionType
+from blktx.errors import PluginProblem
+
+ENTRY_POINT_GROUP = "blktx"
+_NAME = re.compile(r"^[a-z][a-z0-9-]*(\.[a-z][a-z0-9-]*)*$")
+
+
+@dataclass(frozen=True)
+class RegisteredType:
+    cls: type[ActionType]
+    instance: ActionType
+    plugin: str
+
+
+@dataclass
+class Registry:
+    """The plugin manager, the action types it registered and the problems it met."""
+
+    pm: pluggy.PluginManager
+    types: dict[str, RegisteredType] = field(default_factory=dict)
+    problems: list[PluginProblem] = field(default_factory=list)
+
+    def get(self, name: str) -> ActionType | None:
+        entry = self.types.get(name)
+        return entry.instance if entry else None
+
+    def register_types_of(self, plugin_name: str, plugin: object) -> None:
+        impl = getattr(plugin, "blktx_register_action_types", None)
+        if impl is None:
+            return
+
+        def register(cls: type[ActionType]) -> None:
+            problems = declaration_problems(cls)
+            name = getattr(cls, "name", "")
+            if not problems and name in self.types:
+                problems = [f"type {name!r} is already registered by plugin {self.types[name].plugin!r}"]
+            if problems:
+                self.problems.append(PluginProblem(plugin_name, f"{getattr(cls, '__name__', cls)!s}: " + "; ".join(problems)))
+                return
+            try:
+                instance = cls()
+            except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop the others
+                self.problems.append(PluginProblem(plugin_name, f"{cls.__name__}() failed: {exc}"))
+                return
+            self.types[name] = RegisteredType(cls, instance, plugin_name)
+
+        try:
+            impl(register=register)
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop the others
+            self.problems.append(PluginProblem(plugin_name, f"blktx_register_action_types failed: {exc}"))
+
+
+def declaration_problems(cls: object) -> list[str]:
+    """What is wrong with an action type's declaration; empty when it is well formed."""
+    if not (isinstance(cls, type) and issubclass(cls, ActionType)):
+        return [f"{cls!r} is not a subclass of blktx.ActionType"]
+    found = []
+    if not isinstance(cls.name, str) or not _NAME.match(cls.name):
+        found.append(f"name {cls.name!r} is not of the form 'plugin.verb' in lowercase")
+    seen = set()
+    for p in cls.params:
+        found.extend(p.problems())
+        if p.name in seen:
+            found.append(f"parameter {p.name!r} is declared twice")
+        seen.add(p.name)
+    found.extend(cls.lifecycle.problems())
+    for method in ("target", "do", "cancel"):
+        if getattr(cls, method) is getattr(ActionType, method) and not (
+            method != "target" and getattr(cls, method + "_many") is not getattr(ActionType, method + "_many")
+        ):
+            found.append(f"{method}() is not implemented")
+    return found
+
+
+def _allowed() -> set[str] | None:
+    value = os.environ.get("BLKTX_LOAD_PLUGINS")
+    if value is None:
+        return None
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def load(extra: list[tuple[str, object]] | None = None) -> Registry:
+    """Load every plugin of the ``blktx`` entry-point group, then ``extra`` ones.
+
+    ``BLKTX_LOAD_PLUGINS`` (comma-separated entry-point names; empty for none)
+    limits which entry points load. ``BLKTX_TRACE_HOOKS=1`` prints every hook call
+    to stderr. A plugin that fails to import is recorded in ``problems``; the
+    others still load.
+    """
+    pm = pluggy.PluginManager("blktx")
+    pm.add_hookspecs(hookspecs)
+    registry = Registry(pm)
+    allowed = _allowed()
+    seen: set[str] = set()
+    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if ep.name in seen or (allowed is not None and ep.name not in allowed):
+            continue
+        seen.add(ep.name)
+        try:
+            module = ep.load()
+        except Exception as exc:  # noqa: BLE001 - reported; the other plugins still load
+            registry.problems.append(PluginProblem(ep.name, f"failed to import {ep.value}: {type(exc).__name__}: {exc}"))
+            continue
+        _add(registry, ep.name, module)
+    for name, plugin in extra or []:
+        _add(registry, name, plugin)
+    if os.environ.get("BLKTX_TRACE_HOOKS"):
+        pm.trace.root.setwriter(sys.stderr.write)
+        pm.enable_tracing()
+    return registry
+
+
+def _add(registry: Registry, name: str, plugin: object) -> None:
+    try:
+        registry.pm.register(plugin, name=name)
+    except Exception as exc:  # noqa: BLE001 - a malformed hookimpl is reported with the plugin's name
+        registry.problems.append(PluginProblem(name, f"could not be registered: {exc}"))
+        return
+    registry.register_types_of(name, plugin)
+
+
+_cached: Registry | None = None
+
+
+def default_registry() -> Registry:
+    """The registry of the installed plugins, loaded once per process."""
+    global _cached
+    if _cached is None:
+        _cached = load()
+    return _cached
+
+

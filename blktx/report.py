@@ -1,0 +1,102 @@
+"""Rendering results and registries for people (rich tables) and for scripts (JSON)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+from blktx.events import Event
+from blktx.hookspecs import hookimpl
+from blktx.plugins import Registry
+from blktx.result import COMMITTED, Result
+
+_STYLE = {"INVALIDATED": "green", "CANCELED": "yellow", "START": "dim", "CREATED": "cyan"}
+
+
+def console(stream: TextIO | None = None) -> Console:
+    stream = stream or sys.stdout
+    # Piped output is read by people in logs and pagers: don't fold it to 80 columns.
+    width = None if stream.isatty() else 160
+    return Console(file=stream, highlight=False, width=width)
+
+
+def print_json(data: Any, stream: TextIO | None = None) -> None:
+    (stream or sys.stdout).write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
+    if result.problems:
+        for p in result.problems:
+            out.print(f"[red]error[/red]: {p}", markup=True, highlight=False)
+    if result.actions and not result.problems:
+        table = Table(title=None, show_edge=False, pad_edge=False)
+        for col in ("#", "type", "target", "state", "time", "error"):
+            table.add_column(col, overflow="fold")
+        for a in result.actions[:limit]:
+            took = sum((a.durations or {}).values())
+            state = a.state if not result.checked_only else "checked"
+            table.add_row(str(a.index), a.type.name, a.target, f"[{_STYLE.get(a.state, '')}]{state}[/]",
+                          f"{took * 1000:.1f} ms" if took else "", a.error or "")
+        out.print(table)
+        if len(result.actions) > limit:
+            out.print(f"... and {len(result.actions) - limit} more actions (use --json for all)")
+    for hold in result.holds:
+        window = f"{hold.window * 1000:.1f} ms" if hold.window is not None else "not resumed"
+        out.print(f"quiesced {hold.target} ({hold.kind}): {window}")
+    for lo in result.leftovers:
+        out.print(f"[red]left behind[/red]: {lo}")
+    for f in result.pending:
+        out.print(f"[yellow]pending finalize[/yellow]: action #{f.action} ({f.type}) on {f.target}: {f.message}")
+    for w in result.warnings:
+        out.print(f"[yellow]warning[/yellow]: {w}")
+    colour = "green" if result.outcome == COMMITTED else "red" if result.problems or result.leftovers else "yellow"
+    out.print(f"[bold {colour}]{result.summary()}[/]")
+
+
+def types_json(registry: Registry) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": name,
+            "plugin": entry.plugin,
+            "summary": entry.cls.summary(),
+            "finalize": entry.cls.finalize,
+            "shares_target": entry.cls.shares_target,
+            "params": [p.to_json() for p in entry.cls.params],
+        }
+        for name, entry in sorted(registry.types.items())
+    ]
+
+
+def print_types(registry: Registry, out: Console) -> None:
+    for info in types_json(registry):
+        flags = " [finalize]" if info["finalize"] else ""
+        out.print(f"[bold]{info['name']}[/bold]{flags}  (plugin {info['plugin']}) - {info['summary']}")
+        for p in info["params"]:
+            req = "required" if p["required"] else f"default {p.get('default')!r}"
+            choices = f" one of {p['choices']}" if p.get("choices") else ""
+            out.print(f"    {p['name']:<14} {p['kind']:<10} {req}{choices}  {p['doc']}", markup=False)
+
+
+class Progress:
+    """A ``blktx_event`` plugin that draws one progress bar per phase on a terminal."""
+
+    def __init__(self, stream: TextIO) -> None:
+        from rich.progress import Progress as RichProgress
+
+        self._bar = RichProgress(console=Console(file=stream), transient=True)
+        self._task: Any = None
+
+    @hookimpl
+    def blktx_event(self, event: Event) -> None:
+        if event.kind == "phase-start":
+            if self._task is None:
+                self._bar.start()
+            self._task = self._bar.add_task(event.phase, total=event.total)
+        elif event.kind == "action" and self._task is not None:
+            self._bar.advance(self._task)
+        elif event.kind == "outcome":
+            self._bar.stop()

@@ -1,0 +1,262 @@
+"""Transaction specs: the TOML format (``version = 1``), and the same from Python.
+
+Every problem of a spec is collected before anything is reported, each located by
+file, line and column, action index and key, with a hint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import tomli
+
+from blktx.actiontype import Action
+from blktx.context import Options
+from blktx.errors import InvalidTransaction, Problem
+from blktx.params import ParamError, did_you_mean, within_roots
+from blktx.plugins import Registry
+
+VERSION = 1
+TOP_KEYS = ["version", "description", "options", "action"]
+OPTION_KEYS = {
+    "jobs": "int",
+    "quiesce": "str",
+    "finalize_retries": "int",
+    "retry_delay": "float",
+    "cancel_retries": "int",
+}
+QUIESCE_MODES = ("none", "pause", "fsfreeze")
+
+
+@dataclass
+class ActionSpec:
+    """One ``[[action]]``: its type and its parameters, as written."""
+
+    type: str
+    params: dict[str, Any] = field(default_factory=dict)
+    line: int | None = None
+
+
+@dataclass
+class Transaction:
+    """A transaction before validation. Build one in Python or with :func:`load_spec`.
+
+    Relative paths in parameters resolve against ``base_dir``.
+    """
+
+    actions: list[ActionSpec]
+    options: dict[str, Any] = field(default_factory=dict)
+    file: str | None = None
+    base_dir: str = field(default_factory=os.getcwd)
+    description: str = ""
+    #: The parsed TOML document, when the transaction came from one.
+    raw: dict[str, Any] | None = field(default=None, repr=False)
+    _positions: dict[tuple[Any, ...], tuple[int, int]] = field(default_factory=dict, repr=False)
+
+    def where(self, *path: Any) -> tuple[int | None, int | None]:
+        """The line and column of a key (``("action", 0, "image")``), as near as known."""
+        while path:
+            if path in self._positions:
+                return self._positions[path]
+            path = path[:-1]
+        return None, None
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\"' -]+?)\s*\]\]?")
+_KEY = re.compile(r"^(\s*)([A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')\s*=")
+
+
+def _positions(text: str) -> dict[tuple[Any, ...], tuple[int, int]]:
+    """Line and column of every table header and top-level key of each table.
+
+    tomli gives no positions for valid documents, so this scans the lines; it is
+    only used to point at a problem, never to read values.
+    """
+    found: dict[tuple[Any, ...], tuple[int, int]] = {}
+    table: tuple[Any, ...] = ()
+    counts: dict[str, int] = {}
+    depth = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        stripped = line.split("#", 1)[0]
+        if depth == 0:
+            header = _HEADER.match(stripped)
+            if header:
+                name = header.group(2).strip().strip("\"'")
+                if header.group(1) == "[[":
+                    counts[name] = counts.get(name, -1) + 1
+                    table = (name, counts[name])
+                else:
+                    table = tuple(name.split("."))
+                found.setdefault(table, (lineno, header.start(1) + 1))
+                continue
+            key = _KEY.match(stripped)
+            if key:
+                found.setdefault((*table, key.group(2).strip("\"'")), (lineno, key.start(2) + 1))
+        depth += stripped.count("[") - stripped.count("]") if "=" in stripped or depth else 0
+        depth = max(depth, 0)
+    return found
+
+
+def parse_spec(text: str, file: str | None = None, base_dir: str | None = None) -> Transaction:
+    """Parse a TOML spec. Raises :class:`InvalidTransaction` on a TOML syntax error."""
+    try:
+        doc = tomli.loads(text)
+    except tomli.TOMLDecodeError as exc:
+        msg = exc.msg if hasattr(exc, "msg") else str(exc)
+        raise InvalidTransaction([Problem(
+            f"not valid TOML: {msg}", file=file, line=getattr(exc, "lineno", None),
+            column=getattr(exc, "colno", None), hint="see specs/README.md for the format")]) from None
+    positions = _positions(text)
+    if base_dir is None:
+        base_dir = os.path.dirname(os.path.abspath(file)) if file else os.getcwd()
+    tx = Transaction(actions=[], file=file, base_dir=base_dir)
+    tx._positions = positions
+    tx.options = doc.get("options", {}) if isinstance(doc.get("options", {}), dict) else {"__bad__": doc["options"]}
+    tx.description = str(doc.get("description", ""))
+    raw_actions = doc.get("action", [])
+    tx.raw = doc
+    if isinstance(raw_actions, list):
+        for i, raw in enumerate(raw_actions):
+            if isinstance(raw, dict):
+                params = {k: v for k, v in raw.items() if k != "type"}
+                line = positions.get(("action", i), (None, 0))[0]
+                tx.actions.append(ActionSpec(str(raw.get("type", "")), params, line))
+            else:
+                tx.actions.append(ActionSpec("", {"__bad__": raw}))
+    return tx
+
+
+def load_spec(path: str) -> Transaction:
+    """Read and parse a spec file. Raises :class:`InvalidTransaction` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise InvalidTransaction([Problem(f"cannot read the spec: {exc.strerror}", file=path,
+                                          hint="check the path")]) from None
+    return parse_spec(text, file=path)
+
+
+def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
+         roots: list[str] | None = None, overrides: dict[str, Any] | None = None) -> tuple[list[Action], Options]:
+    """Validate ``tx`` against the registered types; return its actions and options.
+
+    ``roots`` are the directories paths may lie under (default: the spec's
+    directory). Raises :class:`InvalidTransaction` listing every problem at once.
+    Touches nothing.
+    """
+    problems: list[Problem] = []
+
+    def problem(message: str, *path: Any, action: int | None = None, key: str | None = None,
+                hint: str | None = None, target: str | None = None) -> None:
+        line, col = tx.where(*path)
+        problems.append(Problem(message, tx.file, line, col, action, key, target, hint))
+
+    raw = tx.raw
+    if raw is not None:
+        if "version" not in raw:
+            problem("the spec has no version", hint=f"add 'version = {VERSION}' at the top")
+        elif raw["version"] != VERSION:
+            problem(f"unsupported spec version {raw['version']!r}", "version", key="version",
+                    hint=f"this blktx reads version {VERSION}")
+        for key in raw:
+            if key not in TOP_KEYS:
+                problem(f"unknown top-level key {key!r}", key, key=key,
+                        hint=did_you_mean(key, TOP_KEYS) or f"known keys: {', '.join(TOP_KEYS)}")
+        if "action" in raw and not isinstance(raw["action"], list):
+            problem("'action' must be an array of tables", "action", key="action", hint="write each action as [[action]]")
+
+    options = Options(roots=list(roots) if roots else [tx.base_dir], allow_exec=allow_exec)
+    given = dict(tx.options)
+    given.update(overrides or {})
+    for key, value in given.items():
+        if key == "__bad__":
+            problem("'options' must be a table", "options", key="options", hint="write [options]")
+            continue
+        kind = OPTION_KEYS.get(key)
+        if kind is None:
+            if isinstance(value, dict):
+                options.extra[key] = value
+                continue
+            problem(f"unknown option {key!r}", "options", key, key=key,
+                    hint=did_you_mean(key, list(OPTION_KEYS)) or f"known options: {', '.join(OPTION_KEYS)}")
+            continue
+        ok = (isinstance(value, int) and not isinstance(value, bool)) if kind == "int" else (
+            isinstance(value, (int, float)) and not isinstance(value, bool)) if kind == "float" else isinstance(value, str)
+        if not ok:
+            problem(f"option {key!r} must be of type {kind}, got {value!r}", "options", key, key=key)
+            continue
+        if key == "jobs" and value < 1:
+            problem("option 'jobs' must be at least 1", "options", key, key=key)
+            continue
+        if key == "quiesce" and value not in QUIESCE_MODES:
+            problem(f"unknown quiesce mode {value!r}", "options", key, key=key,
+                    hint=did_you_mean(value, list(QUIESCE_MODES)) or f"one of {', '.join(QUIESCE_MODES)}")
+            continue
+        setattr(options, key, float(value) if kind == "float" else value)
+
+    if not tx.actions and (raw is None or "action" not in raw or isinstance(raw.get("action"), list)):
+        problem("the transaction has no actions", hint="add at least one [[action]] table")
+
+    names = sorted(registry.types)
+    actions: list[Action] = []
+    for i, spec in enumerate(tx.actions):
+        if "__bad__" in spec.params:
+            problem("an action must be a table", "action", i, action=i)
+            continue
+        if not spec.type:
+            problem("the action has no type", "action", i, action=i, key="type",
+                    hint="add type = \"...\"; `blktx types` lists them")
+            continue
+        atype = registry.get(spec.type)
+        if atype is None:
+            problem(f"unknown action type {spec.type!r}", "action", i, "type", action=i, key="type",
+                    hint=did_you_mean(spec.type, names) or "`blktx types` lists the installed types")
+            continue
+        declared = {p.name: p for p in atype.params}
+        values: dict[str, Any] = {}
+        bad = False
+        for key, value in spec.params.items():
+            param = declared.get(key)
+            if param is None:
+                bad = True
+                problem(f"{spec.type} has no parameter {key!r}", "action", i, key, action=i, key=key,
+                        hint=did_you_mean(key, list(declared)) or f"its parameters: {', '.join(declared) or 'none'}")
+                continue
+            try:
+                values[key] = param.coerce(value, tx.base_dir)
+            except ParamError as exc:
+                bad = True
+                problem(str(exc), "action", i, key, action=i, key=key, hint=exc.hint)
+                continue
+            if param.kind == "path" and not within_roots(values[key], options.roots):
+                bad = True
+                problem(f"path {values[key]} is outside the allowed roots ({', '.join(options.roots)})",
+                        "action", i, key, action=i, key=key,
+                        hint="move it under the spec's directory or widen with --root DIR")
+        for name, param in declared.items():
+            if name in values or name in spec.params:
+                continue
+            if param.required:
+                bad = True
+                problem(f"{spec.type} needs parameter {name!r} ({param.describe()})", "action", i,
+                        action=i, key=name, hint=param.doc or None)
+            else:
+                default = param.default
+                values[name] = param.coerce(default, tx.base_dir) if param.kind == "path" and default else default
+        if bad:
+            continue
+        action = Action(i, atype, values, "", spec.line)
+        try:
+            action.target = atype.target(action)
+        except Exception as exc:  # noqa: BLE001 - a type's own validation message
+            problem(str(exc), "action", i, action=i)
+            continue
+        actions.append(action)
+    if problems:
+        problems.sort(key=lambda p: (p.line or 0, p.column or 0))
+        raise InvalidTransaction(problems)
+    return actions, options

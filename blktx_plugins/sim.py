@@ -1,0 +1,241 @@
+"""``sim``: a simulated block layer kept in a JSON file, for tests, drills and benchmarks.
+
+A world file holds devices, each with internal snapshots (id -> name), a chain of
+layers, and the active layer::
+
+    {"devices": {"vda": {"snapshots": {"1": "monday"}, "layers": ["vda.base"],
+                         "active": "vda.base"}}}
+
+Every action can be told to fail at a phase (``fail = "do"``) or to fail its cancel
+(``fail_cancel = true``), so that every outcome of the executor can be produced on
+purpose and inspected between commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from blktx import Action, ActionFailed, ActionType, Leftover, Param, Refused, RunContext, hookimpl
+
+PHASES = ("", "check", "do", "invalidate")
+
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def make_world(path: str, devices: list[str] | dict[str, Any]) -> None:
+    """Write a world file with fresh devices (a list of names) or the given dict."""
+    if isinstance(devices, list):
+        devices = {d: {"snapshots": {}, "layers": [f"{d}.base"], "active": f"{d}.base"} for d in devices}
+    _write(path, {"devices": devices})
+
+
+def read_world(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as fh:
+        data: dict[str, Any] = json.load(fh)
+    return data
+
+
+def _write(path: str, world: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(world, fh, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _world(path: str, write: bool = True) -> Iterator[dict[str, Any]]:
+    with _locks_guard:
+        lock = _locks.setdefault(path, threading.Lock())
+    with lock:
+        try:
+            world = read_world(path)
+        except FileNotFoundError:
+            raise ActionFailed(f"sim world {path} does not exist") from None
+        yield world
+        if write:
+            _write(path, world)
+
+
+_COMMON = (
+    Param("world", "path", default="sim-world.json", doc="the world file"),
+    Param("device", "str", required=True, doc="the device in the world"),
+    Param("fail", "str", default="", choices=PHASES, doc="fail on purpose in this phase"),
+    Param("fail_cancel", "bool", default=False, doc="make every cancel of this action fail"),
+)
+
+
+class _SimType(ActionType):
+    def target(self, action: Action) -> str:
+        return f"sim:{action.params['world']}#{action.params['device']}"
+
+    def _device(self, world: dict[str, Any], action: Action) -> dict[str, Any]:
+        dev = world["devices"].get(action.params["device"])
+        if dev is None:
+            raise Refused(f"no device {action.params['device']!r} in {action.params['world']}",
+                          hint=f"devices: {', '.join(sorted(world['devices'])) or 'none'}")
+        return dev  # type: ignore[no-any-return]
+
+    def _maybe_fail(self, action: Action, phase: str) -> None:
+        if action.params["fail"] == phase:
+            cls = Refused if phase == "check" else ActionFailed
+            raise cls(f"injected failure in {phase}")
+
+    def check(self, action: Action, ctx: RunContext) -> None:
+        self._maybe_fail(action, "check")
+        with _world(action.params["world"], write=False) as world:
+            self._check(action, self._device(world, action))
+
+    def _check(self, action: Action, dev: dict[str, Any]) -> None:
+        return None
+
+    def _cancel_guard(self, action: Action) -> None:
+        if action.params["fail_cancel"]:
+            raise ActionFailed("injected failure in cancel")
+
+
+class Snapshot(_SimType):
+    """Create an internal snapshot of a simulated device."""
+
+    name = "sim.snapshot"
+    shares_target = True
+    params = (*_COMMON, Param("name", "str", required=True, doc="the snapshot's name"))
+
+    def _check(self, action: Action, dev: dict[str, Any]) -> None:
+        action.undo["before"] = sorted(int(i) for i in dev["snapshots"])
+
+    def do(self, action: Action, ctx: RunContext) -> None:
+        with _world(action.params["world"]) as world:
+            dev = self._device(world, action)
+            new_id = max([0, *map(int, dev["snapshots"]), *action.undo.get("before", [])]) + 1
+            dev["snapshots"][str(new_id)] = action.params["name"]
+            action.undo["id"] = new_id
+        self._maybe_fail(action, "do")
+
+    def invalidate(self, action: Action, ctx: RunContext) -> None:
+        self._maybe_fail(action, "invalidate")
+
+    def cancel(self, action: Action, ctx: RunContext) -> None:
+        self._cancel_guard(action)
+        before = {str(i) for i in action.undo.get("before", [])}
+        with _world(action.params["world"]) as world:
+            dev = self._device(world, action)
+            for sid, name in list(dev["snapshots"].items()):
+                if name == action.params["name"] and sid not in before:
+                    del dev["snapshots"][sid]
+
+    def leftovers(self, action: Action) -> list[Leftover]:
+        before = {str(i) for i in action.undo.get("before", [])}
+        with _world(action.params["world"], write=False) as world:
+            dev = self._device(world, action)
+            return [Leftover(action.target, f"snapshot {name!r} (id {sid})")
+                    for sid, name in sorted(dev["snapshots"].items())
+                    if name == action.params["name"] and sid not in before]
+
+
+class Overlay(_SimType):
+    """Add an overlay layer on top of a simulated device and make it active."""
+
+    name = "sim.overlay"
+    params = (*_COMMON, Param("layer", "str", required=True, doc="the new layer's name"))
+
+    def _check(self, action: Action, dev: dict[str, Any]) -> None:
+        if action.params["layer"] in dev["layers"]:
+            raise Refused(f"layer {action.params['layer']!r} already exists", hint="choose another name")
+        action.undo["old_active"] = dev["active"]
+
+    def do(self, action: Action, ctx: RunContext) -> None:
+        with _world(action.params["world"]) as world:
+            dev = self._device(world, action)
+            if action.params["layer"] not in dev["layers"]:
+                dev["layers"].append(action.params["layer"])
+        self._maybe_fail(action, "do")
+
+    def invalidate(self, action: Action, ctx: RunContext) -> None:
+        with _world(action.params["world"]) as world:
+            self._device(world, action)["active"] = action.params["layer"]
+        self._maybe_fail(action, "invalidate")
+
+    def cancel(self, action: Action, ctx: RunContext) -> None:
+        self._cancel_guard(action)
+        layer = action.params["layer"]
+        with _world(action.params["world"]) as world:
+            dev = self._device(world, action)
+            if dev["active"] == layer:
+                dev["active"] = action.undo["old_active"]
+            if layer in dev["layers"]:
+                dev["layers"].remove(layer)
+
+    def leftovers(self, action: Action) -> list[Leftover]:
+        layer = action.params["layer"]
+        with _world(action.params["world"], write=False) as world:
+            dev = self._device(world, action)
+            found = []
+            if layer in dev["layers"]:
+                found.append(Leftover(action.target, f"layer {layer!r}"))
+            if dev["active"] == layer:
+                found.append(Leftover(action.target, f"active layer switched to {layer!r}"))
+            return found
+
+
+class Delete(_SimType):
+    """Delete an internal snapshot of a simulated device (finalize: runs after commit)."""
+
+    name = "sim.delete"
+    finalize = True
+    shares_target = True
+    params = (
+        *_COMMON[:2],
+        Param("fail", "str", default="", choices=("", "check", "finalize"), doc="fail on purpose"),
+        Param("fail_times", "int", default=-1, doc="how many finalize attempts fail (-1: all)"),
+        Param("name", "str", required=True, doc="the snapshot's name"),
+    )
+
+    def check(self, action: Action, ctx: RunContext) -> None:
+        if action.params["fail"] == "check":
+            raise Refused("injected failure in check")
+        with _world(action.params["world"], write=False) as world:
+            dev = self._device(world, action)
+            ids = sorted(int(i) for i, n in dev["snapshots"].items() if n == action.params["name"])
+            if not ids:
+                raise Refused(f"device {action.params['device']!r} has no snapshot {action.params['name']!r}")
+            action.undo["id"] = ids[0]
+
+    def do(self, action: Action, ctx: RunContext) -> None:
+        if action.params["fail"] == "finalize":
+            failed = action.undo.get("failed", 0)
+            if action.params["fail_times"] < 0 or failed < action.params["fail_times"]:
+                action.undo["failed"] = failed + 1
+                raise ActionFailed("injected failure in finalize")
+        with _world(action.params["world"]) as world:
+            self._device(world, action)["snapshots"].pop(str(action.undo["id"]), None)
+
+    def cancel(self, action: Action, ctx: RunContext) -> None:
+        return None  # runs only after the commit point: there is never anything to cancel
+
+
+class Noop(ActionType):
+    """Do nothing, touching no file: for measuring the executor's own overhead."""
+
+    name = "sim.noop"
+    params = (Param("key", "str", required=True, doc="makes the target sim:noop/<key>"),)
+
+    def target(self, action: Action) -> str:
+        return "sim:noop/" + action.params["key"]
+
+    def do(self, action: Action, ctx: RunContext) -> None:
+        return None
+
+    def cancel(self, action: Action, ctx: RunContext) -> None:
+        return None
+
+
+@hookimpl
+def blktx_register_action_types(register: Any) -> None:
+    for cls in (Snapshot, Overlay, Delete, Noop):
+        register(cls)

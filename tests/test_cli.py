@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blktx.cli import main
+
+EXAMPLES = Path(__file__).parent.parent / "specs" / "examples"
+
+
+@pytest.fixture
+def examples(tmp_path: Path) -> Path:
+    shutil.copytree(EXAMPLES, tmp_path / "ex")
+    return tmp_path / "ex"
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict]:
+    status = main([*argv, "--json"])
+    return status, json.loads(capsys.readouterr().out)
+
+
+def test_commit_example(examples: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, data = run_json(capsys, "run", str(examples / "sim-commit.toml"))
+    assert status == 0 and data["outcome"] == "committed"
+    world = json.loads((examples / "sim-world.json").read_text())["devices"]
+    assert sorted(world["vda"]["snapshots"].values()) == ["nightly"]
+    assert world["vdc"]["active"] == "vdc.nightly"
+
+
+def test_fault_example_rolls_back_and_changes_nothing(examples: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = (examples / "sim-world.json").read_bytes()
+    status, data = run_json(capsys, "run", str(examples / "sim-fault.toml"))
+    assert status == 1 and data["outcome"] == "rolled back"
+    assert data["failure"]["type"] == "fault" and data["failure"]["phase"] == "invalidate"
+    assert json.loads((examples / "sim-world.json").read_bytes()) == json.loads(before)
+
+
+def test_invalid_example_reports_every_error(examples: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["check", str(examples / "invalid.toml")])
+    out = capsys.readouterr().out
+    assert status == 2
+    assert out.count("error: ") == 6
+    assert "invalid.toml:6:1: 'jbos': unknown option 'jbos' (hint: did you mean 'jobs'?)" in out
+
+
+def test_check_touches_nothing(examples: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = (examples / "sim-world.json").read_bytes()
+    status, data = run_json(capsys, "check", str(examples / "sim-commit.toml"))
+    assert status == 0 and data["checked_only"] and len(data["actions"]) == 4
+    assert (examples / "sim-world.json").read_bytes() == before
+
+
+def test_check_reports_refusals(examples: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = examples / "refused.toml"
+    spec.write_text('version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "nope"\nname = "x"\n')
+    status, data = run_json(capsys, "check", str(spec))
+    assert status == 2
+    assert data["problems"][0]["message"] == "no device 'nope' in " + str(examples / "sim-world.json")
+    assert data["problems"][0]["line"] == 2 and data["problems"][0]["action"] == 0
+
+
+def test_types_lists_plugins_and_params(capsys: pytest.CaptureFixture[str]) -> None:
+    status, data = run_json(capsys, "types")
+    assert status == 0
+    by_name = {t["name"]: t for t in data["types"]}
+    assert by_name["sim.delete"]["finalize"] is True and by_name["sim.delete"]["plugin"] == "sim"
+    assert {p["name"] for p in by_name["fault"]["params"]} == {"phase", "message"}
+
+
+def test_graph_prints_mermaid_and_refuses_unknown(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["graph", "sim.snapshot"]) == 0
+    assert "INVALIDATED --> CANCELED: cancel" in capsys.readouterr().out
+    assert main(["graph", "sim.snapshto"]) == 2
+    assert "did you mean 'sim.snapshot'?" in capsys.readouterr().err
+
+
+def test_console_script_and_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "blktx.cli", "run", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "needs recovery" in out.stdout and "--allow-exec" in out.stdout

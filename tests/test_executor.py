@@ -1,0 +1,229 @@
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import pytest
+
+from blktx import Action, ActionSpec, ActionType, Executor, Hold, Param, Transaction, hookimpl
+from blktx.executor import NullJournal
+from blktx.plugins import load
+
+LOG: list[tuple[Any, ...]] = []
+
+
+class Recorder(ActionType):
+    """Records every callback; fails where told."""
+
+    name = "rec.step"
+    params = (Param("key", "str", required=True), Param("fail", "str", default=""),
+              Param("fail_cancel", "bool", default=False), Param("signal", "bool", default=False))
+
+    def target(self, action: Action) -> str:
+        return "rec:" + action.params["key"]
+
+    def _log(self, step: str, action: Action) -> None:
+        LOG.append((step, action.index, threading.current_thread().name))
+        if action.params["fail"] == step:
+            raise RuntimeError(f"backend says no in {step}")
+
+    def check(self, action: Action, ctx: Any) -> None:
+        self._log("check", action)
+
+    def do(self, action: Action, ctx: Any) -> None:
+        self._log("do", action)
+        if action.params["signal"]:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def invalidate(self, action: Action, ctx: Any) -> None:
+        self._log("invalidate", action)
+
+    def cancel(self, action: Action, ctx: Any) -> None:
+        LOG.append(("cancel", action.index, threading.current_thread().name))
+        if action.params["fail_cancel"]:
+            raise RuntimeError("cancel refused")
+
+
+class Final(Recorder):
+    """A finalize type."""
+
+    name = "rec.final"
+    finalize = True
+    shares_target = True
+
+
+class Journal(NullJournal):
+    def intent(self, txid: str, phase: str, actions: Any) -> None:
+        LOG.append(("journal-intent", phase, tuple(a.index for a in actions)))
+
+    def outcome(self, txid: str, outcome: str, detail: dict[str, Any]) -> None:
+        LOG.append(("journal-outcome", outcome))
+
+
+class Quiescer:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+
+    @hookimpl
+    def blktx_quiesce(self, ctx: Any, actions: Any) -> list[Hold]:
+        LOG.append(("quiesce",))
+        if self.fail:
+            raise RuntimeError("guest agent not answering")
+        return [Hold("test.pause", "vm0")]
+
+    @hookimpl
+    def blktx_resume(self, hold: Hold) -> bool | None:
+        if hold.kind != "test.pause":
+            return None
+        LOG.append(("resume", hold.target))
+        return True
+
+
+class Types:
+    @hookimpl
+    def blktx_register_action_types(self, register: Any) -> None:
+        register(Recorder)
+        register(Final)
+
+
+def run(specs: list[tuple[str, dict[str, Any]]], extra: list[Any] = (), **options: Any):
+    LOG.clear()
+    registry = load(extra=[("rec", Types()), *[(f"x{i}", p) for i, p in enumerate(extra)]])
+    tx = Transaction([ActionSpec(t, p) for t, p in specs], options=options, base_dir="/tmp")
+    return Executor(registry, journal=Journal()).run(tx)
+
+
+def steps(name: str) -> list[int]:
+    return [e[1] for e in LOG if e[0] == name]
+
+
+def test_lockstep_order_and_commit_point_before_finalize() -> None:
+    result = run([("rec.step", {"key": "a"}), ("rec.final", {"key": "b"}), ("rec.step", {"key": "c"})])
+    assert result.outcome == "committed" and result.exit_status == 0
+    names = [e[0] for e in LOG]
+    assert names == ["check", "check", "check",
+                     "journal-intent", "do", "do", "journal-intent", "invalidate", "invalidate",
+                     "journal-outcome", "journal-intent", "do", "invalidate", "journal-outcome"]
+    assert LOG[3] == ("journal-intent", "do", (0, 2))
+    assert LOG[9] == ("journal-outcome", "COMMITTED")
+    assert LOG[11][:2] == ("do", 1)
+
+
+def test_check_refusals_are_all_reported_and_nothing_runs() -> None:
+    result = run([("rec.step", {"key": "a", "fail": "check"}), ("rec.step", {"key": "b", "fail": "check"})])
+    assert result.outcome == "invalid" and result.exit_status == 2
+    assert [p.action for p in result.problems] == [0, 1]
+    assert "backend says no in check" in result.problems[0].message
+    assert steps("do") == []
+
+
+def test_two_actions_on_one_target_conflict() -> None:
+    result = run([("rec.step", {"key": "a"}), ("rec.step", {"key": "a"})])
+    assert result.outcome == "invalid"
+    assert "conflicts with action #0" in result.problems[0].message and result.problems[0].action == 1
+
+
+def test_failure_in_invalidate_cancels_everything_in_reverse() -> None:
+    result = run([("rec.step", {"key": "a"}), ("rec.step", {"key": "b"}),
+                  ("rec.step", {"key": "c", "fail": "invalidate"}), ("rec.final", {"key": "d"})])
+    assert result.outcome == "rolled back" and result.exit_status == 1
+    assert steps("cancel") == [2, 1, 0]
+    assert steps("do") == [0, 1, 2], "the finalize action never ran"
+    assert result.failure is not None and (result.failure.action, result.failure.phase) == (2, "invalidate")
+    assert "backend says no in invalidate" in result.failure.message
+    assert [a.state for a in result.actions] == ["CANCELED", "CANCELED", "CANCELED", "START"]
+    assert ("journal-outcome", "ABORTED") in LOG
+
+
+def test_failure_in_do_stops_the_phase_and_never_touches_later_actions() -> None:
+    result = run([("rec.step", {"key": "a"}), ("rec.step", {"key": "b", "fail": "do"}), ("rec.step", {"key": "c"})])
+    assert result.outcome == "rolled back"
+    assert steps("do") == [0, 1]
+    assert steps("cancel") == [1, 0]
+
+
+def test_a_failed_cancel_is_reported_with_what_was_left() -> None:
+    result = run([("rec.step", {"key": "a", "fail_cancel": True}), ("rec.step", {"key": "b", "fail": "do"})])
+    assert result.outcome == "needs recovery" and result.exit_status == 3 and not result.committed
+    assert [str(lo) for lo in result.leftovers] == ["rec:a: whatever rec.step action #0 made"]
+    assert steps("cancel") == [1, 0, 0], "a failed cancel is retried once"
+    assert "run `blktx recover`" in result.summary()
+
+
+def test_failed_finalize_is_retried_then_pending() -> None:
+    result = run([("rec.step", {"key": "a"}), ("rec.final", {"key": "b", "fail": "do"})],
+                 finalize_retries=2, retry_delay=0.0)
+    assert result.outcome == "needs recovery" and result.committed and result.exit_status == 3
+    assert steps("do") == [0, 1, 1, 1]
+    assert [p.action for p in result.pending] == [1]
+    assert steps("cancel") == [], "nothing rolls back after the commit point"
+
+
+@pytest.mark.parametrize("fail", ["", "do", "invalidate"])
+def test_quiesced_targets_are_resumed_in_every_outcome(fail: str) -> None:
+    result = run([("rec.step", {"key": "a"}), ("rec.step", {"key": "b", "fail": fail})],
+                 extra=[Quiescer()], quiesce="pause")
+    names = [e[0] for e in LOG]
+    assert names.count("quiesce") == 1 and names.count("resume") == 1
+    assert names.index("quiesce") < names.index("do")
+    if fail:
+        assert names.index("resume") > max(i for i, n in enumerate(names) if n == "cancel")
+    else:
+        assert names.index("resume") > names.index("journal-outcome")
+    assert result.holds[0].window is not None and result.holds[0].window >= 0
+
+
+def test_quiesce_failure_rolls_back_before_any_do() -> None:
+    result = run([("rec.step", {"key": "a"})], extra=[Quiescer(), Quiescer(fail=True)], quiesce="pause")
+    assert result.outcome == "rolled back" and result.failure.phase == "quiesce"
+    assert steps("do") == []
+    assert [e for e in LOG if e[0] == "resume"] == [("resume", "vm0")]
+
+
+def test_no_quiesce_unless_asked() -> None:
+    run([("rec.step", {"key": "a"})], extra=[Quiescer()])
+    assert ("quiesce",) not in LOG
+
+
+def test_sigint_before_commit_rolls_back() -> None:
+    result = run([("rec.step", {"key": "a"}), ("rec.step", {"key": "b", "signal": True}), ("rec.step", {"key": "c"})])
+    assert result.outcome == "rolled back"
+    assert result.failure.phase == "interrupt" and "SIGINT" in result.failure.message
+    assert steps("do") == [0, 1] and steps("cancel") == [1, 0]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_jobs_run_steps_in_parallel_threads() -> None:
+    result = run([("rec.step", {"key": str(i)}) for i in range(8)], jobs=4)
+    assert result.outcome == "committed"
+    threads = {e[2] for e in LOG if e[0] == "do"}
+    assert len(threads) > 1 and all(t.startswith("blktx") for t in threads)
+
+
+def test_jobs_rollback_cancels_every_live_action() -> None:
+    result = run([("rec.step", {"key": str(i)}) for i in range(6)] + [("rec.step", {"key": "z", "fail": "invalidate"})],
+                 jobs=3)
+    assert result.outcome == "rolled back"
+    assert sorted(steps("cancel")) == list(range(7))
+
+
+def test_an_illegal_step_is_refused_before_any_side_effect() -> None:
+    registry = load(extra=[("rec", Types())])
+    executor = Executor(registry)
+    action = Action(0, registry.types["rec.step"].instance, {"key": "a", "fail": "", "fail_cancel": False,
+                                                             "signal": False}, "rec:a")
+    LOG.clear()
+    with pytest.raises(RuntimeError, match="invalidate from START is not allowed"):
+        executor._step("invalidate", [action], None, set())  # type: ignore[arg-type]
+    assert LOG == [] and action.state == "START"
+
+
+def test_result_json_has_every_action() -> None:
+    result = run([("rec.step", {"key": "a"}), ("rec.step", {"key": "b", "fail": "do"})])
+    data = result.to_json()
+    assert data["outcome"] == "rolled back" and data["exit_status"] == 1
+    assert [a["state"] for a in data["actions"]] == ["CANCELED", "CANCELED"]
+    assert data["actions"][1]["error"] == "backend says no in do" and data["actions"][1]["failed_phase"] == "do"
+    assert set(data["actions"][0]["durations"]) == {"do", "cancel"}

@@ -1,0 +1,29 @@
+"""The house style's promises, checked with the tests: mypy strict and ruff clean."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_mypy_strict_on_blktx() -> None:
+    out = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install -e '.[test]')")
+def test_ruff_clean() -> None:
+    out = subprocess.run(["ruff", "check", "blktx", "blktx_plugins", "tests", "bench"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_modules_stay_small() -> None:
+    for path in [*ROOT.glob("blktx/**/*.py"), *ROOT.glob("blktx_plugins/*.py")]:
+        assert len(path.read_text().splitlines()) < 700, f"{path} is over 700 lines: split it by concept"
