@@ -116,6 +116,12 @@ class ActionType:
         world as running it once. It must work from ``action.params`` and
         ``action.undo`` alone, because ``blktx recover`` calls it on an action
         rebuilt from the journal in a new process.
+    ``finish(action, ctx)``
+        Optional. Runs after the commit point on every committed action of the
+        type, rolled forward like a finalize step (retried; pending ones are
+        reported and finished by ``blktx recover``). For cleanup that must wait
+        until nothing can roll back any more: deleting the old snapshot that a
+        ``replace`` superseded. Must be idempotent.
     ``leftovers(action) -> list[Leftover]``
         What would stay behind if ``cancel`` failed now, named exactly (which file,
         which snapshot id). Reported when a cancel fails.
@@ -135,6 +141,8 @@ class ActionType:
     lifecycle: ClassVar[Lifecycle] = Lifecycle()
     #: Whether this type overrides a ``*_many`` method (set at class creation).
     batched: ClassVar[bool] = False
+    #: Whether this type overrides ``finish`` (set at class creation).
+    has_finish: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -142,6 +150,7 @@ class ActionType:
             getattr(cls, m) is not getattr(ActionType, m)
             for m in ("check_many", "do_many", "invalidate_many", "cancel_many")
         )
+        cls.has_finish = cls.finish is not ActionType.finish
 
     # -- single-action callbacks -------------------------------------------------
 
@@ -159,6 +168,10 @@ class ActionType:
 
     def cancel(self, action: Action, ctx: RunContext) -> None:
         raise NotImplementedError(f"{type(self).__name__}.cancel")
+
+    def finish(self, action: Action, ctx: RunContext) -> None:
+        """After the commit point, drop what the committed action made obsolete."""
+        return None
 
     def leftovers(self, action: Action) -> list[Leftover]:
         return [Leftover(action.target, f"whatever {self.name} action #{action.index} made")]

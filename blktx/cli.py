@@ -97,6 +97,22 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from blktx.demo import DemoError, run_demo
+
+    registry = _registry(args)
+    try:
+        results, info = run_demo(args.dir, registry, None if args.json else console(),
+                                 journal=_journal(args), locker=_locker(args))
+    except DemoError as exc:
+        print(f"blktx demo: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.json:
+        print_json({"results": [r.to_json() for r in results], **info})
+    ok = [r.outcome for r in results] == ["committed", "rolled back"] and info["rollback_left_world_unchanged"]
+    return 0 if ok else 1
+
+
 def _roots(args: argparse.Namespace) -> list[str] | None:
     roots: list[str] = [os.path.abspath(r) for r in args.root or []]
     if roots:
@@ -134,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("check", "validate a spec and run every check; touches nothing", cmd_check),
         ("types", "list every registered action type, its parameters and its plugin", cmd_types),
         ("graph", "print an action type's state machine as a Mermaid diagram", cmd_graph),
+        ("demo", "snapshot real qcow2 images: one group that commits, one that rolls back", cmd_demo),
     ]
     subs: dict[str, argparse.ArgumentParser] = {}
     for name, help_text, func in commands:
@@ -146,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_spec_args(subs[name])
     subs["run"].add_argument("--jobs", type=int, metavar="N", help="run up to N steps at once (overrides the spec)")
     subs["graph"].add_argument("type", help="an action type, e.g. qcow2.internal-create")
+    subs["demo"].add_argument("--dir", default="blktx-demo",
+                              help="where to make the demo's images (default ./blktx-demo; remade on each run)")
     return parser
 
 

@@ -228,7 +228,7 @@ class Executor:
         if not result.committed:
             result.outcome = NEEDS_RECOVERY if result.leftovers else ROLLED_BACK
             return
-        if finals:
+        if finals or any(a.type.has_finish for a in undoable):
             self._finalize(finals, ctx, result)
         result.outcome = NEEDS_RECOVERY if result.pending else COMMITTED
         journal.outcome(txid, TX_DONE if not result.pending else TX_COMMITTED,
@@ -354,23 +354,40 @@ class Executor:
                 list(pool.map(lambda u: self._step(step, u, ctx, touched), units))
 
     def _finalize(self, finals: list[Action], ctx: RunContext, result: Result) -> None:
-        """Roll forward: the actions that cannot be undone, retried, after the commit point."""
+        """Roll forward after the commit point: finalize actions, then ``finish`` steps.
+
+        Each is retried; what still fails is reported pending for ``blktx recover``.
+        """
         t = time.perf_counter()
         remaining = finals
+        unfinished = [a for a in result.actions if a.type.has_finish and a.state == INVALIDATED and not a.type.finalize]
         touched: set[int] = set()
         for attempt in range(ctx.options.finalize_retries + 1):
             if attempt:
                 time.sleep(ctx.options.retry_delay * attempt)
-            self.journal.intent(ctx.txid, "finalize", remaining)
+            self.journal.intent(ctx.txid, "finalize", remaining + unfinished)
             self._phase_all("do", [a for a in remaining if a.state == START], ctx, touched)
             self._phase_all("invalidate", [a for a in remaining if a.state == CREATED], ctx, touched)
-            self.journal.done(ctx.txid, "finalize", remaining)
+            unfinished = [a for a in unfinished if not self._finish(a, ctx)]
+            self.journal.done(ctx.txid, "finalize", remaining + unfinished)
             remaining = [a for a in remaining if a.state != INVALIDATED]
-            if not remaining or self._interrupt:
+            if not (remaining or unfinished) or self._interrupt:
                 break
         result.phases["finalize"] = time.perf_counter() - t
-        result.pending = [Failure("finalize", a.error or "interrupted before it ran", a.index, a.type.name, a.target)
-                          for a in remaining]
+        result.pending = [Failure("finalize" if a.type.finalize else "finish", a.error or "interrupted before it ran",
+                                  a.index, a.type.name, a.target) for a in remaining + unfinished]
+
+    def _finish(self, a: Action, ctx: RunContext) -> bool:
+        t = time.perf_counter()
+        try:
+            a.type.finish(a, ctx)
+        except Exception as exc:  # noqa: BLE001 - reported as pending, never rolled back
+            self._fail(a, "finish", exc)
+            return False
+        finally:
+            a.timed("finish", time.perf_counter() - t)
+        a.error = a.failed_phase = None
+        return True
 
     def _phase_all(self, step: str, actions: list[Action], ctx: RunContext, touched: set[int]) -> None:
         for unit in _units(actions, False):

@@ -42,7 +42,7 @@ class Param:
         found = []
         if not self.name.replace("-", "_").isidentifier() or self.name != self.name.lower():
             found.append(f"parameter name {self.name!r} is not a lowercase identifier")
-        if self.name in ("type", "id"):
+        if self.name == "type":
             found.append(f"parameter name {self.name!r} is reserved")
         if self.kind not in KINDS:
             found.append(f"parameter {self.name!r} has unknown kind {self.kind!r} (known: {', '.join(KINDS)})")

@@ -1,0 +1,185 @@
+"""What the QEMU plugins share: reading qcow2 headers, finding who holds an image,
+running ``qemu-img``, and a ``qemu-storage-daemon`` driven over QMP.
+
+Reading the header directly makes ``check`` cheap and free of side effects: no
+process is started and the image is opened read-only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from blktx import ActionFailed, Refused
+
+QCOW2_MAGIC = b"QFI\xfb"
+# QEMU's image locking takes OFD locks on bytes 100.. (permissions held) and
+# 200.. (permissions not shared) of an image it has open.
+_LOCK_START, _LOCK_LEN = 100, 200
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    name: str
+
+
+def read_header(path: str) -> tuple[int, list[Snapshot], str | None]:
+    """The qcow2 version, internal snapshots and backing file of ``path``.
+
+    Raises :class:`Refused` naming the file when it is missing or not qcow2.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(72)
+            if len(head) < 72 or head[:4] != QCOW2_MAGIC:
+                raise Refused(f"{path} is not a qcow2 image", hint="check the path; `qemu-img info` shows its format")
+            version, backing_off, backing_len = struct.unpack(">IQI", head[4:20])
+            nb, snap_off = struct.unpack(">IQ", head[60:72])
+            backing = None
+            if backing_off:
+                fh.seek(backing_off)
+                backing = fh.read(backing_len).decode("utf-8", "replace")
+            snaps = []
+            fh.seek(snap_off)
+            for _ in range(nb):
+                fixed = fh.read(40)
+                (_l1, _l1size, id_len, name_len, _ds, _dns, _vm, _vmsize, extra) = struct.unpack(">QIHHIIQII", fixed)
+                fh.read(extra)
+                sid = fh.read(id_len).decode()
+                name = fh.read(name_len).decode()
+                used = 40 + extra + id_len + name_len
+                fh.read((8 - used % 8) % 8)
+                snaps.append(Snapshot(sid, name))
+            return version, snaps, backing
+    except FileNotFoundError:
+        raise Refused(f"{path} does not exist", hint="check the path") from None
+    except IsADirectoryError:
+        raise Refused(f"{path} is a directory, not an image") from None
+    except PermissionError:
+        raise Refused(f"{path} is not readable by this user") from None
+
+
+def holder(path: str) -> str | None:
+    """Who has ``path`` open under QEMU's image locking, or None when nobody does."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _LOCK_START, _LOCK_LEN, 0)
+        got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe)
+        l_type = struct.unpack("hhqqi4x", got)[0]
+    finally:
+        os.close(fd)
+    if l_type == fcntl.F_UNLCK:
+        return None
+    return _process_with(path) or "another process (QEMU image lock is held)"
+
+
+def _process_with(path: str) -> str | None:
+    real = os.path.realpath(path)
+    me = os.getpid()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == me:
+            continue
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            for fd in os.listdir(fd_dir):
+                if os.readlink(f"{fd_dir}/{fd}") == real:
+                    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                        argv0 = fh.read().split(b"\0")[0].decode(errors="replace")
+                    return f"{os.path.basename(argv0)} (pid {pid})"
+        except OSError:
+            continue
+    return None
+
+
+def check_writable_image(path: str) -> list[Snapshot]:
+    """Refuse an image that is missing, not qcow2, read-only or in use; return its snapshots."""
+    _, snaps, _ = read_header(path)
+    if not os.access(path, os.W_OK):
+        raise Refused(f"{path} is not writable", hint="check its permissions")
+    who = holder(path)
+    if who:
+        raise Refused(f"{path} is in use by {who}",
+                      hint="snapshot a running VM's drives with the qmp.* actions, or shut it down first")
+    return snaps
+
+
+def qemu_img(*args: str, timeout: float = 120) -> str:
+    exe = shutil.which("qemu-img")
+    if exe is None:
+        raise ActionFailed("qemu-img is not installed (Debian package qemu-utils)")
+    out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, check=False)
+    if out.returncode != 0:
+        raise ActionFailed(f"qemu-img {args[0]}: {(out.stderr or out.stdout).strip()}")
+    return out.stdout
+
+
+class StorageDaemon:
+    """One ``qemu-storage-daemon`` with every image of a batch open, driven over QMP.
+
+    Images are opened on the command line (faster than one ``blockdev-add`` each);
+    node ``n<i>`` is the i-th image. :meth:`close` quits the daemon, which flushes
+    and unlocks the images.
+    """
+
+    def __init__(self, images: list[str]) -> None:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        exe = shutil.which("qemu-storage-daemon")
+        if exe is None:
+            raise ActionFailed("qemu-storage-daemon is not installed (Debian package qemu-system-common)")
+        self._dir = tempfile.mkdtemp(prefix="blktx-qsd-")
+        sock = os.path.join(self._dir, "qmp.sock")
+        argv = [exe, "--chardev", f"socket,path={sock},server=on,wait=off,id=qmp0", "--monitor", "chardev=qmp0"]
+        for i, image in enumerate(images):
+            esc = image.replace(",", ",,")
+            argv += ["--blockdev", f"driver=file,node-name=f{i},filename={esc}",
+                     "--blockdev", f"driver=qcow2,node-name=n{i},file=f{i}"]
+        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            if self._proc.poll() is not None:
+                msg = (self._proc.stdout.read() if self._proc.stdout else "").strip()
+                shutil.rmtree(self._dir, ignore_errors=True)
+                raise ActionFailed(f"qemu-storage-daemon: {msg}")
+            if time.monotonic() > deadline:
+                self._proc.kill()
+                raise ActionFailed("qemu-storage-daemon did not start in 30 s")
+            time.sleep(0.001)
+        self._qmp = QEMUMonitorProtocol(sock)
+        self._qmp.connect()
+
+    def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        reply = self._qmp.cmd_raw(name, args)
+        if "error" in reply:
+            raise ActionFailed(f"qemu-storage-daemon {name}: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
+    def close(self) -> None:
+        try:
+            self._qmp.cmd_raw("quit")
+        except Exception:  # noqa: BLE001 - the daemon is killed below if quit did not work
+            pass
+        try:
+            self._qmp.close()
+        except Exception:  # noqa: BLE001 - the socket may already be gone with the daemon
+            pass
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout:
+            self._proc.stdout.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
