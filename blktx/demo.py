@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 from typing import Any
 
 from rich.console import Console
@@ -118,9 +119,7 @@ def state(directory: str) -> dict[str, Any]:
     files = sorted(f for f in os.listdir(directory) if f.endswith(".qcow2"))
     data = {}
     for name in (IMAGES[0], IMAGES[1], "vm2-disk0"):
-        raw = subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", os.path.join(directory, name), "/dev/stdout"],
-                             capture_output=True, check=True).stdout
-        data[name] = hashlib.sha256(raw).hexdigest()[:16]
+        data[name] = guest_digest(os.path.join(directory, name))
     return {
         "data": data,
         "snapshots": snaps,
@@ -128,6 +127,18 @@ def state(directory: str) -> dict[str, Any]:
         "vm2-chain": [line.split(": ", 1)[1] for line in chain.splitlines() if line.startswith("image: ")],
         "files": files,
     }
+
+
+def guest_digest(image: str) -> str:
+    """A digest of the guest-visible data of ``image`` (its whole chain), via qemu-img."""
+    with tempfile.TemporaryDirectory(prefix="blktx-demo-") as tmp:
+        raw = os.path.join(tmp, "raw")
+        _run("qemu-img", "convert", "-U", "-O", "raw", image, raw)
+        digest = hashlib.sha256()
+        with open(raw, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def show(out: Console, title: str, st: dict[str, Any]) -> None:
