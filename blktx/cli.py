@@ -121,11 +121,82 @@ def _roots(args: argparse.Namespace) -> list[str] | None:
 
 
 def _journal(args: argparse.Namespace) -> Any:
-    return None
+    """The run's journal (also its locker), or None with --no-journal."""
+    if getattr(args, "no_journal", False):
+        return None
+    cached = getattr(args, "_journal_obj", None)
+    if cached is None:
+        from blktx.journal import SqliteJournal
+
+        cached = SqliteJournal(args.journal, wait=getattr(args, "wait", 0.0) or 0.0)
+        args._journal_obj = cached
+    return cached
 
 
 def _locker(args: argparse.Namespace) -> Any:
-    return None
+    return _journal(args)
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from blktx.recover import recover
+
+    registry = _registry(args)
+    report = recover(_journal(args), registry, args.txid)
+    if args.json:
+        print_json({"journal": _journal(args).path, "transactions": report})
+    else:
+        out = console()
+        if not report:
+            out.print(f"nothing to recover in {_journal(args).path}")
+        for item in report:
+            extra = "".join(f"\n    left: {x}" for x in item.get("left", []))
+            out.print(f"{item['txid']}: {item['outcome']} ({item['message']}){extra}", markup=False)
+    return 3 if any(i["outcome"] in ("needs recovery", "running") for i in report) else 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    import time
+
+    txs = _journal(args).transactions(limit=args.limit)
+    if args.json:
+        print_json({"journal": _journal(args).path, "transactions": txs})
+        return 0
+    from rich.table import Table
+
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("txid", "started", "status", "actions", "seconds", "spec"):
+        table.add_column(col)
+    for t in txs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["started"]))
+        secs = f"{t['seconds']:.3f}" if t["seconds"] is not None else "-"
+        table.add_row(t["txid"], started, t["status"], str(t["actions"]), secs, t["file"] or "(python)")
+    console().print(table)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    tx = _journal(args).transaction(args.txid)
+    if tx is None:
+        print(f"blktx show: no single transaction matches {args.txid!r} in {_journal(args).path} "
+              "(`blktx log` lists them)", file=sys.stderr)
+        return EXIT_INVALID
+    if args.json:
+        print_json(tx)
+        return 0
+    from rich.table import Table
+
+    out = console()
+    out.print(f"{tx['txid']}  {tx['status']}  {tx['file'] or '(python)'}  {len(tx['actions'])} action(s)", markup=False)
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("#", "type", "target", "state", "ms", "error"):
+        table.add_column(col, overflow="fold")
+    for a in tx["actions"]:
+        ms = sum((a["durations"] or {}).values()) * 1000
+        table.add_row(str(a["index"]), a["type"], a["target"], a["state"], f"{ms:.1f}", a["error"] or "")
+    out.print(table)
+    for key, value in tx["detail"].items():
+        out.print(f"{key}: {value}", markup=False)
+    return 0
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -151,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("types", "list every registered action type, its parameters and its plugin", cmd_types),
         ("graph", "print an action type's state machine as a Mermaid diagram", cmd_graph),
         ("demo", "snapshot real qcow2 images: one group that commits, one that rolls back", cmd_demo),
+        ("recover", "roll back or forward every transaction a dead run left unfinished", cmd_recover),
+        ("log", "list recent transactions from the journal", cmd_log),
+        ("show", "show one transaction from the journal: every action, state, timing, error", cmd_show),
     ]
     subs: dict[str, argparse.ArgumentParser] = {}
     for name, help_text, func in commands:
@@ -161,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
         subs[name] = p
     for name in ("run", "check"):
         _add_spec_args(subs[name])
+    for name in ("run", "demo", "recover", "log", "show"):
+        subs[name].add_argument("--journal", metavar="PATH",
+                                help="the journal file (default $BLKTX_JOURNAL or ~/.local/state/blktx/journal.sqlite)")
+    for name in ("run", "demo"):
+        subs[name].add_argument("--no-journal", action="store_true",
+                                help="keep no journal: no crash recovery and no locks across processes")
+    subs["run"].add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                             help="wait up to SECONDS for targets locked by another run (default: refuse at once)")
+    subs["recover"].add_argument("txid", nargs="?", help="only this transaction (a prefix is enough)")
+    subs["log"].add_argument("--limit", type=int, default=20, help="how many transactions (default 20)")
+    subs["show"].add_argument("txid", help="the transaction id (a unique prefix is enough); see `blktx log`")
     subs["run"].add_argument("--jobs", type=int, metavar="N", help="run up to N steps at once (overrides the spec)")
     subs["graph"].add_argument("type", help="an action type, e.g. qcow2.internal-create")
     subs["demo"].add_argument("--dir", default="blktx-demo",

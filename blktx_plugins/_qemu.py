@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
@@ -124,6 +125,15 @@ def qemu_img(*args: str, timeout: float = 120) -> str:
     return out.stdout
 
 
+def die_with_parent() -> None:
+    """In a child before exec: get SIGKILL when blktx dies, so that a killed run never
+    leaves a daemon holding the images' locks (``blktx recover`` needs them)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 class StorageDaemon:
     """One ``qemu-storage-daemon`` with every image of a batch open, driven over QMP.
 
@@ -146,7 +156,7 @@ class StorageDaemon:
             argv += ["--blockdev", f"driver=file,node-name=f{i},filename={esc}",
                      "--blockdev", f"driver=qcow2,node-name=n{i},file=f{i}"]
         self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True)
+                                      stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent)
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):
             if self._proc.poll() is not None:

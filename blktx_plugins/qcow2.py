@@ -91,16 +91,22 @@ class InternalCreate(ActionType):
         _per_action(actions, check)
 
     def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
-        images = sorted({a.params["image"] for a in actions})
-        node = {image: f"n{i}" for i, image in enumerate(images)}
-        daemon = StorageDaemon(images)
-        try:
-            daemon.cmd("transaction", {"actions": [
-                {"type": "blockdev-snapshot-internal-sync",
-                 "data": {"device": node[a.params["image"]], "name": a.params["name"]}} for a in actions]})
-        finally:
-            daemon.close()
+        # QMP refuses a second snapshot of the same name, so a replacement is made with
+        # qemu-img (which allows it); everything else in one daemon transaction.
+        fresh = [a for a in actions if not a.undo.get("old")]
+        if fresh:
+            images = sorted({a.params["image"] for a in fresh})
+            node = {image: f"n{i}" for i, image in enumerate(images)}
+            daemon = StorageDaemon(images)
+            try:
+                daemon.cmd("transaction", {"actions": [
+                    {"type": "blockdev-snapshot-internal-sync",
+                     "data": {"device": node[a.params["image"]], "name": a.params["name"]}} for a in fresh]})
+            finally:
+                daemon.close()
         for a in actions:
+            if a.undo.get("old"):
+                qemu_img("snapshot", "-c", a.params["name"], a.params["image"])
             a.undo["made"] = [s.id for s in self._made(a)]
 
     def _made(self, a: Action) -> list[Snapshot]:

@@ -1,0 +1,53 @@
+"""Real qcow2 images for tests, and what qemu-img says about them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-storage-daemon") is None,
+                                    reason="needs qemu-img and qemu-storage-daemon (Debian qemu-utils, "
+                                           "qemu-system-common)")
+
+
+def run(*argv: str) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
+def make_image(path: Path, size: str = "16M", pattern: int | None = None, snapshots: tuple[str, ...] = ()) -> Path:
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(path), size)
+    if pattern is not None:
+        run("qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} 0 1M", str(path))
+    for name in snapshots:
+        run("qemu-img", "snapshot", "-c", name, str(path))
+    return path
+
+
+def snapshots(path: Path) -> list[tuple[str, str]]:
+    out = run("qemu-img", "snapshot", "-l", "-U", str(path))
+    return [(line.split()[0], line.split()[1]) for line in out.splitlines()[2:] if line.strip()]
+
+
+def chain(path: Path) -> list[str]:
+    out = run("qemu-img", "info", "-U", "--backing-chain", str(path))
+    return [os.path.basename(line.split(": ", 1)[1]) for line in out.splitlines() if line.startswith("image: ")]
+
+
+def same_data(a: Path, b: Path) -> bool:
+    return subprocess.run(["qemu-img", "compare", "-U", str(a), str(b)], capture_output=True).returncode == 0
+
+
+def world(directory: Path) -> dict[str, Any]:
+    """Everything a transaction could change in ``directory``, by qemu-img."""
+    state: dict[str, Any] = {"files": sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))}
+    for p in sorted(directory.iterdir()):
+        if p.is_symlink():
+            state[p.name] = ("link", os.readlink(p), chain(p))
+        elif p.suffix == ".qcow2":
+            state[p.name] = ("image", snapshots(p))
+    return state

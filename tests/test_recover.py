@@ -1,0 +1,178 @@
+"""Crash safety: kill the run at every journal write in turn, then `blktx recover`."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu_helpers import make_image, needs_qemu_img, world
+
+from blktx_plugins.sim import make_world, read_world
+
+SIM_SPEC = """\
+version = 1
+[[action]]
+type = "sim.snapshot"
+device = "a"
+name = "nightly"
+[[action]]
+type = "sim.overlay"
+device = "b"
+layer = "b.nightly"
+[[action]]
+type = "sim.snapshot"
+device = "c"
+name = "nightly"
+[[action]]
+type = "sim.delete"
+device = "a"
+name = "old"
+"""
+
+QCOW2_SPEC = """\
+version = 1
+[[action]]
+type = "qcow2.internal-create"
+image = "d0.qcow2"
+name = "nightly"
+replace = true
+[[action]]
+type = "qcow2.internal-create"
+image = "d1.qcow2"
+name = "nightly"
+[[action]]
+type = "qcow2.external-create"
+device = "vm"
+overlay = "vm.nightly.qcow2"
+[[action]]
+type = "qcow2.internal-delete"
+image = "d1.qcow2"
+name = "weekly"
+"""
+
+
+def blktx(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "blktx.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, check=False)
+
+
+def recover(journal: Path) -> list[dict[str, Any]]:
+    out = blktx("recover", "--json", "--journal", str(journal))
+    assert out.returncode == 0, f"recover exited {out.returncode}: {out.stdout} {out.stderr}"
+    return json.loads(out.stdout)["transactions"]  # type: ignore[no-any-return]
+
+
+def locks(journal: Path) -> list[Any]:
+    import sqlite3
+
+    return sqlite3.connect(journal).execute("SELECT * FROM lock").fetchall()
+
+
+def crash_points(tmp_path: Path, setup: Any, spec_text: str, observe: Any) -> tuple[int, int]:
+    """Kill the run after journal write 1, 2, ... until a run finishes; recover after each."""
+    ref = tmp_path / "ref"
+    setup(ref)
+    (ref / "t.toml").write_text(spec_text)
+    before = observe(ref)
+    out = blktx("run", str(ref / "t.toml"), "--journal", str(tmp_path / "ref.sqlite"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    after = observe(ref)
+    assert after != before
+    tried = survived = 0
+    for n in range(1, 100):
+        work = tmp_path / f"crash{n}"
+        setup(work)
+        (work / "t.toml").write_text(spec_text)
+        journal = tmp_path / f"crash{n}.sqlite"
+        out = blktx("run", str(work / "t.toml"), "--journal", str(journal), env={"BLKTX_CRASH_AFTER": str(n)})
+        if out.returncode == 0:
+            break
+        assert out.returncode == -signal.SIGKILL, out.stderr
+        tried += 1
+        first = recover(journal)
+        state = observe(work)
+        assert state in (before, after), f"crash after write {n}: {first}"
+        if state == after:
+            assert all(t["outcome"] == "committed" for t in first)
+        assert recover(journal) == [], "a second recover changes nothing"
+        assert observe(work) == state
+        assert locks(journal) == []
+        survived += 1
+    return tried, survived
+
+
+def test_sim_every_crash_point(tmp_path: Path) -> None:
+    def setup(d: Path) -> None:
+        d.mkdir()
+        make_world(str(d / "sim-world.json"), {
+            "a": {"snapshots": {"1": "old"}, "layers": ["a0"], "active": "a0"},
+            "b": {"snapshots": {}, "layers": ["b0"], "active": "b0"},
+            "c": {"snapshots": {}, "layers": ["c0"], "active": "c0"}})
+
+    tried, survived = crash_points(tmp_path, setup, SIM_SPEC, lambda d: read_world(str(d / "sim-world.json")))
+    assert tried == survived >= 11
+
+
+def _qcow2_setup(d: Path) -> None:
+    d.mkdir()
+    make_image(d / "d0.qcow2", pattern=0x11, snapshots=("nightly",))
+    make_image(d / "d1.qcow2", pattern=0x22, snapshots=("weekly",))
+    make_image(d / "vm.base.qcow2", pattern=0x33)
+    os.symlink("vm.base.qcow2", d / "vm")
+
+
+@needs_qemu_img
+def test_qcow2_every_crash_point(tmp_path: Path) -> None:
+    tried, survived = crash_points(tmp_path, _qcow2_setup, QCOW2_SPEC, world)
+    assert tried == survived >= 11
+
+
+@needs_qemu_img
+def test_qcow2_random_sigkill_from_outside(tmp_path: Path) -> None:
+    images = 24
+
+    def setup(d: Path) -> str:
+        d.mkdir()
+        lines = ["version = 1"]
+        for i in range(images):
+            make_image(d / f"d{i}.qcow2")
+            lines += ["[[action]]", 'type = "qcow2.internal-create"', f'image = "d{i}.qcow2"', 'name = "s"']
+        for i in range(4):
+            make_image(d / f"v{i}.base.qcow2")
+            os.symlink(f"v{i}.base.qcow2", d / f"v{i}")
+            lines += ["[[action]]", 'type = "qcow2.external-create"', f'device = "v{i}"', f'overlay = "v{i}.new.qcow2"']
+        (d / "t.toml").write_text("\n".join(lines) + "\n")
+        return str(d / "t.toml")
+
+    rng = random.Random(20261126)
+    outcomes = {"before": 0, "after": 0}
+    for n in range(10):
+        work = tmp_path / f"k{n}"
+        spec = setup(work)
+        before = world(work)
+        journal = tmp_path / f"k{n}.sqlite"
+        proc = subprocess.Popen([sys.executable, "-m", "blktx.cli", "run", spec, "--journal", str(journal)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.2, 0.9))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        time.sleep(0.05)  # the daemon's death signal is asynchronous
+        recover(journal)
+        state = world(work)
+        if state == before:
+            outcomes["before"] += 1
+        else:
+            assert all(state[f"d{i}.qcow2"] == ("image", [("1", "s")]) for i in range(images)), state
+            assert all(state[f"v{i}"][1] == f"v{i}.new.qcow2" for i in range(4))
+            outcomes["after"] += 1
+        assert recover(journal) == [] and locks(journal) == []
+        shutil.rmtree(work)
+    assert sum(outcomes.values()) == 10
