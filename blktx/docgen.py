@@ -1,0 +1,66 @@
+"""Generate the reference parts of the docs from the code: the hook reference from
+``blktx/hookspecs.py`` docstrings and the lifecycle diagram from ``blktx/states.py``.
+
+    python -m blktx.docgen          # rewrite docs/hooks.md and docs/lifecycle.md
+    python -m blktx.docgen --check  # exit 1 when they are out of date
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+from blktx import hookspecs
+from blktx.states import CORE_TRANSITIONS, Lifecycle
+
+
+def hook_names() -> list[str]:
+    return [name for name, obj in vars(hookspecs).items()
+            if name.startswith("blktx_") and inspect.isfunction(obj)]
+
+
+def hooks_md() -> str:
+    lines = ["# Hook reference", "",
+             "Generated from `blktx/hookspecs.py` by `python -m blktx.docgen`; edit the docstrings, not this file.",
+             "", inspect.cleandoc(hookspecs.__doc__ or ""), ""]
+    for name in hook_names():
+        func = getattr(hookspecs, name)
+        opts = getattr(func, "blktx_spec", {}) or {}
+        sig = str(inspect.signature(func)).replace("'", "")
+        lines += [f"## `{name}`", "", "```python", f"@hookimpl\ndef {name}{sig}", "```", ""]
+        if opts.get("firstresult"):
+            lines += ["*First result wins: the call stops at the first implementation that returns non-None.*", ""]
+        lines += [inspect.cleandoc(func.__doc__ or "(undocumented)"), ""]
+    return "\n".join(lines)
+
+
+def lifecycle_md() -> str:
+    lines = ["# The action lifecycle", "",
+             "Generated from `blktx/states.py` by `python -m blktx.docgen`. Every action type's",
+             "`transitions` machine is built from the same table; `blktx graph TYPE` prints a type's own.", "",
+             "```mermaid", Lifecycle().mermaid().rstrip(), "```", "", "| trigger | from | to | why |",
+             "| --- | --- | --- | --- |"]
+    lines += [f"| `{t.trigger}` | {t.source} | {t.dest} | {t.why} |" for t in CORE_TRANSITIONS]
+    return "\n".join(lines) + "\n"
+
+
+def outputs(root: Path) -> dict[Path, str]:
+    return {root / "docs" / "hooks.md": hooks_md(), root / "docs" / "lifecycle.md": lifecycle_md()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    root = Path(__file__).resolve().parent.parent
+    stale = [path for path, text in outputs(root).items() if not path.exists() or path.read_text() != text]
+    if "--check" in args:
+        for path in stale:
+            print(f"{path} is out of date: run python -m blktx.docgen", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in outputs(root).items():
+        path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
