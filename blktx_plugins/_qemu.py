@@ -167,8 +167,17 @@ class StorageDaemon:
                 self._proc.kill()
                 raise ActionFailed("qemu-storage-daemon did not start in 30 s")
             time.sleep(0.001)
-        self._qmp = QEMUMonitorProtocol(sock)
-        self._qmp.connect()
+        # The socket file appears at bind(), a moment before listen(): retry refusals.
+        while True:
+            self._qmp = QEMUMonitorProtocol(sock)
+            try:
+                self._qmp.connect()
+                break
+            except Exception as exc:  # noqa: BLE001 - qemu.qmp wraps the refusal in its own error
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    self._proc.kill()
+                    raise ActionFailed(f"qemu-storage-daemon: cannot connect to QMP: {exc}") from None
+                time.sleep(0.002)
 
     def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
         reply = self._qmp.cmd_raw(name, args)

@@ -1,0 +1,222 @@
+"""The qcow2 backend on real images, checked with qemu-img."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from qemu_helpers import chain, make_image, needs_qemu_img, same_data, snapshots, world
+
+from blktx import ActionSpec, Executor, Transaction
+from blktx.plugins import default_registry
+
+pytestmark = needs_qemu_img
+
+
+def run(directory: Path, actions: list[tuple[str, dict[str, Any]]], **options: Any):
+    return Executor(default_registry()).run(Transaction([ActionSpec(t, p) for t, p in actions], options=options,
+                                                        base_dir=str(directory)))
+
+
+def group(n: int, name: str = "nightly") -> list[tuple[str, dict[str, Any]]]:
+    return [("qcow2.internal-create", {"image": f"d{i}.qcow2", "name": name}) for i in range(n)]
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Iterator[Path]:
+    for i in range(20):
+        make_image(tmp_path / f"d{i}.qcow2", pattern=i + 1, snapshots=("weekly",) if i % 3 == 0 else ())
+    make_image(tmp_path / "vm.base.qcow2", pattern=0x77)
+    os.symlink("vm.base.qcow2", tmp_path / "vm")
+    shutil.copytree(tmp_path, tmp_path.parent / (tmp_path.name + "-pristine"), symlinks=True)
+    yield tmp_path
+
+
+def unchanged(d: Path) -> bool:
+    pristine = d.parent / (d.name + "-pristine")
+    return world(d) == world(pristine) and all(
+        same_data(d / f"d{i}.qcow2", pristine / f"d{i}.qcow2") for i in range(20)) and same_data(d / "vm", pristine / "vm")
+
+
+@pytest.mark.parametrize("n", [2, 20])
+def test_group_internal_snapshot_commits(images: Path, n: int) -> None:
+    result = run(images, group(n))
+    assert result.outcome == "committed", result.summary()
+    for i in range(20):
+        names = [name for _, name in snapshots(images / f"d{i}.qcow2")]
+        assert names.count("nightly") == (1 if i < n else 0)
+
+
+@pytest.mark.parametrize("phase", ["check", "do", "invalidate"])
+@pytest.mark.parametrize("n", [2, 20])
+def test_fault_at_each_phase_rolls_back_everything(images: Path, n: int, phase: str) -> None:
+    actions = [*group(n), ("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"}),
+               ("qcow2.internal-delete", {"image": "d0.qcow2", "name": "weekly"}), ("fault", {"phase": phase})]
+    result = run(images, actions)
+    assert result.outcome == ("invalid" if phase == "check" else "rolled back"), result.summary()
+    assert unchanged(images)
+
+
+def test_external_snapshot_switches_the_device_atomically(images: Path) -> None:
+    result = run(images, [("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"})])
+    assert result.outcome == "committed"
+    assert os.readlink(images / "vm") == "vm.new.qcow2"
+    assert chain(images / "vm") == ["vm", "vm.base.qcow2"] or chain(images / "vm")[-1] == "vm.base.qcow2"
+    info = subprocess.run(["qemu-img", "info", str(images / "vm.new.qcow2")], capture_output=True, text=True).stdout
+    assert "backing file: vm.base.qcow2" in info and "backing file format: qcow2" in info
+    assert same_data(images / "vm", images / "vm.base.qcow2")
+
+
+def test_an_image_in_use_by_a_running_qemu_is_refused_naming_the_process(images: Path) -> None:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("needs qemu-system-x86_64 (Debian qemu-system-x86)")
+    vm = subprocess.Popen(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+                           "-blockdev", f"driver=file,node-name=f0,filename={images / 'd1.qcow2'}",
+                           "-blockdev", "driver=qcow2,node-name=n0,file=f0"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        from blktx_plugins._qemu import holder
+
+        while holder(str(images / "d1.qcow2")) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        result = run(images, group(3))
+        assert result.outcome == "invalid"
+        (problem,) = result.problems
+        assert problem.action == 1 and f"is in use by qemu-system-x86_64 (pid {vm.pid})" in problem.message
+    finally:
+        vm.kill()
+        vm.wait()
+    assert unchanged(images)
+
+
+def test_missing_and_non_qcow2_files_are_refused_all_at_once(images: Path) -> None:
+    (images / "plain.img").write_bytes(b"\0" * 4096)
+    result = run(images, [*group(2), ("qcow2.internal-create", {"image": "nope.qcow2", "name": "x"}),
+                          ("qcow2.internal-create", {"image": "plain.img", "name": "x"})])
+    assert result.outcome == "invalid" and result.exit_status == 2
+    messages = {p.action: p.message for p in result.problems}
+    assert messages[2].endswith("nope.qcow2 does not exist")
+    assert messages[3].endswith("plain.img is not a qcow2 image")
+    assert (images / "plain.img").read_bytes() == b"\0" * 4096
+    os.unlink(images / "plain.img")
+    assert unchanged(images)
+
+
+def test_existing_snapshot_name_is_refused_without_replace(images: Path) -> None:
+    result = run(images, [("qcow2.internal-create", {"image": "d0.qcow2", "name": "weekly"})])
+    assert result.outcome == "invalid" and "already has a snapshot named 'weekly' (id 1)" in result.problems[0].message
+    assert "replace = true" in (result.problems[0].hint or "")
+
+
+def test_replace_then_failure_leaves_the_old_snapshot(images: Path) -> None:
+    before = snapshots(images / "d0.qcow2")
+    result = run(images, [("qcow2.internal-create", {"image": "d0.qcow2", "name": "weekly", "replace": True}),
+                          ("fault", {"phase": "invalidate"})])
+    assert result.outcome == "rolled back"
+    assert snapshots(images / "d0.qcow2") == before == [("1", "weekly")]
+
+
+def test_replace_commits_and_deletes_the_old_one_after_the_commit_point(images: Path) -> None:
+    result = run(images, [("qcow2.internal-create", {"image": "d0.qcow2", "name": "weekly", "replace": True})])
+    assert result.outcome == "committed", result.summary()
+    assert snapshots(images / "d0.qcow2") == [("2", "weekly")]
+
+
+def test_paths_outside_the_spec_directory_are_refused(images: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    other = tmp_path_factory.mktemp("other")
+    make_image(other / "x.qcow2")
+    os.symlink(other / "x.qcow2", images / "escape.qcow2")
+    result = run(images, [("qcow2.internal-create", {"image": str(other / "x.qcow2"), "name": "n"}),
+                          ("qcow2.internal-create", {"image": "escape.qcow2", "name": "n"})])
+    assert result.outcome == "invalid" and len(result.problems) == 2
+    assert all("outside the allowed roots" in p.message for p in result.problems)
+    assert snapshots(other / "x.qcow2") == []
+
+
+def test_an_existing_overlay_is_never_overwritten(images: Path) -> None:
+    (images / "vm.new.qcow2").write_text("precious")
+    result = run(images, [("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"})])
+    assert result.outcome == "invalid" and "already exists" in result.problems[0].message
+    assert (images / "vm.new.qcow2").read_text() == "precious"
+
+
+def test_full_filesystem_rolls_back(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mnt)], check=True)
+    try:
+        for i in range(3):
+            make_image(mnt / f"d{i}.qcow2", size="1M", pattern=i + 1)
+        make_image(mnt / "vm.base.qcow2", size="1M")
+        os.symlink("vm.base.qcow2", mnt / "vm")
+        keep = tmp_path / "keep"
+        shutil.copytree(mnt, keep, symlinks=True)
+        fd = os.open(mnt / "filler", os.O_CREAT | os.O_WRONLY)
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        result = run(mnt, [*group(3), ("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"})])
+        assert result.outcome == "rolled back", result.summary()
+        assert "No space left" in (result.failure.message if result.failure else "") or "space" in str(result.failure)
+        os.unlink(mnt / "filler")
+        for i in range(3):
+            assert snapshots(mnt / f"d{i}.qcow2") == []
+            assert same_data(mnt / f"d{i}.qcow2", keep / f"d{i}.qcow2")
+        assert os.readlink(mnt / "vm") == "vm.base.qcow2" and not (mnt / "vm.new.qcow2").exists()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+ACTIONS = st.lists(st.tuples(st.sampled_from(["create", "create", "external", "fault"]), st.integers(0, 3),
+                             st.sampled_from(["do", "invalidate"])), min_size=1, max_size=6)
+
+
+@settings(max_examples=12, deadline=None)
+@given(ACTIONS)
+def test_all_or_none_over_real_images(tmp_path_factory: pytest.TempPathFactory, plan: list[tuple[str, int, str]]) -> None:
+    d = tmp_path_factory.mktemp("prop")
+    for i in range(4):
+        make_image(d / f"d{i}.qcow2", size="1M", pattern=i + 1)
+    make_image(d / "vm.base.qcow2", size="1M")
+    os.symlink("vm.base.qcow2", d / "vm")
+    before = world(d)
+    actions: list[tuple[str, dict[str, Any]]] = []
+    used: set[Any] = set()
+    for kind, i, phase in plan:
+        if kind == "create" and (i, "create") not in used:
+            used.add((i, "create"))
+            actions.append(("qcow2.internal-create", {"image": f"d{i}.qcow2", "name": f"s{len(actions)}"}))
+        elif kind == "external" and "vm" not in used:
+            used.add("vm")
+            actions.append(("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"}))
+        elif kind == "fault":
+            actions.append(("fault", {"phase": phase}))
+    if not actions:
+        return
+    result = run(d, actions)
+    after = world(d)
+    if any(t == "fault" for t, _ in actions):
+        assert result.outcome == "rolled back" and after == before
+    else:
+        assert result.outcome == "committed"
+        for t, p in actions:
+            if t == "qcow2.internal-create":
+                assert [n for _, n in after[p["image"]][1]] == [p["name"]]
+            else:
+                assert after["vm"][1] == "vm.new.qcow2"
+    shutil.rmtree(d)
