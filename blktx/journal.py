@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS tx (
     file TEXT, base_dir TEXT, options TEXT, detail TEXT, actions INTEGER, committed INTEGER DEFAULT 0);
 CREATE TABLE IF NOT EXISTS action (
     txid TEXT, idx INTEGER, type TEXT, target TEXT, params TEXT, undo TEXT,
-    state TEXT, started INTEGER DEFAULT 0, error TEXT, phase TEXT, durations TEXT,
+    state TEXT, started INTEGER DEFAULT 0, error TEXT, phase TEXT, durations TEXT, output TEXT,
     PRIMARY KEY (txid, idx));
 CREATE TABLE IF NOT EXISTS step (
     id INTEGER PRIMARY KEY, txid TEXT, time REAL, phase TEXT, what TEXT, count INTEGER);
@@ -110,7 +110,7 @@ class SqliteJournal:
             db.execute("INSERT INTO tx VALUES (?, ?, NULL, ?, ?, ?, ?, ?, NULL, ?, 0)",
                        (txid, time.time(), RUNNING, os.getpid(), info.get("file"), info.get("base_dir"),
                         json.dumps(info.get("options", {}), default=str), len(actions)))
-            db.executemany("INSERT INTO action VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, NULL, NULL)",
+            db.executemany("INSERT INTO action VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, NULL, NULL, NULL)",
                            [(txid, a.index, a.type.name, a.target, json.dumps(a.params), json.dumps(a.undo), a.state)
                             for a in actions])
 
@@ -126,8 +126,9 @@ class SqliteJournal:
             db.execute("INSERT INTO step (txid, time, phase, what, count) VALUES (?, ?, ?, 'done', ?)",
                        (txid, time.time(), phase, len(actions)))
             db.executemany(
-                "UPDATE action SET undo = ?, state = ?, error = ?, phase = ?, durations = ? WHERE txid = ? AND idx = ?",
-                [(json.dumps(a.undo), a.state, a.error, a.failed_phase, json.dumps(a.durations), txid, a.index)
+                "UPDATE action SET undo = ?, state = ?, error = ?, phase = ?, durations = ?, output = ? "
+                "WHERE txid = ? AND idx = ?",
+                [(json.dumps(a.undo), a.state, a.error, a.failed_phase, json.dumps(a.durations), a.output, txid, a.index)
                  for a in actions])
 
     def holds(self, txid: str, holds: Sequence[Hold], resumed: bool) -> None:
@@ -230,9 +231,9 @@ class SqliteJournal:
             return None
         full = rows[0][0]
         (tx,) = [t for t in self.transactions(limit=1_000_000) if t["txid"] == full]
-        keys = ("index", "type", "target", "params", "undo", "state", "started", "error", "phase", "durations")
+        keys = ("index", "type", "target", "params", "undo", "state", "started", "error", "phase", "durations", "output")
         tx["actions"] = []
-        for row in self._db.execute("SELECT idx, type, target, params, undo, state, started, error, phase, durations "
+        for row in self._db.execute("SELECT idx, type, target, params, undo, state, started, error, phase, durations, output "
                                     "FROM action WHERE txid = ? ORDER BY idx", (full,)):
             item = dict(zip(keys, row, strict=True))
             for k in ("params", "undo", "durations"):

@@ -51,3 +51,29 @@ def world(directory: Path) -> dict[str, Any]:
         elif p.suffix == ".qcow2":
             state[p.name] = ("image", snapshots(p))
     return state
+
+
+@pytest.fixture
+def btrfs_mount(tmp_path: Path) -> Any:
+    """A loop-mounted btrfs with a subvolume ``data`` holding one file; unmounted after."""
+    if shutil.which("mkfs.btrfs") is None:
+        pytest.skip("needs mkfs.btrfs (Debian btrfs-progs)")
+    if os.geteuid() != 0:
+        pytest.skip("mounting a loop btrfs needs root")
+    img, mnt = tmp_path / "btrfs.img", tmp_path / "mnt"
+    with open(img, "wb") as fh:
+        fh.truncate(256 << 20)
+    run("mkfs.btrfs", "-q", str(img))
+    mnt.mkdir()
+    run("mount", "-o", "loop", str(img), str(mnt))
+    try:
+        run("btrfs", "subvolume", "create", str(mnt / "data"))
+        (mnt / "data" / "file").write_text("precious")
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def subvolumes(mnt: Path) -> list[str]:
+    out = run("btrfs", "subvolume", "list", str(mnt))
+    return sorted(line.split(" path ", 1)[1] for line in out.splitlines() if " path " in line)

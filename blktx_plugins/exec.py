@@ -1,0 +1,108 @@
+"""``exec``: run storage tools (lvcreate, zfs, rbd, an array's CLI) as an action.
+
+Commands are argument lists, never run through a shell. Nothing runs unless the
+caller allowed command execution (``blktx run --allow-exec``, or
+``allow_exec=True`` in Python): a spec from elsewhere cannot run anything by
+surprise, and the refusal comes at check time, before anything runs.
+
+Each command gets ``BLKTX_TXID``, ``BLKTX_ACTION`` and ``BLKTX_PHASE`` in its
+environment. Output (stdout and stderr, the last 4 KB) lands in the result and
+the journal; a non-zero exit fails the step with the command's stderr; a command
+that outlives its timeout is killed with its whole process group and fails the
+step. The ``cancel`` command must be idempotent: blktx may run it again after a
+crash, and from START (the ``do`` command may have failed half-way).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from typing import Any
+
+from blktx import Action, ActionFailed, ActionType, Param, Refused, RunContext, hookimpl
+
+TAIL = 4096
+
+
+class Exec(ActionType):
+    """Run external commands for do, invalidate and cancel (needs --allow-exec)."""
+
+    name = "exec"
+    params = (
+        Param("target", "str", required=True, doc="a stable key of what the commands change, e.g. lvm:vg0/root"),
+        Param("do", "list[str]", required=True, doc="argv that makes the new thing"),
+        Param("cancel", "list[str]", required=True, doc="argv that undoes do; must be idempotent"),
+        Param("invalidate", "list[str]", default=None, doc="argv that switches users over (optional)"),
+        Param("check", "list[str]", default=None, doc="argv whose non-zero exit refuses the action (no side effects)"),
+        Param("env", "table[str]", default=None, doc="extra environment variables"),
+        Param("cwd", "path", default=".", doc="working directory (default: the spec's)"),
+        Param("timeout", "float", default=60.0, doc="seconds before a command is killed"),
+    )
+
+    def target(self, action: Action) -> str:
+        return "exec:" + str(action.params["target"])
+
+    def check(self, action: Action, ctx: RunContext) -> None:
+        if not ctx.options.allow_exec:
+            raise Refused("running external commands is not allowed",
+                          hint="pass --allow-exec to blktx run/check (allow_exec=True from Python) if you trust this spec")
+        for key in ("do", "cancel", "invalidate", "check"):
+            argv = action.params[key]
+            if argv is not None and not argv:
+                raise Refused(f"'{key}' is an empty command")
+        if action.params["check"]:
+            try:
+                self._run(action, ctx, "check")
+            except ActionFailed as exc:
+                raise Refused(str(exc)) from None
+
+    def do(self, action: Action, ctx: RunContext) -> None:
+        self._run(action, ctx, "do")
+
+    def invalidate(self, action: Action, ctx: RunContext) -> None:
+        if action.params["invalidate"]:
+            self._run(action, ctx, "invalidate")
+
+    def cancel(self, action: Action, ctx: RunContext) -> None:
+        self._run(action, ctx, "cancel")
+
+    def leftovers(self, action: Action) -> list[Any]:
+        from blktx import Leftover
+
+        return [Leftover(action.target, f"whatever `{' '.join(action.params['do'])}` made "
+                                        f"(cancel command `{' '.join(action.params['cancel'])}` failed)")]
+
+    def _run(self, action: Action, ctx: RunContext, phase: str) -> None:
+        argv: list[str] = action.params[phase]
+        env = {**os.environ, **(action.params["env"] or {}),
+               "BLKTX_TXID": ctx.txid, "BLKTX_ACTION": str(action.index), "BLKTX_PHASE": phase}
+        timeout = action.params["timeout"]
+        try:
+            proc = subprocess.Popen(argv, cwd=action.params["cwd"], env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+        except OSError as exc:
+            raise ActionFailed(f"cannot run {argv[0]}: {exc.strerror}") from None
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            self._record(action, phase, out, err)
+            raise ActionFailed(f"{phase} command `{' '.join(argv)}` timed out after {timeout:g} s and was killed") from None
+        self._record(action, phase, out, err)
+        if proc.returncode != 0:
+            detail = (err or out).strip()[-TAIL:] or "no output"
+            raise ActionFailed(f"{phase} command `{' '.join(argv)}` exited {proc.returncode}: {detail}")
+
+    @staticmethod
+    def _record(action: Action, phase: str, out: str, err: str) -> None:
+        text = "".join(f"[{phase} {name}] {s.strip()[-TAIL:]}\n" for name, s in (("stdout", out), ("stderr", err)) if s.strip())
+        if text:
+            action.output = (action.output or "") + text
+
+
+@hookimpl
+def blktx_register_action_types(register: Any) -> None:
+    register(Exec)

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from qemu_helpers import btrfs_mount, make_image, needs_qemu_img, snapshots, subvolumes, world  # noqa: F401
+
+from blktx import ActionSpec, Executor, Transaction
+from blktx.plugins import default_registry
+
+
+def run(base: Path, actions: list[tuple[str, dict[str, Any]]], **kw: Any):
+    return Executor(default_registry()).run(Transaction([ActionSpec(t, p) for t, p in actions], base_dir=str(base)),
+                                            **kw)
+
+
+def test_snapshot_appears_readonly_and_cancel_removes_only_it(btrfs_mount: Path) -> None:
+    result = run(btrfs_mount, [("btrfs.snapshot", {"source": "data", "dest": "data.nightly"})])
+    assert result.outcome == "committed", result.summary()
+    assert subvolumes(btrfs_mount) == ["data", "data.nightly"]
+    assert (btrfs_mount / "data.nightly" / "file").read_text() == "precious"
+    ro = subprocess.run(["btrfs", "property", "get", str(btrfs_mount / "data.nightly"), "ro"],
+                        capture_output=True, text=True).stdout
+    assert "ro=true" in ro
+    result = run(btrfs_mount, [("btrfs.snapshot", {"source": "data", "dest": "data.hourly", "readonly": False}),
+                               ("fault", {"phase": "invalidate"})])
+    assert result.outcome == "rolled back"
+    assert subvolumes(btrfs_mount) == ["data", "data.nightly"]
+
+
+def test_refusals(btrfs_mount: Path) -> None:
+    (btrfs_mount / "plain").mkdir()
+    result = run(btrfs_mount, [("btrfs.snapshot", {"source": "plain", "dest": "x"}),
+                               ("btrfs.snapshot", {"source": "data", "dest": "data"}),
+                               ("btrfs.delete", {"path": "plain"})])
+    assert result.outcome == "invalid"
+    messages = [p.message for p in result.problems]
+    assert messages[0].endswith("plain is not a btrfs subvolume") and messages[1].endswith("data already exists")
+    assert messages[2].endswith("plain is not a btrfs subvolume")
+    assert subvolumes(btrfs_mount) == ["data"]
+
+
+def test_delete_is_a_finalize_step(btrfs_mount: Path) -> None:
+    assert run(btrfs_mount, [("btrfs.snapshot", {"source": "data", "dest": "old"})]).outcome == "committed"
+    result = run(btrfs_mount, [("btrfs.delete", {"path": "old"}), ("fault", {"phase": "do"})])
+    assert result.outcome == "rolled back" and subvolumes(btrfs_mount) == ["data", "old"]
+    result = run(btrfs_mount, [("btrfs.delete", {"path": "old"}),
+                               ("btrfs.snapshot", {"source": "data", "dest": "new"})])
+    assert result.outcome == "committed" and subvolumes(btrfs_mount) == ["data", "new"]
+
+
+@needs_qemu_img
+def test_mixed_group_failing_in_its_last_action_leaves_everything(btrfs_mount: Path) -> None:
+    base = btrfs_mount / "data"
+    for i in range(2):
+        make_image(base / f"d{i}.qcow2", pattern=i + 1)
+    make_image(base / "vm.base.qcow2")
+    os.symlink("vm.base.qcow2", base / "vm")
+    marker = base / "lv-created"
+    before_images = world(base)
+    actions = [
+        ("qcow2.internal-create", {"image": "d0.qcow2", "name": "nightly"}),
+        ("qcow2.internal-create", {"image": "d1.qcow2", "name": "nightly"}),
+        ("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"}),
+        ("btrfs.snapshot", {"source": ".", "dest": "../data.nightly"}),
+        ("exec", {"target": "lvm:vg0/root", "do": [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"],
+                  "cancel": [sys.executable, "-c", f"import os; os.path.exists({str(marker)!r}) and os.unlink({str(marker)!r})"]}),
+        ("exec", {"target": "array", "do": [sys.executable, "-c", "import sys; sys.exit('array offline')"],
+                  "cancel": [sys.executable, "-c", "pass"]}),
+    ]
+    result = run(base, actions, allow_exec=True, roots=[str(btrfs_mount)])
+    assert result.outcome == "rolled back", result.summary()
+    assert "array offline" in result.failure.message
+    assert world(base) == before_images
+    assert snapshots(base / "d0.qcow2") == [] and not marker.exists()
+    assert subvolumes(btrfs_mount) == ["data"]
