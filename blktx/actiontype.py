@@ -179,7 +179,7 @@ class ActionType:
     # -- batches -----------------------------------------------------------------
 
     def check_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
-        self._each("check", actions, ctx)
+        self._each("check", actions, ctx, keep_going=True)
 
     def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         self._each("do", actions, ctx)

@@ -163,6 +163,8 @@ class Executor:
                 except ActionFailures as exc:
                     for index, err in exc.failures.items():
                         refuse(by_index[index], err)
+                    for index in exc.not_started:  # a check that did not run is no pass
+                        refuse(by_index[index], RuntimeError(f"not checked: {atype.name} gave up on its batch"))
                 except Exception as exc:  # noqa: BLE001 - a failed batch check refuses the whole batch
                     for a in group:
                         refuse(a, exc)

@@ -125,13 +125,18 @@ def qemu_img(*args: str, timeout: float = 120) -> str:
     return out.stdout
 
 
-def die_with_parent() -> None:
-    """In a child before exec: get SIGKILL when blktx dies, so that a killed run never
-    leaves a daemon holding the images' locks (``blktx recover`` needs them)."""
+def die_with_parent(parent: int) -> Any:
+    """A ``preexec_fn``: the child gets SIGKILL when blktx dies, so that a killed run
+    never leaves a daemon holding the images' locks (``blktx recover`` needs them)."""
     import ctypes
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    def arm() -> None:
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent:  # blktx died between fork and prctl
+            os._exit(1)
+
+    return arm
 
 
 class StorageDaemon:
@@ -156,7 +161,7 @@ class StorageDaemon:
             argv += ["--blockdev", f"driver=file,node-name=f{i},filename={esc}",
                      "--blockdev", f"driver=qcow2,node-name=n{i},file=f{i}"]
         self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent)
+                                      stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent(os.getpid()))
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):
             if self._proc.poll() is not None:

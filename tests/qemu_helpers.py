@@ -77,3 +77,66 @@ def btrfs_mount(tmp_path: Path) -> Any:
 def subvolumes(mnt: Path) -> list[str]:
     out = run("btrfs", "subvolume", "list", str(mnt))
     return sorted(line.split(" path ", 1)[1] for line in out.splitlines() if " path " in line)
+
+
+needs_qemu_system = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                                       reason="needs qemu-system-x86_64 (Debian qemu-system-x86)")
+
+
+class VM:
+    """A real ``qemu-system-x86_64 -machine none`` with qcow2 drives and a QMP socket."""
+
+    def __init__(self, directory: Path, name: str, drives: int = 2, paused: bool = False) -> None:
+        import time
+
+        self.name = name
+        self.sock = directory / f"{name}.qmp"
+        self.ctl = directory / f"{name}.ctl"  # the tests' own monitor: QEMU serves one client per monitor
+        self.images = [make_image(directory / f"{name}-d{i}.qcow2", pattern=0x30 + i) for i in range(drives)]
+        argv = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+                "-qmp", f"unix:{self.sock},server=on,wait=off", "-qmp", f"unix:{self.ctl},server=on,wait=off"]
+        if paused:
+            argv.append("-S")
+        for i, img in enumerate(self.images):
+            argv += ["-drive", f"if=none,id=drive{i},file={img},format=qcow2,node-name={name}-n{i}"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self.ctl.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.05)
+
+    def qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        from blktx_plugins.qmp import Qmp
+
+        conn = Qmp(str(self.ctl))
+        try:
+            return conn.cmd(cmd, args)
+        finally:
+            conn.close()
+
+    def running(self) -> bool:
+        return bool(self.qmp("query-status")["running"])
+
+    def active_file(self, drive: int) -> str:
+        for dev in self.qmp("query-block"):
+            if dev["device"] == f"drive{drive}":
+                return os.path.basename(dev["inserted"]["file"])
+        raise KeyError(drive)
+
+    def snapshots(self, drive: int) -> list[str]:
+        for dev in self.qmp("query-block"):
+            if dev["device"] == f"drive{drive}":
+                return [s["name"] for s in dev["inserted"]["image"].get("snapshots", [])]
+        raise KeyError(drive)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def quit(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.qmp("quit")
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            self.proc.wait(timeout=10)

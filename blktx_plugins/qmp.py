@@ -1,0 +1,359 @@
+"""``qmp``: snapshots of running VMs' drives over QMP, atomic per VM by QEMU and
+across VMs (and other backends) by blktx.
+
+VMs are named by their QMP address (a unix socket path, or ``tcp:host:port``);
+drives by block-backend name, qdev id or node name. All actions of one type on
+one VM go to that VM as one QMP ``transaction``. With ``quiesce = "pause"`` every
+running VM of the transaction is stopped before the do phase and continued right
+after the commit point or the rollback; a VM that was already paused stays
+paused. If a VM dies during the transaction the rest of the group rolls back,
+and its own actions are undone offline on its image files once QEMU's lock is
+gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from blktx import Action, ActionFailed, ActionFailures, ActionType, Hold, Leftover, Param, Refused, RunContext, hookimpl
+from blktx_plugins._qemu import StorageDaemon, holder, qemu_img, read_header
+
+
+# qemu.qmp logs every refused connection at ERROR; blktx reports them itself.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+class VmGone(ActionFailed):
+    """The VM's QMP socket is gone: QEMU died."""
+
+
+class Qmp:
+    """A QMP connection (``qemu.qmp``) driven synchronously, with timeouts, safe across threads."""
+
+    def __init__(self, address: str, timeout: float = 10.0) -> None:
+        from qemu.qmp import QMPClient
+
+        self.address = address
+        self.timeout = timeout
+        target: Any = address
+        if address.startswith("tcp:"):
+            host, port = address[4:].rsplit(":", 1)
+            target = (host, int(port))
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._client = QMPClient("blktx")
+        try:
+            self._run(self._client.connect(target), timeout)
+        except Exception as exc:  # noqa: BLE001 - qemu.qmp raises its own connection errors
+            self.close()
+            why = "timed out (another client holds its monitor?)" if isinstance(exc, TimeoutError) else str(exc)
+            raise VmGone(f"cannot connect to the VM's QMP socket {address}: {why}") from None
+
+    def _run(self, coro: Any, timeout: float) -> Any:
+        return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+    def cmd(self, name: str, args: dict[str, Any] | None = None, timeout: float = 120.0) -> Any:
+        from qemu.qmp import ExecuteError
+
+        with self._lock:
+            try:
+                return self._run(self._client.execute(name, args), timeout)
+            except ExecuteError as exc:
+                raise ActionFailed(f"VM {self.address}: {name}: {exc.error.desc}") from None
+            except Exception as exc:  # noqa: BLE001 - EOF, a reset or a timeout: the VM is gone or hung
+                raise VmGone(f"VM {self.address} stopped answering during {name}: "
+                             f"{exc or type(exc).__name__}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._run(self._client.disconnect(), 5)
+            except Exception:  # noqa: BLE001 - closing a dead connection
+                pass
+            self._loop.close()
+
+
+def connection(ctx: RunContext, address: str) -> Qmp:
+    def open_it() -> Qmp:
+        conn = Qmp(address)
+        ctx.on_close(conn.close)
+        return conn
+
+    return ctx.resource(f"qmp:{address}", open_it)
+
+
+def _address(value: str, base_dir: str) -> str:
+    return value if value.startswith("tcp:") else os.path.normpath(os.path.join(base_dir, value))
+
+
+def resolve(conn: Qmp, drive: str) -> dict[str, Any]:
+    """The node behind ``drive``: its node name, image file, format and snapshots."""
+    node = drive
+    for dev in conn.cmd("query-block"):
+        if drive in (dev.get("device"), dev.get("qdev")) and dev.get("inserted"):
+            node = dev["inserted"]["node-name"]
+    for info in conn.cmd("query-named-block-nodes", {"flat": True}):
+        if info["node-name"] == node:
+            return {"node": node, "file": info["file"], "format": info["drv"],
+                    "size": info["image"]["virtual-size"],
+                    "snapshots": [(s["id"], s["name"]) for s in info["image"].get("snapshots", [])]}
+    raise Refused(f"VM {conn.address} has no drive or node {drive!r}",
+                  hint="`query-block` lists the drives, `query-named-block-nodes` the nodes")
+
+
+_COMMON = (
+    Param("vm", "str", required=True, doc="the VM's QMP address: a unix socket path or tcp:host:port"),
+    Param("drive", "str", required=True, doc="the drive: block-backend name, qdev id or node name"),
+)
+
+
+class _QmpType(ActionType):
+    shares_target = False
+
+    def target(self, action: Action) -> str:
+        return f"vm:{action.params['vm']}/{action.params['drive']}"
+
+    def _conn(self, action: Action, ctx: RunContext) -> Qmp:
+        return connection(ctx, _address(action.params["vm"], ctx.base_dir))
+
+    def check(self, action: Action, ctx: RunContext) -> None:
+        try:
+            info = resolve(self._conn(action, ctx), action.params["drive"])
+        except VmGone as exc:
+            raise Refused(str(exc), hint="is the VM running, and is its -qmp socket at that path?") from None
+        action.undo.update({"node": info["node"], "file": info["file"], "format": info["format"],
+                            "size": info["size"], "before": [i for i, _ in info["snapshots"]]})
+        self._check(action, info)
+
+    def _check(self, action: Action, info: dict[str, Any]) -> None:
+        return None
+
+    @staticmethod
+    def _by_vm(actions: Sequence[Action]) -> dict[str, list[Action]]:
+        groups: dict[str, list[Action]] = {}
+        for a in actions:
+            groups.setdefault(a.params["vm"], []).append(a)
+        return groups
+
+    def _per_vm(self, actions: Sequence[Action], ctx: RunContext, send: Any) -> None:
+        """Send each VM's share of a batch; a VM that fails fails only its own actions."""
+        failures: dict[int, BaseException] = {}
+        for group in self._by_vm(actions).values():
+            try:
+                send(self._conn(group[0], ctx), group)
+            except ActionFailures as exc:
+                failures.update(exc.failures)
+            except Exception as exc:  # noqa: BLE001 - reported for each action of that VM
+                failures.update({a.index: exc for a in group})
+        if failures:
+            raise ActionFailures(failures)
+
+
+class InternalCreate(_QmpType):
+    """Create an internal snapshot of a running VM's drive (one QMP transaction per VM)."""
+
+    name = "qmp.internal-create"
+    params = (*_COMMON, Param("name", "str", required=True, doc="the snapshot's name"))
+
+    def _check(self, action: Action, info: dict[str, Any]) -> None:
+        same = [i for i, n in info["snapshots"] if n == action.params["name"]]
+        if same:
+            raise Refused(f"drive {action.params['drive']} of VM {action.params['vm']} already has a snapshot named "
+                          f"{action.params['name']!r} (id {', '.join(same)})")
+        if info["format"] != "qcow2":
+            raise Refused(f"drive {action.params['drive']} is {info['format']}, not qcow2: no internal snapshots")
+
+    def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
+        def send(conn: Qmp, group: list[Action]) -> None:
+            conn.cmd("transaction", {"actions": [
+                {"type": "blockdev-snapshot-internal-sync",
+                 "data": {"device": a.undo["node"], "name": a.params["name"]}} for a in group]})
+
+        self._per_vm(actions, ctx, send)
+
+    def _made(self, a: Action, snapshots: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        before = set(a.undo.get("before", []))
+        return [(i, n) for i, n in snapshots if n == a.params["name"] and i not in before]
+
+    def cancel_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
+        def send(conn: Qmp, group: list[Action]) -> None:
+            for a in group:
+                for sid, name in self._made(a, resolve(conn, a.undo["node"])["snapshots"]):
+                    conn.cmd("blockdev-snapshot-delete-internal-sync", {"device": a.undo["node"], "id": sid, "name": name})
+
+        failures: dict[int, BaseException] = {}
+        try:
+            self._per_vm(actions, ctx, send)
+        except ActionFailures as exc:
+            failures = exc.failures
+        for a in actions:  # a dead VM's image is undone offline once QEMU's lock is gone
+            if isinstance(failures.get(a.index), VmGone):
+                try:
+                    self._cancel_offline(a)
+                    del failures[a.index]
+                except Exception as exc:  # noqa: BLE001 - still a leftover, with the reason
+                    failures[a.index] = ActionFailed(f"{failures[a.index]}; offline undo failed: {exc}")
+        if failures:
+            raise ActionFailures(failures)
+
+    def _cancel_offline(self, a: Action) -> None:
+        image = a.undo["file"]
+        for _ in range(50):
+            if not holder(image):
+                break
+            time.sleep(0.1)
+        _, snaps, _ = read_header(image)
+        made = self._made(a, [(s.id, s.name) for s in snaps])
+        if made:
+            daemon = StorageDaemon([image])
+            try:
+                for sid, name in made:
+                    daemon.cmd("blockdev-snapshot-delete-internal-sync", {"device": "n0", "id": sid, "name": name})
+            finally:
+                daemon.close()
+
+    def leftovers(self, action: Action) -> list[Leftover]:
+        try:
+            _, snaps, _ = read_header(action.undo["file"])
+        except Exception:  # noqa: BLE001 - name what we know
+            return [Leftover(action.target, f"maybe snapshot {action.params['name']!r} in {action.undo.get('file')}")]
+        return [Leftover(action.target, f"snapshot {n!r} (id {i}) in {action.undo['file']}")
+                for i, n in self._made(action, [(s.id, s.name) for s in snaps])]
+
+
+class InternalDelete(_QmpType):
+    """Delete an internal snapshot of a running VM's drive (finalize: after the commit point)."""
+
+    name = "qmp.internal-delete"
+    finalize = True
+    params = (*_COMMON, Param("name", "str", required=True, doc="the snapshot's name"))
+
+    def _check(self, action: Action, info: dict[str, Any]) -> None:
+        found = [(i, n) for i, n in info["snapshots"] if n == action.params["name"]]
+        if len(found) != 1:
+            raise Refused(f"drive {action.params['drive']} of VM {action.params['vm']} has {len(found)} snapshots "
+                          f"named {action.params['name']!r}; exactly one is needed")
+        action.undo["id"] = found[0][0]
+
+    def do(self, action: Action, ctx: RunContext) -> None:
+        conn = self._conn(action, ctx)
+        if (action.undo["id"], action.params["name"]) in resolve(conn, action.undo["node"])["snapshots"]:
+            conn.cmd("blockdev-snapshot-delete-internal-sync",
+                     {"device": action.undo["node"], "id": action.undo["id"], "name": action.params["name"]})
+
+    def cancel(self, action: Action, ctx: RunContext) -> None:
+        return None
+
+
+class ExternalCreate(_QmpType):
+    """Create an overlay file for a running VM's drive and switch the drive to it."""
+
+    name = "qmp.external-create"
+    params = (*_COMMON, Param("overlay", "path", required=True, doc="the new overlay file; must not exist"))
+
+    def _check(self, action: Action, info: dict[str, Any]) -> None:
+        if os.path.lexists(action.params["overlay"]):
+            raise Refused(f"overlay {action.params['overlay']} already exists", hint="choose a new name")
+        action.undo["overlay_node"] = f"blktx{action.index}-{secrets.token_hex(4)}"
+
+    def do(self, action: Action, ctx: RunContext) -> None:
+        overlay = action.params["overlay"]
+        os.close(os.open(overlay, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        # -u: the backing file is locked by the running VM; its size is known from QMP.
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", action.undo["file"], "-F", action.undo["format"],
+                 overlay, str(action.undo["size"]))
+        self._conn(action, ctx).cmd("blockdev-add", {
+            "driver": "qcow2", "node-name": action.undo["overlay_node"],
+            "file": {"driver": "file", "filename": overlay}, "backing": None})
+
+    def invalidate_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
+        def send(conn: Qmp, group: list[Action]) -> None:
+            conn.cmd("transaction", {"actions": [
+                {"type": "blockdev-snapshot", "data": {"node": a.undo["node"], "overlay": a.undo["overlay_node"]}}
+                for a in group]})
+
+        self._per_vm(actions, ctx, send)
+
+    def cancel(self, action: Action, ctx: RunContext) -> None:
+        if "node" not in action.undo:
+            return
+        try:
+            conn = self._conn(action, ctx)
+            self._unswitch(conn, action)
+        except VmGone:
+            pass  # the switch lived in the dead QEMU's memory only; the file goes below
+        overlay = action.params["overlay"]
+        if os.path.lexists(overlay):
+            os.unlink(overlay)
+
+    def _unswitch(self, conn: Qmp, action: Action) -> None:
+        top, base = action.undo["overlay_node"], action.undo["node"]
+        nodes = {n["node-name"]: n for n in conn.cmd("query-named-block-nodes", {"flat": True})}
+        if top not in nodes:
+            return
+        if nodes[top].get("backing_file"):
+            # Switched: merge whatever the guest wrote into the old image, then pivot back.
+            job = f"blktx-undo-{action.index}"
+            conn.cmd("block-commit", {"job-id": job, "device": top, "base-node": base})
+            self._wait_job(conn, job, ready=True)
+            conn.cmd("job-complete", {"id": job})
+            self._wait_job(conn, job, ready=False)
+        conn.cmd("blockdev-del", {"node-name": top})
+
+    @staticmethod
+    def _wait_job(conn: Qmp, job: str, ready: bool) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            jobs = {j["device"]: j for j in conn.cmd("query-block-jobs")}
+            if (ready and jobs.get(job, {}).get("ready")) or (not ready and job not in jobs):
+                return
+            time.sleep(0.005)
+        raise ActionFailed(f"VM {conn.address}: block job {job} did not finish in 120 s")
+
+    def leftovers(self, action: Action) -> list[Leftover]:
+        found = []
+        if os.path.lexists(action.params["overlay"]):
+            found.append(Leftover(action.target, f"overlay file {action.params['overlay']} (the drive may use it)"))
+        return found
+
+
+@hookimpl
+def blktx_register_action_types(register: Any) -> None:
+    for cls in (InternalCreate, InternalDelete, ExternalCreate):
+        register(cls)
+
+
+@hookimpl
+def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> list[Hold]:
+    """Stop every running VM of the transaction; leave paused ones as they are."""
+    if ctx.options.quiesce != "pause":
+        return []
+    holds = []
+    for address in sorted({_address(a.params["vm"], ctx.base_dir) for a in actions if a.type.name.startswith("qmp.")}):
+        conn = connection(ctx, address)
+        if conn.cmd("query-status")["running"]:
+            start = time.monotonic()
+            conn.cmd("stop")
+            holds.append(Hold("qmp.pause", f"vm:{address}", {"address": address}, start))
+    return holds
+
+
+@hookimpl
+def blktx_resume(ctx: RunContext, hold: Hold) -> bool | None:
+    if hold.kind != "qmp.pause":
+        return None
+    address = hold.data["address"]
+    try:
+        conn = connection(ctx, address)
+        if not conn.cmd("query-status")["running"]:
+            conn.cmd("cont")
+    except VmGone:
+        return True  # a dead VM has nothing left to resume
+    return True

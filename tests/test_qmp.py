@@ -1,0 +1,142 @@
+"""Live VMs over QMP: real qemu-system-x86_64 processes with qcow2 drives."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu_helpers import VM, make_image, needs_qemu_img, needs_qemu_system, snapshots
+
+from blktx import ActionSpec, Event, Executor, Transaction, hookimpl
+from blktx.plugins import load
+
+pytestmark = [needs_qemu_img, needs_qemu_system]
+
+
+@pytest.fixture
+def vms(tmp_path: Path) -> Iterator[list[VM]]:
+    machines = [VM(tmp_path, f"vm{i}") for i in range(3)]
+    yield machines
+    for vm in machines:
+        vm.quit() if vm.proc.poll() is None else None
+
+
+def run(base: Path, actions: list[tuple[str, dict[str, Any]]], extra: list[Any] = (), **options: Any):
+    registry = load(extra=[(f"t{i}", p) for i, p in enumerate(extra)])
+    return Executor(registry).run(Transaction([ActionSpec(t, p) for t, p in actions], options=options,
+                                              base_dir=str(base)))
+
+
+def group(vms: list[VM], name: str = "nightly") -> list[tuple[str, dict[str, Any]]]:
+    return [("qmp.internal-create", {"vm": vm.sock.name, "drive": f"drive{d}", "name": name})
+            for vm in vms for d in range(2)]
+
+
+def test_three_vms_two_drives_and_offline_images_commit(tmp_path: Path, vms: list[VM]) -> None:
+    make_image(tmp_path / "offline.qcow2")
+    actions = [*group(vms), ("qcow2.internal-create", {"image": "offline.qcow2", "name": "nightly"}),
+               ("qmp.external-create", {"vm": "vm0.qmp", "drive": "drive0", "overlay": "vm0-d0.nightly.qcow2"})]
+    actions = [a for a in actions if not (a[0] == "qmp.internal-create" and a[1]["vm"] == "vm0.qmp"
+                                         and a[1]["drive"] == "drive0")]
+    result = run(tmp_path, actions, quiesce="pause")
+    assert result.outcome == "committed", result.summary()
+    for vm in vms:
+        for d in range(2):
+            if (vm.name, d) != ("vm0", 0):
+                assert vm.snapshots(d) == ["nightly"]
+        assert vm.running()
+    assert vms[0].active_file(0) == "vm0-d0.nightly.qcow2"
+    assert [n for _, n in snapshots(tmp_path / "offline.qcow2")] == ["nightly"]
+    windows = {h.target: h.window for h in result.holds}
+    assert len(windows) == 3 and all(w is not None and 0 <= w < 5 for w in windows.values())
+
+
+@pytest.mark.parametrize("phase", ["do", "invalidate"])
+@pytest.mark.parametrize("where", [0, 2])
+def test_a_failure_in_any_vm_rolls_back_the_whole_group(tmp_path: Path, vms: list[VM], phase: str, where: int) -> None:
+    actions = [*group(vms[:where]), ("fault", {"phase": phase}), *group(vms[where:])]
+    actions.insert(0, ("qmp.external-create", {"vm": "vm1.qmp", "drive": "drive1", "overlay": "ov.qcow2"}))
+    actions = [a for a in actions if not (a[0] == "qmp.internal-create" and a[1]["vm"] == "vm1.qmp"
+                                         and a[1]["drive"] == "drive1")]
+    result = run(tmp_path, actions, quiesce="pause")
+    assert result.outcome == "rolled back", result.summary()
+    for vm in vms:
+        assert vm.snapshots(0) == [] and vm.snapshots(1) == [] and vm.running()
+    assert vms[1].active_file(1) == "vm1-d1.qcow2" and not (tmp_path / "ov.qcow2").exists()
+
+
+def test_qemu_error_names_vm_and_drive(tmp_path: Path, vms: list[VM]) -> None:
+    result = run(tmp_path, [("qmp.internal-create", {"vm": "vm0.qmp", "drive": "nodrive", "name": "x"}),
+                            ("qmp.internal-create", {"vm": "nope.qmp", "drive": "drive0", "name": "x"})])
+    assert result.outcome == "invalid"
+    assert "VM " in result.problems[0].message and "'nodrive'" in result.problems[0].message
+    assert "nope.qmp" in result.problems[1].message and result.problems[1].target == "vm:nope.qmp/drive0"
+
+
+class Killer:
+    """Kills one VM the moment the do phase starts on the action before it."""
+
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+
+    @hookimpl
+    def blktx_event(self, event: Event) -> None:
+        if event.kind == "action" and event.phase == "do" and event.action == 0 and self.vm.proc.poll() is None:
+            self.vm.kill()
+
+
+def test_a_vm_killed_mid_transaction_rolls_back_the_others(tmp_path: Path, vms: list[VM]) -> None:
+    actions = [("qcow2.internal-create", {"image": "off.qcow2", "name": "nightly"}), *group(vms)]
+    make_image(tmp_path / "off.qcow2")
+    result = run(tmp_path, actions, extra=[Killer(vms[1])], jobs=1)
+    assert result.outcome == "rolled back", result.summary()
+    assert result.failure is not None and "vm1.qmp" in result.failure.message
+    assert snapshots(tmp_path / "off.qcow2") == []
+    for vm in (vms[0], vms[2]):
+        assert vm.snapshots(0) == [] and vm.snapshots(1) == []
+    for img in vms[1].images:
+        assert snapshots(img) == []
+
+
+def test_paused_vm_stays_paused_running_vm_runs_again(tmp_path: Path) -> None:
+    paused, running = VM(tmp_path, "p", paused=True), VM(tmp_path, "r")
+    try:
+        for outcome_fault in (False, True):
+            acts = [("qmp.internal-create", {"vm": "p.qmp", "drive": "drive0", "name": f"s{outcome_fault}"}),
+                    ("qmp.internal-create", {"vm": "r.qmp", "drive": "drive0", "name": f"s{outcome_fault}"})]
+            if outcome_fault:
+                acts.append(("fault", {"phase": "invalidate"}))
+            result = run(tmp_path, acts, quiesce="pause")
+            assert result.outcome == ("rolled back" if outcome_fault else "committed")
+            assert not paused.running() and running.running()
+            assert [h.target for h in result.holds] == [f"vm:{tmp_path / 'r.qmp'}"]
+    finally:
+        paused.quit()
+        running.quit()
+
+
+def test_guest_writes_after_the_switch_survive_a_rollback(tmp_path: Path, vms: list[VM]) -> None:
+    """Cancel after invalidate commits the overlay back: nothing the guest wrote is lost."""
+    from blktx_plugins import qmp as qmp_plugin
+
+    class WriteAfterSwitch:
+        @hookimpl
+        def blktx_event(self, event: Event) -> None:
+            if event.kind == "phase-end" and event.phase == "invalidate":
+                vms[0].qmp("human-monitor-command",
+                           {"command-line": "qemu-io drive0 \"write -P 0x99 0 64k\""})
+
+    result = run(tmp_path, [("qmp.external-create", {"vm": "vm0.qmp", "drive": "drive0", "overlay": "ov.qcow2"}),
+                            ("fault", {"phase": "invalidate"})], extra=[WriteAfterSwitch()])
+    assert result.outcome == "rolled back"
+    assert vms[0].active_file(0) == "vm0-d0.qcow2" and not (tmp_path / "ov.qcow2").exists()
+    assert qmp_plugin.__name__
+    vms[0].quit()
+    import subprocess
+
+    out = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x99 0 64k", str(vms[0].images[0])],
+                         capture_output=True, text=True)
+    assert "Pattern verification failed" not in out.stdout and out.returncode == 0
