@@ -84,10 +84,18 @@ class SqliteJournal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._migrate()
         self._mutex = threading.Lock()
         self._writes = 0
         crash = os.environ.get("BLKTX_CRASH_AFTER")
         self._crash_after = int(crash) if crash else None
+
+    def _migrate(self) -> None:
+        """Add the columns that journals written by earlier versions lack."""
+        for table, column, decl in (("tx", "committed", "INTEGER DEFAULT 0"), ("action", "output", "TEXT")):
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     # -- durable writes ---------------------------------------------------------------
 

@@ -20,11 +20,11 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Hold, Leftover, Param, Refused, RunContext, hookimpl
 from blktx_plugins._qemu import StorageDaemon, holder, qemu_img, read_header
-
 
 # qemu.qmp logs every refused connection at ERROR; blktx reports them itself.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -143,15 +143,24 @@ class _QmpType(ActionType):
         return groups
 
     def _per_vm(self, actions: Sequence[Action], ctx: RunContext, send: Any) -> None:
-        """Send each VM's share of a batch; a VM that fails fails only its own actions."""
+        """Send each VM's share of a batch, to all VMs at once so that no VM's pause
+        window waits for another's; a VM that fails fails only its own actions."""
         failures: dict[int, BaseException] = {}
-        for group in self._by_vm(actions).values():
+
+        def one(group: list[Action]) -> None:
             try:
                 send(self._conn(group[0], ctx), group)
             except ActionFailures as exc:
                 failures.update(exc.failures)
             except Exception as exc:  # noqa: BLE001 - reported for each action of that VM
                 failures.update({a.index: exc for a in group})
+
+        groups = list(self._by_vm(actions).values())
+        if len(groups) == 1:
+            one(groups[0])
+        else:
+            with ThreadPoolExecutor(max_workers=min(len(groups), 32), thread_name_prefix="blktx-qmp") as pool:
+                list(pool.map(one, groups))
         if failures:
             raise ActionFailures(failures)
 
@@ -335,14 +344,18 @@ def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> list[Hold]:
     """Stop every running VM of the transaction; leave paused ones as they are."""
     if ctx.options.quiesce != "pause":
         return []
-    holds = []
-    for address in sorted({_address(a.params["vm"], ctx.base_dir) for a in actions if a.type.name.startswith("qmp.")}):
-        conn = connection(ctx, address)
-        if conn.cmd("query-status")["running"]:
-            start = time.monotonic()
-            conn.cmd("stop")
-            holds.append(Hold("qmp.pause", f"vm:{address}", {"address": address}, start))
-    return holds
+    addresses = sorted({_address(a.params["vm"], ctx.base_dir) for a in actions if a.type.name.startswith("qmp.")})
+    conns = [connection(ctx, address) for address in addresses]  # connect first: outside every window
+
+    def pause(conn: Qmp) -> Hold | None:
+        if not conn.cmd("query-status")["running"]:
+            return None  # already paused: it stays paused, and is not resumed
+        start = time.monotonic()
+        conn.cmd("stop")
+        return Hold("qmp.pause", f"vm:{conn.address}", {"address": conn.address}, start)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(conns), 32)), thread_name_prefix="blktx-qmp") as pool:
+        return [h for h in pool.map(pause, conns) if h is not None]
 
 
 @hookimpl

@@ -19,3 +19,12 @@ def registry():
     from blktx.plugins import default_registry
 
     return default_registry()
+
+
+from qemu_helpers import btrfs_mount  # noqa: E402, F401 - a fixture for every test module
+
+
+@pytest.fixture(autouse=True)
+def private_journal(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never touch the user's own journal: every test gets a fresh one."""
+    monkeypatch.setenv("BLKTX_JOURNAL", str(tmp_path_factory.mktemp("journal") / "journal.sqlite"))

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qemu_helpers import btrfs_mount, make_image, needs_qemu_img, snapshots, subvolumes, world  # noqa: F401
+from qemu_helpers import make_image, needs_qemu_img, snapshots, subvolumes, world
 
 from blktx import ActionSpec, Executor, Transaction
 from blktx.plugins import default_registry
@@ -67,7 +67,8 @@ def test_mixed_group_failing_in_its_last_action_leaves_everything(btrfs_mount: P
         ("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"}),
         ("btrfs.snapshot", {"source": ".", "dest": "../data.nightly"}),
         ("exec", {"target": "lvm:vg0/root", "do": [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"],
-                  "cancel": [sys.executable, "-c", f"import os; os.path.exists({str(marker)!r}) and os.unlink({str(marker)!r})"]}),
+                  "cancel": [sys.executable, "-c",
+                             f"import os; os.path.exists({str(marker)!r}) and os.unlink({str(marker)!r})"]}),
         ("exec", {"target": "array", "do": [sys.executable, "-c", "import sys; sys.exit('array offline')"],
                   "cancel": [sys.executable, "-c", "pass"]}),
     ]

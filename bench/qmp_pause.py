@@ -1,0 +1,117 @@
+"""Pause windows of live VMs: blktx against a hand-sent stop / transaction / cont.
+
+For 1, 4 and 16 VMs (``qemu-system-x86_64 -machine none``) with 4 qcow2 drives
+each, blktx takes an internal snapshot of every drive with ``quiesce = "pause"``
+(journal and locks on) and reports each VM's pause window (its ``stop`` to its
+``cont``). In the same run, on the same VMs, the baseline sends ``stop``, one raw
+QMP ``transaction`` for the VM's 4 drives, and ``cont`` by hand.
+
+    python bench/qmp_pause.py
+    python bench/qmp_pause.py --vms 1 4 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+DRIVES = 4
+
+
+def start_vms(d: str, n: int) -> list[Any]:
+    from pathlib import Path
+
+    from qemu_helpers import VM
+
+    return [VM(Path(d), f"vm{i}", drives=DRIVES) for i in range(n)]
+
+
+def hand_sent(vm: Any, name: str) -> float:
+    from blktx_plugins.qmp import Qmp
+
+    conn = Qmp(str(vm.ctl))
+    try:
+        t = time.perf_counter()
+        conn.cmd("stop")
+        conn.cmd("transaction", {"actions": [
+            {"type": "blockdev-snapshot-internal-sync", "data": {"device": f"drive{i}", "name": name}}
+            for i in range(DRIVES)]})
+        conn.cmd("cont")
+        return time.perf_counter() - t
+    finally:
+        conn.close()
+
+
+def blktx_group(d: str, vms: list[Any], name: str) -> tuple[float, list[float]]:
+    from blktx import ActionSpec, Executor, Transaction
+    from blktx.journal import SqliteJournal
+
+    journal = SqliteJournal(os.path.join(d, "journal.sqlite"))
+    tx = Transaction([ActionSpec("qmp.internal-create", {"vm": str(vm.sock), "drive": f"drive{i}", "name": name})
+                      for vm in vms for i in range(DRIVES)], options={"quiesce": "pause"}, base_dir=d)
+    t = time.perf_counter()
+    result = Executor(journal=journal, locker=journal).run(tx)
+    total = time.perf_counter() - t
+    assert result.outcome == "committed", result.summary()
+    return total, [h.window for h in result.holds if h.window is not None]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vms", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if shutil.which("qemu-system-x86_64") is None:
+        raise SystemExit("needs qemu-system-x86_64 (Debian qemu-system-x86)")
+    import blktx.plugins
+
+    blktx.plugins.default_registry()
+    rows = []
+    for n in args.vms:
+        d = tempfile.mkdtemp(prefix="blktx-qmp-bench-")
+        vms = start_vms(d, n)
+        try:
+            totals, windows, hands = [], [], []
+            for r in range(args.repeat):
+                total, w = blktx_group(d, vms, f"b{r}")
+                totals.append(total)
+                windows.extend(w)
+                hands.extend(hand_sent(vm, f"h{r}") for vm in vms)
+            row = {"vms": n, "drives_per_vm": DRIVES,
+                   "blktx_total_s": statistics.median(totals),
+                   "blktx_window_median_s": statistics.median(windows),
+                   "blktx_window_max_s": max(windows),
+                   "hand_window_median_s": statistics.median(hands),
+                   "window_ratio": statistics.median(windows) / statistics.median(hands)}
+            rows.append(row)
+            print(f"{n:>2} VMs x {DRIVES} drives: blktx total {row['blktx_total_s'] * 1000:7.1f} ms, pause window "
+                  f"median {row['blktx_window_median_s'] * 1000:6.1f} ms (max {row['blktx_window_max_s'] * 1000:6.1f}); "
+                  f"hand-sent stop/transaction/cont {row['hand_window_median_s'] * 1000:6.1f} ms; "
+                  f"ratio {row['window_ratio']:.2f}x", file=sys.stderr)
+        finally:
+            for vm in vms:
+                vm.quit()
+            subprocess.run(["rm", "-rf", d], check=False)
+    report: dict[str, Any] = {"rows": rows}
+    by = {r["vms"]: r for r in rows}
+    if 1 in by and 16 in by:
+        report["total_16_over_1"] = by[16]["blktx_total_s"] / by[1]["blktx_total_s"]
+        print(f"16-VM total / 1-VM total: {report['total_16_over_1']:.2f}x", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
