@@ -30,6 +30,13 @@ class Options:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class _Slot:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ready = False
+        self.value: Any = None
+
+
 class RunContext:
     """Shared by every callback of one transaction run.
 
@@ -50,9 +57,13 @@ class RunContext:
 
     def resource(self, key: str, factory: Callable[[], T]) -> T:
         with self._lock:
-            if key not in self._resources:
-                self._resources[key] = factory()
-            return self._resources[key]  # type: ignore[no-any-return]
+            slot = self._resources.setdefault(key, _Slot())
+        # Build outside the run-wide lock so that resources of different keys (one
+        # connection per VM) are made at once; the slot's own lock makes one per key.
+        with slot.lock:
+            if not slot.ready:
+                slot.value, slot.ready = factory(), True
+            return slot.value  # type: ignore[no-any-return]
 
     def on_close(self, closer: Callable[[], None]) -> None:
         self._closers.append(closer)

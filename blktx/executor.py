@@ -206,9 +206,14 @@ class Executor:
                     journal.holds(txid, holds, resumed=False)
                 for step in ("do", "invalidate"):
                     t = time.perf_counter()
-                    journal.intent(txid, step, undoable)
+                    # An invalidate that no type implements changes nothing: journaling it
+                    # would only lengthen the quiesce window.
+                    durable = step == "do" or any(_implements(a.type, "invalidate") for a in undoable)
+                    if durable:
+                        journal.intent(txid, step, undoable)
                     self._phase(step, undoable, ctx, touched, options.jobs)
-                    journal.done(txid, step, undoable)
+                    if durable:
+                        journal.done(txid, step, undoable)
                     result.phases[step] = time.perf_counter() - t
                     self._raise_if_interrupted()
                 journal.outcome(txid, TX_COMMITTED, {})
@@ -233,6 +238,7 @@ class Executor:
         if finals or any(a.type.has_finish for a in undoable):
             self._finalize(finals, ctx, result)
         result.outcome = NEEDS_RECOVERY if result.pending else COMMITTED
+        journal.done(txid, "end", actions)
         journal.outcome(txid, TX_DONE if not result.pending else TX_COMMITTED,
                         {"pending": [p.to_json() for p in result.pending]})
 
@@ -415,7 +421,12 @@ class Executor:
             raise _PhaseFailed([Failure("quiesce", str(failure))])
 
     def _resume(self, ctx: RunContext, holds: list[Hold], result: Result) -> None:
-        for hold in reversed(holds):
+        """Resume every hold, newest first; many holds (VMs) are resumed at once."""
+        if len(holds) > 1:
+            with ThreadPoolExecutor(max_workers=min(len(holds), 32), thread_name_prefix="blktx-resume") as pool:
+                list(pool.map(lambda h: self._resume(ctx, [h], result), reversed(holds)))
+            return
+        for hold in holds:
             try:
                 done = self.registry.pm.hook.blktx_resume(ctx=ctx, hold=hold)
                 if not done:
@@ -462,6 +473,12 @@ class Executor:
     def _emit_action(self, ctx: RunContext, step: str, a: Action) -> None:
         if self._observed:
             self._emit("action", ctx.txid, phase=step, action=a.index, state=a.state, target=a.target)
+
+
+def _implements(atype: ActionType, step: str) -> bool:
+    cls = type(atype)
+    return getattr(cls, step) is not getattr(ActionType, step) or (
+        getattr(cls, step + "_many") is not getattr(ActionType, step + "_many"))
 
 
 def _by_type(actions: Sequence[Action]) -> list[tuple[ActionType, list[Action]]]:

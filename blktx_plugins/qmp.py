@@ -93,13 +93,18 @@ def _address(value: str, base_dir: str) -> str:
     return value if value.startswith("tcp:") else os.path.normpath(os.path.join(base_dir, value))
 
 
-def resolve(conn: Qmp, drive: str) -> dict[str, Any]:
-    """The node behind ``drive``: its node name, image file, format and snapshots."""
+def resolve(conn: Qmp, drive: str, tables: tuple[list[Any], list[Any]] | None = None) -> dict[str, Any]:
+    """The node behind ``drive``: its node name, image file, format and snapshots.
+
+    ``tables`` are the VM's ``query-block`` and ``query-named-block-nodes`` replies,
+    when the caller already has them.
+    """
+    blocks, nodes = tables or (conn.cmd("query-block"), conn.cmd("query-named-block-nodes", {"flat": True}))
     node = drive
-    for dev in conn.cmd("query-block"):
+    for dev in blocks:
         if drive in (dev.get("device"), dev.get("qdev")) and dev.get("inserted"):
             node = dev["inserted"]["node-name"]
-    for info in conn.cmd("query-named-block-nodes", {"flat": True}):
+    for info in nodes:
         if info["node-name"] == node:
             return {"node": node, "file": info["file"], "format": info["drv"],
                     "size": info["image"]["virtual-size"],
@@ -123,14 +128,35 @@ class _QmpType(ActionType):
     def _conn(self, action: Action, ctx: RunContext) -> Qmp:
         return connection(ctx, _address(action.params["vm"], ctx.base_dir))
 
-    def check(self, action: Action, ctx: RunContext) -> None:
-        try:
-            info = resolve(self._conn(action, ctx), action.params["drive"])
-        except VmGone as exc:
-            raise Refused(str(exc), hint="is the VM running, and is its -qmp socket at that path?") from None
-        action.undo.update({"node": info["node"], "file": info["file"], "format": info["format"],
-                            "size": info["size"], "before": [i for i, _ in info["snapshots"]]})
-        self._check(action, info)
+    def check_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
+        """Query each VM once (all VMs at once), then check every action against that."""
+        failures: dict[int, BaseException] = {}
+
+        def one(group: list[Action]) -> None:
+            try:
+                conn = self._conn(group[0], ctx)
+                tables = (conn.cmd("query-block"), conn.cmd("query-named-block-nodes", {"flat": True}))
+            except VmGone as exc:
+                refusal = Refused(str(exc), hint="is the VM running, and is its -qmp socket at that path?")
+                failures.update({a.index: refusal for a in group})
+                return
+            except Exception as exc:  # noqa: BLE001 - refuses every action on that VM
+                failures.update({a.index: exc for a in group})
+                return
+            for a in group:
+                try:
+                    info = resolve(conn, a.params["drive"], tables)
+                    a.undo.update({"node": info["node"], "file": info["file"], "format": info["format"],
+                                   "size": info["size"], "before": [i for i, _ in info["snapshots"]]})
+                    self._check(a, info)
+                except Exception as exc:  # noqa: BLE001 - a refusal of this action
+                    failures[a.index] = exc
+
+        groups = list(self._by_vm(actions).values())
+        with ThreadPoolExecutor(max_workers=max(1, min(len(groups), 32)), thread_name_prefix="blktx-qmp") as pool:
+            list(pool.map(one, groups))
+        if failures:
+            raise ActionFailures(failures)
 
     def _check(self, action: Action, info: dict[str, Any]) -> None:
         return None
