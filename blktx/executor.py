@@ -323,6 +323,15 @@ class Executor:
                 self._emit_action(ctx, step, a)
         return failures
 
+    def step(self, step: str, actions: list[Action], ctx: RunContext) -> list[Failure]:
+        """Run one lifecycle step on ``actions`` (for test kits and tools): the same
+        legality check, callbacks and machine transitions as a run, without phases,
+        journal or rollback. Returns the failures; an illegal step raises RuntimeError."""
+        failures: list[Failure] = []
+        for unit in _units(actions, reverse=step == "cancel"):
+            failures += self._step(step, unit, ctx, set())
+        return failures
+
     def _fail(self, a: Action, step: str, exc: BaseException) -> Failure:
         message = str(exc) or type(exc).__name__
         a.error, a.failed_phase = message, step

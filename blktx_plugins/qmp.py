@@ -66,7 +66,7 @@ class Qmp:
             try:
                 return self._run(self._client.execute(name, args), timeout)
             except ExecuteError as exc:
-                raise ActionFailed(f"VM {self.address}: {name}: {exc.error.desc}") from None
+                raise ActionFailed(f"VM {self.address}: {name}: {exc}") from None
             except Exception as exc:  # noqa: BLE001 - EOF, a reset or a timeout: the VM is gone or hung
                 raise VmGone(f"VM {self.address} stopped answering during {name}: "
                              f"{exc or type(exc).__name__}") from None
@@ -77,6 +77,13 @@ class Qmp:
                 self._run(self._client.disconnect(), 5)
             except Exception:  # noqa: BLE001 - closing a dead connection
                 pass
+            # A VM that went away leaves the client's disconnect task behind: finish it
+            # before the loop closes, or asyncio complains at exit.
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.close()
 
 

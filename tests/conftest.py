@@ -21,9 +21,6 @@ def registry():
     return default_registry()
 
 
-from qemu_helpers import btrfs_mount  # noqa: E402, F401 - a fixture for every test module
-
-
 @pytest.fixture(autouse=True)
 def private_journal(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never touch the user's own journal: every test gets a fresh one."""

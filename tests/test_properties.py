@@ -20,10 +20,8 @@ from hypothesis import strategies as st
 from blktx import ActionSpec, Event, Executor, Transaction, hookimpl
 from blktx.plugins import load
 from blktx.result import COMMITTED, INVALID, NEEDS_RECOVERY, ROLLED_BACK
+from blktx.testing.strategies import sim_transactions, sim_worlds
 from blktx_plugins.sim import make_world, read_world
-
-DEVICES = ["d0", "d1", "d2", "d3", "d4", "d5"]
-NAMES = ["a", "b", "c"]
 
 
 class Observer:
@@ -38,51 +36,6 @@ class Observer:
 
 OBSERVER = Observer()
 REGISTRY = load(extra=[("test-observer", OBSERVER)])
-
-
-@st.composite
-def worlds(draw: Any) -> dict[str, Any]:
-    devices = {}
-    for d in DEVICES:
-        names = draw(st.lists(st.sampled_from(NAMES), max_size=3))
-        devices[d] = {"snapshots": {str(i + 1): n for i, n in enumerate(names)},
-                      "layers": [f"{d}.base"], "active": f"{d}.base"}
-    return devices
-
-
-FAIL = st.sampled_from(["", "", "", "", "", "", "do", "invalidate"])
-CANCEL_FAILS = st.sampled_from([False, False, False, True])
-
-
-@st.composite
-def transactions(draw: Any, world: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """Mostly valid transactions: an overlay owns its device, so conflicts stay rare."""
-    actions: list[tuple[str, dict[str, Any]]] = []
-    overlaid: set[str] = set()
-    used: set[str] = set()
-    for n in range(draw(st.integers(1, 8))):
-        kind = draw(st.sampled_from(["snapshot", "snapshot", "overlay", "delete", "fault"]))
-        device = draw(st.sampled_from(DEVICES))
-        if device in overlaid or (kind == "overlay" and device in used):
-            continue
-        used.add(device)
-        if kind == "snapshot":
-            actions.append(("sim.snapshot", {"device": device, "name": draw(st.sampled_from(NAMES)),
-                                             "fail": draw(FAIL), "fail_cancel": draw(CANCEL_FAILS)}))
-        elif kind == "overlay":
-            overlaid.add(device)
-            actions.append(("sim.overlay", {"device": device, "layer": f"{device}.o{n}",
-                                            "fail": draw(FAIL), "fail_cancel": draw(CANCEL_FAILS)}))
-        elif kind == "delete":
-            existing = sorted(set(world[device]["snapshots"].values()))
-            if existing:
-                actions.append(("sim.delete", {
-                    "device": device, "name": draw(st.sampled_from(existing)),
-                    "fail": draw(st.sampled_from(["", "", "", "finalize"])),
-                    "fail_times": draw(st.sampled_from([-1, 1]))}))
-        else:
-            actions.append(("fault", {"phase": draw(st.sampled_from(["do", "invalidate", "invalidate", "check"]))}))
-    return actions
 
 
 def normal(world: dict[str, Any]) -> dict[str, Any]:
@@ -171,8 +124,8 @@ def run_case(world: dict[str, Any], actions: list[tuple[str, dict[str, Any]]], j
 
 @st.composite
 def cases(draw: Any) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
-    devices = draw(worlds())
-    return {"devices": devices}, draw(transactions(devices))
+    devices = draw(sim_worlds())
+    return {"devices": devices}, draw(sim_transactions(devices))
 
 
 @given(cases())

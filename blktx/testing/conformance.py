@@ -1,0 +1,225 @@
+"""The all-or-none contract as a test suite any action type can be run through.
+
+Subclass :class:`ActionTypeConformance` in a test module, name the type, and say
+how to make a world for one action and how to observe it::
+
+    from blktx.testing import ActionTypeConformance
+
+    class TestFileCopy(ActionTypeConformance):
+        type_name = "file.copy"
+
+        def setup_world(self, base):             # make what one action needs
+            (base / "data").write_text("x")
+            return {"path": "data"}               # that action's parameters
+
+        def observe(self, base):                  # everything the action could change
+            return sorted((p.name, p.read_bytes()) for p in base.iterdir())
+
+Every test says which property broke in its failure message.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from blktx.actiontype import Action
+from blktx.context import RunContext
+from blktx.executor import Executor
+from blktx.plugins import Registry, default_registry
+from blktx.spec import ActionSpec, Transaction, bind
+
+
+class ConformanceError(AssertionError):
+    """An action type broke a property of the contract."""
+
+
+def _require(ok: bool, prop: str, detail: str) -> None:
+    if not ok:
+        raise ConformanceError(f"conformance: {prop}: {detail}")
+
+
+class ActionTypeConformance:
+    """The contract of ``blktx.ActionType``, as pytest tests (see the module docstring).
+
+    Class attributes: ``type_name`` (required); ``allow_exec`` for types that run
+    commands; ``changes_world`` False for types whose committed action leaves no
+    trace (a no-op or a drill).
+    """
+
+    type_name: ClassVar[str] = ""
+    allow_exec: ClassVar[bool] = False
+    changes_world: ClassVar[bool] = True
+
+    # -- what a subclass provides ------------------------------------------------------
+
+    def setup_world(self, base: Path) -> dict[str, Any]:
+        """Make the world one action needs under ``base``; return its parameters."""
+        raise NotImplementedError
+
+    def observe(self, base: Path) -> Any:
+        """Everything the action could change under ``base``, comparable with ==."""
+        raise NotImplementedError
+
+    def registry(self) -> Registry:
+        return default_registry()
+
+    def roots(self, base: Path) -> list[str]:
+        """Where the action's paths may lie (default: under ``base``)."""
+        return [str(base)]
+
+    # -- helpers -----------------------------------------------------------------------
+
+    @pytest.fixture(autouse=True)
+    def _close_contexts(self) -> Iterator[None]:
+        """Close every run context a test opened (connections, daemons), however it ends."""
+        self._contexts: list[RunContext] = []
+        yield
+        for ctx in self._contexts:
+            ctx.close()
+
+    def _bind(self, base: Path, params: dict[str, Any]) -> tuple[Executor, Action, RunContext]:
+        registry = self.registry()
+        executor = Executor(registry)
+        actions, options = bind(Transaction([ActionSpec(self.type_name, params)], base_dir=str(base)), registry,
+                                allow_exec=self.allow_exec, roots=self.roots(base))
+        ctx = RunContext("conformance", options, str(base), registry.pm.hook)
+        self._contexts.append(ctx)
+        return executor, actions[0], ctx
+
+    def _checked(self, base: Path) -> tuple[Executor, Action, RunContext, Any]:
+        params = self.setup_world(base)
+        executor, action, ctx = self._bind(base, params)
+        before = self.observe(base)
+        problems = executor.check_actions([action], ctx, None)
+        _require(not problems, "check refused a valid action", "; ".join(str(p) for p in problems))
+        return executor, action, ctx, before
+
+    def _step(self, executor: Executor, action: Action, ctx: RunContext, step: str, prop: str) -> None:
+        failures = executor.step(step, [action], ctx)
+        _require(not failures, prop, f"{step} failed: {failures[0].message}" if failures else "")
+
+    def _run(self, base: Path, params: dict[str, Any], fault: str | None) -> Any:
+        specs = [ActionSpec(self.type_name, params)]
+        if fault:
+            specs.append(ActionSpec("fault", {"phase": fault}))
+        return Executor(self.registry()).run(Transaction(specs, base_dir=str(base)), allow_exec=self.allow_exec,
+                                             roots=self.roots(base))
+
+    # -- the properties ----------------------------------------------------------------
+
+    def test_check_has_no_side_effects(self, tmp_path: Path) -> None:
+        executor, action, ctx, before = self._checked(tmp_path)
+        executor.check_actions([action], ctx, None)
+        ctx.close()
+        _require(self.observe(tmp_path) == before, "check has no side effects",
+                 "the world changed during check")
+
+    def test_do_then_cancel_restores_the_world(self, tmp_path: Path) -> None:
+        executor, action, ctx, before = self._checked(tmp_path)
+        if action.type.finalize:
+            return  # a finalize action is never cancelled after its do
+        self._step(executor, action, ctx, "do", "do succeeds after check")
+        self._step(executor, action, ctx, "cancel", "cancel after do succeeds")
+        ctx.close()
+        _require(self.observe(tmp_path) == before, "cancel after do restores the world",
+                 "something do made is still there after cancel")
+
+    def test_invalidate_then_cancel_restores_the_world(self, tmp_path: Path) -> None:
+        executor, action, ctx, before = self._checked(tmp_path)
+        if action.type.finalize:
+            return
+        for step in ("do", "invalidate", "cancel"):
+            self._step(executor, action, ctx, step, f"{step} succeeds")
+        ctx.close()
+        _require(self.observe(tmp_path) == before, "cancel after invalidate restores the world",
+                 "the world differs from before the action")
+
+    def test_cancel_is_idempotent(self, tmp_path: Path) -> None:
+        executor, action, ctx, before = self._checked(tmp_path)
+        if action.type.finalize:
+            return
+        self._step(executor, action, ctx, "do", "do succeeds")
+        self._step(executor, action, ctx, "cancel", "cancel succeeds")
+        once = self.observe(tmp_path)
+        self._step(executor, action, ctx, "cancel", "cancel is idempotent (a second cancel succeeds)")
+        ctx.close()
+        _require(self.observe(tmp_path) == once == before, "cancel is idempotent",
+                 "a second cancel changed the world")
+
+    def test_cancel_after_a_crash_works_from_the_journal(self, tmp_path: Path) -> None:
+        """What ``blktx recover`` does: a new action from the JSON of params and undo."""
+        executor, action, ctx, before = self._checked(tmp_path)
+        if action.type.finalize:
+            return
+        self._step(executor, action, ctx, "do", "do succeeds")
+        ctx.close()
+        params, undo = json.loads(json.dumps(action.params)), json.loads(json.dumps(action.undo))
+        reborn = Action(action.index, action.type, params, action.target)
+        reborn.undo = undo
+        reborn.state = "START"  # the crash came before the journal recorded the do
+        ctx2 = RunContext("conformance-recover", ctx.options, str(tmp_path), ctx.hook)
+        self._contexts.append(ctx2)
+        for attempt in (1, 2):
+            self._step(executor, reborn, ctx2, "cancel", f"cancel from the journal succeeds (attempt {attempt})")
+        ctx2.close()
+        _require(self.observe(tmp_path) == before, "cancel works from params and undo alone",
+                 "a cancel rebuilt from the journal left something behind")
+
+    def test_cancel_without_do_changes_nothing(self, tmp_path: Path) -> None:
+        executor, action, ctx, before = self._checked(tmp_path)
+        self._step(executor, action, ctx, "cancel", "cancel from START succeeds")
+        ctx.close()
+        _require(self.observe(tmp_path) == before, "cancel from START changes nothing",
+                 "cancel removed or changed something the action never made")
+
+    def test_rolled_back_transaction_leaves_the_world(self, tmp_path: Path) -> None:
+        for phase in ("do", "invalidate"):
+            base = Path(tempfile.mkdtemp(dir=tmp_path))
+            params = self.setup_world(base)
+            before = self.observe(base)
+            result = self._run(base, params, fault=phase)
+            _require(result.outcome == "rolled back", "a failure later in the transaction rolls back",
+                     f"fault in {phase}: {result.summary()}")
+            _require(self.observe(base) == before, "all or none",
+                     f"a rollback (fault in {phase}) left the world changed")
+
+    def test_finalize_runs_only_after_the_commit_point(self, tmp_path: Path) -> None:
+        base = Path(tempfile.mkdtemp(dir=tmp_path))
+        params = self.setup_world(base)
+        before = self.observe(base)
+        result = self._run(base, params, fault=None)
+        _require(result.outcome == "committed", "a valid action commits", result.summary())
+        if self.changes_world:
+            _require(self.observe(base) != before, "a committed action takes effect", "the world did not change")
+        if result.actions[0].type.finalize:
+            _require("finalize" in result.phases, "a finalize action runs after the commit point",
+                     "no finalize phase ran")
+
+    def test_machine_matches_behaviour(self, tmp_path: Path) -> None:
+        executor, action, ctx, _ = self._checked(tmp_path)
+        lifecycle = action.type.lifecycle
+        for step in ("invalidate",):
+            _require(not lifecycle.allowed(step, action.state), "the machine refuses invalidate from START",
+                     "the declared lifecycle allows it")
+            try:
+                executor.step(step, [action], ctx)
+            except RuntimeError:
+                pass
+            else:
+                raise ConformanceError("conformance: the executor refuses a step the machine forbids: it ran")
+        _require(action.state == "START", "a refused step changes no state", action.state)
+        if action.type.finalize:
+            ctx.close()
+            return
+        expected = {"do": "CREATED", "invalidate": "INVALIDATED", "cancel": "CANCELED"}
+        for step, state in expected.items():
+            self._step(executor, action, ctx, step, f"{step} succeeds")
+            _require(action.state == state, "the declared machine matches behaviour",
+                     f"after {step} the action is {action.state}, not {state}")
+        ctx.close()

@@ -1,0 +1,215 @@
+"""Every built-in action type passes blktx.testing's conformance suite (on real components)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu_helpers import VM, make_image, needs_qemu_img, needs_qemu_system, run, subvolumes, world
+
+from blktx.testing import ActionTypeConformance
+from blktx_plugins.sim import make_world, read_world
+
+
+class SimBase(ActionTypeConformance):
+    def setup_world(self, base: Path) -> dict[str, Any]:
+        make_world(str(base / "sim-world.json"), {"a": {"snapshots": {"1": "old"}, "layers": ["a0"], "active": "a0"}})
+        return self.params()
+
+    def params(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def observe(self, base: Path) -> Any:
+        return read_world(str(base / "sim-world.json"))
+
+
+class TestSimSnapshot(SimBase):
+    type_name = "sim.snapshot"
+
+    def params(self) -> dict[str, Any]:
+        return {"device": "a", "name": "n"}
+
+
+class TestSimOverlay(SimBase):
+    type_name = "sim.overlay"
+
+    def params(self) -> dict[str, Any]:
+        return {"device": "a", "layer": "a1"}
+
+
+class TestSimDelete(SimBase):
+    type_name = "sim.delete"
+
+    def params(self) -> dict[str, Any]:
+        return {"device": "a", "name": "old"}
+
+
+class TestSimNoop(ActionTypeConformance):
+    type_name = "sim.noop"
+    changes_world = False
+
+    def setup_world(self, base: Path) -> dict[str, Any]:
+        return {"key": "k"}
+
+    def observe(self, base: Path) -> Any:
+        return sorted(os.listdir(base))
+
+
+class Qcow2Base(ActionTypeConformance):
+    def observe(self, base: Path) -> Any:
+        return world(base)
+
+
+@needs_qemu_img
+class TestQcow2InternalCreate(Qcow2Base):
+    type_name = "qcow2.internal-create"
+
+    def setup_world(self, base: Path) -> dict[str, Any]:
+        make_image(base / "d.qcow2", pattern=0x41, snapshots=("old",))
+        return {"image": "d.qcow2", "name": "new"}
+
+
+@needs_qemu_img
+class TestQcow2InternalCreateReplace(Qcow2Base):
+    type_name = "qcow2.internal-create"
+
+    def setup_world(self, base: Path) -> dict[str, Any]:
+        make_image(base / "d.qcow2", pattern=0x41, snapshots=("nightly",))
+        return {"image": "d.qcow2", "name": "nightly", "replace": True}
+
+
+@needs_qemu_img
+class TestQcow2InternalDelete(Qcow2Base):
+    type_name = "qcow2.internal-delete"
+
+    def setup_world(self, base: Path) -> dict[str, Any]:
+        make_image(base / "d.qcow2", snapshots=("old", "keep"))
+        return {"image": "d.qcow2", "name": "old"}
+
+
+@needs_qemu_img
+class TestQcow2ExternalCreate(Qcow2Base):
+    type_name = "qcow2.external-create"
+
+    def setup_world(self, base: Path) -> dict[str, Any]:
+        make_image(base / "vm.base.qcow2", pattern=0x42)
+        os.symlink("vm.base.qcow2", base / "vm")
+        return {"device": "vm", "overlay": "vm.new.qcow2"}
+
+
+class TestExec(ActionTypeConformance):
+    type_name = "exec"
+    allow_exec = True
+
+    def setup_world(self, base: Path) -> dict[str, Any]:
+        made = str(base / "lv")
+        return {"target": "lvm:vg0/lv", "do": [sys.executable, "-c", f"open({made!r}, 'w').close()"],
+                "cancel": [sys.executable, "-c", f"import os; os.path.exists({made!r}) and os.unlink({made!r})"]}
+
+    def observe(self, base: Path) -> Any:
+        return sorted(os.listdir(base))
+
+
+@pytest.fixture(scope="module")
+def shared_btrfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/mkfs.btrfs") and not os.path.exists("/sbin/mkfs.btrfs"):
+        pytest.skip("needs root and mkfs.btrfs (Debian btrfs-progs)")
+    d = tmp_path_factory.mktemp("btrfs")
+    with open(d / "img", "wb") as fh:
+        fh.truncate(256 << 20)
+    run("mkfs.btrfs", "-q", str(d / "img"))
+    (d / "mnt").mkdir()
+    run("mount", "-o", "loop", str(d / "img"), str(d / "mnt"))
+    yield d / "mnt"
+    subprocess.run(["umount", str(d / "mnt")], check=False)
+
+
+class BtrfsBase(ActionTypeConformance):
+    mnt: Path
+
+    @pytest.fixture(autouse=True)
+    def _mounted(self, shared_btrfs: Path) -> None:
+        self.mnt = shared_btrfs
+
+    def roots(self, base: Path) -> list[str]:
+        return [str(self.mnt)]
+
+    def observe(self, base: Path) -> Any:
+        return subvolumes(self.mnt)
+
+
+class TestBtrfsSnapshot(BtrfsBase):
+    type_name = "btrfs.snapshot"
+
+    def setup_world(self, base: Path) -> dict[str, Any]:
+        src = self.mnt / f"src-{uuid.uuid4().hex[:8]}"
+        run("btrfs", "subvolume", "create", str(src))
+        return {"source": str(src), "dest": f"{src}.snap"}
+
+
+class TestBtrfsDelete(BtrfsBase):
+    type_name = "btrfs.delete"
+
+    def setup_world(self, base: Path) -> dict[str, Any]:
+        sub = self.mnt / f"old-{uuid.uuid4().hex[:8]}"
+        run("btrfs", "subvolume", "create", str(sub))
+        return {"path": str(sub)}
+
+
+class QmpBase(ActionTypeConformance):
+    vm: VM | None = None
+
+    @pytest.fixture(autouse=True)
+    def _vm(self, tmp_path: Path) -> Iterator[None]:
+        self.vm = None
+        self.dir = tmp_path
+        yield
+        if self.vm is not None:
+            self.vm.quit()
+
+    def started(self, snapshots: tuple[str, ...] = ()) -> VM:
+        if self.vm is None:
+            self.vm = VM(self.dir, "vm", drives=1)
+            for name in snapshots:
+                self.vm.qmp("blockdev-snapshot-internal-sync", {"device": "drive0", "name": name})
+        return self.vm
+
+    def roots(self, base: Path) -> list[str]:
+        return [str(self.dir)]
+
+    def observe(self, base: Path) -> Any:
+        vm = self.started()
+        return vm.snapshots(0), vm.active_file(0), sorted(p.name for p in self.dir.glob("*.qcow2"))
+
+
+@needs_qemu_system
+@needs_qemu_img
+class TestQmpInternalCreate(QmpBase):
+    type_name = "qmp.internal-create"
+
+    def setup_world(self, base: Path) -> dict[str, Any]:
+        return {"vm": str(self.started().sock), "drive": "drive0", "name": "nightly"}
+
+
+@needs_qemu_system
+@needs_qemu_img
+class TestQmpInternalDelete(QmpBase):
+    type_name = "qmp.internal-delete"
+
+    def setup_world(self, base: Path) -> dict[str, Any]:
+        return {"vm": str(self.started(("old",)).sock), "drive": "drive0", "name": "old"}
+
+
+@needs_qemu_system
+@needs_qemu_img
+class TestQmpExternalCreate(QmpBase):
+    type_name = "qmp.external-create"
+
+    def setup_world(self, base: Path) -> dict[str, Any]:
+        return {"vm": str(self.started().sock), "drive": "drive0", "overlay": str(self.dir / "ov.qcow2")}

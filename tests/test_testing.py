@@ -1,0 +1,126 @@
+"""blktx.testing catches broken action types and passes a correct one (run with pytester)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+TYPES = '''
+import os
+from blktx import ActionType, Param, Refused, hookimpl
+from blktx.plugins import load
+from blktx.testing import ActionTypeConformance
+
+
+class Good(ActionType):
+    name = "file.good"
+    params = (Param("path", "path", required=True),)
+
+    def target(self, action):
+        return action.params["path"]
+
+    def check(self, action, ctx):
+        action.undo["copy"] = action.params["path"] + ".snap"
+        if os.path.exists(action.undo["copy"]):
+            raise Refused("exists")
+
+    def do(self, action, ctx):
+        with open(action.undo["copy"], "x") as fh:
+            fh.write(open(action.params["path"]).read())
+
+    def cancel(self, action, ctx):
+        if os.path.exists(action.undo["copy"]):
+            os.unlink(action.undo["copy"])
+
+
+class LeaksOnCancel(Good):
+    name = "file.leaks"
+
+    def cancel(self, action, ctx):
+        pass
+
+
+class CheckWrites(Good):
+    name = "file.checkwrites"
+
+    def check(self, action, ctx):
+        super().check(action, ctx)
+        open(action.params["path"] + ".checked", "w").close()
+
+
+class NotIdempotent(Good):
+    name = "file.notidempotent"
+
+    def cancel(self, action, ctx):
+        if action.state != "START":
+            os.unlink(action.undo["copy"])
+        else:
+            os.unlink(action.undo["copy"])  # fails when there is nothing to remove
+
+
+class Plugin:
+    @hookimpl
+    def blktx_register_action_types(self, register):
+        for cls in (Good, LeaksOnCancel, CheckWrites, NotIdempotent):
+            register(cls)
+
+
+REGISTRY = load(extra=[("files", Plugin())])
+
+
+class Base(ActionTypeConformance):
+    def registry(self):
+        return REGISTRY
+
+    def setup_world(self, base):
+        (base / "data").write_text("precious")
+        return {"path": "data"}
+
+    def observe(self, base):
+        return sorted((p.name, p.read_bytes()) for p in base.iterdir() if p.is_file())
+'''
+
+
+def run_suite(pytester: pytest.Pytester, type_name: str) -> pytest.RunResult:
+    pytester.makepyfile(test_suite=TYPES + f'''
+
+class TestIt(Base):
+    type_name = {type_name!r}
+''')
+    return pytester.runpytest("-q", "-p", "no:cacheprovider")
+
+
+def test_a_correct_type_passes(pytester: pytest.Pytester) -> None:
+    result = run_suite(pytester, "file.good")
+    result.assert_outcomes(passed=9)
+
+
+def test_cancel_that_leaves_a_file_behind_fails_with_the_property(pytester: pytest.Pytester) -> None:
+    result = run_suite(pytester, "file.leaks")
+    outcomes = result.parseoutcomes()
+    assert outcomes["failed"] >= 4
+    result.stdout.fnmatch_lines(["*conformance: cancel after do restores the world*",
+                                 "*conformance: all or none: a rollback (fault in do) left the world changed*"])
+
+
+def test_check_with_side_effects_fails_with_the_property(pytester: pytest.Pytester) -> None:
+    result = run_suite(pytester, "file.checkwrites")
+    result.stdout.fnmatch_lines(["*conformance: check has no side effects: the world changed during check*"])
+
+
+def test_cancel_that_is_not_idempotent_fails_with_the_property(pytester: pytest.Pytester) -> None:
+    result = run_suite(pytester, "file.notidempotent")
+    result.stdout.fnmatch_lines(["*conformance: cancel is idempotent (a second cancel succeeds)*"])
+    result.stdout.fnmatch_lines(["*conformance: cancel from START succeeds*"])
+
+
+def test_fixtures_for_real_components_are_loaded_by_the_pytest11_entry_point(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_fx='''
+def test_image(qcow2_image, blktx_registry):
+    from blktx.testing.fixtures import snapshots
+    img = qcow2_image("a.qcow2", snapshots=("one",))
+    assert [n for _, n in snapshots(img)] == ["one"]
+    assert "qcow2.internal-create" in blktx_registry.types
+''')
+    pytester.runpytest("-q", "-p", "no:cacheprovider").assert_outcomes(passed=1)
