@@ -113,6 +113,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from blktx.schema import schema
+
+    text = json.dumps(schema(_registry(args)), indent=2) + "\n"
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _roots(args: argparse.Namespace) -> list[str] | None:
     roots: list[str] = [os.path.abspath(r) for r in args.root or []]
     if roots:
@@ -225,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("recover", "roll back or forward every transaction a dead run left unfinished", cmd_recover),
         ("log", "list recent transactions from the journal", cmd_log),
         ("show", "show one transaction from the journal: every action, state, timing, error", cmd_show),
+        ("schema", "print a JSON Schema of the spec format with every installed type's parameters", cmd_schema),
     ]
     subs: dict[str, argparse.ArgumentParser] = {}
     for name, help_text, func in commands:
@@ -243,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="keep no journal: no crash recovery and no locks across processes")
     subs["run"].add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                              help="wait up to SECONDS for targets locked by another run (default: refuse at once)")
+    subs["schema"].add_argument("--output", "-o", metavar="FILE", help="write it to FILE instead of stdout")
     subs["recover"].add_argument("txid", nargs="?", help="only this transaction (a prefix is enough)")
     subs["log"].add_argument("--limit", type=int, default=20, help="how many transactions (default 20)")
     subs["show"].add_argument("txid", help="the transaction id (a unique prefix is enough); see `blktx log`")

@@ -57,6 +57,8 @@ class Param:
             if not isinstance(value, bool):
                 raise ParamError(f"expected true or false, got {_show(value)}")
         elif kind == "int":
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)  # JSON Schema's integers include 2.0; so do ours
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ParamError(f"expected an integer, got {_show(value)}")
         elif kind == "float":

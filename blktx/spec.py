@@ -109,7 +109,13 @@ def parse_spec(text: str, file: str | None = None, base_dir: str | None = None) 
         raise InvalidTransaction([Problem(
             f"not valid TOML: {msg}", file=file, line=getattr(exc, "lineno", None),
             column=getattr(exc, "colno", None), hint="see specs/README.md for the format")]) from None
-    positions = _positions(text)
+    return from_document(doc, file=file, base_dir=base_dir, positions=_positions(text))
+
+
+def from_document(doc: dict[str, Any], file: str | None = None, base_dir: str | None = None,
+                  positions: dict[tuple[Any, ...], tuple[int, int]] | None = None) -> Transaction:
+    """A transaction from an already parsed document (TOML, JSON, or built in Python)."""
+    positions = positions or {}
     if base_dir is None:
         base_dir = os.path.dirname(os.path.abspath(file)) if file else os.getcwd()
     tx = Transaction(actions=[], file=file, base_dir=base_dir)
@@ -159,9 +165,11 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
     if raw is not None:
         if "version" not in raw:
             problem("the spec has no version", hint=f"add 'version = {VERSION}' at the top")
-        elif raw["version"] != VERSION:
+        elif isinstance(raw["version"], bool) or raw["version"] != VERSION:
             problem(f"unsupported spec version {raw['version']!r}", "version", key="version",
                     hint=f"this blktx reads version {VERSION}")
+        if not isinstance(raw.get("description", ""), str):
+            problem("'description' must be a string", "description", key="description")
         for key in raw:
             if key not in TOP_KEYS:
                 problem(f"unknown top-level key {key!r}", key, key=key,
@@ -184,6 +192,8 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
             problem(f"unknown option {key!r}", "options", key, key=key,
                     hint=did_you_mean(key, list(OPTION_KEYS)) or f"known options: {', '.join(OPTION_KEYS)}")
             continue
+        if kind == "int" and isinstance(value, float) and value.is_integer():
+            value = int(value)  # JSON Schema's integers include 2.0; so do ours
         ok = (isinstance(value, int) and not isinstance(value, bool)) if kind == "int" else (
             isinstance(value, (int, float)) and not isinstance(value, bool)) if kind == "float" else isinstance(value, str)
         if not ok:

@@ -1,0 +1,76 @@
+"""``blktx schema``: a JSON Schema of the spec format with every installed type's
+parameters, for editors (Even Better TOML's ``#:schema`` directive) and CI checks.
+It accepts exactly what ``blktx check`` accepts before running checks, except for
+what a schema cannot see (paths outside the allowed roots)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blktx.params import Param
+from blktx.plugins import Registry
+from blktx.spec import QUIESCE_MODES, VERSION
+
+_KIND: dict[str, dict[str, Any]] = {
+    "str": {"type": "string"},
+    "path": {"type": "string", "minLength": 1},
+    "int": {"type": "integer"},
+    "float": {"type": "number"},
+    "bool": {"type": "boolean"},
+    "list[str]": {"type": "array", "items": {"type": "string"}},
+    "table[str]": {"type": "object", "additionalProperties": {"type": "string"}},
+}
+
+
+def _param(p: Param) -> dict[str, Any]:
+    out = dict(_KIND[p.kind])
+    if p.choices is not None:
+        out["enum"] = list(p.choices)
+    if p.doc:
+        out["description"] = p.doc
+    if not p.required and p.default is not None:
+        out["default"] = p.default
+    return out
+
+
+def schema(registry: Registry) -> dict[str, Any]:
+    variants = []
+    for name, entry in sorted(registry.types.items()):
+        cls = entry.cls
+        props: dict[str, Any] = {"type": {"const": name}}
+        props.update({p.name: _param(p) for p in cls.params})
+        variants.append({
+            "title": name,
+            "description": f"{cls.summary()} (plugin {entry.plugin})",
+            "type": "object",
+            "properties": props,
+            "required": ["type", *[p.name for p in cls.params if p.required]],
+            "additionalProperties": False,
+        })
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "blktx transaction spec, version 1",
+        "type": "object",
+        "required": ["version", "action"],
+        "additionalProperties": False,
+        "properties": {
+            "version": {"const": VERSION, "description": "the spec format's version"},
+            "description": {"type": "string"},
+            "options": {
+                "type": "object",
+                "properties": {
+                    "jobs": {"type": "integer", "minimum": 1, "description": "steps run at once"},
+                    "quiesce": {"enum": list(QUIESCE_MODES)},
+                    "finalize_retries": {"type": "integer"},
+                    "retry_delay": {"type": "number"},
+                    "cancel_retries": {"type": "integer"},
+                },
+                "additionalProperties": {"type": "object", "description": "settings of one plugin"},
+            },
+            "action": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"type": "object", "required": ["type"], "oneOf": variants},
+            },
+        },
+    }

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from blktx import ActionSpec, Executor, Transaction
+from blktx.testing import ActionTypeConformance
+
+
+class TestFileSnapshotConformance(ActionTypeConformance):
+    """The whole blktx contract, from blktx.testing."""
+
+    type_name = "file.snapshot"
+
+    def setup_world(self, base: Path) -> dict[str, Any]:
+        (base / "disk.raw").write_bytes(b"\x5a" * 65536)
+        return {"path": "disk.raw"}
+
+    def observe(self, base: Path) -> Any:
+        return sorted((p.name, p.read_bytes()) for p in base.iterdir() if p.is_file())
+
+
+def test_group_with_a_qcow2_image(tmp_path: Path, qcow2_image: Any) -> None:
+    from blktx.testing.fixtures import snapshots
+
+    image = qcow2_image("vm.qcow2")
+    (tmp_path / "vm.conf").write_text("memory = 1G\n")
+    tx = Transaction([ActionSpec("qcow2.internal-create", {"image": image.name, "name": "nightly"}),
+                      ActionSpec("file.snapshot", {"path": "vm.conf", "dest": "vm.conf.nightly"})],
+                     base_dir=str(tmp_path))
+    result = Executor().run(tx)
+    assert result.outcome == "committed", result.summary()
+    assert (tmp_path / "vm.conf.nightly").read_text() == "memory = 1G\n"
+    assert [n for _, n in snapshots(image)] == ["nightly"]
+    assert result.actions[1].undo["how"] in ("reflink", "copy")
+
+
+def test_existing_dest_is_refused_and_kept(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("new")
+    (tmp_path / "a.snap").write_text("old")
+    result = Executor().run(Transaction([ActionSpec("file.snapshot", {"path": "a"})], base_dir=str(tmp_path)))
+    assert result.outcome == "invalid" and "already exists" in result.problems[0].message
+    assert (tmp_path / "a.snap").read_text() == "old"
