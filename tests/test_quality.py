@@ -19,7 +19,7 @@ def test_mypy_strict_on_blktx() -> None:
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install -e '.[test]')")
 def test_ruff_clean() -> None:
-    out = subprocess.run(["ruff", "check", "blktx", "blktx_plugins", "tests", "bench"], cwd=ROOT,
+    out = subprocess.run(["ruff", "check", "blktx", "blktx_plugins", "tests", "bench", "examples"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
