@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -118,7 +119,7 @@ class TestExec(ActionTypeConformance):
 
 @pytest.fixture(scope="module")
 def shared_btrfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/mkfs.btrfs") and not os.path.exists("/sbin/mkfs.btrfs"):
+    if os.geteuid() != 0 or shutil.which("mkfs.btrfs") is None:
         pytest.skip("needs root and mkfs.btrfs (Debian btrfs-progs)")
     d = tmp_path_factory.mktemp("btrfs")
     with open(d / "img", "wb") as fh:

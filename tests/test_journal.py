@@ -44,8 +44,8 @@ def test_run_records_every_action_and_outcome(tmp_path: Path, registry) -> None:
 def test_one_durable_write_per_batch_not_per_action(tmp_path: Path, registry) -> None:
     journal = SqliteJournal(str(tmp_path / "j.sqlite"))
     Executor(registry, journal=journal, locker=journal).run(noop_tx([str(i) for i in range(500)]))
-    # lock, begin, intent+done for do and for invalidate, commit, outcome, unlock
-    assert journal._writes == 9
+    # lock, begin, intent+done of do (no-op invalidates write nothing), commit, final states, outcome, unlock
+    assert journal._writes == 8
 
 
 def test_second_run_on_a_locked_target_is_refused_naming_the_holder(tmp_path: Path, registry) -> None:
