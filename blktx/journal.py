@@ -51,6 +51,11 @@ RUNNING, COMMITTED, DONE, ABORTED, NEEDS_RECOVERY = "BEGIN", "COMMITTED", "DONE"
 UNFINISHED = (RUNNING, COMMITTED, NEEDS_RECOVERY)
 
 
+def _dumps(value: Any) -> str:
+    # Most actions carry empty undo facts: skip the encoder for them (the journal's hot path).
+    return "{}" if not value and isinstance(value, dict) else json.dumps(value)
+
+
 def default_path() -> str:
     """``$BLKTX_JOURNAL``, else ``$XDG_STATE_HOME/blktx/journal.sqlite`` (``~/.local/state``)."""
     if os.environ.get("BLKTX_JOURNAL"):
@@ -87,6 +92,7 @@ class SqliteJournal:
         self._migrate()
         self._mutex = threading.Lock()
         self._writes = 0
+        self._undo: dict[int, str] = {}  # the undo facts as last journaled, by action index
         crash = os.environ.get("BLKTX_CRASH_AFTER")
         self._crash_after = int(crash) if crash else None
 
@@ -114,30 +120,57 @@ class SqliteJournal:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     def begin(self, txid: str, info: dict[str, Any], actions: Sequence[Action]) -> None:
+        self._undo = {a.index: _dumps(a.undo) for a in actions}
         with self._write() as db:
             db.execute("INSERT INTO tx VALUES (?, ?, NULL, ?, ?, ?, ?, ?, NULL, ?, 0)",
                        (txid, time.time(), RUNNING, os.getpid(), info.get("file"), info.get("base_dir"),
                         json.dumps(info.get("options", {}), default=str), len(actions)))
             db.executemany("INSERT INTO action VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, NULL, NULL, NULL)",
-                           [(txid, a.index, a.type.name, a.target, json.dumps(a.params), json.dumps(a.undo), a.state)
+                           [(txid, a.index, a.type.name, a.target, json.dumps(a.params), self._undo[a.index], a.state)
                             for a in actions])
 
     def intent(self, txid: str, phase: str, actions: Sequence[Action]) -> None:
         with self._write() as db:
             db.execute("INSERT INTO step (txid, time, phase, what, count) VALUES (?, ?, ?, 'intent', ?)",
                        (txid, time.time(), phase, len(actions)))
-            db.executemany("UPDATE action SET undo = ?, started = 1 WHERE txid = ? AND idx = ?",
-                           [(json.dumps(a.undo), txid, a.index) for a in actions])
+            changed = self._changed_undo(actions)
+            db.executemany("UPDATE action SET undo = ? WHERE txid = ? AND idx = ?",
+                           [(undo, txid, index) for index, undo in changed])
+            db.execute("UPDATE action SET started = 1 WHERE txid = ? AND idx IN (SELECT value FROM json_each(?))",
+                       (txid, json.dumps([a.index for a in actions])))
+
+    def _changed_undo(self, actions: Sequence[Action]) -> list[tuple[int, str]]:
+        """The undo facts that differ from what the journal holds (most do not change)."""
+        changed = []
+        for a in actions:
+            text = _dumps(a.undo)
+            if self._undo.get(a.index) != text:
+                self._undo[a.index] = text
+                changed.append((a.index, text))
+        return changed
 
     def done(self, txid: str, phase: str, actions: Sequence[Action]) -> None:
+        """After a batch: states, undo facts, errors, output; timings only at the ``end``."""
         with self._write() as db:
             db.execute("INSERT INTO step (txid, time, phase, what, count) VALUES (?, ?, ?, 'done', ?)",
                        (txid, time.time(), phase, len(actions)))
-            db.executemany(
-                "UPDATE action SET undo = ?, state = ?, error = ?, phase = ?, durations = ?, output = ? "
-                "WHERE txid = ? AND idx = ?",
-                [(json.dumps(a.undo), a.state, a.error, a.failed_phase, json.dumps(a.durations), a.output, txid, a.index)
-                 for a in actions])
+            if phase == "end":
+                db.executemany(
+                    "UPDATE action SET undo = ?, state = ?, error = ?, phase = ?, durations = ?, output = ? "
+                    "WHERE txid = ? AND idx = ?",
+                    [(_dumps(a.undo), a.state, a.error, a.failed_phase, json.dumps(a.durations), a.output, txid,
+                      a.index) for a in actions])
+            else:
+                db.executemany("UPDATE action SET undo = ? WHERE txid = ? AND idx = ?",
+                               [(undo, txid, index) for index, undo in self._changed_undo(actions)])
+                # one statement per distinct outcome, not one per action
+                groups: dict[tuple[Any, ...], list[int]] = {}
+                for a in actions:
+                    groups.setdefault((a.state, a.error, a.failed_phase, a.output), []).append(a.index)
+                db.executemany(
+                    "UPDATE action SET state = ?, error = ?, phase = ?, output = ? "
+                    "WHERE txid = ? AND idx IN (SELECT value FROM json_each(?))",
+                    [(*key, txid, json.dumps(indexes)) for key, indexes in groups.items()])
 
     def holds(self, txid: str, holds: Sequence[Hold], resumed: bool) -> None:
         with self._write() as db:
@@ -184,7 +217,8 @@ class SqliteJournal:
     def _try_lock(self, txid: str, targets: list[str], pstart: str | None) -> list[Problem]:
         problems: list[Problem] = []
         with self._write() as db:
-            rows = _in_chunks(db, "SELECT target, txid, pid, pstart FROM lock WHERE target IN ({})", targets)
+            rows = db.execute("SELECT target, txid, pid, pstart FROM lock "
+                              "WHERE target IN (SELECT value FROM json_each(?))", (json.dumps(targets),)).fetchall()
             stale: list[str] = []
             for target, holder, pid, hstart in rows:
                 if _alive(pid, hstart):
@@ -205,9 +239,8 @@ class SqliteJournal:
                         f"target is still held by unfinished transaction {holder} (its process {pid} died)",
                         target=target, hint="run `blktx recover` to finish or roll it back"))
             if not problems:
-                now = time.time()
-                db.executemany("INSERT INTO lock VALUES (?, ?, ?, ?, ?)",
-                               [(t, txid, os.getpid(), pstart, now) for t in targets])
+                db.execute("INSERT INTO lock SELECT value, ?, ?, ?, ? FROM json_each(?)",
+                           (txid, os.getpid(), pstart, time.time(), json.dumps(targets)))
         return problems
 
     # -- reading ----------------------------------------------------------------------
@@ -275,11 +308,3 @@ class SqliteJournal:
 
     def close(self) -> None:
         self._db.close()
-
-
-def _in_chunks(db: sqlite3.Connection, sql: str, values: list[str], size: int = 900) -> list[Any]:
-    rows: list[Any] = []
-    for i in range(0, len(values), size):
-        chunk = values[i:i + size]
-        rows += db.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
-    return rows
