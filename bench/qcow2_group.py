@@ -43,7 +43,7 @@ def shell_loop(paths: list[str]) -> float:
 
 
 def raw_daemon(paths: list[str]) -> float:
-    from qemu.qmp.legacy import QEMUMonitorProtocol
+    from blktx_plugins._qemu import Qmp
 
     sock = os.path.join(os.path.dirname(paths[0]), "qmp.sock")
     t = time.perf_counter()
@@ -55,13 +55,16 @@ def raw_daemon(paths: list[str]) -> float:
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not os.path.exists(sock):
         time.sleep(0.001)
-    qmp = QEMUMonitorProtocol(sock)
-    qmp.connect()
-    reply = qmp.cmd_raw("transaction", {"actions": [
+    while True:
+        try:
+            qmp = Qmp(sock)
+            break
+        except Exception:  # noqa: BLE001 - the socket exists a moment before it listens
+            time.sleep(0.001)
+    qmp.cmd("transaction", {"actions": [
         {"type": "blockdev-snapshot-internal-sync", "data": {"device": f"n{i}", "name": "nightly"}}
         for i in range(len(paths))]})
-    assert "return" in reply, reply
-    qmp.cmd_raw("quit")
+    qmp.cmd("quit")
     qmp.close()
     proc.wait()
     return time.perf_counter() - t

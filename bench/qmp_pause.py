@@ -37,7 +37,7 @@ def start_vms(d: str, n: int) -> list[Any]:
 
 
 def hand_sent(vm: Any, name: str) -> float:
-    from blktx_plugins.qmp import Qmp
+    from blktx_plugins._qemu import Qmp
 
     conn = Qmp(str(vm.ctl))
     try:

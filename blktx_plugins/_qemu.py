@@ -7,13 +7,16 @@ process is started and the image is opened read-only.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import logging
 import os
 import shutil
 import signal
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -139,6 +142,67 @@ def die_with_parent(parent: int) -> Any:
     return arm
 
 
+# qemu.qmp logs every refused connection at ERROR; blktx reports them itself.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+class VmGone(ActionFailed):
+    """The VM's QMP socket is gone: QEMU died."""
+
+
+class Qmp:
+    """A QMP connection (``qemu.qmp``) driven synchronously, with timeouts, safe across threads."""
+
+    def __init__(self, address: str, timeout: float = 10.0) -> None:
+        from qemu.qmp import QMPClient
+
+        self.address = address
+        self.timeout = timeout
+        target: Any = address
+        if address.startswith("tcp:"):
+            host, port = address[4:].rsplit(":", 1)
+            target = (host, int(port))
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._client = QMPClient("blktx")
+        try:
+            self._run(self._client.connect(target), timeout)
+        except Exception as exc:  # noqa: BLE001 - qemu.qmp raises its own connection errors
+            self.close()
+            why = "timed out (another client holds its monitor?)" if isinstance(exc, TimeoutError) else str(exc)
+            raise VmGone(f"cannot connect to the VM's QMP socket {address}: {why}") from None
+
+    def _run(self, coro: Any, timeout: float) -> Any:
+        return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+    def cmd(self, name: str, args: dict[str, Any] | None = None, timeout: float = 120.0) -> Any:
+        from qemu.qmp import ExecuteError
+
+        with self._lock:
+            try:
+                return self._run(self._client.execute(name, args), timeout)
+            except ExecuteError as exc:
+                raise ActionFailed(f"VM {self.address}: {name}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - EOF, a reset or a timeout: the VM is gone or hung
+                raise VmGone(f"VM {self.address} stopped answering during {name}: "
+                             f"{exc or type(exc).__name__}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._run(self._client.disconnect(), 5)
+            except Exception:  # noqa: BLE001 - closing a dead connection
+                pass
+            # A VM that went away leaves the client's disconnect task behind: finish it
+            # before the loop closes, or asyncio complains at exit.
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self._loop.close()
+
+
 class StorageDaemon:
     """One ``qemu-storage-daemon`` with every image of a batch open, driven over QMP.
 
@@ -148,8 +212,6 @@ class StorageDaemon:
     """
 
     def __init__(self, images: list[str]) -> None:
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
         exe = shutil.which("qemu-storage-daemon")
         if exe is None:
             raise ActionFailed("qemu-storage-daemon is not installed (Debian package qemu-system-common)")
@@ -174,31 +236,27 @@ class StorageDaemon:
             time.sleep(0.001)
         # The socket file appears at bind(), a moment before listen(): retry refusals.
         while True:
-            self._qmp = QEMUMonitorProtocol(sock)
             try:
-                self._qmp.connect()
+                self._qmp = Qmp(sock)
                 break
-            except Exception as exc:  # noqa: BLE001 - qemu.qmp wraps the refusal in its own error
+            except VmGone as exc:
                 if self._proc.poll() is not None or time.monotonic() > deadline:
                     self._proc.kill()
-                    raise ActionFailed(f"qemu-storage-daemon: cannot connect to QMP: {exc}") from None
+                    raise ActionFailed(f"qemu-storage-daemon: {exc}") from None
                 time.sleep(0.002)
 
     def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
-        reply = self._qmp.cmd_raw(name, args)
-        if "error" in reply:
-            raise ActionFailed(f"qemu-storage-daemon {name}: {reply['error'].get('desc', reply['error'])}")
-        return reply.get("return")
+        try:
+            return self._qmp.cmd(name, args)
+        except ActionFailed as exc:
+            raise ActionFailed(str(exc).replace(f"VM {self._qmp.address}", "qemu-storage-daemon", 1)) from None
 
     def close(self) -> None:
         try:
-            self._qmp.cmd_raw("quit")
-        except Exception:  # noqa: BLE001 - the daemon is killed below if quit did not work
-            pass
-        try:
-            self._qmp.close()
-        except Exception:  # noqa: BLE001 - the socket may already be gone with the daemon
-            pass
+            self._qmp.cmd("quit")
+        except ActionFailed:
+            pass  # the daemon is killed below if quit did not work
+        self._qmp.close()
         try:
             self._proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

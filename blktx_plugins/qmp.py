@@ -13,78 +13,15 @@ gone.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import secrets
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Hold, Leftover, Param, Refused, RunContext, hookimpl
-from blktx_plugins._qemu import StorageDaemon, holder, qemu_img, read_header
-
-# qemu.qmp logs every refused connection at ERROR; blktx reports them itself.
-logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-
-
-class VmGone(ActionFailed):
-    """The VM's QMP socket is gone: QEMU died."""
-
-
-class Qmp:
-    """A QMP connection (``qemu.qmp``) driven synchronously, with timeouts, safe across threads."""
-
-    def __init__(self, address: str, timeout: float = 10.0) -> None:
-        from qemu.qmp import QMPClient
-
-        self.address = address
-        self.timeout = timeout
-        target: Any = address
-        if address.startswith("tcp:"):
-            host, port = address[4:].rsplit(":", 1)
-            target = (host, int(port))
-        self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._client = QMPClient("blktx")
-        try:
-            self._run(self._client.connect(target), timeout)
-        except Exception as exc:  # noqa: BLE001 - qemu.qmp raises its own connection errors
-            self.close()
-            why = "timed out (another client holds its monitor?)" if isinstance(exc, TimeoutError) else str(exc)
-            raise VmGone(f"cannot connect to the VM's QMP socket {address}: {why}") from None
-
-    def _run(self, coro: Any, timeout: float) -> Any:
-        return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
-
-    def cmd(self, name: str, args: dict[str, Any] | None = None, timeout: float = 120.0) -> Any:
-        from qemu.qmp import ExecuteError
-
-        with self._lock:
-            try:
-                return self._run(self._client.execute(name, args), timeout)
-            except ExecuteError as exc:
-                raise ActionFailed(f"VM {self.address}: {name}: {exc}") from None
-            except Exception as exc:  # noqa: BLE001 - EOF, a reset or a timeout: the VM is gone or hung
-                raise VmGone(f"VM {self.address} stopped answering during {name}: "
-                             f"{exc or type(exc).__name__}") from None
-
-    def close(self) -> None:
-        with self._lock:
-            try:
-                self._run(self._client.disconnect(), 5)
-            except Exception:  # noqa: BLE001 - closing a dead connection
-                pass
-            # A VM that went away leaves the client's disconnect task behind: finish it
-            # before the loop closes, or asyncio complains at exit.
-            pending = asyncio.all_tasks(self._loop)
-            for task in pending:
-                task.cancel()
-            if pending:
-                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            self._loop.close()
+from blktx_plugins._qemu import Qmp, StorageDaemon, VmGone, holder, qemu_img, read_header
 
 
 def connection(ctx: RunContext, address: str) -> Qmp:

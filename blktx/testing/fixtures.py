@@ -108,7 +108,7 @@ class VM:
         time.sleep(0.05)
 
     def qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        from blktx_plugins.qmp import Qmp
+        from blktx_plugins._qemu import Qmp
 
         conn = Qmp(str(self.ctl))
         try:
