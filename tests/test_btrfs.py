@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qemu_helpers import make_image, needs_qemu_img, snapshots, subvolumes, world
+from qemu_helpers import VM, make_image, needs_qemu_img, needs_qemu_system, snapshots, subvolumes, world
 
 from blktx import ActionSpec, Executor, Transaction
 from blktx.plugins import default_registry
@@ -53,8 +53,10 @@ def test_delete_is_a_finalize_step(btrfs_mount: Path) -> None:
 
 
 @needs_qemu_img
-def test_mixed_group_failing_in_its_last_action_leaves_everything(btrfs_mount: Path) -> None:
+@needs_qemu_system
+def test_mixed_group_failing_in_its_last_action_leaves_everything(btrfs_mount: Path, tmp_path: Path) -> None:
     base = btrfs_mount / "data"
+    vm = VM(tmp_path, "vm1")
     for i in range(2):
         make_image(base / f"d{i}.qcow2", pattern=i + 1)
     make_image(base / "vm.base.qcow2")
@@ -72,8 +74,15 @@ def test_mixed_group_failing_in_its_last_action_leaves_everything(btrfs_mount: P
         ("exec", {"target": "array", "do": [sys.executable, "-c", "import sys; sys.exit('array offline')"],
                   "cancel": [sys.executable, "-c", "pass"]}),
     ]
-    result = run(base, actions, allow_exec=True, roots=[str(btrfs_mount)])
-    assert result.outcome == "rolled back", result.summary()
+    actions[3:3] = [("qmp.internal-create", {"vm": str(vm.sock), "drive": "drive0", "name": "nightly"}),
+                    ("qmp.external-create", {"vm": str(vm.sock), "drive": "drive1", "overlay": str(base / "vm1.ov.qcow2")})]
+    try:
+        result = run(base, actions, allow_exec=True, roots=[str(btrfs_mount)], overrides={"quiesce": "pause"})
+        assert result.outcome == "rolled back", result.summary()
+        assert vm.snapshots(0) == [] and vm.active_file(1) == "vm1-d1.qcow2" and vm.running()
+        assert len(result.holds) == 1 and result.holds[0].window is not None
+    finally:
+        vm.quit()
     assert "array offline" in result.failure.message
     assert world(base) == before_images
     assert snapshots(base / "d0.qcow2") == [] and not marker.exists()

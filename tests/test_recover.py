@@ -176,3 +176,39 @@ def test_qcow2_random_sigkill_from_outside(tmp_path: Path) -> None:
         assert recover(journal) == [] and locks(journal) == []
         shutil.rmtree(work)
     assert sum(outcomes.values()) == 10
+
+
+@needs_qemu_img
+def test_two_runs_on_overlapping_targets(tmp_path: Path) -> None:
+    """One commits; the other is refused naming the target and holder, or waits and commits after it."""
+    for i in range(3):
+        make_image(tmp_path / f"d{i}.qcow2")
+    slow = ["[[action]]", 'type = "exec"', 'target = "slow"', 'do = ["sleep", "1.5"]', 'cancel = ["true"]']
+
+    def spec(name: str, images: list[int], extra: list[str]) -> str:
+        lines = ["version = 1"]
+        for i in images:
+            lines += ["[[action]]", 'type = "qcow2.internal-create"', f'image = "d{i}.qcow2"', f'name = "{name}"']
+        path = tmp_path / f"{name}.toml"
+        path.write_text("\n".join(lines + extra) + "\n")
+        return str(path)
+
+    journal = str(tmp_path / "j.sqlite")
+    env = {**os.environ, "BLKTX_JOURNAL": journal}
+    cmd = [sys.executable, "-m", "blktx.cli", "run", "--json"]
+    first = subprocess.Popen([*cmd, "--allow-exec", spec("a", [0, 1], slow)], stdout=subprocess.PIPE, env=env, text=True)
+    time.sleep(0.8)
+    refused = subprocess.run([*cmd, spec("b", [1, 2], [])], capture_output=True, env=env, text=True)
+    waited = subprocess.run([*cmd, "--wait", "30", spec("c", [2, 1], [])], capture_output=True, env=env, text=True)
+    out, _ = first.communicate()
+    assert first.returncode == 0, out
+    assert refused.returncode == 2, refused.stdout
+    problem = json.loads(refused.stdout)["problems"][0]
+    assert problem["target"] == str(tmp_path / "d1.qcow2")
+    assert f"(pid {first.pid})" in problem["message"] and json.loads(out)["txid"] in problem["message"]
+    assert waited.returncode == 0, waited.stdout
+    from qemu_helpers import snapshots
+
+    assert [n for _, n in snapshots(tmp_path / "d0.qcow2")] == ["a"]
+    assert [n for _, n in snapshots(tmp_path / "d1.qcow2")] == ["a", "c"]
+    assert [n for _, n in snapshots(tmp_path / "d2.qcow2")] == ["c"]
