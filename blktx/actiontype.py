@@ -110,7 +110,7 @@ class ActionType:
         CREATED -> INVALIDATED. Switch users over to the new thing (pivot a drive,
         re-point the active image). The default does nothing.
     ``cancel(action, ctx)``
-        Any state -> CANCELED. Undo whatever this action did, whichever state it is
+        Any state -> CANCELED (finalize types need none). Undo whatever this action did, whichever state it is
         in, including a ``do`` that raised or was killed half-way (START). It must
         be idempotent: after a crash inside it, running it again leaves the same
         world as running it once. It must work from ``action.params`` and
@@ -167,6 +167,8 @@ class ActionType:
         return None
 
     def cancel(self, action: Action, ctx: RunContext) -> None:
+        if self.finalize:
+            return None  # a finalize action runs only after the commit point: nothing to cancel
         raise NotImplementedError(f"{type(self).__name__}.cancel")
 
     def finish(self, action: Action, ctx: RunContext) -> None:

@@ -13,7 +13,7 @@ from blktx.errors import EXIT_INVALID, InvalidTransaction
 from blktx.executor import Executor
 from blktx.report import Progress, console, print_json, print_result, print_types, types_json
 from blktx.result import INVALID, Result
-from blktx.spec import load_spec
+from blktx.spec import Transaction, load_spec
 
 EXIT_HELP = """exit status:
   0  committed: every action took effect
@@ -45,12 +45,19 @@ def _invalid(exc: InvalidTransaction, args: argparse.Namespace) -> int:
     return _emit(Result("-", INVALID, problems=exc.problems), args)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    registry = _registry(args)
+def _load(args: argparse.Namespace) -> Transaction | int:
+    """The spec, or the exit status after reporting why it could not be read."""
     try:
-        tx = load_spec(args.spec)
+        return load_spec(args.spec)
     except InvalidTransaction as exc:
         return _invalid(exc, args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    tx = _load(args)
+    if isinstance(tx, int):
+        return tx
     if not args.json and sys.stderr.isatty():
         registry.pm.register(Progress(sys.stderr), name="blktx-progress")
     overrides: dict[str, Any] = {}
@@ -63,10 +70,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     registry = _registry(args)
-    try:
-        tx = load_spec(args.spec)
-    except InvalidTransaction as exc:
-        return _invalid(exc, args)
+    tx = _load(args)
+    if isinstance(tx, int):
+        return tx
     return _emit(Executor(registry).check(tx, allow_exec=args.allow_exec, roots=_roots(args)), args)
 
 

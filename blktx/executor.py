@@ -466,7 +466,9 @@ class Executor:
         def handler(signum: int, frame: FrameType | None) -> None:
             self._interrupt = signal.Signals(signum).name
 
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        # A signal the caller ignores (a background job's SIGINT, nohup) stays ignored.
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)
+               if signal.getsignal(s) is not signal.SIG_IGN}
         try:
             yield
         finally:

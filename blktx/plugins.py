@@ -77,7 +77,7 @@ def declaration_problems(cls: object) -> list[str]:
             found.append(f"parameter {p.name!r} is declared twice")
         seen.add(p.name)
     found.extend(cls.lifecycle.problems())
-    for method in ("target", "do", "cancel"):
+    for method in ("target", "do", *(() if cls.finalize else ("cancel",))):
         if getattr(cls, method) is getattr(ActionType, method) and not (
             method != "target" and getattr(cls, method + "_many") is not getattr(ActionType, method + "_many")
         ):

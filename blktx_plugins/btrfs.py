@@ -106,8 +106,6 @@ class Delete(ActionType):
             return  # already deleted (a retry, or recover rolling forward)
         btrfs("subvolume", "delete", action.params["path"])
 
-    def cancel(self, action: Action, ctx: RunContext) -> None:
-        return None  # a finalize action runs only after the commit point
 
 
 @hookimpl

@@ -174,9 +174,6 @@ class InternalDelete(ActionType):
             plan[a.index] = [(a.params["image"], target)] if target in snaps else []  # gone already: done
         _delete_snapshots(plan, actions)
 
-    def cancel(self, action: Action, ctx: RunContext) -> None:
-        return None  # a finalize action runs only after the commit point: nothing to cancel
-
 
 def _format(path: str) -> str:
     with open(path, "rb") as fh:

@@ -227,9 +227,6 @@ class InternalDelete(_QmpType):
             conn.cmd("blockdev-snapshot-delete-internal-sync",
                      {"device": action.undo["node"], "id": action.undo["id"], "name": action.params["name"]})
 
-    def cancel(self, action: Action, ctx: RunContext) -> None:
-        return None
-
 
 class ExternalCreate(_QmpType):
     """Create an overlay file for a running VM's drive and switch the drive to it."""

@@ -215,9 +215,6 @@ class Delete(_SimType):
         with _world(action.params["world"]) as world:
             self._device(world, action)["snapshots"].pop(str(action.undo["id"]), None)
 
-    def cancel(self, action: Action, ctx: RunContext) -> None:
-        return None  # runs only after the commit point: there is never anything to cancel
-
 
 class Noop(ActionType):
     """Do nothing, touching no file: for measuring the executor's own overhead."""

@@ -19,7 +19,7 @@ class Recorder(ActionType):
 
     name = "rec.step"
     params = (Param("key", "str", required=True), Param("fail", "str", default=""),
-              Param("fail_cancel", "bool", default=False), Param("signal", "bool", default=False))
+              Param("fail_cancel", "bool", default=False), Param("signal", "str", default=""))
 
     def target(self, action: Action) -> str:
         return "rec:" + action.params["key"]
@@ -35,7 +35,7 @@ class Recorder(ActionType):
     def do(self, action: Action, ctx: Any) -> None:
         self._log("do", action)
         if action.params["signal"]:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.Signals[action.params["signal"]])
 
     def invalidate(self, action: Action, ctx: Any) -> None:
         self._log("invalidate", action)
@@ -187,12 +187,31 @@ def test_no_quiesce_unless_asked() -> None:
     assert ("quiesce",) not in LOG
 
 
-def test_sigint_before_commit_rolls_back() -> None:
-    result = run([("rec.step", {"key": "a"}), ("rec.step", {"key": "b", "signal": True}), ("rec.step", {"key": "c"})])
+@pytest.fixture
+def sigint_default() -> Any:
+    """SIGINT as in a terminal (a background job starts with it ignored)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_before_commit_rolls_back(sigint_default: None, signame: str) -> None:
+    result = run([("rec.step", {"key": "a"}), ("rec.step", {"key": "b", "signal": signame}), ("rec.step", {"key": "c"})])
     assert result.outcome == "rolled back"
-    assert result.failure.phase == "interrupt" and "SIGINT" in result.failure.message
+    assert result.failure.phase == "interrupt" and signame in result.failure.message
     assert steps("do") == [0, 1] and steps("cancel") == [1, 0]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the caller's handler is back"
+
+
+def test_an_ignored_sigint_stays_ignored() -> None:
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = run([("rec.step", {"key": "a"}), ("rec.step", {"key": "b", "signal": "SIGINT"})])
+        assert result.outcome == "committed"
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def test_jobs_run_steps_in_parallel_threads() -> None:
@@ -213,7 +232,7 @@ def test_an_illegal_step_is_refused_before_any_side_effect() -> None:
     registry = load(extra=[("rec", Types())])
     executor = Executor(registry)
     action = Action(0, registry.types["rec.step"].instance, {"key": "a", "fail": "", "fail_cancel": False,
-                                                             "signal": False}, "rec:a")
+                                                             "signal": ""}, "rec:a")
     LOG.clear()
     with pytest.raises(RuntimeError, match="invalidate from START is not allowed"):
         executor._step("invalidate", [action], None, set())  # type: ignore[arg-type]
