@@ -69,7 +69,7 @@ import time
 from blktx.journal import SqliteJournal
 with SqliteJournal({path!r}).acquire("tx-holder", ["sim:noop/a"]):
     print("locked", flush=True)
-    time.sleep(0.6)
+    time.sleep(1.5)
 """], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
     journal = SqliteJournal(path, wait=10)

@@ -183,7 +183,7 @@ def test_two_runs_on_overlapping_targets(tmp_path: Path) -> None:
     """One commits; the other is refused naming the target and holder, or waits and commits after it."""
     for i in range(3):
         make_image(tmp_path / f"d{i}.qcow2")
-    slow = ["[[action]]", 'type = "exec"', 'target = "slow"', 'do = ["sleep", "1.5"]', 'cancel = ["true"]']
+    slow = ["[[action]]", 'type = "exec"', 'target = "slow"', 'do = ["sleep", "2"]', 'cancel = ["true"]']
 
     def spec(name: str, images: list[int], extra: list[str]) -> str:
         lines = ["version = 1"]
@@ -197,7 +197,9 @@ def test_two_runs_on_overlapping_targets(tmp_path: Path) -> None:
     env = {**os.environ, "BLKTX_JOURNAL": journal}
     cmd = [sys.executable, "-m", "blktx.cli", "run", "--json"]
     first = subprocess.Popen([*cmd, "--allow-exec", spec("a", [0, 1], slow)], stdout=subprocess.PIPE, env=env, text=True)
-    time.sleep(0.8)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (os.path.exists(journal) and locks(Path(journal))):
+        time.sleep(0.02)  # until the first run holds its targets
     refused = subprocess.run([*cmd, spec("b", [1, 2], [])], capture_output=True, env=env, text=True)
     waited = subprocess.run([*cmd, "--wait", "30", spec("c", [2, 1], [])], capture_output=True, env=env, text=True)
     out, _ = first.communicate()
