@@ -16,6 +16,7 @@ stack's own configuration instead.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +42,15 @@ def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequ
     if not images:
         return
     node = {image: f"n{i}" for i, image in enumerate(images)}
-    daemon = StorageDaemon(images)
+    for attempt in range(10):
+        try:
+            daemon = StorageDaemon(images)
+            break
+        except ActionFailed as exc:
+            # A killed run's daemon may hold an image's lock for a moment more.
+            if "lock" not in str(exc) or attempt == 9:
+                raise
+            time.sleep(0.3)
     failures: dict[int, BaseException] = {}
     try:
         for a in actions:
