@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from blktx import plugins
-from blktx.errors import EXIT_INVALID, InvalidTransaction
+from blktx.errors import EXIT_INVALID, BlktxError, InvalidTransaction
 from blktx.executor import Executor
 from blktx.report import Progress, console, print_json, print_result, print_types, types_json
 from blktx.result import INVALID, Result
@@ -283,6 +283,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("blktx: interrupted", file=sys.stderr)
         return 130
+    except BlktxError as exc:  # refused before anything ran
+        print(f"blktx {args.command}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except Exception as exc:  # noqa: BLE001 - a message, never a traceback
+        changes = args.command in ("run", "recover", "demo")
+        print(f"blktx {args.command}: {type(exc).__name__}: {exc}"
+              + ("; the journal knows what may be left: run `blktx recover`" if changes else ""), file=sys.stderr)
+        return 3 if changes else EXIT_INVALID
     return status
 
 

@@ -226,11 +226,13 @@ class Executor:
                     self._raise_if_interrupted()
                 journal.outcome(txid, TX_COMMITTED, {})
                 result.committed = True
-            except (_PhaseFailed, Interrupted) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever failed before the commit point rolls back
                 if isinstance(exc, _PhaseFailed):
                     result.failures = exc.failures
-                else:
+                elif isinstance(exc, Interrupted):
                     result.failures = [Failure("interrupt", f"interrupted by {self._interrupt}")]
+                else:  # a journal write or a plugin's hook failed outside any action's step
+                    result.failures = [Failure("run", f"{type(exc).__name__}: {exc}")]
                 result.failure = result.failures[0]
                 self._emit("failure", txid, message=str(result.failure))
                 self._rollback(undoable, ctx, touched, result)

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from blktx.actiontype import Action
-from blktx.errors import InvalidTransaction, Problem
+from blktx.errors import BlktxError, InvalidTransaction, Problem
 from blktx.events import Hold
 
 SCHEMA = """
@@ -82,14 +82,18 @@ class SqliteJournal:
     def __init__(self, path: str | None = None, *, wait: float = 0.0) -> None:
         self.path = os.path.abspath(path or default_path())
         self.wait = wait
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        if not os.path.exists(self.path):
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        self._migrate()
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            if not os.path.exists(self.path):
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+            self._migrate()
+        except (OSError, sqlite3.Error) as exc:
+            raise BlktxError(f"cannot open the journal {self.path}: {exc}; "
+                             "give another with --journal PATH or $BLKTX_JOURNAL") from None
         self._mutex = threading.Lock()
         self._writes = 0
         self._undo: dict[int, str] = {}  # the undo facts as last journaled, by action index

@@ -246,3 +246,33 @@ def test_result_json_has_every_action() -> None:
     assert [a["state"] for a in data["actions"]] == ["CANCELED", "CANCELED"]
     assert data["actions"][1]["error"] == "backend says no in do" and data["actions"][1]["failed_phase"] == "do"
     assert set(data["actions"][0]["durations"]) == {"do", "cancel"}
+
+
+class BrokenJournal(Journal):
+    """Fails its first write after the do phase, like a full disk."""
+
+    def done(self, txid: str, phase: str, actions: Any) -> None:
+        if phase == "do":
+            raise OSError(28, "No space left on device")
+
+
+def test_a_journal_failure_before_commit_rolls_back() -> None:
+    LOG.clear()
+    registry = load(extra=[("rec", Types())])
+    tx = Transaction([ActionSpec("rec.step", {"key": "a"}), ActionSpec("rec.step", {"key": "b"})], base_dir="/tmp")
+    result = Executor(registry, journal=BrokenJournal()).run(tx)
+    assert result.outcome == "rolled back"
+    assert result.failure is not None and "No space left on device" in result.failure.message
+    assert steps("cancel") == [1, 0]
+
+
+def test_cli_reports_an_unusable_journal_without_a_traceback(tmp_path: Any, capsys: Any) -> None:
+    from blktx.cli import main
+
+    spec = tmp_path / "t.toml"
+    spec.write_text('version = 1\n[[action]]\ntype = "sim.noop"\nkey = "a"\n')
+    (tmp_path / "dir").mkdir()
+    status = main(["run", str(spec), "--journal", str(tmp_path / "dir")])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert f"blktx run: cannot open the journal {tmp_path / 'dir'}" in err and "--journal PATH" in err
