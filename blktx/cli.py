@@ -23,6 +23,14 @@ EXIT_HELP = """exit status:
      `blktx recover` finishes it
 """
 
+ENV_HELP = """
+environment:
+  BLKTX_JOURNAL=PATH        the journal (default ~/.local/state/blktx/journal.sqlite)
+  BLKTX_LOAD_PLUGINS=a,b    load only these plugins (entry-point names); empty: none
+  BLKTX_TRACE_HOOKS=1       print every plugin hook call to stderr
+  BLKTX_CRASH_AFTER=N       drills: SIGKILL the run right after its N-th journal write
+"""
+
 
 def _registry(args: argparse.Namespace) -> plugins.Registry:
     registry = plugins.default_registry()
@@ -231,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blktx",
         description="Group snapshots of many block devices as one all-or-none transaction.",
-        epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_HELP + ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     from blktx import __version__
 
     parser.add_argument("--version", action="version", version=f"blktx {__version__}")
