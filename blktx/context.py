@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import pluggy
 
+from blktx.events import Hold
+
 T = TypeVar("T")
 
 
@@ -54,6 +56,17 @@ class RunContext:
         self._closers: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self.messages: list[str] = []
+        #: Set by the executor: makes holds durable in the journal.
+        self.on_hold: Callable[[list[Hold]], None] | None = None
+
+    def holding(self, holds: list[Hold]) -> None:
+        """Announce what a quiesce hook is about to pause, *before* pausing it.
+
+        The executor journals the holds at once, so that ``blktx recover`` resumes
+        them even if the run is killed between the pause and the hook's return.
+        """
+        if self.on_hold is not None and holds:
+            self.on_hold(holds)
 
     def resource(self, key: str, factory: Callable[[], T]) -> T:
         with self._lock:

@@ -424,6 +424,13 @@ class Executor:
     # -- quiesce ---------------------------------------------------------------------
 
     def _quiesce(self, ctx: RunContext, actions: list[Action], holds: list[Hold]) -> None:
+        def announced(new: list[Hold]) -> None:
+            for hold in new:
+                if not any(h is hold for h in holds):
+                    holds.append(hold)
+            self.journal.holds(ctx.txid, holds, resumed=False)
+
+        ctx.on_hold = announced
         failure: Exception | None = None
         for impl in self.registry.pm.hook.blktx_quiesce.get_hookimpls():
             kwargs: dict[str, Any] = {"ctx": ctx, "actions": actions}
@@ -434,7 +441,8 @@ class Executor:
                 break
             for hold in got or []:
                 hold.start = hold.start or time.monotonic()
-                holds.append(hold)
+                if not any(h is hold for h in holds):
+                    holds.append(hold)
                 self._emit("quiesced", ctx.txid, target=hold.target, message=hold.kind)
         if failure is not None:
             self.journal.holds(ctx.txid, holds, resumed=False)

@@ -51,7 +51,11 @@ def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> list[Hold] | No
     Called after every target is locked and before the first ``do``, only when the
     transaction's ``quiesce`` option is not ``"none"`` (read it from
     ``ctx.options.quiesce``). Pause only what you own (for example the VMs of your
-    actions) and leave alone whatever was already paused.
+    actions) and leave alone whatever was already paused. Call
+    ``ctx.holding(holds)`` with the holds you are about to take *before* pausing
+    anything: blktx journals them at once, so ``blktx recover`` resumes them even
+    if the run is killed in the middle of this hook (your resume must then cope
+    with a target that was never paused).
 
     :param ctx: the run's context.
     :param actions: every action of the transaction.

@@ -314,15 +314,19 @@ def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> list[Hold]:
     addresses = sorted({_address(a.params["vm"], ctx.base_dir) for a in actions if a.type.name.startswith("qmp.")})
     conns = [connection(ctx, address) for address in addresses]  # connect first: outside every window
 
-    def pause(conn: Qmp) -> Hold | None:
-        if not conn.cmd("query-status")["running"]:
-            return None  # already paused: it stays paused, and is not resumed
-        start = time.monotonic()
-        conn.cmd("stop")
-        return Hold("qmp.pause", f"vm:{conn.address}", {"address": conn.address}, start)
+    # Only running VMs are paused (and later resumed); a paused one stays paused.
+    running = [c for c in conns if c.cmd("query-status")["running"]]
+    holds = {c.address: Hold("qmp.pause", f"vm:{c.address}", {"address": c.address}) for c in running}
+    ctx.holding(list(holds.values()))  # journaled before any VM is stopped
 
-    with ThreadPoolExecutor(max_workers=max(1, min(len(conns), 32)), thread_name_prefix="blktx-qmp") as pool:
-        return [h for h in pool.map(pause, conns) if h is not None]
+    def pause(conn: Qmp) -> Hold:
+        hold = holds[conn.address]
+        hold.start = time.monotonic()
+        conn.cmd("stop")
+        return hold
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(running), 32)), thread_name_prefix="blktx-qmp") as pool:
+        return list(pool.map(pause, running))
 
 
 @hookimpl

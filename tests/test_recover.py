@@ -214,3 +214,44 @@ def test_two_runs_on_overlapping_targets(tmp_path: Path) -> None:
     assert [n for _, n in snapshots(tmp_path / "d0.qcow2")] == ["a"]
     assert [n for _, n in snapshots(tmp_path / "d1.qcow2")] == ["a", "c"]
     assert [n for _, n in snapshots(tmp_path / "d2.qcow2")] == ["c"]
+
+
+@needs_qemu_img
+def test_live_vm_every_crash_point_is_resumed_and_all_or_none(tmp_path: Path) -> None:
+    import shutil as _shutil
+
+    if _shutil.which("qemu-system-x86_64") is None:
+        import pytest
+
+        pytest.skip("needs qemu-system-x86_64 (Debian qemu-system-x86)")
+    from qemu_helpers import VM, snapshots
+
+    tried = 0
+    for n in range(1, 60):
+        work = tmp_path / f"c{n}"
+        work.mkdir()
+        vm = VM(work, "vm")
+        make_image(work / "off.qcow2")
+        (work / "t.toml").write_text(
+            'version = 1\n[options]\nquiesce = "pause"\n'
+            '[[action]]\ntype = "qmp.internal-create"\nvm = "vm.qmp"\ndrive = "drive0"\nname = "s"\n'
+            '[[action]]\ntype = "qmp.external-create"\nvm = "vm.qmp"\ndrive = "drive1"\noverlay = "ov.qcow2"\n'
+            '[[action]]\ntype = "qcow2.internal-create"\nimage = "off.qcow2"\nname = "s"\n')
+        journal = work / "j.sqlite"
+        try:
+            out = blktx("run", str(work / "t.toml"), "--journal", str(journal), env={"BLKTX_CRASH_AFTER": str(n)})
+            if out.returncode == 0:
+                assert vm.running() and vm.snapshots(0) == ["s"] and vm.active_file(1) == "ov.qcow2"
+                break
+            assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr
+            tried += 1
+            recover(journal)
+            assert vm.running(), f"crash after write {n}: the VM is still paused"
+            committed = vm.snapshots(0) == ["s"]
+            assert vm.active_file(1) == ("ov.qcow2" if committed else "vm-d1.qcow2")
+            assert (work / "ov.qcow2").exists() == committed
+            assert [s for _, s in snapshots(work / "off.qcow2")] == (["s"] if committed else [])
+            assert recover(journal) == [] and locks(journal) == []
+        finally:
+            vm.quit()
+    assert tried >= 10
