@@ -230,16 +230,40 @@ class ExternalCreate(ActionType):
                 raise Refused(f"overlay {overlay} is backed by {backing!r}, not by the current image {current}")
         elif not os.access(os.path.dirname(overlay), os.W_OK):
             raise Refused(f"cannot create files in {os.path.dirname(overlay)}")
-        action.undo.update({"link": os.readlink(device), "old": current, "format": fmt, "preexisting": exists})
+        action.undo.update({"link": os.readlink(device), "old": current, "format": fmt, "preexisting": exists,
+                            "tmp": f"{overlay}.blktx-{ctx.txid}"})
 
     def do(self, action: Action, ctx: RunContext) -> None:
         if action.undo["preexisting"]:
             return
-        overlay = action.params["overlay"]
-        # O_EXCL: never overwrite a file that appeared after the check.
-        os.close(os.open(overlay, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        overlay, tmp = action.params["overlay"], action.undo["tmp"]
         backing = os.path.relpath(action.undo["old"], os.path.dirname(overlay))
-        qemu_img("create", "-q", "-f", "qcow2", "-b", backing, "-F", action.undo["format"], overlay)
+        # Made under a name only this transaction uses, then linked into place:
+        # link(2) fails rather than overwrite a file that appeared after the check.
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        qemu_img("create", "-q", "-f", "qcow2", "-b", backing, "-F", action.undo["format"], tmp)
+        try:
+            os.link(tmp, overlay)
+        except FileExistsError:
+            raise ActionFailed(f"overlay {overlay} appeared after the check; it was left alone") from None
+        action.undo["created"] = True
+        os.unlink(tmp)
+
+    def _ours(self, action: Action) -> bool:
+        """Whether the overlay file is the one this action made (never delete another)."""
+        overlay, tmp = action.params["overlay"], action.undo.get("tmp", "")
+        if action.undo.get("preexisting", True) or not os.path.lexists(overlay):
+            return False
+        if action.undo.get("created") or (os.path.lexists(tmp) and os.path.samefile(tmp, overlay)):
+            return True
+        # Killed after the link but before the journal heard of it: the overlay we make
+        # is a qcow2 image backed by the old image.
+        try:
+            _, _, backing = read_header(overlay)
+        except Refused:
+            return False
+        return backing is not None and os.path.realpath(
+            os.path.join(os.path.dirname(overlay), backing)) == action.undo["old"]
 
     def _switch(self, action: Action, ctx: RunContext, old: str, new: str, link_text: str) -> None:
         device = action.params["device"]
@@ -269,19 +293,23 @@ class ExternalCreate(ActionType):
             return  # never checked: nothing was done
         overlay = action.params["overlay"]
         self._switch(action, ctx, overlay, action.undo["old"], action.undo["link"])
-        tmp = f"{action.params['device']}.blktx-switch"
-        if os.path.islink(tmp):
-            os.unlink(tmp)
-        if not action.undo["preexisting"] and os.path.lexists(overlay):
+        switch = f"{action.params['device']}.blktx-switch"
+        if os.path.islink(switch):
+            os.unlink(switch)
+        if self._ours(action):
             os.unlink(overlay)
+        if os.path.lexists(action.undo.get("tmp", "")):
+            os.unlink(action.undo["tmp"])  # a name only this transaction uses
 
     def leftovers(self, action: Action) -> list[Leftover]:
         found = []
         overlay, device = action.params["overlay"], action.params["device"]
         if os.path.realpath(device) == os.path.realpath(overlay):
             found.append(Leftover(action.target, f"device symlink points to the overlay {overlay}"))
-        if not action.undo.get("preexisting", True) and os.path.lexists(overlay):
+        if self._ours(action):
             found.append(Leftover(action.target, f"overlay file {overlay}"))
+        if os.path.lexists(action.undo.get("tmp", "")):
+            found.append(Leftover(action.target, f"unfinished overlay file {action.undo['tmp']}"))
         return found
 
 

@@ -220,3 +220,26 @@ def test_all_or_none_over_real_images(tmp_path_factory: pytest.TempPathFactory, 
             else:
                 assert after["vm"][1] == "vm.new.qcow2"
     shutil.rmtree(d)
+
+
+def test_an_overlay_that_appears_after_the_check_is_left_alone(images: Path) -> None:
+    """Someone creates the overlay path between check and do: do fails, cancel keeps their file."""
+    from blktx.executor import Executor
+    from blktx.spec import bind
+
+    registry = default_registry()
+    tx = Transaction([ActionSpec("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"})],
+                     base_dir=str(images))
+    actions, options = bind(tx, registry)
+    from blktx.context import RunContext
+
+    ctx = RunContext("race", options, str(images), registry.pm.hook)
+    executor = Executor(registry)
+    assert executor.check_actions(actions, ctx, None) == []
+    (images / "vm.new.qcow2").write_text("theirs")
+    failures = executor.step("do", actions, ctx)
+    assert failures and "appeared after the check" in failures[0].message
+    assert executor.step("cancel", actions, ctx) == []
+    assert (images / "vm.new.qcow2").read_text() == "theirs"
+    assert os.readlink(images / "vm") == "vm.base.qcow2"
+    assert not list(images.glob("vm.new.qcow2.blktx-*")), "the temporary overlay is gone"
