@@ -118,6 +118,42 @@ def check_writable_image(path: str) -> list[Snapshot]:
     return snaps
 
 
+def create_overlay(overlay: str, tmp: str, backing: str, fmt: str, size: int | None = None,
+                   relative: bool = True) -> None:
+    """Make a qcow2 overlay of ``backing`` at ``overlay`` without ever overwriting a file.
+
+    It is made under ``tmp`` (a name only this transaction uses) and linked into
+    place; ``link(2)`` fails rather than replace a file that appeared meanwhile.
+    ``size`` given: the backing file is not opened (a running VM holds its lock).
+    ``relative``: record the backing file relative to the overlay (a folder of
+    images stays movable); a running VM's node needs the name it opened.
+    """
+    rel = os.path.relpath(backing, os.path.dirname(overlay)) if relative else backing
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    extra = ["-u", tmp, str(size)] if size is not None else [tmp]
+    qemu_img("create", "-q", "-f", "qcow2", "-b", rel, "-F", fmt, *extra)
+    try:
+        os.link(tmp, overlay)
+    except FileExistsError:
+        raise ActionFailed(f"overlay {overlay} appeared after the check; it was left alone") from None
+    os.unlink(tmp)
+
+
+def overlay_is_ours(overlay: str, tmp: str, created: bool, backing: str) -> bool:
+    """Whether ``overlay`` is the one :func:`create_overlay` made (never delete another)."""
+    if not os.path.lexists(overlay):
+        return False
+    if created or (os.path.lexists(tmp) and os.path.samefile(tmp, overlay)):
+        return True
+    # Killed after the link but before the journal heard of it: ours is a qcow2
+    # image backed by exactly this backing file.
+    try:
+        _, _, found = read_header(overlay)
+    except Refused:
+        return False
+    return found is not None and os.path.realpath(os.path.join(os.path.dirname(overlay), found)) == backing
+
+
 def qemu_img(*args: str, timeout: float = 120) -> str:
     exe = shutil.which("qemu-img")
     if exe is None:

@@ -21,7 +21,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Param, Refused, RunContext, hookimpl
-from blktx_plugins._qemu import Snapshot, StorageDaemon, check_writable_image, holder, qemu_img, read_header
+from blktx_plugins._qemu import (
+    Snapshot,
+    StorageDaemon,
+    check_writable_image,
+    create_overlay,
+    holder,
+    overlay_is_ours,
+    qemu_img,
+    read_header,
+)
 
 
 def _per_action(actions: Sequence[Action], step: Any) -> None:
@@ -236,34 +245,13 @@ class ExternalCreate(ActionType):
     def do(self, action: Action, ctx: RunContext) -> None:
         if action.undo["preexisting"]:
             return
-        overlay, tmp = action.params["overlay"], action.undo["tmp"]
-        backing = os.path.relpath(action.undo["old"], os.path.dirname(overlay))
-        # Made under a name only this transaction uses, then linked into place:
-        # link(2) fails rather than overwrite a file that appeared after the check.
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        qemu_img("create", "-q", "-f", "qcow2", "-b", backing, "-F", action.undo["format"], tmp)
-        try:
-            os.link(tmp, overlay)
-        except FileExistsError:
-            raise ActionFailed(f"overlay {overlay} appeared after the check; it was left alone") from None
+        create_overlay(action.params["overlay"], action.undo["tmp"], action.undo["old"], action.undo["format"])
         action.undo["created"] = True
-        os.unlink(tmp)
 
     def _ours(self, action: Action) -> bool:
-        """Whether the overlay file is the one this action made (never delete another)."""
-        overlay, tmp = action.params["overlay"], action.undo.get("tmp", "")
-        if action.undo.get("preexisting", True) or not os.path.lexists(overlay):
-            return False
-        if action.undo.get("created") or (os.path.lexists(tmp) and os.path.samefile(tmp, overlay)):
-            return True
-        # Killed after the link but before the journal heard of it: the overlay we make
-        # is a qcow2 image backed by the old image.
-        try:
-            _, _, backing = read_header(overlay)
-        except Refused:
-            return False
-        return backing is not None and os.path.realpath(
-            os.path.join(os.path.dirname(overlay), backing)) == action.undo["old"]
+        return not action.undo.get("preexisting", True) and overlay_is_ours(
+            action.params["overlay"], action.undo.get("tmp", ""), bool(action.undo.get("created")),
+            action.undo["old"])
 
     def _switch(self, action: Action, ctx: RunContext, old: str, new: str, link_text: str) -> None:
         device = action.params["device"]

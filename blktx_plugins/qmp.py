@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Hold, Leftover, Param, Refused, RunContext, hookimpl
-from blktx_plugins._qemu import Qmp, StorageDaemon, VmGone, holder, qemu_img, read_header
+from blktx_plugins._qemu import Qmp, StorageDaemon, VmGone, create_overlay, holder, overlay_is_ours, read_header
 
 
 def connection(ctx: RunContext, address: str) -> Qmp:
@@ -238,13 +238,14 @@ class ExternalCreate(_QmpType):
         if os.path.lexists(action.params["overlay"]):
             raise Refused(f"overlay {action.params['overlay']} already exists", hint="choose a new name")
         action.undo["overlay_node"] = f"blktx{action.index}-{secrets.token_hex(4)}"
+        action.undo["tmp"] = f"{action.params['overlay']}.blktx-{secrets.token_hex(6)}"
 
     def do(self, action: Action, ctx: RunContext) -> None:
         overlay = action.params["overlay"]
-        os.close(os.open(overlay, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        # -u: the backing file is locked by the running VM; its size is known from QMP.
-        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", action.undo["file"], "-F", action.undo["format"],
-                 overlay, str(action.undo["size"]))
+        # size given: the backing file is locked by the running VM; QMP told its size.
+        create_overlay(overlay, action.undo["tmp"], action.undo["file"], action.undo["format"], action.undo["size"],
+                       relative=False)
+        action.undo["created"] = True
         self._conn(action, ctx).cmd("blockdev-add", {
             "driver": "qcow2", "node-name": action.undo["overlay_node"],
             "file": {"driver": "file", "filename": overlay}, "backing": None})
@@ -265,9 +266,11 @@ class ExternalCreate(_QmpType):
             self._unswitch(conn, action)
         except VmGone:
             pass  # the switch lived in the dead QEMU's memory only; the file goes below
-        overlay = action.params["overlay"]
-        if os.path.lexists(overlay):
+        overlay, tmp = action.params["overlay"], action.undo.get("tmp", "")
+        if overlay_is_ours(overlay, tmp, bool(action.undo.get("created")), action.undo["file"]):
             os.unlink(overlay)
+        if os.path.lexists(tmp):
+            os.unlink(tmp)  # a name only this transaction uses
 
     def _unswitch(self, conn: Qmp, action: Action) -> None:
         top, base = action.undo["overlay_node"], action.undo["node"]
@@ -295,8 +298,9 @@ class ExternalCreate(_QmpType):
 
     def leftovers(self, action: Action) -> list[Leftover]:
         found = []
-        if os.path.lexists(action.params["overlay"]):
-            found.append(Leftover(action.target, f"overlay file {action.params['overlay']} (the drive may use it)"))
+        overlay, tmp = action.params["overlay"], action.undo.get("tmp", "")
+        if overlay_is_ours(overlay, tmp, bool(action.undo.get("created")), action.undo.get("file", "")):
+            found.append(Leftover(action.target, f"overlay file {overlay} (the drive may use it)"))
         return found
 
 
