@@ -68,13 +68,25 @@ class Snapshot(ActionType):
         action.undo["source_uuid"] = info.get("UUID", "")
 
     def do(self, action: Action, ctx: RunContext) -> None:
+        if os.path.lexists(action.params["dest"]):
+            action.undo["blocked"] = True
+            raise ActionFailed(f"{action.params['dest']} appeared after the check; it was left alone")
         args = ["subvolume", "snapshot", *(["-r"] if action.params["readonly"] else []),
                 action.params["source"], action.params["dest"]]
         btrfs(*args)
+        info = subvolume_info(action.params["dest"])
+        action.undo["uuid"] = info.get("UUID", "") if info else ""
 
     def _ours(self, action: Action) -> bool:
+        """The snapshot this action made: its own UUID when known, else a snapshot of the source."""
+        if action.undo.get("blocked"):
+            return False
         info = subvolume_info(action.params["dest"])
-        return info is not None and info.get("Parent UUID") == action.undo.get("source_uuid")
+        if info is None:
+            return False
+        if action.undo.get("uuid"):
+            return info.get("UUID") == action.undo["uuid"]
+        return info.get("Parent UUID") == action.undo.get("source_uuid")
 
     def cancel(self, action: Action, ctx: RunContext) -> None:
         if self._ours(action):

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ class Recorder(ActionType):
 
     name = "rec.step"
     params = (Param("key", "str", required=True), Param("fail", "str", default=""),
-              Param("fail_cancel", "bool", default=False), Param("signal", "str", default=""))
+              Param("fail_cancel", "bool", default=False), Param("signal", "str", default=""), Param("sleep", "float", default=0.0))
 
     def target(self, action: Action) -> str:
         return "rec:" + action.params["key"]
@@ -34,6 +35,7 @@ class Recorder(ActionType):
 
     def do(self, action: Action, ctx: Any) -> None:
         self._log("do", action)
+        time.sleep(action.params["sleep"])
         if action.params["signal"]:
             os.kill(os.getpid(), signal.Signals[action.params["signal"]])
 
@@ -215,7 +217,7 @@ def test_an_ignored_sigint_stays_ignored() -> None:
 
 
 def test_jobs_run_steps_in_parallel_threads() -> None:
-    result = run([("rec.step", {"key": str(i)}) for i in range(8)], jobs=4)
+    result = run([("rec.step", {"key": str(i), "sleep": 0.05}) for i in range(8)], jobs=4)
     assert result.outcome == "committed"
     threads = {e[2] for e in LOG if e[0] == "do"}
     assert len(threads) > 1 and all(t.startswith("blktx") for t in threads)
@@ -232,7 +234,7 @@ def test_an_illegal_step_is_refused_before_any_side_effect() -> None:
     registry = load(extra=[("rec", Types())])
     executor = Executor(registry)
     action = Action(0, registry.types["rec.step"].instance, {"key": "a", "fail": "", "fail_cancel": False,
-                                                             "signal": ""}, "rec:a")
+                                                             "signal": "", "sleep": 0.0}, "rec:a")
     LOG.clear()
     with pytest.raises(RuntimeError, match="invalidate from START is not allowed"):
         executor._step("invalidate", [action], None, set())  # type: ignore[arg-type]
