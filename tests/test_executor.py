@@ -20,7 +20,8 @@ class Recorder(ActionType):
 
     name = "rec.step"
     params = (Param("key", "str", required=True), Param("fail", "str", default=""),
-              Param("fail_cancel", "bool", default=False), Param("signal", "str", default=""), Param("sleep", "float", default=0.0))
+              Param("fail_cancel", "bool", default=False), Param("signal", "str", default=""),
+              Param("sleep", "float", default=0.0))
 
     def target(self, action: Action) -> str:
         return "rec:" + action.params["key"]
