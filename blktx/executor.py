@@ -388,7 +388,10 @@ class Executor:
         """
         t = time.perf_counter()
         remaining = finals
-        unfinished = [a for a in result.actions if a.type.has_finish and a.state == INVALIDATED and not a.type.finalize]
+        # Every undoable action of a committed transaction took effect; one rebuilt from
+        # the journal may still say CREATED when its type's invalidate wrote nothing.
+        unfinished = [a for a in result.actions
+                      if a.type.has_finish and not a.type.finalize and a.state in (CREATED, INVALIDATED)]
         touched: set[int] = set()
         for attempt in range(ctx.options.finalize_retries + 1):
             if attempt:

@@ -261,3 +261,16 @@ def test_live_vm_every_crash_point_is_resumed_and_all_or_none(tmp_path: Path) ->
         finally:
             vm.quit()
     assert tried >= 10
+
+
+@needs_qemu_img
+def test_qcow2_replace_alone_every_crash_point(tmp_path: Path) -> None:
+    """No type here implements invalidate, so the journal never says INVALIDATED:
+    recover must still roll the post-commit deletion of the old snapshot forward."""
+    def setup(d: Path) -> None:
+        d.mkdir()
+        make_image(d / "d0.qcow2", snapshots=("nightly", "keep"))
+
+    spec = 'version = 1\n[[action]]\ntype = "qcow2.internal-create"\nimage = "d0.qcow2"\nname = "nightly"\nreplace = true\n'
+    tried, survived = crash_points(tmp_path, setup, spec, world)
+    assert tried == survived >= 8
