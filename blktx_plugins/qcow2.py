@@ -180,8 +180,13 @@ class InternalDelete(ActionType):
             if len(found) > 1:
                 raise Refused(f"{image} has {len(found)} snapshots named {name!r} (ids {', '.join(s.id for s in found)})",
                               hint="give id = \"...\" to say which")
+            if (image, found[0].id) in claimed:
+                raise Refused(f"conflicts with action #{claimed[image, found[0].id]}: both delete snapshot "
+                              f"{found[0].name!r} (id {found[0].id}) of {image}")
+            claimed[image, found[0].id] = a.index
             a.undo["id"], a.undo["name"] = found[0].id, found[0].name
 
+        claimed: dict[tuple[str, str], int] = {}
         _per_action(actions, check)
 
     def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:

@@ -13,6 +13,7 @@ purpose and inspected between commands.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -52,7 +53,10 @@ def _write(path: str, world: dict[str, Any]) -> None:
 def _world(path: str, write: bool = True) -> Iterator[dict[str, Any]]:
     with _locks_guard:
         lock = _locks.setdefault(path, threading.Lock())
-    with lock:
+    # Runs on different devices of one world may overlap: the file lock keeps each
+    # read-modify-write of the world whole across processes, the thread lock within one.
+    with lock, open(f"{path}.lock", "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
             world = read_world(path)
         except FileNotFoundError:
@@ -204,6 +208,12 @@ class Delete(_SimType):
             ids = sorted(int(i) for i, n in dev["snapshots"].items() if n == action.params["name"])
             if not ids:
                 raise Refused(f"device {action.params['device']!r} has no snapshot {action.params['name']!r}")
+            claimed: dict[tuple[str, str, int], int] = ctx.resource("sim.delete.claimed", dict)
+            key = (action.params["world"], action.params["device"], ids[0])
+            if key in claimed:
+                raise Refused(f"conflicts with action #{claimed[key]}: both delete snapshot "
+                              f"{action.params['name']!r} (id {ids[0]})")
+            claimed[key] = action.index
             action.undo["id"] = ids[0]
 
     def do(self, action: Action, ctx: RunContext) -> None:

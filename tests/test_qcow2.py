@@ -243,3 +243,12 @@ def test_an_overlay_that_appears_after_the_check_is_left_alone(images: Path) -> 
     assert (images / "vm.new.qcow2").read_text() == "theirs"
     assert os.readlink(images / "vm") == "vm.base.qcow2"
     assert not list(images.glob("vm.new.qcow2.blktx-*")), "the temporary overlay is gone"
+
+
+def test_two_deletes_of_one_snapshot_conflict(images: Path) -> None:
+    result = run(images, [("qcow2.internal-delete", {"image": "d0.qcow2", "name": "weekly"}),
+                          ("qcow2.internal-delete", {"image": "d0.qcow2", "id": "1"})])
+    assert result.outcome == "invalid"
+    assert result.problems[0].action == 1 and "conflicts with action #0: both delete snapshot 'weekly' (id 1)" in \
+        result.problems[0].message
+    assert snapshots(images / "d0.qcow2") == [("1", "weekly")]
