@@ -210,8 +210,8 @@ class Executor:
                 self._raise_if_interrupted()
                 if options.quiesce != "none":
                     journal.intent(txid, "quiesce", actions)
-                    self._quiesce(ctx, actions, holds)
-                    journal.holds(txid, holds, resumed=False)
+                    if self._quiesce(ctx, actions, holds):
+                        journal.holds(txid, holds, resumed=False)  # holds no hook announced first
                 for step in ("do", "invalidate"):
                     t = time.perf_counter()
                     # An invalidate that no type implements changes nothing: journaling it
@@ -426,7 +426,10 @@ class Executor:
 
     # -- quiesce ---------------------------------------------------------------------
 
-    def _quiesce(self, ctx: RunContext, actions: list[Action], holds: list[Hold]) -> None:
+    def _quiesce(self, ctx: RunContext, actions: list[Action], holds: list[Hold]) -> bool:
+        """Run the quiesce hooks; return whether some hold is not in the journal yet."""
+        unjournaled = False
+
         def announced(new: list[Hold]) -> None:
             for hold in new:
                 if not any(h is hold for h in holds):
@@ -446,10 +449,12 @@ class Executor:
                 hold.start = hold.start or time.monotonic()
                 if not any(h is hold for h in holds):
                     holds.append(hold)
+                    unjournaled = True
                 self._emit("quiesced", ctx.txid, target=hold.target, message=hold.kind)
         if failure is not None:
             self.journal.holds(ctx.txid, holds, resumed=False)
             raise _PhaseFailed([Failure("quiesce", str(failure))])
+        return unjournaled
 
     def _resume(self, ctx: RunContext, holds: list[Hold], result: Result) -> None:
         """Resume every hold, newest first; many holds (VMs) are resumed at once."""
