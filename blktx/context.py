@@ -55,7 +55,6 @@ class RunContext:
         self._resources: dict[str, Any] = {}
         self._closers: list[Callable[[], None]] = []
         self._lock = threading.Lock()
-        self.messages: list[str] = []
         #: Set by the executor: makes holds durable in the journal.
         self.on_hold: Callable[[list[Hold]], None] | None = None
 

@@ -96,7 +96,3 @@ class PluginProblem(BlktxError):
         super().__init__(f"plugin {plugin!r}: {message}")
         self.plugin = plugin
         self.message = message
-
-
-class LockBusy(BlktxError):
-    """A target is held by another transaction."""

@@ -358,7 +358,7 @@ class Executor:
         remaining = victims
         for _attempt in range(ctx.options.cancel_retries + 1):
             try:
-                self._phase_keep_going("cancel", remaining, ctx, touched)
+                self._cancel_all(remaining, ctx, touched)
             finally:
                 remaining = [a for a in remaining if a.state != CANCELED]
             if not remaining:
@@ -371,15 +371,16 @@ class Executor:
             except Exception as exc:  # noqa: BLE001 - still name the action that left something
                 result.leftovers.append(Leftover(a.target, f"{a.type.name} action #{a.index}: {exc}"))
 
-    def _phase_keep_going(self, step: str, actions: list[Action], ctx: RunContext, touched: set[int]) -> None:
+    def _cancel_all(self, actions: list[Action], ctx: RunContext, touched: set[int]) -> None:
+        """Cancel every action, newest first, going on past failures (up to ``jobs`` at once)."""
         jobs = ctx.options.jobs
         units = _units(actions, reverse=True, parallel=jobs > 1)
         if jobs <= 1 or len(units) <= 1:
             for unit in units:
-                self._step(step, unit, ctx, touched)
+                self._step("cancel", unit, ctx, touched)
         else:
             with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="blktx") as pool:
-                list(pool.map(lambda u: self._step(step, u, ctx, touched), units))
+                list(pool.map(lambda u: self._step("cancel", u, ctx, touched), units))
 
     def _finalize(self, finals: list[Action], ctx: RunContext, result: Result) -> None:
         """Roll forward after the commit point: finalize actions, then ``finish`` steps.
@@ -392,13 +393,12 @@ class Executor:
         # the journal may still say CREATED when its type's invalidate wrote nothing.
         unfinished = [a for a in result.actions
                       if a.type.has_finish and not a.type.finalize and a.state in (CREATED, INVALIDATED)]
-        touched: set[int] = set()
         for attempt in range(ctx.options.finalize_retries + 1):
             if attempt:
                 time.sleep(ctx.options.retry_delay * attempt)
             self.journal.intent(ctx.txid, "finalize", remaining + unfinished)
-            self._phase_all("do", [a for a in remaining if a.state == START], ctx, touched)
-            self._phase_all("invalidate", [a for a in remaining if a.state == CREATED], ctx, touched)
+            self.step("do", [a for a in remaining if a.state == START], ctx)
+            self.step("invalidate", [a for a in remaining if a.state == CREATED], ctx)
             unfinished = [a for a in unfinished if not self._finish(a, ctx)]
             self.journal.done(ctx.txid, "finalize", remaining + unfinished)
             remaining = [a for a in remaining if a.state != INVALIDATED]
@@ -419,10 +419,6 @@ class Executor:
             a.timed("finish", time.perf_counter() - t)
         a.error = a.failed_phase = None
         return True
-
-    def _phase_all(self, step: str, actions: list[Action], ctx: RunContext, touched: set[int]) -> None:
-        for unit in _units(actions, False):
-            self._step(step, unit, ctx, touched)
 
     # -- quiesce ---------------------------------------------------------------------
 

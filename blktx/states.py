@@ -43,8 +43,7 @@ CORE_TRANSITIONS: tuple[Transition, ...] = (
     Transition("cancel", CANCELED, CANCELED, "cancel is idempotent: a retry is allowed"),
 )
 
-# Transaction outcomes as recorded in the journal and the result.
-TX_BEGIN = "BEGIN"
+# Transaction outcomes as the executor reports them to the journal.
 TX_COMMITTED = "COMMITTED"
 TX_ABORTED = "ABORTED"
 TX_DONE = "DONE"
@@ -102,9 +101,6 @@ class Lifecycle:
     def allowed(self, trigger: str, state: str) -> bool:
         event = self.machine.events.get(trigger)
         return event is not None and state in event.transitions
-
-    def triggers(self) -> list[str]:
-        return list(dict.fromkeys(t.trigger for t in self.transitions))
 
     def mermaid(self, title: str = "") -> str:
         """The lifecycle as a Mermaid ``stateDiagram-v2``."""
