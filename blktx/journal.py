@@ -249,12 +249,17 @@ class SqliteJournal:
 
     # -- reading ----------------------------------------------------------------------
 
-    def transactions(self, limit: int = 20, statuses: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    def transactions(self, limit: int = 20, statuses: Sequence[str] | None = None,
+                     txid: str | None = None) -> list[dict[str, Any]]:
+        """The newest transactions, optionally only those in ``statuses`` or the one ``txid``."""
         sql = "SELECT txid, started, ended, status, pid, file, actions, detail, committed, base_dir, options FROM tx"
         args: list[Any] = []
         if statuses:
             sql += f" WHERE status IN ({','.join('?' * len(statuses))})"
             args += list(statuses)
+        elif txid is not None:
+            sql += " WHERE txid = ?"
+            args.append(txid)
         sql += " ORDER BY started DESC LIMIT ?"
         args.append(limit)
         keys = ("txid", "started", "ended", "status", "pid", "file", "actions", "detail", "committed", "base_dir",
@@ -275,7 +280,7 @@ class SqliteJournal:
         if len(rows) != 1:
             return None
         full = rows[0][0]
-        (tx,) = [t for t in self.transactions(limit=1_000_000) if t["txid"] == full]
+        (tx,) = self.transactions(limit=1, txid=full)
         keys = ("index", "type", "target", "params", "undo", "state", "started", "error", "phase", "durations", "output")
         tx["actions"] = []
         for row in self._db.execute("SELECT idx, type, target, params, undo, state, started, error, phase, durations, output "

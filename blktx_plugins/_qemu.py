@@ -243,11 +243,12 @@ class StorageDaemon:
     """One ``qemu-storage-daemon`` with every image of a batch open, driven over QMP.
 
     Images are opened on the command line (faster than one ``blockdev-add`` each);
-    node ``n<i>`` is the i-th image. :meth:`close` quits the daemon, which flushes
-    and unlocks the images.
+    ``node[image]`` is an image's node name. :meth:`close` quits the daemon, which
+    flushes and unlocks the images.
     """
 
     def __init__(self, images: list[str]) -> None:
+        self.node = {image: f"n{i}" for i, image in enumerate(images)}
         exe = shutil.which("qemu-storage-daemon")
         if exe is None:
             raise ActionFailed("qemu-storage-daemon is not installed (Debian package qemu-system-common)")

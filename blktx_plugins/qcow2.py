@@ -50,7 +50,6 @@ def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequ
     images = sorted({image for todo in plan.values() for image, _ in todo})
     if not images:
         return
-    node = {image: f"n{i}" for i, image in enumerate(images)}
     for attempt in range(10):
         try:
             daemon = StorageDaemon(images)
@@ -66,7 +65,7 @@ def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequ
             for image, snap in plan.get(a.index, []):
                 try:
                     daemon.cmd("blockdev-snapshot-delete-internal-sync",
-                               {"device": node[image], "id": snap.id, "name": snap.name})
+                               {"device": daemon.node[image], "id": snap.id, "name": snap.name})
                 except ActionFailed as exc:
                     failures[a.index] = ActionFailed(f"{image}: {exc}")
     finally:
@@ -113,13 +112,11 @@ class InternalCreate(ActionType):
         # qemu-img (which allows it); everything else in one daemon transaction.
         fresh = [a for a in actions if not a.undo.get("old")]
         if fresh:
-            images = sorted({a.params["image"] for a in fresh})
-            node = {image: f"n{i}" for i, image in enumerate(images)}
-            daemon = StorageDaemon(images)
+            daemon = StorageDaemon(sorted({a.params["image"] for a in fresh}))
             try:
                 daemon.cmd("transaction", {"actions": [
                     {"type": "blockdev-snapshot-internal-sync",
-                     "data": {"device": node[a.params["image"]], "name": a.params["name"]}} for a in fresh]})
+                     "data": {"device": daemon.node[a.params["image"]], "name": a.params["name"]}} for a in fresh]})
             finally:
                 daemon.close()
         for a in actions:

@@ -194,7 +194,8 @@ class InternalCreate(_QmpType):
             daemon = StorageDaemon([image])
             try:
                 for sid, name in made:
-                    daemon.cmd("blockdev-snapshot-delete-internal-sync", {"device": "n0", "id": sid, "name": name})
+                    daemon.cmd("blockdev-snapshot-delete-internal-sync",
+                               {"device": daemon.node[image], "id": sid, "name": name})
             finally:
                 daemon.close()
 
