@@ -208,8 +208,13 @@ class Executor:
         try:
             try:
                 self._raise_if_interrupted()
-                if options.quiesce != "none":
+                quiesced = options.quiesce != "none"
+                if quiesced:
+                    # The do intent (every action started, its undo facts) is written
+                    # before the window opens, not inside it: recover cancels a started
+                    # action whether or not its do ran, so this is no earlier a promise.
                     journal.intent(txid, "quiesce", actions)
+                    journal.intent(txid, "do", undoable)
                     if self._quiesce(ctx, actions, holds):
                         journal.holds(txid, holds, resumed=False)  # holds no hook announced first
                 for step in ("do", "invalidate"):
@@ -217,7 +222,7 @@ class Executor:
                     # An invalidate that no type implements changes nothing: journaling it
                     # would only lengthen the quiesce window.
                     durable = step == "do" or any(_implements(a.type, "invalidate") for a in undoable)
-                    if durable:
+                    if durable and not (step == "do" and quiesced):
                         journal.intent(txid, step, undoable)
                     self._phase(step, undoable, ctx, touched, options.jobs)
                     if durable:
@@ -453,20 +458,47 @@ class Executor:
         return unjournaled
 
     def _resume(self, ctx: RunContext, holds: list[Hold], result: Result) -> None:
-        """Resume every hold, newest first; many holds (VMs) are resumed at once."""
-        if len(holds) > 1:
-            with ThreadPoolExecutor(max_workers=min(len(holds), 32), thread_name_prefix="blktx-resume") as pool:
-                list(pool.map(lambda h: self._resume(ctx, [h], result), reversed(holds)))
-            return
-        for hold in holds:
-            try:
-                done = self.registry.pm.hook.blktx_resume(ctx=ctx, hold=hold)
-                if not done:
-                    result.warnings.append(f"no plugin resumed {hold.kind} hold on {hold.target}")
-            except Exception as exc:  # noqa: BLE001 - keep resuming the others
-                result.leftovers.append(Leftover(hold.target, f"still {hold.kind} (resume failed: {exc})"))
-            hold.end = time.monotonic()
-            self._emit("resumed", ctx.txid, target=hold.target, message=hold.kind, seconds=hold.window or 0.0)
+        """Resume every hold, newest first: each run of holds of one kind through
+        ``blktx_resume_many`` when a plugin takes them together, the rest one by one
+        (many at once)."""
+        order = list(reversed(holds))
+        runs: list[list[Hold]] = []
+        for hold in order:
+            if runs and runs[-1][0].kind == hold.kind:
+                runs[-1].append(hold)
+            else:
+                runs.append([hold])
+        for run in runs:
+            single = run
+            if len(run) > 1:
+                taken: set[int] = set()
+                try:
+                    for got in self.registry.pm.hook.blktx_resume_many(ctx=ctx, holds=run):
+                        taken.update(id(h) for h in got or [])
+                except Exception as exc:  # noqa: BLE001 - fall back to one by one
+                    result.warnings.append(f"resuming {run[0].kind} holds together failed ({exc}); one by one")
+                now = time.monotonic()
+                for hold in run:
+                    if id(hold) in taken:
+                        hold.end = hold.end or now
+                        self._emit("resumed", ctx.txid, target=hold.target, message=hold.kind,
+                                   seconds=hold.window or 0.0)
+                single = [h for h in run if id(h) not in taken]
+            if len(single) > 1:
+                with ThreadPoolExecutor(max_workers=min(len(single), 32), thread_name_prefix="blktx-resume") as pool:
+                    list(pool.map(lambda h: self._resume_one(ctx, h, result), single))
+            elif single:
+                self._resume_one(ctx, single[0], result)
+
+    def _resume_one(self, ctx: RunContext, hold: Hold, result: Result) -> None:
+        try:
+            done = self.registry.pm.hook.blktx_resume(ctx=ctx, hold=hold)
+            if not done:
+                result.warnings.append(f"no plugin resumed {hold.kind} hold on {hold.target}")
+        except Exception as exc:  # noqa: BLE001 - keep resuming the others
+            result.leftovers.append(Leftover(hold.target, f"still {hold.kind} (resume failed: {exc})"))
+        hold.end = time.monotonic()
+        self._emit("resumed", ctx.txid, target=hold.target, message=hold.kind, seconds=hold.window or 0.0)
 
     # -- signals and events ----------------------------------------------------------
 

@@ -82,6 +82,23 @@ def blktx_resume(ctx: RunContext, hold: Hold) -> bool | None:
     """
 
 
+@hookspec
+def blktx_resume_many(ctx: RunContext, holds: list[Hold]) -> list[Hold] | None:
+    """Resume several holds of one kind at once; return the ones you resumed.
+
+    Optional, for plugins that can end many windows faster together than one by
+    one (``qmp`` sends every ``cont`` from one event loop). The executor calls it
+    for each run of consecutive holds of one kind, newest run first; whatever no
+    implementation returns goes to :func:`blktx_resume`, one hold at a time. Set
+    ``hold.end`` (``time.monotonic()``) when each window really ended, or the
+    executor uses the time the call returned. Same idempotence as
+    :func:`blktx_resume`.
+
+    :param ctx: the run's context.
+    :param holds: holds of one ``kind``, newest first.
+    """
+
+
 # ---------------------------------------------------------------------------
 # Switching users over to a new image
 # ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ process is started and the image is opened read-only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -18,8 +19,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from blktx import ActionFailed, Refused
 
@@ -27,6 +29,8 @@ QCOW2_MAGIC = b"QFI\xfb"
 # QEMU's image locking takes OFD locks on bytes 100.. (permissions held) and
 # 200.. (permissions not shared) of an image it has open.
 _LOCK_START, _LOCK_LEN = 100, 200
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -186,57 +190,116 @@ class VmGone(ActionFailed):
     """The VM's QMP socket is gone: QEMU died."""
 
 
+class _Loop:
+    """The process's one asyncio loop for every QMP and guest-agent connection, run
+    by a daemon thread: commands to many VMs go out together from one loop, not from
+    one thread and loop per VM."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+    _pid = 0
+
+    @classmethod
+    def get(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None or cls._pid != os.getpid():  # a forked child has no loop thread
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="blktx-qmp-loop", daemon=True).start()
+                cls._loop, cls._pid = loop, os.getpid()
+            return cls._loop
+
+
+def run_async(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    """Run ``coro`` on the shared QMP loop and wait for it (from any thread but the loop's)."""
+    if timeout is not None:
+        coro = asyncio.wait_for(coro, timeout)
+    return asyncio.run_coroutine_threadsafe(coro, _Loop.get()).result()
+
+
 class Qmp:
-    """A QMP connection (``qemu.qmp``) driven synchronously, with timeouts, safe across threads."""
+    """A QMP connection (``qemu.qmp``), usable from any thread.
+
+    :meth:`cmd` waits for one command; :meth:`execute` is the same as a coroutine,
+    for sending to many VMs at once with :func:`run_async` and ``asyncio.gather``.
+    QEMU's errors become :class:`ActionFailed` naming the peer and the command; a
+    closed, reset or silent connection becomes :class:`VmGone`.
+    """
+
+    #: How error messages name the peer.
+    what = "VM"
+    #: QEMU's guest agent sends no greeting and negotiates nothing.
+    negotiate = True
 
     def __init__(self, address: str, timeout: float = 10.0) -> None:
-        from qemu.qmp import QMPClient
-
         self.address = address
         self.timeout = timeout
-        target: Any = address
-        if address.startswith("tcp:"):
-            host, port = address[4:].rsplit(":", 1)
+        self._client: Any = None
+        run_async(self.open(), None)
+
+    @classmethod
+    def _unopened(cls, address: str, timeout: float = 10.0) -> Qmp:
+        conn = cls.__new__(cls)
+        conn.address, conn.timeout, conn._client = address, timeout, None
+        return conn
+
+    @classmethod
+    def open_many(cls, addresses: list[str], timeout: float = 10.0) -> dict[str, Qmp | VmGone]:
+        """Connect to every address at once: each one's connection, or why it failed."""
+        conns = [cls._unopened(a, timeout) for a in addresses]
+
+        async def all_of() -> list[Any]:
+            return await asyncio.gather(*(c.open() for c in conns), return_exceptions=True)
+
+        got = run_async(all_of())
+        return {c.address: (c if r is None else r) for c, r in zip(conns, got, strict=True)}
+
+    async def open(self) -> None:
+        from qemu.qmp import QMPClient
+
+        target: Any = self.address
+        if self.address.startswith("tcp:"):
+            host, port = self.address[4:].rsplit(":", 1)
             target = (host, int(port))
-        self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._client = QMPClient("blktx")
+        client = QMPClient("blktx")
+        client.await_greeting = client.negotiate = self.negotiate
         try:
-            self._run(self._client.connect(target), timeout)
+            await asyncio.wait_for(client.connect(target), self.timeout)
         except Exception as exc:  # noqa: BLE001 - qemu.qmp raises its own connection errors
-            self.close()
-            why = "timed out (another client holds its monitor?)" if isinstance(exc, TimeoutError) else str(exc)
-            raise VmGone(f"cannot connect to the VM's QMP socket {address}: {why}") from None
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+            why = "timed out (another client holds it?)" if isinstance(exc, TimeoutError) else str(exc)
+            raise VmGone(f"cannot connect to the {self.what}'s socket {self.address}: {why}") from None
+        self._client = client
 
-    def _run(self, coro: Any, timeout: float) -> Any:
-        return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
-
-    def cmd(self, name: str, args: dict[str, Any] | None = None, timeout: float = 120.0) -> Any:
+    async def execute(self, name: str, args: dict[str, Any] | None = None, timeout: float = 120.0) -> Any:
         from qemu.qmp import ExecuteError
 
-        with self._lock:
-            try:
-                return self._run(self._client.execute(name, args), timeout)
-            except ExecuteError as exc:
-                raise ActionFailed(f"VM {self.address}: {name}: {exc}") from None
-            except Exception as exc:  # noqa: BLE001 - EOF, a reset or a timeout: the VM is gone or hung
-                raise VmGone(f"VM {self.address} stopped answering during {name}: "
-                             f"{exc or type(exc).__name__}") from None
+        try:
+            return await asyncio.wait_for(self._client.execute(name, args), timeout)
+        except ExecuteError as exc:
+            raise ActionFailed(f"{self.what} {self.address}: {name}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - EOF, a reset or a timeout: the peer is gone or hung
+            raise VmGone(f"{self.what} {self.address} stopped answering during {name}: "
+                         f"{exc or type(exc).__name__}") from None
+
+    def cmd(self, name: str, args: dict[str, Any] | None = None, timeout: float = 120.0) -> Any:
+        return run_async(self.execute(name, args, timeout))
 
     def close(self) -> None:
-        with self._lock:
-            try:
-                self._run(self._client.disconnect(), 5)
-            except Exception:  # noqa: BLE001 - closing a dead connection
-                pass
-            # A VM that went away leaves the client's disconnect task behind: finish it
-            # before the loop closes, or asyncio complains at exit.
-            pending = asyncio.all_tasks(self._loop)
-            for task in pending:
-                task.cancel()
-            if pending:
-                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            self._loop.close()
+        if self._client is not None:
+            with contextlib.suppress(Exception):  # closing a dead connection
+                run_async(self._client.disconnect(), 5)
+            self._client = None
+
+
+def gather(calls: list[tuple[Qmp, str, dict[str, Any] | None]]) -> list[Any]:
+    """Send one command to each of many connections at once; each call's reply, or
+    its exception (:class:`ActionFailed` or :class:`VmGone`) in its place."""
+
+    async def all_of() -> list[Any]:
+        return await asyncio.gather(*(c.execute(n, a) for c, n, a in calls), return_exceptions=True)
+
+    return run_async(all_of()) if calls else []
 
 
 class StorageDaemon:

@@ -13,46 +13,91 @@ gone.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Hold, Leftover, Param, Refused, RunContext, hookimpl
-from blktx_plugins._qemu import Qmp, StorageDaemon, VmGone, create_overlay, holder, overlay_is_ours, read_header
+from blktx_plugins._qemu import (
+    Qmp,
+    StorageDaemon,
+    VmGone,
+    create_overlay,
+    gather,
+    holder,
+    overlay_is_ours,
+    read_header,
+    run_async,
+)
+
+
+class _Connections:
+    """A run's QMP connections, one per VM, opened together when first needed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.open: dict[str, Qmp] = {}
+
+    def many(self, addresses: Sequence[str]) -> dict[str, Qmp | VmGone]:
+        failed: dict[str, VmGone] = {}
+        with self._lock:
+            missing = [a for a in dict.fromkeys(addresses) if a not in self.open]
+            for address, got in (Qmp.open_many(missing) if missing else {}).items():
+                if isinstance(got, Qmp):
+                    self.open[address] = got
+                else:
+                    failed[address] = got
+        return {a: self.open.get(a) or failed[a] for a in addresses}
+
+    def close(self) -> None:
+        for conn in self.open.values():
+            conn.close()
+
+
+def _connections(ctx: RunContext) -> _Connections:
+    def make() -> _Connections:
+        conns = _Connections()
+        ctx.on_close(conns.close)
+        return conns
+
+    return ctx.resource("qmp", make)
 
 
 def connection(ctx: RunContext, address: str) -> Qmp:
-    def open_it() -> Qmp:
-        conn = Qmp(address)
-        ctx.on_close(conn.close)
-        return conn
-
-    return ctx.resource(f"qmp:{address}", open_it)
+    got = _connections(ctx).many([address])[address]
+    if isinstance(got, VmGone):
+        raise got
+    return got
 
 
 def _address(value: str, base_dir: str) -> str:
     return value if value.startswith("tcp:") else os.path.normpath(os.path.join(base_dir, value))
 
 
-def resolve(conn: Qmp, drive: str, tables: tuple[list[Any], list[Any]] | None = None) -> dict[str, Any]:
+def _node_info(node: str, inserted: dict[str, Any]) -> dict[str, Any]:
+    return {"node": node, "file": inserted["file"], "format": inserted["drv"],
+            "size": inserted["image"]["virtual-size"],
+            "snapshots": [(s["id"], s["name"]) for s in inserted["image"].get("snapshots", [])]}
+
+
+def resolve(conn: Qmp, drive: str, blocks: list[Any] | None = None) -> dict[str, Any]:
     """The node behind ``drive``: its node name, image file, format and snapshots.
 
-    ``tables`` are the VM's ``query-block`` and ``query-named-block-nodes`` replies,
-    when the caller already has them.
+    ``blocks`` is the VM's ``query-block`` reply, when the caller already has it; a
+    drive's active node is found there, any other node in ``query-named-block-nodes``.
     """
-    blocks, nodes = tables or (conn.cmd("query-block"), conn.cmd("query-named-block-nodes", {"flat": True}))
-    node = drive
-    for dev in blocks:
-        if drive in (dev.get("device"), dev.get("qdev")) and dev.get("inserted"):
-            node = dev["inserted"]["node-name"]
-    for info in nodes:
-        if info["node-name"] == node:
-            return {"node": node, "file": info["file"], "format": info["drv"],
-                    "size": info["image"]["virtual-size"],
-                    "snapshots": [(s["id"], s["name"]) for s in info["image"].get("snapshots", [])]}
+    for dev in conn.cmd("query-block") if blocks is None else blocks:
+        inserted = dev.get("inserted")
+        if inserted and drive in (dev.get("device"), dev.get("qdev"), inserted.get("node-name")):
+            return _node_info(inserted["node-name"], inserted)
+    for info in conn.cmd("query-named-block-nodes", {"flat": True}):
+        if info["node-name"] == drive:
+            return _node_info(drive, info)
     raise Refused(f"VM {conn.address} has no drive or node {drive!r}",
                   hint="`query-block` lists the drives, `query-named-block-nodes` the nodes")
 
@@ -72,65 +117,77 @@ class _QmpType(ActionType):
     def _conn(self, action: Action, ctx: RunContext) -> Qmp:
         return connection(ctx, _address(action.params["vm"], ctx.base_dir))
 
-    def check_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
-        """Query each VM once (all VMs at once), then check every action against that."""
-        failures: dict[int, BaseException] = {}
+    def _vms(self, actions: Sequence[Action], ctx: RunContext) -> list[tuple[Qmp | VmGone, list[Action]]]:
+        """Each VM's connection (or why there is none) with its share of ``actions``."""
+        groups: dict[str, list[Action]] = {}
+        for a in actions:
+            groups.setdefault(_address(a.params["vm"], ctx.base_dir), []).append(a)
+        conns = _connections(ctx).many(list(groups))
+        return [(conns[address], group) for address, group in groups.items()]
 
-        def one(group: list[Action]) -> None:
-            try:
-                conn = self._conn(group[0], ctx)
-                tables = (conn.cmd("query-block"), conn.cmd("query-named-block-nodes", {"flat": True}))
-            except VmGone as exc:
-                refusal = Refused(str(exc), hint="is the VM running, and is its -qmp socket at that path?")
+    def check_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
+        """Query every VM once (all at once), then check each action against that."""
+        failures: dict[int, BaseException] = {}
+        vms = self._vms(actions, ctx)
+        live = [(c, g) for c, g in vms if isinstance(c, Qmp)]
+        for conn, group in vms:
+            if isinstance(conn, VmGone):
+                refusal = Refused(str(conn), hint="is the VM running, and is its -qmp socket at that path?")
                 failures.update({a.index: refusal for a in group})
-                return
-            except Exception as exc:  # noqa: BLE001 - refuses every action on that VM
-                failures.update({a.index: exc for a in group})
-                return
+        for (conn, group), blocks in zip(live, gather([(c, "query-block", None) for c, _ in live]), strict=True):
             for a in group:
                 try:
-                    info = resolve(conn, a.params["drive"], tables)
+                    if isinstance(blocks, BaseException):
+                        raise blocks
+                    info = resolve(conn, a.params["drive"], blocks)
                     a.undo.update({"node": info["node"], "file": info["file"], "format": info["format"],
                                    "size": info["size"], "before": [i for i, _ in info["snapshots"]]})
                     self._check(a, info)
                 except Exception as exc:  # noqa: BLE001 - a refusal of this action
                     failures[a.index] = exc
-
-        groups = list(self._by_vm(actions).values())
-        with ThreadPoolExecutor(max_workers=max(1, min(len(groups), 32)), thread_name_prefix="blktx-qmp") as pool:
-            list(pool.map(one, groups))
         if failures:
             raise ActionFailures(failures)
 
     def _check(self, action: Action, info: dict[str, Any]) -> None:
         return None
 
-    @staticmethod
-    def _by_vm(actions: Sequence[Action]) -> dict[str, list[Action]]:
-        groups: dict[str, list[Action]] = {}
-        for a in actions:
-            groups.setdefault(a.params["vm"], []).append(a)
-        return groups
-
     def _per_vm(self, actions: Sequence[Action], ctx: RunContext, send: Any) -> None:
-        """Send each VM's share of a batch, to all VMs at once so that no VM's pause
-        window waits for another's; a VM that fails fails only its own actions."""
+        """Run ``send(conn, group)`` for each VM's share of a batch, all VMs at once;
+        a VM that fails fails only its own actions."""
         failures: dict[int, BaseException] = {}
 
-        def one(group: list[Action]) -> None:
+        def one(conn: Qmp | VmGone, group: list[Action]) -> None:
             try:
-                send(self._conn(group[0], ctx), group)
+                if isinstance(conn, VmGone):
+                    raise conn
+                send(conn, group)
             except ActionFailures as exc:
                 failures.update(exc.failures)
             except Exception as exc:  # noqa: BLE001 - reported for each action of that VM
                 failures.update({a.index: exc for a in group})
 
-        groups = list(self._by_vm(actions).values())
-        if len(groups) == 1:
-            one(groups[0])
+        vms = self._vms(actions, ctx)
+        if len(vms) == 1:
+            one(*vms[0])
         else:
-            with ThreadPoolExecutor(max_workers=min(len(groups), 32), thread_name_prefix="blktx-qmp") as pool:
-                list(pool.map(one, groups))
+            with ThreadPoolExecutor(max_workers=min(len(vms), 32), thread_name_prefix="blktx-qmp") as pool:
+                list(pool.map(lambda vm: one(*vm), vms))
+        if failures:
+            raise ActionFailures(failures)
+
+    def _per_vm_cmd(self, actions: Sequence[Action], ctx: RunContext, build: Any) -> None:
+        """Send each VM one command, ``build(group)`` = (name, args), to all VMs at
+        once from one loop: the VMs' commands leave together, not one thread apart."""
+        failures: dict[int, BaseException] = {}
+        vms = self._vms(actions, ctx)
+        live = [(c, g) for c, g in vms if isinstance(c, Qmp)]
+        for conn, group in vms:
+            if isinstance(conn, VmGone):
+                failures.update({a.index: conn for a in group})
+        replies = gather([(c, *build(g)) for c, g in live])
+        for (_, group), reply in zip(live, replies, strict=True):
+            if isinstance(reply, BaseException):
+                failures.update({a.index: reply for a in group})
         if failures:
             raise ActionFailures(failures)
 
@@ -150,12 +207,9 @@ class InternalCreate(_QmpType):
             raise Refused(f"drive {action.params['drive']} is {info['format']}, not qcow2: no internal snapshots")
 
     def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
-        def send(conn: Qmp, group: list[Action]) -> None:
-            conn.cmd("transaction", {"actions": [
-                {"type": "blockdev-snapshot-internal-sync",
-                 "data": {"device": a.undo["node"], "name": a.params["name"]}} for a in group]})
-
-        self._per_vm(actions, ctx, send)
+        self._per_vm_cmd(actions, ctx, lambda group: ("transaction", {"actions": [
+            {"type": "blockdev-snapshot-internal-sync",
+             "data": {"device": a.undo["node"], "name": a.params["name"]}} for a in group]}))
 
     def _made(self, a: Action, snapshots: list[tuple[str, str]]) -> list[tuple[str, str]]:
         before = set(a.undo.get("before", []))
@@ -252,12 +306,9 @@ class ExternalCreate(_QmpType):
             "file": {"driver": "file", "filename": overlay}, "backing": None})
 
     def invalidate_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
-        def send(conn: Qmp, group: list[Action]) -> None:
-            conn.cmd("transaction", {"actions": [
-                {"type": "blockdev-snapshot", "data": {"node": a.undo["node"], "overlay": a.undo["overlay_node"]}}
-                for a in group]})
-
-        self._per_vm(actions, ctx, send)
+        self._per_vm_cmd(actions, ctx, lambda group: ("transaction", {"actions": [
+            {"type": "blockdev-snapshot", "data": {"node": a.undo["node"], "overlay": a.undo["overlay_node"]}}
+            for a in group]}))
 
     def cancel(self, action: Action, ctx: RunContext) -> None:
         if "node" not in action.undo:
@@ -317,32 +368,67 @@ def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> list[Hold]:
     if ctx.options.quiesce != "pause":
         return []
     addresses = sorted({_address(a.params["vm"], ctx.base_dir) for a in actions if a.type.name.startswith("qmp.")})
-    conns = [connection(ctx, address) for address in addresses]  # connect first: outside every window
+    got = _connections(ctx).many(addresses)  # connect first: outside every window
+    gone = [c for c in got.values() if isinstance(c, VmGone)]
+    if gone:
+        raise gone[0]
+    conns = [cast(Qmp, got[a]) for a in addresses]
 
     # Only running VMs are paused (and later resumed); a paused one stays paused.
-    running = [c for c in conns if c.cmd("query-status")["running"]]
-    holds = {c.address: Hold("qmp.pause", f"vm:{c.address}", {"address": c.address}) for c in running}
-    ctx.holding(list(holds.values()))  # journaled before any VM is stopped
+    statuses = gather([(c, "query-status", None) for c in conns])
+    for status in statuses:
+        if isinstance(status, BaseException):
+            raise status
+    running = [c for c, status in zip(conns, statuses, strict=True) if status["running"]]
+    holds = [Hold("qmp.pause", f"vm:{c.address}", {"address": c.address}) for c in running]
+    ctx.holding(holds)  # journaled before any VM is stopped
 
-    def pause(conn: Qmp) -> Hold:
-        hold = holds[conn.address]
+    async def pause(conn: Qmp, hold: Hold) -> None:
         hold.start = time.monotonic()
-        conn.cmd("stop")
-        return hold
+        await conn.execute("stop")
 
-    with ThreadPoolExecutor(max_workers=max(1, min(len(running), 32)), thread_name_prefix="blktx-qmp") as pool:
-        return list(pool.map(pause, running))
+    async def pause_all() -> list[Any]:  # every stop leaves the one loop together
+        return await asyncio.gather(*(pause(c, h) for c, h in zip(running, holds, strict=True)),
+                                    return_exceptions=True)
+
+    for failed in run_async(pause_all()):
+        if isinstance(failed, BaseException):
+            raise failed  # the executor resumes every hold announced above
+    return holds
 
 
 @hookimpl
 def blktx_resume(ctx: RunContext, hold: Hold) -> bool | None:
     if hold.kind != "qmp.pause":
         return None
-    address = hold.data["address"]
     try:
-        conn = connection(ctx, address)
-        if not conn.cmd("query-status")["running"]:
-            conn.cmd("cont")
+        # `cont` on a VM that runs already changes nothing: no query first, the
+        # window ends one round trip sooner.
+        connection(ctx, hold.data["address"]).cmd("cont")
     except VmGone:
         return True  # a dead VM has nothing left to resume
     return True
+
+
+@hookimpl
+def blktx_resume_many(ctx: RunContext, holds: list[Hold]) -> list[Hold] | None:
+    """Continue every paused VM at once: all ``cont`` commands leave one loop together."""
+    ours = [h for h in holds if h.kind == "qmp.pause"]
+    if not ours:
+        return None
+    got = _connections(ctx).many([h.data["address"] for h in ours])
+
+    async def resume(hold: Hold) -> None:
+        conn = got[hold.data["address"]]
+        if isinstance(conn, Qmp):
+            try:
+                await conn.execute("cont")
+            except VmGone:
+                pass  # a dead VM has nothing left to resume
+        hold.end = time.monotonic()
+
+    async def resume_all() -> list[Any]:
+        return await asyncio.gather(*(resume(h) for h in ours), return_exceptions=True)
+
+    # A VM whose `cont` failed is left to blktx_resume, which reports it.
+    return [h for h, failed in zip(ours, run_async(resume_all()), strict=True) if failed is None]
