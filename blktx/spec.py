@@ -28,7 +28,7 @@ OPTION_KEYS = {
     "retry_delay": "float",
     "cancel_retries": "int",
 }
-QUIESCE_MODES = ("none", "pause", "fsfreeze")
+QUIESCE_MODES = ("none", "pause", "fsfreeze", "fsfreeze+pause")
 
 
 @dataclass

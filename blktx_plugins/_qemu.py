@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 import signal
 import struct
@@ -237,7 +238,8 @@ class Qmp:
         run_async(self.open(), None)
 
     @classmethod
-    def _unopened(cls, address: str, timeout: float = 10.0) -> Qmp:
+    def unopened(cls, address: str, timeout: float = 10.0) -> Qmp:
+        """A connection not yet made: ``await conn.open()`` makes it."""
         conn = cls.__new__(cls)
         conn.address, conn.timeout, conn._client = address, timeout, None
         return conn
@@ -245,7 +247,7 @@ class Qmp:
     @classmethod
     def open_many(cls, addresses: list[str], timeout: float = 10.0) -> dict[str, Qmp | VmGone]:
         """Connect to every address at once: each one's connection, or why it failed."""
-        conns = [cls._unopened(a, timeout) for a in addresses]
+        conns = [cls.unopened(a, timeout) for a in addresses]
 
         async def all_of() -> list[Any]:
             return await asyncio.gather(*(c.open() for c in conns), return_exceptions=True)
@@ -285,11 +287,36 @@ class Qmp:
     def cmd(self, name: str, args: dict[str, Any] | None = None, timeout: float = 120.0) -> Any:
         return run_async(self.execute(name, args, timeout))
 
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    async def disconnect(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):  # closing a dead connection
+                await asyncio.wait_for(client.disconnect(), 5)
+
     def close(self) -> None:
         if self._client is not None:
-            with contextlib.suppress(Exception):  # closing a dead connection
-                run_async(self._client.disconnect(), 5)
-            self._client = None
+            run_async(self.disconnect())
+
+
+class Agent(Qmp):
+    """A connection to QEMU's guest agent (``qemu-ga``): the host end of the VM's
+    agent channel, a unix socket or tcp:host:port. The agent sends no greeting and
+    negotiates nothing; a ``guest-sync`` with a fresh id first skips whatever an
+    earlier client left in the channel."""
+
+    what = "guest agent"
+    negotiate = False
+
+    async def open(self) -> None:
+        await super().open()
+        token = secrets.randbelow(1 << 31)
+        got = await self.execute("guest-sync", {"id": token}, timeout=self.timeout)
+        if got != token:
+            raise VmGone(f"guest agent {self.address} answered guest-sync with {got!r}, not {token}")
 
 
 def gather(calls: list[tuple[Qmp, str, dict[str, Any] | None]]) -> list[Any]:

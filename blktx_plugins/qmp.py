@@ -24,6 +24,7 @@ from typing import Any, cast
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Hold, Leftover, Param, Refused, RunContext, hookimpl
 from blktx_plugins._qemu import (
+    Agent,
     Qmp,
     StorageDaemon,
     VmGone,
@@ -37,9 +38,11 @@ from blktx_plugins._qemu import (
 
 
 class _Connections:
-    """A run's QMP connections, one per VM, opened together when first needed."""
+    """A run's connections of one kind (QMP monitors, or guest agents), one per
+    address, opened together when first needed."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: type[Qmp]) -> None:
+        self._kind = kind
         self._lock = threading.Lock()
         self.open: dict[str, Qmp] = {}
 
@@ -47,7 +50,7 @@ class _Connections:
         failed: dict[str, VmGone] = {}
         with self._lock:
             missing = [a for a in dict.fromkeys(addresses) if a not in self.open]
-            for address, got in (Qmp.open_many(missing) if missing else {}).items():
+            for address, got in (self._kind.open_many(missing) if missing else {}).items():
                 if isinstance(got, Qmp):
                     self.open[address] = got
                 else:
@@ -59,13 +62,13 @@ class _Connections:
             conn.close()
 
 
-def _connections(ctx: RunContext) -> _Connections:
+def _connections(ctx: RunContext, kind: type[Qmp] = Qmp) -> _Connections:
     def make() -> _Connections:
-        conns = _Connections()
+        conns = _Connections(kind)
         ctx.on_close(conns.close)
         return conns
 
-    return ctx.resource("qmp", make)
+    return ctx.resource(f"qmp:{kind.__name__}", make)
 
 
 def connection(ctx: RunContext, address: str) -> Qmp:
@@ -105,6 +108,10 @@ def resolve(conn: Qmp, drive: str, blocks: list[Any] | None = None) -> dict[str,
 _COMMON = (
     Param("vm", "str", required=True, doc="the VM's QMP address: a unix socket path or tcp:host:port"),
     Param("drive", "str", required=True, doc="the drive: block-backend name, qdev id or node name"),
+    Param("agent", "str", doc="the host end of the VM's guest-agent channel (unix socket path or tcp:host:port); "
+                              'needed by quiesce = "fsfreeze" and "fsfreeze+pause"'),
+    Param("freeze", "list[str]", doc="with fsfreeze: the guest's mountpoints to freeze (default: every "
+                                     "filesystem the agent can freeze)"),
 )
 
 
@@ -134,6 +141,8 @@ class _QmpType(ActionType):
             if isinstance(conn, VmGone):
                 refusal = Refused(str(conn), hint="is the VM running, and is its -qmp socket at that path?")
                 failures.update({a.index: refusal for a in group})
+        if "fsfreeze" in ctx.options.quiesce:
+            self._check_agents(vms, ctx, failures)
         for (conn, group), blocks in zip(live, gather([(c, "query-block", None) for c, _ in live]), strict=True):
             for a in group:
                 try:
@@ -150,6 +159,32 @@ class _QmpType(ActionType):
 
     def _check(self, action: Action, info: dict[str, Any]) -> None:
         return None
+
+    def _check_agents(self, vms: list[tuple[Qmp | VmGone, list[Action]]], ctx: RunContext,
+                      failures: dict[int, BaseException]) -> None:
+        """With fsfreeze, every VM needs one agent that answers."""
+        wanted: dict[str, list[Action]] = {}
+        for _, group in vms:
+            named = {_address(a.params["agent"], ctx.base_dir) if a.params.get("agent") else None for a in group}
+            freezes = {tuple(a.params.get("freeze") or ()) for a in group}
+            vm = group[0].params["vm"]
+            if None in named:
+                why = Refused(f'quiesce = "{ctx.options.quiesce}" freezes the filesystems of VM {vm} through its guest '
+                              "agent, and this action names none", hint="add agent = \"<the agent channel's socket>\"")
+            elif len(named) > 1 or len(freezes) > 1:
+                why = Refused(f"the actions on VM {vm} name different guest agents or freeze lists",
+                              hint="give every action on one VM the same agent and freeze")
+            else:
+                wanted.setdefault(next(iter(named)) or "", []).extend(group)
+                continue
+            failures.update({a.index: why for a in group})
+        agents = _connections(ctx, Agent).many(list(wanted))
+        for address, group in wanted.items():
+            got = agents[address]
+            if isinstance(got, VmGone):
+                why = Refused(f"VM {group[0].params['vm']}: {got}",
+                              hint="is qemu-ga running in the guest, and is this the host end of its channel?")
+                failures.update({a.index: why for a in group if a.index not in failures})
 
     def _per_vm(self, actions: Sequence[Action], ctx: RunContext, send: Any) -> None:
         """Run ``send(conn, group)`` for each VM's share of a batch, all VMs at once;
@@ -362,73 +397,160 @@ def blktx_register_action_types(register: Any) -> None:
         register(cls)
 
 
-@hookimpl
-def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> list[Hold]:
-    """Stop every running VM of the transaction; leave paused ones as they are."""
-    if ctx.options.quiesce != "pause":
-        return []
-    addresses = sorted({_address(a.params["vm"], ctx.base_dir) for a in actions if a.type.name.startswith("qmp.")})
-    got = _connections(ctx).many(addresses)  # connect first: outside every window
-    gone = [c for c in got.values() if isinstance(c, VmGone)]
-    if gone:
-        raise gone[0]
-    conns = [cast(Qmp, got[a]) for a in addresses]
+QUIESCE_PAUSE = ("pause", "fsfreeze+pause")
+QUIESCE_FREEZE = ("fsfreeze", "fsfreeze+pause")
+#: How long a guest may take to flush and freeze its filesystems.
+FREEZE_TIMEOUT = 60.0
 
-    # Only running VMs are paused (and later resumed); a paused one stays paused.
-    statuses = gather([(c, "query-status", None) for c in conns])
-    for status in statuses:
-        if isinstance(status, BaseException):
-            raise status
-    running = [c for c, status in zip(conns, statuses, strict=True) if status["running"]]
-    holds = [Hold("qmp.pause", f"vm:{c.address}", {"address": c.address}) for c in running]
-    ctx.holding(holds)  # journaled before any VM is stopped
 
-    async def pause(conn: Qmp, hold: Hold) -> None:
+def _open_all(ctx: RunContext, addresses: Sequence[str], kind: type[Qmp] = Qmp) -> list[Qmp]:
+    got = _connections(ctx, kind).many(addresses)
+    for conn in got.values():
+        if isinstance(conn, VmGone):
+            raise conn
+    return [cast(Qmp, got[a]) for a in addresses]
+
+
+def _raise_first(replies: list[Any]) -> None:
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            raise reply
+
+
+def _stamped(holds: list[Hold], conns: list[Qmp], commands: list[tuple[str, dict[str, Any] | None]],
+             timeout: float = 120.0) -> list[Any]:
+    """Send each connection its command, all at once from the one loop, setting each
+    hold's start just before its command leaves; the replies or exceptions."""
+
+    async def one(hold: Hold, conn: Qmp, command: tuple[str, dict[str, Any] | None]) -> Any:
         hold.start = time.monotonic()
-        await conn.execute("stop")
+        return await conn.execute(*command, timeout=timeout)
 
-    async def pause_all() -> list[Any]:  # every stop leaves the one loop together
-        return await asyncio.gather(*(pause(c, h) for c, h in zip(running, holds, strict=True)),
+    async def all_of() -> list[Any]:
+        return await asyncio.gather(*(one(*x) for x in zip(holds, conns, commands, strict=True)),
                                     return_exceptions=True)
 
-    for failed in run_async(pause_all()):
-        if isinstance(failed, BaseException):
-            raise failed  # the executor resumes every hold announced above
+    return run_async(all_of())
+
+
+@hookimpl
+def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> list[Hold]:
+    """Freeze the guests' filesystems (``fsfreeze``), then stop the VMs (``pause``).
+
+    Only running VMs are stopped, and only thawed guests frozen: a VM that was
+    already paused stays paused, a guest already frozen stays frozen. Every hold is
+    journaled before its VM is touched.
+    """
+    mode = ctx.options.quiesce
+    if mode not in QUIESCE_PAUSE + QUIESCE_FREEZE:
+        return []
+    ours = [a for a in actions if a.type.name.startswith("qmp.")]
+    addresses = sorted({_address(a.params["vm"], ctx.base_dir) for a in ours})
+    conns = _open_all(ctx, addresses)  # connect first: outside every window
+    statuses = gather([(c, "query-status", None) for c in conns])
+    _raise_first(statuses)
+    running = [c for c, status in zip(conns, statuses, strict=True) if status["running"]]
+    holds: list[Hold] = []
+    if mode in QUIESCE_FREEZE:
+        holds += _freeze(ctx, ours, {c.address for c in running})
+    if mode in QUIESCE_PAUSE:
+        holds += _pause(ctx, running)
     return holds
+
+
+def _freeze(ctx: RunContext, actions: list[Action], running: set[str]) -> list[Hold]:
+    """Freeze each running guest's filesystems through its agent (a paused guest
+    cannot answer its agent, and its disks do not change)."""
+    plan: dict[str, tuple[str, list[str]]] = {}  # agent -> (VM, mountpoints)
+    for a in actions:
+        vm = _address(a.params["vm"], ctx.base_dir)
+        if vm in running and a.params.get("agent"):
+            plan[_address(a.params["agent"], ctx.base_dir)] = (vm, list(a.params.get("freeze") or []))
+    agents = _open_all(ctx, sorted(plan), Agent)
+    statuses = gather([(ag, "guest-fsfreeze-status", None) for ag in agents])
+    _raise_first(statuses)
+    thawed = [ag for ag, status in zip(agents, statuses, strict=True) if status != "frozen"]
+    holds = [Hold("qga.freeze", f"vm:{plan[ag.address][0]}", {"agent": ag.address, "vm": plan[ag.address][0]})
+             for ag in thawed]
+    ctx.holding(holds)  # journaled before any guest is frozen
+    mounts = [plan[ag.address][1] for ag in thawed]
+    commands: list[tuple[str, dict[str, Any] | None]] = [
+        ("guest-fsfreeze-freeze-list", {"mountpoints": m}) if m else ("guest-fsfreeze-freeze", None) for m in mounts]
+    replies = _stamped(holds, thawed, commands, FREEZE_TIMEOUT)
+    for ag, wanted, reply in zip(thawed, mounts, replies, strict=True):
+        if isinstance(reply, BaseException):
+            raise ActionFailed(f"VM {plan[ag.address][0]}: {reply}")
+        if wanted and reply < len(wanted):
+            raise ActionFailed(f"VM {plan[ag.address][0]}: the guest agent froze {reply} of the {len(wanted)} "
+                               f"filesystems {', '.join(wanted)}; is each a mountpoint in the guest?")
+    return holds
+
+
+def _pause(ctx: RunContext, running: list[Qmp]) -> list[Hold]:
+    holds = [Hold("qmp.pause", f"vm:{c.address}", {"address": c.address}) for c in running]
+    ctx.holding(holds)  # journaled before any VM is stopped
+    _raise_first(_stamped(holds, running, [("stop", None)] * len(running)))  # the executor resumes every hold
+    return holds
+
+
+def _resume_cmd(hold: Hold) -> tuple[type[Qmp], str, str]:
+    """How to end a hold: the connection kind, its address and the command."""
+    if hold.kind == "qga.freeze":
+        return Agent, hold.data["agent"], "guest-fsfreeze-thaw"
+    return Qmp, hold.data["address"], "cont"
+
+
+async def _end(ctx: RunContext, hold: Hold, conn: Qmp | VmGone) -> None:
+    """``cont`` a VM (on a running VM it changes nothing) or thaw a guest. A dead VM
+    has nothing left to resume; a live VM whose agent does not answer is still
+    frozen, and that is raised."""
+    try:
+        if isinstance(conn, VmGone):
+            raise conn
+        await conn.execute(_resume_cmd(hold)[2], timeout=FREEZE_TIMEOUT)
+    except VmGone:
+        if hold.kind == "qga.freeze" and await _vm_alive(ctx, hold.data["vm"]):
+            raise
+    hold.end = time.monotonic()
+
+
+async def _vm_alive(ctx: RunContext, address: str) -> bool:
+    """Whether the VM at ``address`` answers QMP (on the loop: no blocking calls)."""
+    conn = _connections(ctx).open.get(address)
+    mine = conn is None
+    try:
+        if conn is None:
+            conn = Qmp.unopened(address)
+            await conn.open()
+        await conn.execute("query-status", timeout=5)
+        return True
+    except VmGone:
+        return False
+    finally:
+        if mine and conn is not None and conn.connected:
+            await conn.disconnect()
 
 
 @hookimpl
 def blktx_resume(ctx: RunContext, hold: Hold) -> bool | None:
-    if hold.kind != "qmp.pause":
+    if hold.kind not in ("qmp.pause", "qga.freeze"):
         return None
-    try:
-        # `cont` on a VM that runs already changes nothing: no query first, the
-        # window ends one round trip sooner.
-        connection(ctx, hold.data["address"]).cmd("cont")
-    except VmGone:
-        return True  # a dead VM has nothing left to resume
+    kind, address, _ = _resume_cmd(hold)
+    run_async(_end(ctx, hold, _connections(ctx, kind).many([address])[address]))
     return True
 
 
 @hookimpl
 def blktx_resume_many(ctx: RunContext, holds: list[Hold]) -> list[Hold] | None:
-    """Continue every paused VM at once: all ``cont`` commands leave one loop together."""
-    ours = [h for h in holds if h.kind == "qmp.pause"]
+    """End every window of a kind at once: all ``cont`` (or thaw) commands leave one
+    loop together. Any that failed is left to blktx_resume, which reports it."""
+    ours = [h for h in holds if h.kind in ("qmp.pause", "qga.freeze")]
     if not ours:
         return None
-    got = _connections(ctx).many([h.data["address"] for h in ours])
+    kind = _resume_cmd(ours[0])[0]
+    got = _connections(ctx, kind).many([_resume_cmd(h)[1] for h in ours])
 
-    async def resume(hold: Hold) -> None:
-        conn = got[hold.data["address"]]
-        if isinstance(conn, Qmp):
-            try:
-                await conn.execute("cont")
-            except VmGone:
-                pass  # a dead VM has nothing left to resume
-        hold.end = time.monotonic()
+    async def all_of() -> list[Any]:
+        return await asyncio.gather(*(_end(ctx, h, got[_resume_cmd(h)[1]]) for h in ours), return_exceptions=True)
 
-    async def resume_all() -> list[Any]:
-        return await asyncio.gather(*(resume(h) for h in ours), return_exceptions=True)
-
-    # A VM whose `cont` failed is left to blktx_resume, which reports it.
-    return [h for h, failed in zip(ours, run_async(resume_all()), strict=True) if failed is None]
+    return [h for h, failed in zip(ours, run_async(all_of()), strict=True) if failed is None]

@@ -264,6 +264,49 @@ def test_live_vm_every_crash_point_is_resumed_and_all_or_none(tmp_path: Path) ->
 
 
 @needs_qemu_img
+def test_frozen_and_paused_guest_every_crash_point_is_thawed_and_resumed(tmp_path: Path, btrfs_mount: Path) -> None:
+    """quiesce = "fsfreeze+pause" killed at every journal write: recover continues
+    the VM and thaws its filesystems (a real qemu-ga on this host, freezing a
+    loop-mounted btrfs)."""
+    import pytest
+
+    if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-ga") is None:
+        pytest.skip("needs qemu-system-x86_64 (Debian qemu-system-x86) and qemu-ga (Debian qemu-guest-agent)")
+    from qemu_helpers import VM, GuestAgent
+
+    agent = GuestAgent(tmp_path, [btrfs_mount])
+    tried = 0
+    try:
+        for n in range(1, 60):
+            work = tmp_path / f"c{n}"
+            work.mkdir()
+            vm = VM(work, "vm")
+            (work / "t.toml").write_text(
+                'version = 1\n[options]\nquiesce = "fsfreeze+pause"\n'
+                f'[[action]]\ntype = "qmp.internal-create"\nvm = "vm.qmp"\ndrive = "drive0"\nname = "s"\n'
+                f'agent = "{agent.sock}"\nfreeze = ["{btrfs_mount}"]\n')
+            journal = work / "j.sqlite"
+            try:
+                out = blktx("run", str(work / "t.toml"), "--journal", str(journal),
+                            env={"BLKTX_CRASH_AFTER": str(n)})
+                if out.returncode == 0:
+                    assert vm.running() and vm.snapshots(0) == ["s"] and agent.status() == "thawed"
+                    break
+                assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr
+                tried += 1
+                recover(journal)
+                assert vm.running(), f"crash after write {n}: the VM is still paused"
+                assert agent.status() == "thawed", f"crash after write {n}: the guest is still frozen"
+                assert vm.snapshots(0) in ([], ["s"])
+                assert recover(journal) == [] and locks(journal) == []
+            finally:
+                vm.quit()
+    finally:
+        agent.stop()
+    assert tried >= 8
+
+
+@needs_qemu_img
 def test_qcow2_replace_alone_every_crash_point(tmp_path: Path) -> None:
     """No type here implements invalidate, so the journal never says INVALIDATED:
     recover must still roll the post-commit deletion of the old snapshot forward."""

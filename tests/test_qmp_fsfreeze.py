@@ -1,0 +1,163 @@
+"""``quiesce = "fsfreeze"`` and ``"fsfreeze+pause"``: filesystems frozen through
+QEMU's guest agent around the snapshot of a real VM.
+
+No guest kernel runs here, so the agent is a real ``qemu-ga`` on this host,
+reached the way blktx reaches a VM's agent channel (a unix socket), freezing a
+loop-mounted btrfs. A write into that filesystem is the probe: it must wait
+while the snapshot is taken and go through once blktx has thawed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu_helpers import VM, GuestAgent, make_image, needs_qemu_ga, needs_qemu_img, needs_qemu_system, snapshots
+
+from blktx import ActionSpec, Event, Executor, Transaction, hookimpl
+from blktx.plugins import load
+
+pytestmark = [needs_qemu_img, needs_qemu_system, needs_qemu_ga]
+
+
+@pytest.fixture
+def vm(tmp_path: Path) -> Iterator[VM]:
+    machine = VM(tmp_path, "vm")
+    yield machine
+    machine.quit()
+
+
+@pytest.fixture
+def agent(tmp_path: Path, btrfs_mount: Path) -> Iterator[GuestAgent]:
+    ga = GuestAgent(tmp_path, [btrfs_mount])
+    yield ga
+    ga.stop()
+
+
+class Probe:
+    """When the do phase reaches the first action, start a write into the frozen
+    filesystem and see whether it went through within 0.3 s; also note whether
+    the VM was running."""
+
+    def __init__(self, mnt: Path, vm: VM) -> None:
+        self.file = mnt / "data" / "written-during-do"
+        self.vm = vm
+        self.done = threading.Event()
+        self.blocked: bool | None = None
+        self.vm_running: bool | None = None
+
+    def _write(self) -> None:
+        self.file.write_text("x")
+        self.done.set()
+
+    @hookimpl
+    def blktx_event(self, event: Event) -> None:
+        if event.kind == "action" and event.phase == "do" and self.blocked is None:
+            threading.Thread(target=self._write, daemon=True).start()
+            self.blocked = not self.done.wait(0.3)
+            self.vm_running = self.vm.running()
+
+
+def run(base: Path, actions: list[tuple[str, dict[str, Any]]], extra: list[Any] = (), **options: Any):
+    registry = load(extra=[(f"t{i}", p) for i, p in enumerate(extra)])
+    return Executor(registry).run(Transaction([ActionSpec(t, p) for t, p in actions], options=options,
+                                              base_dir=str(base)))
+
+
+def snap(mnt: Path, name: str = "nightly", **extra: Any) -> tuple[str, dict[str, Any]]:
+    return ("qmp.internal-create", {"vm": "vm.qmp", "drive": "drive0", "name": name, "agent": "qga.sock",
+                                    "freeze": [str(mnt)], **extra})
+
+
+def test_fsfreeze_holds_writes_during_the_snapshot_and_thaws_after(tmp_path: Path, vm: VM, agent: GuestAgent,
+                                                                  btrfs_mount: Path) -> None:
+    probe = Probe(btrfs_mount, vm)
+    result = run(tmp_path, [snap(btrfs_mount)], extra=[probe], quiesce="fsfreeze")
+    assert result.outcome == "committed", result.summary()
+    assert probe.blocked is True, "a write into the guest filesystem went through during the snapshot"
+    assert probe.vm_running is True  # fsfreeze alone leaves the VM running
+    assert probe.done.wait(5), "the write never went through: the filesystem stayed frozen"
+    assert agent.status() == "thawed"
+    assert vm.snapshots(0) == ["nightly"] and vm.running()
+    assert [(h.kind, h.target) for h in result.holds] == [("qga.freeze", f"vm:{tmp_path / 'vm.qmp'}")]
+    assert result.holds[0].window is not None and 0.3 <= result.holds[0].window < 10
+
+
+def test_fsfreeze_and_pause_roll_back_thawed_and_running(tmp_path: Path, vm: VM, agent: GuestAgent,
+                                                        btrfs_mount: Path) -> None:
+    probe = Probe(btrfs_mount, vm)
+    result = run(tmp_path, [snap(btrfs_mount), ("fault", {"phase": "invalidate"})], extra=[probe],
+                 quiesce="fsfreeze+pause")
+    assert result.outcome == "rolled back", result.summary()
+    assert probe.blocked is True and probe.vm_running is False  # frozen and paused during do
+    assert probe.done.wait(5) and agent.status() == "thawed" and vm.running()
+    assert vm.snapshots(0) == []
+    # frozen first, paused second; resumed in reverse (a paused guest cannot thaw)
+    assert [h.kind for h in result.holds] == ["qga.freeze", "qmp.pause"]
+    freeze, pause = result.holds
+    assert freeze.start <= pause.start and pause.end is not None and freeze.end is not None
+    assert pause.end <= freeze.end
+
+
+def test_a_guest_frozen_before_the_run_stays_frozen(tmp_path: Path, vm: VM, agent: GuestAgent,
+                                                   btrfs_mount: Path) -> None:
+    assert agent.cmd("guest-fsfreeze-freeze-list", {"mountpoints": [str(btrfs_mount)]}) == 1
+    try:
+        result = run(tmp_path, [snap(btrfs_mount)], quiesce="fsfreeze")
+        assert result.outcome == "committed", result.summary()
+        assert result.holds == [] and agent.status() == "frozen"
+    finally:
+        agent.cmd("guest-fsfreeze-thaw")
+    assert agent.status() == "thawed"
+
+
+def test_fsfreeze_needs_an_agent_that_answers(tmp_path: Path, vm: VM, agent: GuestAgent, btrfs_mount: Path) -> None:
+    no_agent = ("qmp.internal-create", {"vm": "vm.qmp", "drive": "drive0", "name": "a"})
+    result = run(tmp_path, [no_agent], quiesce="fsfreeze")
+    assert result.outcome == "invalid"
+    assert "guest agent" in result.problems[0].message and "vm.qmp" in result.problems[0].message
+    assert 'agent = "' in (result.problems[0].hint or "")
+
+    result = run(tmp_path, [snap(btrfs_mount, agent="gone.sock")], quiesce="fsfreeze")
+    assert result.outcome == "invalid"
+    assert str(tmp_path / "gone.sock") in result.problems[0].message
+    assert vm.snapshots(0) == []
+
+
+def test_a_path_that_is_no_mountpoint_fails_the_freeze_and_changes_nothing(tmp_path: Path, vm: VM, agent: GuestAgent,
+                                                                           btrfs_mount: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    result = run(tmp_path, [snap(btrfs_mount, freeze=[str(btrfs_mount), str(tmp_path / "plain")])],
+                 quiesce="fsfreeze")
+    assert result.outcome == "rolled back"
+    assert result.failure is not None and result.failure.phase == "quiesce"
+    assert "froze 1 of the 2 filesystems" in result.failure.message and "vm.qmp" in result.failure.message
+    assert agent.status() == "thawed" and vm.snapshots(0) == [] and vm.running()
+    (btrfs_mount / "data" / "after").write_text("writable")  # thawed: this would hang if not
+    assert os.path.exists(btrfs_mount / "data" / "after")
+
+
+def test_resume_thaws_after_cont_even_when_the_vm_died(tmp_path: Path, vm: VM, agent: GuestAgent,
+                                                      btrfs_mount: Path) -> None:
+    """A VM killed inside the window: the group rolls back, its agent's guest is
+    still thawed (here the agent outlives the VM, as a host agent does)."""
+
+    class KillAtDo:
+        @hookimpl
+        def blktx_event(self, event: Event) -> None:
+            if event.kind == "action" and event.phase == "do" and event.action == 0 and vm.proc.poll() is None:
+                vm.kill()
+
+    make_image(tmp_path / "off.qcow2")
+    started = time.monotonic()
+    result = run(tmp_path, [("qcow2.internal-create", {"image": "off.qcow2", "name": "nightly"}), snap(btrfs_mount)],
+                 extra=[KillAtDo()], quiesce="fsfreeze+pause", jobs=1)
+    assert result.outcome == "rolled back", result.summary()
+    assert result.failure is not None and "vm.qmp" in result.failure.message
+    assert agent.status() == "thawed" and snapshots(tmp_path / "off.qcow2") == []
+    assert time.monotonic() - started < 30
