@@ -107,6 +107,8 @@ def main() -> int:
     parser.add_argument("--vms", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--dir", default=None,
+                        help="where the images go (default: the system's temp dir); /dev/shm takes fsync out")
     args = parser.parse_args()
     if shutil.which("qemu-system-x86_64") is None:
         raise SystemExit("needs qemu-system-x86_64 (Debian qemu-system-x86)")
@@ -115,7 +117,7 @@ def main() -> int:
     blktx.plugins.default_registry()
     rows = []
     for n in args.vms:
-        d = tempfile.mkdtemp(prefix="blktx-qmp-bench-")
+        d = tempfile.mkdtemp(prefix="blktx-qmp-bench-", dir=args.dir)
         vms = start_vms(d, n)
         try:
             totals, windows, hands, groups = [], [], [], []

@@ -217,19 +217,25 @@ class Executor:
                     journal.intent(txid, "do", undoable)
                     if self._quiesce(ctx, actions, holds):
                         journal.holds(txid, holds, resumed=False)  # holds no hook announced first
+                # An invalidate that no type implements changes nothing: journaling it
+                # would only lengthen the quiesce window.
+                has_invalidate = any(_implements(a.type, "invalidate") for a in undoable)
+                last = "invalidate" if has_invalidate else "do"
                 for step in ("do", "invalidate"):
                     t = time.perf_counter()
-                    # An invalidate that no type implements changes nothing: journaling it
-                    # would only lengthen the quiesce window.
-                    durable = step == "do" or any(_implements(a.type, "invalidate") for a in undoable)
+                    durable = step == "do" or has_invalidate
                     if durable and not (step == "do" and quiesced):
                         journal.intent(txid, step, undoable)
                     self._phase(step, undoable, ctx, touched, options.jobs)
-                    if durable:
+                    if durable and step != last:
                         journal.done(txid, step, undoable)
                     result.phases[step] = time.perf_counter() - t
                     self._raise_if_interrupted()
-                journal.outcome(txid, TX_COMMITTED, {})
+                # The last phase's results and COMMITTED are one durable write: one
+                # fsync less between the last step and the end of the quiesce window.
+                with together(journal):
+                    journal.done(txid, last, undoable)
+                    journal.outcome(txid, TX_COMMITTED, {})
                 result.committed = True
             except Exception as exc:  # noqa: BLE001 - whatever failed before the commit point rolls back
                 if isinstance(exc, _PhaseFailed):
@@ -539,6 +545,13 @@ class Executor:
     def _emit_action(self, ctx: RunContext, step: str, a: Action) -> None:
         if self._observed:
             self._emit("action", ctx.txid, phase=step, action=a.index, state=a.state, target=a.target)
+
+
+def together(journal: Journal) -> contextlib.AbstractContextManager[None]:
+    """The journal's way of making several writes one (``SqliteJournal.together``),
+    or nothing for a journal without one."""
+    batch = getattr(journal, "together", None)
+    return batch() if batch is not None else contextlib.nullcontext()
 
 
 def _implements(atype: ActionType, step: str) -> bool:

@@ -95,6 +95,7 @@ class SqliteJournal:
             raise BlktxError(f"cannot open the journal {self.path}: {exc}; "
                              "give another with --journal PATH or $BLKTX_JOURNAL") from None
         self._mutex = threading.Lock()
+        self._batch: int | None = None  # the thread inside together(), if any
         self._writes = 0
         self._undo: dict[int, str] = {}  # the undo facts as last journaled, by action index
         crash = os.environ.get("BLKTX_CRASH_AFTER")
@@ -111,6 +112,9 @@ class SqliteJournal:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        if self._batch == threading.get_ident():  # inside together(): one durable write for all
+            yield self._db
+            return
         with self._mutex:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -122,6 +126,17 @@ class SqliteJournal:
             self._writes += 1
             if self._crash_after is not None and self._writes >= self._crash_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Make every write of this thread inside the block one durable write (one
+        fsync): all of it is in the journal after a crash, or none of it."""
+        with self._write():
+            self._batch = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._batch = None
 
     def begin(self, txid: str, info: dict[str, Any], actions: Sequence[Action]) -> None:
         self._undo = {a.index: _dumps(a.undo) for a in actions}

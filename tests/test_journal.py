@@ -44,8 +44,40 @@ def test_run_records_every_action_and_outcome(tmp_path: Path, registry) -> None:
 def test_one_durable_write_per_batch_not_per_action(tmp_path: Path, registry) -> None:
     journal = SqliteJournal(str(tmp_path / "j.sqlite"))
     Executor(registry, journal=journal, locker=journal).run(noop_tx([str(i) for i in range(500)]))
-    # lock, begin, intent+done of do (no-op invalidates write nothing), commit, final states, outcome, unlock
-    assert journal._writes == 8
+    # lock, begin, intent of do, do's results with COMMITTED (no-op invalidates write
+    # nothing), final states, outcome, unlock
+    assert journal._writes == 7
+
+
+def test_inside_a_quiesce_window_one_durable_write(tmp_path: Path, registry) -> None:
+    """The do intent goes before the window; the results and the commit point are one write."""
+    from blktx import Hold, hookimpl
+    from blktx.plugins import load
+
+    journal = SqliteJournal(str(tmp_path / "j.sqlite"))
+    seen: dict[str, int] = {}
+
+    class Window:
+        @hookimpl
+        def blktx_quiesce(self, ctx, actions):
+            seen["paused"] = journal._writes
+            return [Hold("test.window", "t")]
+
+        @hookimpl
+        def blktx_resume(self, ctx, hold):
+            if hold.kind != "test.window":
+                return None
+            seen["resumed"] = journal._writes
+            return True
+
+    tx = Transaction([ActionSpec("sim.noop", {"key": str(i)}) for i in range(20)], options={"quiesce": "pause"},
+                     base_dir="/tmp")
+    result = Executor(load(extra=[("w", Window())]), journal=journal, locker=journal).run(tx)
+    assert result.outcome == "committed"
+    # the hold itself is journaled when the hook returns (it did not announce it), then one write
+    assert seen["resumed"] - seen["paused"] == 2
+    (logged,) = journal.transactions()
+    assert logged["committed"] and logged["status"] == "DONE"
 
 
 def test_second_run_on_a_locked_target_is_refused_naming_the_holder(tmp_path: Path, registry) -> None:
