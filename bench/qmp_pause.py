@@ -4,10 +4,17 @@ For 1, 4 and 16 VMs (``qemu-system-x86_64 -machine none``) with 4 qcow2 drives
 each, blktx takes an internal snapshot of every drive with ``quiesce = "pause"``
 (journal and locks on) and reports each VM's pause window (its ``stop`` to its
 ``cont``). In the same run, on the same VMs, the baseline sends ``stop``, one raw
-QMP ``transaction`` for the VM's 4 drives, and ``cont`` by hand.
+QMP ``transaction`` for the VM's 4 drives, and ``cont`` by hand, one VM alone and
+then all VMs at once from one event loop (the floor of a simultaneous group pause).
+
+``--kind external`` does the same with external snapshots: the overlay files are
+made and added as nodes before the clock starts on the hand-sent side (as blktx
+makes them before the VMs stop), and the window holds the ``blockdev-snapshot``
+switch.
 
     python bench/qmp_pause.py
-    python bench/qmp_pause.py --vms 1 4 --json
+    python bench/qmp_pause.py --kind external --repeat 3
+    python bench/qmp_pause.py --vms 1 4 --json --dir /dev/shm
 """
 
 from __future__ import annotations
@@ -36,16 +43,56 @@ def start_vms(d: str, n: int) -> list[Any]:
     return [VM(Path(d), f"vm{i}", drives=DRIVES) for i in range(n)]
 
 
+KIND = "internal"
+
+
+def prepare(vm: Any, name: str) -> list[dict[str, Any]]:
+    """The raw QMP transaction for one VM's 4 drives. For external snapshots, the
+    overlay files are made and added as nodes first, outside the timed window (as
+    blktx does)."""
+    if KIND == "internal":
+        return [{"type": "blockdev-snapshot-internal-sync", "data": {"device": f"drive{i}", "name": name}}
+                for i in range(DRIVES)]
+    from blktx_plugins._qemu import Qmp, qemu_img
+
+    conn = Qmp(str(vm.ctl))
+    try:
+        actions = []
+        for dev in conn.cmd("query-block"):
+            if not dev["device"].startswith("drive"):
+                continue
+            ins = dev["inserted"]
+            overlay = f"{ins['file']}.{name}"
+            qemu_img("create", "-q", "-f", "qcow2", "-b", ins["file"], "-F", ins["drv"], "-u", overlay,
+                     str(ins["image"]["virtual-size"]))
+            node = f"{dev['device']}-{name}"
+            conn.cmd("blockdev-add", {"driver": "qcow2", "node-name": node,
+                                      "file": {"driver": "file", "filename": overlay}, "backing": None})
+            actions.append({"type": "blockdev-snapshot", "data": {"node": ins["node-name"], "overlay": node}})
+        return actions
+    finally:
+        conn.close()
+
+
+def blktx_actions(vm: Any, name: str) -> list[Any]:
+    from blktx import ActionSpec
+
+    if KIND == "internal":
+        return [ActionSpec("qmp.internal-create", {"vm": str(vm.sock), "drive": f"drive{i}", "name": name})
+                for i in range(DRIVES)]
+    return [ActionSpec("qmp.external-create", {"vm": str(vm.sock), "drive": f"drive{i}",
+                                               "overlay": f"{vm.name}-d{i}.{name}.qcow2"}) for i in range(DRIVES)]
+
+
 def hand_sent(vm: Any, name: str) -> float:
     from blktx_plugins._qemu import Qmp
 
+    actions = prepare(vm, name)
     conn = Qmp(str(vm.ctl))
     try:
         t = time.perf_counter()
         conn.cmd("stop")
-        conn.cmd("transaction", {"actions": [
-            {"type": "blockdev-snapshot-internal-sync", "data": {"device": f"drive{i}", "name": name}}
-            for i in range(DRIVES)]})
+        conn.cmd("transaction", {"actions": actions})
         conn.cmd("cont")
         return time.perf_counter() - t
     finally:
@@ -60,6 +107,8 @@ def hand_group(vms: list[Any], name: str) -> tuple[float, float]:
     import asyncio
 
     from qemu.qmp import QMPClient
+
+    prepared = [prepare(vm, name) for vm in vms]  # overlays made before the clock starts
 
     async def go() -> tuple[float, float]:
         t = time.perf_counter()
@@ -77,9 +126,8 @@ def hand_group(vms: list[Any], name: str) -> tuple[float, float]:
             ends[i] = time.perf_counter()
 
         await asyncio.gather(*(stop(i, c) for i, c in enumerate(clients)))
-        await asyncio.gather(*(c.execute("transaction", {"actions": [
-            {"type": "blockdev-snapshot-internal-sync", "data": {"device": f"drive{i}", "name": name}}
-            for i in range(DRIVES)]}) for c in clients))
+        await asyncio.gather(*(c.execute("transaction", {"actions": actions})
+                               for c, actions in zip(clients, prepared, strict=True)))
         await asyncio.gather(*(cont(i, c) for i, c in enumerate(clients)))
         total = time.perf_counter() - t
         await asyncio.gather(*(c.disconnect() for c in clients))
@@ -89,12 +137,11 @@ def hand_group(vms: list[Any], name: str) -> tuple[float, float]:
 
 
 def blktx_group(d: str, vms: list[Any], name: str) -> tuple[float, list[float]]:
-    from blktx import ActionSpec, Executor, Transaction
+    from blktx import Executor, Transaction
     from blktx.journal import SqliteJournal
 
     journal = SqliteJournal(os.path.join(d, "journal.sqlite"))
-    tx = Transaction([ActionSpec("qmp.internal-create", {"vm": str(vm.sock), "drive": f"drive{i}", "name": name})
-                      for vm in vms for i in range(DRIVES)], options={"quiesce": "pause"}, base_dir=d)
+    tx = Transaction([a for vm in vms for a in blktx_actions(vm, name)], options={"quiesce": "pause"}, base_dir=d)
     t = time.perf_counter()
     result = Executor(journal=journal, locker=journal).run(tx)
     total = time.perf_counter() - t
@@ -107,9 +154,13 @@ def main() -> int:
     parser.add_argument("--vms", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--kind", choices=["internal", "external"], default="internal",
+                        help="internal snapshots (the default) or external ones (overlay + switch)")
     parser.add_argument("--dir", default=None,
                         help="where the images go (default: the system's temp dir); /dev/shm takes fsync out")
     args = parser.parse_args()
+    global KIND
+    KIND = args.kind
     if shutil.which("qemu-system-x86_64") is None:
         raise SystemExit("needs qemu-system-x86_64 (Debian qemu-system-x86)")
     import blktx.plugins
@@ -127,7 +178,7 @@ def main() -> int:
                 windows.extend(w)
                 hands.extend(hand_sent(vm, f"h{r}") for vm in vms)
                 groups.append(hand_group(vms, f"g{r}"))
-            row = {"vms": n, "drives_per_vm": DRIVES,
+            row = {"vms": n, "drives_per_vm": DRIVES, "kind": KIND,
                    "blktx_total_s": statistics.median(totals),
                    "blktx_window_median_s": statistics.median(windows),
                    "blktx_window_max_s": max(windows),
@@ -138,7 +189,7 @@ def main() -> int:
             row["window_ratio_vs_hand_group"] = row["blktx_window_median_s"] / row["hand_group_window_median_s"]
             row["total_ratio_vs_hand_group"] = row["blktx_total_s"] / row["hand_group_total_s"]
             rows.append(row)
-            print(f"{n:>2} VMs x {DRIVES} drives: blktx total {row['blktx_total_s'] * 1000:7.1f} ms, pause window "
+            print(f"{n:>2} VMs x {DRIVES} drives, {KIND}: blktx total {row['blktx_total_s'] * 1000:7.1f} ms, pause window "
                   f"median {row['blktx_window_median_s'] * 1000:6.1f} ms (max {row['blktx_window_max_s'] * 1000:6.1f}); "
                   f"hand-sent stop/transaction/cont {row['hand_window_median_s'] * 1000:6.1f} ms; "
                   f"ratio {row['window_ratio']:.2f}x", file=sys.stderr)

@@ -84,6 +84,11 @@ class ActionType:
     - ``shares_target``: True when several actions of this type may change one
       target in one transaction (two internal snapshots of one image). Otherwise a
       second action on the target is refused at check time.
+    - ``do_before_quiesce``: True when ``do`` only prepares and the point in time
+      is taken in ``invalidate`` (an overlay created, the drive switched to it
+      later), or when ``do`` acts on something no quiesced writer can change (an
+      image no process has open). With a quiesce mode such a type's ``do`` runs
+      before the VMs are paused, so their pause window holds only what needs it.
     - ``lifecycle``: the states and transitions (:mod:`blktx.states`); the default
       core lifecycle suits nearly every type. Its machine is built once per type.
 
@@ -138,6 +143,7 @@ class ActionType:
     params: ClassVar[tuple[Param, ...]] = ()
     finalize: ClassVar[bool] = False
     shares_target: ClassVar[bool] = False
+    do_before_quiesce: ClassVar[bool] = False
     lifecycle: ClassVar[Lifecycle] = Lifecycle()
     #: Whether this type overrides a ``*_many`` method (set at class creation).
     batched: ClassVar[bool] = False

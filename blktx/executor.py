@@ -209,28 +209,32 @@ class Executor:
             try:
                 self._raise_if_interrupted()
                 quiesced = options.quiesce != "none"
-                if quiesced:
-                    # The do intent (every action started, its undo facts) is written
-                    # before the window opens, not inside it: recover cancels a started
-                    # action whether or not its do ran, so this is no earlier a promise.
-                    journal.intent(txid, "quiesce", actions)
-                    journal.intent(txid, "do", undoable)
-                    if self._quiesce(ctx, actions, holds):
-                        journal.holds(txid, holds, resumed=False)  # holds no hook announced first
                 # An invalidate that no type implements changes nothing: journaling it
                 # would only lengthen the quiesce window.
                 has_invalidate = any(_implements(a.type, "invalidate") for a in undoable)
                 last = "invalidate" if has_invalidate else "do"
-                for step in ("do", "invalidate"):
-                    t = time.perf_counter()
-                    durable = step == "do" or has_invalidate
-                    if durable and not (step == "do" and quiesced):
-                        journal.intent(txid, step, undoable)
-                    self._phase(step, undoable, ctx, touched, options.jobs)
-                    if durable and step != last:
-                        journal.done(txid, step, undoable)
-                    result.phases[step] = time.perf_counter() - t
-                    self._raise_if_interrupted()
+                # With a quiesce mode, types whose do only prepares run it before the window.
+                early = [a for a in undoable if a.type.do_before_quiesce] if quiesced else []
+                late = [a for a in undoable if not a.type.do_before_quiesce] if early else undoable
+                # The do intent (every action started, its undo facts) goes before the
+                # window, not inside it: recover cancels a started action whether or not
+                # its do ran, so this is no earlier a promise.
+                if quiesced:
+                    journal.intent(txid, "quiesce", actions)
+                journal.intent(txid, "do", undoable)
+                between = False  # do's results and the invalidate intent journaled yet?
+                if early:
+                    self._timed_phase("do", early, ctx, touched, result, label="do (before quiesce)")
+                    if not late and has_invalidate:
+                        self._between(txid, undoable)
+                        between = True
+                if quiesced and self._quiesce(ctx, actions, holds):
+                    journal.holds(txid, holds, resumed=False)  # holds no hook announced first
+                if late or not early:
+                    self._timed_phase("do", late, ctx, touched, result)
+                if has_invalidate and not between:
+                    self._between(txid, undoable)
+                self._timed_phase("invalidate", undoable, ctx, touched, result)
                 # The last phase's results and COMMITTED are one durable write: one
                 # fsync less between the last step and the end of the quiesce window.
                 with together(journal):
@@ -264,15 +268,29 @@ class Executor:
         journal.outcome(txid, TX_DONE if not result.pending else TX_COMMITTED,
                         {"pending": [p.to_json() for p in result.pending]})
 
+    def _between(self, txid: str, undoable: list[Action]) -> None:
+        """do's results and the invalidate intent: one durable write."""
+        with together(self.journal):
+            self.journal.done(txid, "do", undoable)
+            self.journal.intent(txid, "invalidate", undoable)
+
+    def _timed_phase(self, step: str, actions: list[Action], ctx: RunContext, touched: set[int], result: Result,
+                     label: str | None = None) -> None:
+        t = time.perf_counter()
+        self._phase(step, actions, ctx, touched, ctx.options.jobs, label=label)
+        result.phases[step] = result.phases.get(step, 0.0) + time.perf_counter() - t
+        self._raise_if_interrupted()
+
     def _phase(self, step: str, actions: Sequence[Action], ctx: RunContext, touched: set[int],
-               jobs: int, *, reverse: bool = False) -> None:
-        """Run one step over ``actions`` in lockstep; raise _PhaseFailed on any failure."""
+               jobs: int, *, reverse: bool = False, label: str | None = None) -> None:
+        """Run one step over ``actions`` in lockstep; raise _PhaseFailed on any failure.
+        ``label`` names the phase in progress events (default: the step)."""
         parallel = jobs > 1
         units = _units(actions, reverse, parallel)
         failures: list[Failure] = []
         lock = threading.Lock()
         total = len(actions)
-        self._emit("phase-start", ctx.txid, phase=step, total=total)
+        self._emit("phase-start", ctx.txid, phase=label or step, total=total)
 
         def run_unit(unit: list[Action]) -> None:
             if failures or self._interrupt:
@@ -290,7 +308,7 @@ class Executor:
         else:
             with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="blktx") as pool:
                 list(pool.map(run_unit, units))
-        self._emit("phase-end", ctx.txid, phase=step, total=total, count=len(failures))
+        self._emit("phase-end", ctx.txid, phase=label or step, total=total, count=len(failures))
         if failures:
             failures.sort(key=lambda f: f.action if f.action is not None else -1)
             raise _PhaseFailed(failures)

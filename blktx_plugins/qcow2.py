@@ -78,6 +78,8 @@ class InternalCreate(ActionType):
     """Create a named internal snapshot in a qcow2 image (all images in one QEMU transaction)."""
 
     name = "qcow2.internal-create"
+    # offline images: nothing a quiesce pauses writes to them, so do runs before the window
+    do_before_quiesce = True
     shares_target = True
     params = (
         Param("image", "path", required=True, doc="the qcow2 image file"),
@@ -204,6 +206,8 @@ class ExternalCreate(ActionType):
     """Create a qcow2 overlay on top of a device's current image and make it the active image."""
 
     name = "qcow2.external-create"
+    # offline images: nothing a quiesce pauses writes to them, so do runs before the window
+    do_before_quiesce = True
     params = (
         Param("device", "path", required=True,
               doc="the stable symlink that users open; it points to the current image"),

@@ -321,6 +321,9 @@ class InternalDelete(_QmpType):
 class ExternalCreate(_QmpType):
     """Create an overlay file for a running VM's drive and switch the drive to it."""
 
+    # do makes the overlay file and node; only the switch (invalidate) needs the VM paused.
+    do_before_quiesce = True
+
     name = "qmp.external-create"
     params = (*_COMMON, Param("overlay", "path", required=True, doc="the new overlay file; must not exist"))
 
@@ -330,15 +333,39 @@ class ExternalCreate(_QmpType):
         action.undo["overlay_node"] = f"blktx{action.index}-{secrets.token_hex(4)}"
         action.undo["tmp"] = f"{action.params['overlay']}.blktx-{secrets.token_hex(6)}"
 
-    def do(self, action: Action, ctx: RunContext) -> None:
-        overlay = action.params["overlay"]
-        # size given: the backing file is locked by the running VM; QMP told its size.
-        create_overlay(overlay, action.undo["tmp"], action.undo["file"], action.undo["format"], action.undo["size"],
-                       relative=False)
-        action.undo["created"] = True
-        self._conn(action, ctx).cmd("blockdev-add", {
-            "driver": "qcow2", "node-name": action.undo["overlay_node"],
-            "file": {"driver": "file", "filename": overlay}, "backing": None})
+    def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
+        """Make every overlay file at once (``qemu-img`` processes side by side), then
+        add each as a node of its VM, all VMs at once."""
+        failures: dict[int, BaseException] = {}
+
+        def make(a: Action) -> None:
+            try:
+                # size given: the backing file is locked by the running VM; QMP told its size.
+                create_overlay(a.params["overlay"], a.undo["tmp"], a.undo["file"], a.undo["format"], a.undo["size"],
+                               relative=False)
+                a.undo["created"] = True
+            except Exception as exc:  # noqa: BLE001 - this action's failure
+                failures[a.index] = exc
+
+        with ThreadPoolExecutor(max_workers=min(len(actions), 8), thread_name_prefix="blktx-overlay") as pool:
+            list(pool.map(make, actions))
+        made = [a for a in actions if a.index not in failures]
+        conns = _connections(ctx).many([_address(a.params["vm"], ctx.base_dir) for a in made])
+        calls: list[tuple[Qmp, str, dict[str, Any] | None]] = []
+        for a in made:
+            conn = conns[_address(a.params["vm"], ctx.base_dir)]
+            if isinstance(conn, VmGone):
+                failures[a.index] = conn
+                continue
+            calls.append((conn, "blockdev-add", {
+                "driver": "qcow2", "node-name": a.undo["overlay_node"],
+                "file": {"driver": "file", "filename": a.params["overlay"]}, "backing": None}))
+        added = [a for a in made if a.index not in failures]
+        for a, reply in zip(added, gather(calls), strict=True):
+            if isinstance(reply, BaseException):
+                failures[a.index] = reply
+        if failures:
+            raise ActionFailures(failures)
 
     def invalidate_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         self._per_vm_cmd(actions, ctx, lambda group: ("transaction", {"actions": [

@@ -84,10 +84,18 @@ class Quiescer:
         return True
 
 
+class Early(Recorder):
+    """do only prepares: with a quiesce mode it runs before the window."""
+
+    name = "rec.early"
+    do_before_quiesce = True
+
+
 class Types:
     @hookimpl
     def blktx_register_action_types(self, register: Any) -> None:
         register(Recorder)
+        register(Early)
         register(Final)
 
 
@@ -176,6 +184,29 @@ def test_quiesced_targets_are_resumed_in_every_outcome(fail: str) -> None:
     else:
         assert names.index("resume") > names.index("journal-outcome")
     assert result.holds[0].window is not None and result.holds[0].window >= 0
+
+
+def test_a_do_that_only_prepares_runs_before_the_window() -> None:
+    result = run([("rec.step", {"key": "a"}), ("rec.early", {"key": "b"})], extra=[Quiescer()], quiesce="pause")
+    assert result.outcome == "committed"
+    order = [(e[0], e[1]) if e[0] in ("do", "invalidate") else e if e[0].startswith("journal") else (e[0],)
+             for e in LOG if e[0] != "check"]
+    # b's do before the quiesce, a's do inside it; every do before any invalidate
+    assert order.index(("do", 1)) < order.index(("quiesce",)) < order.index(("do", 0)) < order.index(("invalidate", 0))
+    assert order.index(("journal-intent", "do", (0, 1))) < order.index(("do", 1))
+    assert order.index(("resume",)) > order.index(("journal-outcome", "COMMITTED"))
+
+
+def test_a_failure_before_the_window_never_quiesces() -> None:
+    result = run([("rec.step", {"key": "a"}), ("rec.early", {"key": "b", "fail": "do"})], extra=[Quiescer()],
+                 quiesce="pause")
+    assert result.outcome == "rolled back" and result.failure.phase == "do"
+    assert ("quiesce",) not in LOG and steps("do") == [1] and steps("cancel") == [1]
+
+
+def test_without_quiesce_every_do_runs_in_order() -> None:
+    run([("rec.step", {"key": "a"}), ("rec.early", {"key": "b"})])
+    assert steps("do") == [0, 1]
 
 
 def test_quiesce_failure_rolls_back_before_any_do() -> None:

@@ -139,3 +139,25 @@ def test_guest_writes_after_the_switch_survive_a_rollback(tmp_path: Path, vms: l
     out = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x99 0 64k", str(vms[0].images[0])],
                          capture_output=True, text=True)
     assert "Pattern verification failed" not in out.stdout and out.returncode == 0
+
+
+def test_overlays_are_made_before_the_pause_and_switched_inside_it(tmp_path: Path, vms: list[VM]) -> None:
+    """qmp.external-create's do (overlay file, node) runs before the VMs stop; the
+    internal snapshot and the switch run while they are stopped."""
+    seen: dict[tuple[str, int], bool] = {}
+
+    class Watch:
+        @hookimpl
+        def blktx_event(self, event: Event) -> None:
+            if event.kind == "action" and event.phase in ("do", "invalidate"):
+                seen[(event.phase, event.action)] = vms[0].running()
+
+    result = run(tmp_path, [("qmp.internal-create", {"vm": "vm0.qmp", "drive": "drive0", "name": "n"}),
+                            ("qmp.external-create", {"vm": "vm0.qmp", "drive": "drive1", "overlay": "ov.qcow2"})],
+                 extra=[Watch()], quiesce="pause")
+    assert result.outcome == "committed", result.summary()
+    assert seen[("do", 1)] is True, "the overlay was made inside the pause window"
+    assert seen[("do", 0)] is False and seen[("invalidate", 1)] is False
+    assert vms[0].running() and vms[0].active_file(1) == "ov.qcow2" and vms[0].snapshots(0) == ["n"]
+    assert "do (before quiesce)" not in result.phases  # one do entry, both parts timed
+    assert result.phases["do"] > 0

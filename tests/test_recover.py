@@ -118,7 +118,7 @@ def test_sim_every_crash_point(tmp_path: Path) -> None:
             "c": {"snapshots": {}, "layers": ["c0"], "active": "c0"}})
 
     tried, survived = crash_points(tmp_path, setup, SIM_SPEC, lambda d: read_world(str(d / "sim-world.json")))
-    assert tried == survived >= 11
+    assert tried == survived >= 10  # every durable write of this run but the last
 
 
 def _qcow2_setup(d: Path) -> None:
@@ -132,7 +132,7 @@ def _qcow2_setup(d: Path) -> None:
 @needs_qemu_img
 def test_qcow2_every_crash_point(tmp_path: Path) -> None:
     tried, survived = crash_points(tmp_path, _qcow2_setup, QCOW2_SPEC, world)
-    assert tried == survived >= 11
+    assert tried == survived >= 10  # every durable write of this run but the last
 
 
 @needs_qemu_img
