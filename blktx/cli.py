@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from rich.markup import escape
+
 from blktx import plugins
 from blktx.errors import EXIT_INVALID, BlktxError, InvalidTransaction
 from blktx.executor import Executor
@@ -37,7 +39,7 @@ def _registry(args: argparse.Namespace) -> plugins.Registry:
     if not getattr(args, "json", False):
         err = console(sys.stderr)
         for problem in registry.problems:
-            err.print(f"[yellow]warning[/yellow]: {problem}", highlight=False)
+            err.print(f"[yellow]warning[/yellow]: {escape(str(problem))}", highlight=False)
     return registry
 
 

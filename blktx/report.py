@@ -8,6 +8,7 @@ import time
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from blktx.events import Event
@@ -32,7 +33,7 @@ def print_json(data: Any, stream: TextIO | None = None) -> None:
 def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
     if result.problems:
         for p in result.problems:
-            out.print(f"[red]error[/red]: {p}", markup=True, highlight=False)
+            out.print(f"[red]error[/red]: {escape(str(p))}", markup=True, highlight=False)
     if result.actions and not result.problems:
         table = Table(title=None, show_edge=False, pad_edge=False)
         for col in ("#", "type", "target", "state", "time", "error"):
@@ -40,20 +41,21 @@ def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
         for a in result.actions[:limit]:
             took = sum((a.durations or {}).values())
             state = a.state if not result.checked_only else "checked"
-            table.add_row(str(a.index), a.type.name, a.target, f"[{_STYLE.get(a.state, '')}]{state}[/]",
-                          f"{took * 1000:.1f} ms" if took else "", a.error or "")
+            table.add_row(str(a.index), a.type.name, escape(a.target), f"[{_STYLE.get(a.state, '')}]{state}[/]",
+                          f"{took * 1000:.1f} ms" if took else "", escape(a.error or ""))
         out.print(table)
         if len(result.actions) > limit:
             out.print(f"... and {len(result.actions) - limit} more actions (use --json for all)")
     for hold in result.holds:
         window = f"{hold.window * 1000:.1f} ms" if hold.window is not None else "not resumed"
-        out.print(f"quiesced {hold.target} ({hold.kind}): {window}")
+        out.print(f"quiesced {hold.target} ({hold.kind}): {window}", markup=False)
     for lo in result.leftovers:
-        out.print(f"[red]left behind[/red]: {lo}")
+        out.print(f"[red]left behind[/red]: {escape(str(lo))}")
     for f in result.pending:
-        out.print(f"[yellow]pending finalize[/yellow]: action #{f.action} ({f.type}) on {f.target}: {f.message}")
+        out.print("[yellow]pending finalize[/yellow]: "
+                  + escape(f"action #{f.action} ({f.type}) on {f.target}: {f.message}"))
     for w in result.warnings:
-        out.print(f"[yellow]warning[/yellow]: {w}")
+        out.print(f"[yellow]warning[/yellow]: {escape(w)}")
     colour = "green" if result.outcome == COMMITTED else "red" if result.problems or result.leftovers else "yellow"
     out.print(f"[bold {colour}]{result.summary()}[/]")
 

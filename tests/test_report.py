@@ -34,3 +34,16 @@ def test_long_runs_are_cut_with_a_pointer_to_json() -> None:
 def test_types_json_names_the_plugin() -> None:
     info = {t["name"]: t for t in types_json(default_registry())}
     assert info["qcow2.internal-delete"]["plugin"] == "qcow2" and info["qcow2.internal-delete"]["finalize"]
+
+
+def test_text_from_specs_and_backends_is_printed_as_is_not_as_markup(tmp_path) -> None:
+    """A target is shown as [target], and a backend's message may hold [brackets]:
+    rich must not take either for a style tag and drop it."""
+    result = Executor().run(Transaction([ActionSpec("qcow2.internal-create", {"image": "[red]x.qcow2", "name": "n"})],
+                                        base_dir=str(tmp_path)))
+    text = render(result)
+    assert result.outcome == "invalid"
+    assert f"action #0 [{tmp_path}/[red]x.qcow2] {tmp_path}/[red]x.qcow2 does not exist" in text
+    failed = Executor().run(Transaction([ActionSpec("fault", {"message": "[bold]device[/bold] [busy]"})],
+                                        base_dir="/tmp"))
+    assert "[bold]device[/bold] [busy]" in render(failed)
