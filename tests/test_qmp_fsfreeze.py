@@ -161,3 +161,16 @@ def test_resume_thaws_after_cont_even_when_the_vm_died(tmp_path: Path, vm: VM, a
     assert result.failure is not None and "vm.qmp" in result.failure.message
     assert agent.status() == "thawed" and snapshots(tmp_path / "off.qcow2") == []
     assert time.monotonic() - started < 30
+
+
+def test_a_paused_vm_is_not_frozen(tmp_path: Path, agent: GuestAgent, btrfs_mount: Path) -> None:
+    """A paused guest cannot answer its agent (here the host agent could, so only
+    blktx's own rule keeps it from freezing) and its disks do not change."""
+    paused = VM(tmp_path, "vm", paused=True)
+    try:
+        result = run(tmp_path, [snap(btrfs_mount)], quiesce="fsfreeze+pause")
+        assert result.outcome == "committed", result.summary()
+        assert result.holds == [] and agent.status() == "thawed" and not paused.running()
+        assert paused.snapshots(0) == ["nightly"]
+    finally:
+        paused.quit()
