@@ -174,3 +174,30 @@ def test_a_paused_vm_is_not_frozen(tmp_path: Path, agent: GuestAgent, btrfs_moun
         assert paused.snapshots(0) == ["nightly"]
     finally:
         paused.quit()
+
+
+def test_blktx_interrupted_inside_the_window_thaws_and_continues(tmp_path: Path, vm: VM, agent: GuestAgent,
+                                                                 btrfs_mount: Path) -> None:
+    """`blktx run` gets SIGTERM while the guest is frozen and the VM paused (an exec
+    action sleeps in do): it rolls back, continues the VM and thaws the guest."""
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "t.toml").write_text(
+        'version = 1\n[options]\nquiesce = "fsfreeze+pause"\n'
+        '[[action]]\ntype = "qmp.internal-create"\nvm = "vm.qmp"\ndrive = "drive0"\nname = "s"\n'
+        f'agent = "qga.sock"\nfreeze = ["{btrfs_mount}"]\n'
+        '[[action]]\ntype = "exec"\ntarget = "slow"\ndo = ["sleep", "1"]\ncancel = ["true"]\n')
+    proc = subprocess.Popen([sys.executable, "-m", "blktx", "run", str(tmp_path / "t.toml"), "--allow-exec",
+                             "--journal", str(tmp_path / "j.sqlite")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 20
+    while vm.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not vm.running(), "blktx never paused the VM"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, out + err
+    assert "interrupted by SIGTERM" in out + err and "rolled back" in out + err
+    assert vm.running() and agent.status() == "thawed" and vm.snapshots(0) == []
