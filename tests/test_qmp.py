@@ -161,3 +161,39 @@ def test_overlays_are_made_before_the_pause_and_switched_inside_it(tmp_path: Pat
     assert vms[0].running() and vms[0].active_file(1) == "ov.qcow2" and vms[0].snapshots(0) == ["n"]
     assert "do (before quiesce)" not in result.phases  # one do entry, both parts timed
     assert result.phases["do"] > 0
+
+
+def test_a_vm_reached_over_tcp(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as s:  # a free port on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    image = make_image(tmp_path / "t.qcow2")
+    proc = subprocess.Popen(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+                             "-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off",
+                             "-drive", f"if=none,id=drive0,file={image},format=qcow2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        address = f"tcp:127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.02)
+        time.sleep(0.1)  # the probe's connection must be gone: QEMU serves one client per monitor
+        result = run(tmp_path, [("qmp.internal-create", {"vm": address, "drive": "drive0", "name": "over-tcp"}),
+                                ("fault", {"phase": "invalidate"})], quiesce="pause")
+        assert result.outcome == "rolled back", result.summary()
+        assert [h.target for h in result.holds] == [f"vm:{address}"]
+        result = run(tmp_path, [("qmp.internal-create", {"vm": address, "drive": "drive0", "name": "over-tcp"})],
+                     quiesce="pause")
+        assert result.outcome == "committed", result.summary()
+        assert result.actions[0].target == f"vm:{address}/drive0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert [n for _, n in snapshots(image)] == ["over-tcp"]
