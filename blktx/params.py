@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("str", "int", "float", "bool", "path", "list[str]", "table[str]")
+KINDS = ("str", "int", "float", "bool", "path", "address", "list[str]", "table[str]")
 
 _NO_DEFAULT: Any = object()
 
@@ -24,7 +24,9 @@ class Param:
     :param name: the key in a spec's ``[[action]]`` table (lowercase, ``-`` or ``_``).
     :param kind: one of ``str``, ``int``, ``float``, ``bool``, ``path`` (resolved
         against the spec's directory and confined to the allowed roots),
-        ``list[str]`` and ``table[str]`` (a table of strings).
+        ``address`` (a unix socket path, resolved like a path but not confined
+        to the roots, or ``tcp:HOST:PORT``), ``list[str]`` and ``table[str]``
+        (a table of strings).
     :param required: whether the spec must give it.
     :param default: the value when it is not given (ignored when required).
     :param doc: one line for ``blktx types`` and the docs.
@@ -65,12 +67,16 @@ class Param:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ParamError(f"expected a number, got {_show(value)}")
             value = float(value)
-        elif kind in ("str", "path"):
+        elif kind in ("str", "path", "address"):
             if not isinstance(value, str):
                 raise ParamError(f"expected a string, got {_show(value)}", hint='quote it: "..."')
-            if kind == "path":
+            if kind == "address" and value.startswith("tcp:"):
+                host, _, port = value[4:].rpartition(":")
+                if not host or not port.isdigit():
+                    raise ParamError(f"expected tcp:HOST:PORT, got {value!r}", hint='e.g. "tcp:127.0.0.1:4444"')
+            elif kind in ("path", "address"):
                 if not value:
-                    raise ParamError("expected a path, got an empty string")
+                    raise ParamError(f"expected a {'path' if kind == 'path' else 'socket path'}, got an empty string")
                 value = os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
             elif self.choices is not None and value not in self.choices:
                 raise ParamError(

@@ -14,6 +14,7 @@ from blktx.spec import QUIESCE_MODES, VERSION
 _KIND: dict[str, dict[str, Any]] = {
     "str": {"type": "string"},
     "path": {"type": "string", "minLength": 1},
+    "address": {"type": "string", "pattern": "^(?!tcp:).+|^tcp:.+:[0-9]+$"},
     "int": {"type": "integer"},
     "float": {"type": "number"},
     "bool": {"type": "boolean"},

@@ -78,10 +78,6 @@ def connection(ctx: RunContext, address: str) -> Qmp:
     return got
 
 
-def _address(value: str, base_dir: str) -> str:
-    return value if value.startswith("tcp:") else os.path.normpath(os.path.join(base_dir, value))
-
-
 def _node_info(node: str, inserted: dict[str, Any]) -> dict[str, Any]:
     return {"node": node, "file": inserted["file"], "format": inserted["drv"],
             "size": inserted["image"]["virtual-size"],
@@ -106,9 +102,9 @@ def resolve(conn: Qmp, drive: str, blocks: list[Any] | None = None) -> dict[str,
 
 
 _COMMON = (
-    Param("vm", "str", required=True, doc="the VM's QMP address: a unix socket path or tcp:host:port"),
+    Param("vm", "address", required=True, doc="the VM's QMP address: a unix socket path or tcp:host:port"),
     Param("drive", "str", required=True, doc="the drive: block-backend name, qdev id or node name"),
-    Param("agent", "str", doc="the host end of the VM's guest-agent channel (unix socket path or tcp:host:port); "
+    Param("agent", "address", doc="the host end of the VM's guest-agent channel (unix socket path or tcp:host:port); "
                               'needed by quiesce = "fsfreeze" and "fsfreeze+pause"'),
     Param("freeze", "list[str]", doc="with fsfreeze: the guest's mountpoints to freeze (default: every "
                                      "filesystem the agent can freeze)"),
@@ -122,13 +118,13 @@ class _QmpType(ActionType):
         return f"vm:{action.params['vm']}/{action.params['drive']}"
 
     def _conn(self, action: Action, ctx: RunContext) -> Qmp:
-        return connection(ctx, _address(action.params["vm"], ctx.base_dir))
+        return connection(ctx, action.params["vm"])
 
     def _vms(self, actions: Sequence[Action], ctx: RunContext) -> list[tuple[Qmp | VmGone, list[Action]]]:
         """Each VM's connection (or why there is none) with its share of ``actions``."""
         groups: dict[str, list[Action]] = {}
         for a in actions:
-            groups.setdefault(_address(a.params["vm"], ctx.base_dir), []).append(a)
+            groups.setdefault(a.params["vm"], []).append(a)
         conns = _connections(ctx).many(list(groups))
         return [(conns[address], group) for address, group in groups.items()]
 
@@ -165,7 +161,7 @@ class _QmpType(ActionType):
         """With fsfreeze, every VM needs one agent that answers."""
         wanted: dict[str, list[Action]] = {}
         for _, group in vms:
-            named = {_address(a.params["agent"], ctx.base_dir) if a.params.get("agent") else None for a in group}
+            named = {a.params["agent"] if a.params.get("agent") else None for a in group}
             freezes = {tuple(a.params.get("freeze") or ()) for a in group}
             vm = group[0].params["vm"]
             if None in named:
@@ -350,10 +346,10 @@ class ExternalCreate(_QmpType):
         with ThreadPoolExecutor(max_workers=min(len(actions), 8), thread_name_prefix="blktx-overlay") as pool:
             list(pool.map(make, actions))
         made = [a for a in actions if a.index not in failures]
-        conns = _connections(ctx).many([_address(a.params["vm"], ctx.base_dir) for a in made])
+        conns = _connections(ctx).many([a.params["vm"] for a in made])
         calls: list[tuple[Qmp, str, dict[str, Any] | None]] = []
         for a in made:
-            conn = conns[_address(a.params["vm"], ctx.base_dir)]
+            conn = conns[a.params["vm"]]
             if isinstance(conn, VmGone):
                 failures[a.index] = conn
                 continue
@@ -472,7 +468,7 @@ def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> list[Hold]:
     if mode not in QUIESCE_PAUSE + QUIESCE_FREEZE:
         return []
     ours = [a for a in actions if a.type.name.startswith("qmp.")]
-    addresses = sorted({_address(a.params["vm"], ctx.base_dir) for a in ours})
+    addresses = sorted({a.params["vm"] for a in ours})
     conns = _open_all(ctx, addresses)  # connect first: outside every window
     statuses = gather([(c, "query-status", None) for c in conns])
     _raise_first(statuses)
@@ -490,9 +486,9 @@ def _freeze(ctx: RunContext, actions: list[Action], running: set[str]) -> list[H
     cannot answer its agent, and its disks do not change)."""
     plan: dict[str, tuple[str, list[str]]] = {}  # agent -> (VM, mountpoints)
     for a in actions:
-        vm = _address(a.params["vm"], ctx.base_dir)
+        vm = a.params["vm"]
         if vm in running and a.params.get("agent"):
-            plan[_address(a.params["agent"], ctx.base_dir)] = (vm, list(a.params.get("freeze") or []))
+            plan[a.params["agent"]] = (vm, list(a.params.get("freeze") or []))
     agents = _open_all(ctx, sorted(plan), Agent)
     statuses = gather([(ag, "guest-fsfreeze-status", None) for ag in agents])
     _raise_first(statuses)

@@ -72,7 +72,16 @@ def test_qemu_error_names_vm_and_drive(tmp_path: Path, vms: list[VM]) -> None:
                             ("qmp.internal-create", {"vm": "nope.qmp", "drive": "drive0", "name": "x"})])
     assert result.outcome == "invalid"
     assert "VM " in result.problems[0].message and "'nodrive'" in result.problems[0].message
-    assert "nope.qmp" in result.problems[1].message and result.problems[1].target == "vm:nope.qmp/drive0"
+    assert "nope.qmp" in result.problems[1].message and result.problems[1].target == f"vm:{tmp_path}/nope.qmp/drive0"
+
+
+def test_one_vm_named_two_ways_is_one_target(tmp_path: Path, vms: list[VM]) -> None:
+    """Socket paths are resolved against the spec, so locks and conflicts see one VM."""
+    result = run(tmp_path, [("qmp.internal-create", {"vm": "vm0.qmp", "drive": "drive0", "name": "a"}),
+                            ("qmp.internal-create", {"vm": f"../{tmp_path.name}/vm0.qmp", "drive": "drive0",
+                                                     "name": "b"})])
+    assert result.outcome == "invalid"
+    assert result.problems[0].target == f"vm:{tmp_path}/vm0.qmp/drive0" and vms[0].snapshots(0) == []
 
 
 class Killer:

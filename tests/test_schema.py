@@ -19,9 +19,11 @@ from blktx.spec import from_document, parse_spec
 
 REGISTRY = default_registry()
 VALIDATOR = jsonschema.Draft202012Validator(schema(REGISTRY))
-TYPES = ["sim.snapshot", "sim.overlay", "sim.delete", "sim.noop", "fault", "exec", "qcow2.internal-create"]
+TYPES = ["sim.snapshot", "sim.overlay", "sim.delete", "sim.noop", "fault", "exec", "qcow2.internal-create",
+         "qmp.internal-create", "qmp.external-create"]
 
-ANY = st.one_of(st.integers(-2, 3), st.booleans(), st.floats(-1, 2, allow_nan=False), st.sampled_from(["", "x", "do"]),
+ANY = st.one_of(st.integers(-2, 3), st.booleans(), st.floats(-1, 2, allow_nan=False),
+                st.sampled_from(["", "x", "do", "tcp:x", "tcp:h:1"]),
                 st.lists(st.sampled_from(["a", "b"]), max_size=2), st.lists(st.integers(0, 2), min_size=1, max_size=2),
                 st.dictionaries(st.sampled_from(["K"]), st.sampled_from(["v"]), max_size=1),
                 st.dictionaries(st.sampled_from(["K"]), st.integers(0, 1), min_size=1, max_size=1))
@@ -31,6 +33,7 @@ def good_value(kind: str, choices: Any) -> Any:
     return {
         "str": st.sampled_from(list(choices) if choices else ["a", "nightly"]),
         "path": st.sampled_from(["w.json", "d/x.qcow2"]),
+        "address": st.sampled_from(["vm.qmp", "/run/vm/qmp.sock", "tcp:127.0.0.1:4444", "tcp:[::1]:4444"]),
         "int": st.integers(-1, 3), "float": st.floats(0, 5, allow_nan=False), "bool": st.booleans(),
         "list[str]": st.lists(st.sampled_from(["true", "x"]), min_size=1, max_size=2),
         "table[str]": st.dictionaries(st.sampled_from(["A", "B"]), st.sampled_from(["1"]), max_size=2),
@@ -54,7 +57,8 @@ def documents(draw: Any) -> dict[str, Any]:
     if draw(st.booleans()):
         doc["description"] = "nightly"
     if draw(st.booleans()):
-        doc["options"] = {"jobs": draw(st.integers(1, 4)), "quiesce": draw(st.sampled_from(["none", "pause"])),
+        doc["options"] = {"jobs": draw(st.integers(1, 4)),
+                          "quiesce": draw(st.sampled_from(["none", "pause", "fsfreeze", "fsfreeze+pause"])),
                           "retry_delay": draw(st.sampled_from([0, 0.5])), "qcow2": {}}
     if draw(st.booleans()):
         return doc
