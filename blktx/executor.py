@@ -251,22 +251,30 @@ class Executor:
                 result.failure = result.failures[0]
                 self._emit("failure", txid, message=str(result.failure))
                 self._rollback(undoable, ctx, touched, result)
+        finally:
+            # Resumed before the journal hears the end: no window waits for a write.
+            if holds:
+                self._resume(ctx, holds, result)
+        if not result.committed:
+            assert result.failure is not None
+            with together(journal):  # a hold whose resume failed leaves it NEEDS_RECOVERY
+                journal.holds(txid, holds, resumed=True)
                 journal.done(txid, "end", actions)
                 journal.outcome(txid, TX_ABORTED, {"failure": result.failure.to_json(),
                                                    "leftovers": [str(lo) for lo in result.leftovers]})
-        finally:
-            if holds:
-                self._resume(ctx, holds, result)
-                journal.holds(txid, holds, resumed=True)
-        if not result.committed:
             result.outcome = NEEDS_RECOVERY if result.leftovers else ROLLED_BACK
             return
+        if holds:
+            journal.holds(txid, holds, resumed=True)
         if finals or any(a.type.has_finish for a in undoable):
             self._finalize(finals, ctx, result)
-        result.outcome = NEEDS_RECOVERY if result.pending else COMMITTED
+        # Committed, but a VM left paused (its resume failed) still needs `blktx recover`.
+        unfinished = result.pending or result.leftovers
+        result.outcome = NEEDS_RECOVERY if unfinished else COMMITTED
         journal.done(txid, "end", actions)
-        journal.outcome(txid, TX_DONE if not result.pending else TX_COMMITTED,
-                        {"pending": [p.to_json() for p in result.pending]})
+        journal.outcome(txid, TX_COMMITTED if unfinished else TX_DONE,
+                        {"pending": [p.to_json() for p in result.pending],
+                         "leftovers": [str(lo) for lo in result.leftovers]})
 
     def _between(self, txid: str, undoable: list[Action]) -> None:
         """do's results and the invalidate intent: one durable write."""
@@ -515,13 +523,16 @@ class Executor:
                 self._resume_one(ctx, single[0], result)
 
     def _resume_one(self, ctx: RunContext, hold: Hold, result: Result) -> None:
+        """Resume one hold; its window ends (``hold.end``) only if a plugin resumed it."""
         try:
             done = self.registry.pm.hook.blktx_resume(ctx=ctx, hold=hold)
-            if not done:
-                result.warnings.append(f"no plugin resumed {hold.kind} hold on {hold.target}")
         except Exception as exc:  # noqa: BLE001 - keep resuming the others
             result.leftovers.append(Leftover(hold.target, f"still {hold.kind} (resume failed: {exc})"))
-        hold.end = time.monotonic()
+            return
+        if not done:
+            result.leftovers.append(Leftover(hold.target, f"still {hold.kind}: no installed plugin resumes it"))
+            return
+        hold.end = hold.end or time.monotonic()
         self._emit("resumed", ctx.txid, target=hold.target, message=hold.kind, seconds=hold.window or 0.0)
 
     # -- signals and events ----------------------------------------------------------

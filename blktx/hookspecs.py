@@ -73,8 +73,10 @@ def blktx_resume(ctx: RunContext, hold: Hold) -> bool | None:
 
     Called right after the commit point, or after a rollback, newest hold first.
     Stops at the first non-None result: return ``True`` when ``hold.kind`` is yours
-    and you resumed it, ``None`` when it is not yours. Must be idempotent: it may be
-    called again by ``blktx recover`` for a hold that was already resumed.
+    and you resumed it, ``None`` when it is not yours. Raise when it could not be
+    resumed: the run reports it left behind (exit status 3), the journal keeps it,
+    and ``blktx recover`` calls you again. Must be idempotent: it may be called
+    again for a hold that was already resumed.
 
     :param ctx: the run's context (in ``blktx recover``, a context with the
         journal's transaction id).

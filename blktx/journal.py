@@ -192,15 +192,18 @@ class SqliteJournal:
                     [(*key, txid, json.dumps(indexes)) for key, indexes in groups.items()])
 
     def holds(self, txid: str, holds: Sequence[Hold], resumed: bool) -> None:
+        """Record every hold of ``txid`` (all of them, in the order they were taken).
+        With ``resumed``, a hold counts as resumed when its window ended
+        (``hold.end`` set): one whose resume failed stays for ``blktx recover``."""
         with self._write() as db:
             db.executemany("INSERT OR REPLACE INTO hold VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           [(txid, n, h.kind, h.target, json.dumps(h.data), h.start, int(resumed))
-                            for n, h in enumerate(holds)])
+                           [(txid, n, h.kind, h.target, json.dumps(h.data), h.start,
+                             int(resumed and h.end is not None)) for n, h in enumerate(holds)])
 
     def outcome(self, txid: str, outcome: str, detail: dict[str, Any]) -> None:
         status = {"ABORTED": NEEDS_RECOVERY if detail.get("leftovers") else ABORTED,
                   "COMMITTED": COMMITTED, "DONE": DONE}.get(outcome, outcome)
-        if outcome == "COMMITTED" and detail.get("pending"):
+        if outcome == "COMMITTED" and (detail.get("pending") or detail.get("leftovers")):
             status = NEEDS_RECOVERY
         with self._write() as db:
             ended = time.time() if status in (ABORTED, DONE, NEEDS_RECOVERY) else None

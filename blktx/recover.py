@@ -65,11 +65,13 @@ def _recover_one(journal: SqliteJournal, registry: Registry, txid: str) -> dict[
             victims = [a for a, started in actions if started and not a.type.finalize and a.state != CANCELED]
             executor._rollback(victims, ctx, {a.index for a in victims}, result)
             what = "rolled back"
-        for h in tx["holds"]:
-            if not h["resumed"]:
-                hold = Hold(h["kind"], h["target"], h["data"], h["start"] or 0.0)
-                executor._resume(ctx, [hold], result)
-                journal.holds(txid, [hold], resumed=True)
+        # Every hold, in the order taken; those already resumed keep a closed window.
+        holds = [Hold(h["kind"], h["target"], h["data"], h["start"] or 0.0, None if not h["resumed"] else 0.0)
+                 for h in tx["holds"]]
+        waiting = [h for h in holds if h.end is None]
+        if waiting:
+            executor._resume(ctx, waiting, result)  # newest first, as the run would have
+            journal.holds(txid, holds, resumed=True)
     finally:
         result.warnings.extend(ctx.close())
     left = [str(lo) for lo in result.leftovers] + [f"{p.type} #{p.action} on {p.target}: {p.message}"

@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from qemu_helpers import make_image, needs_qemu_img, world
 
+from blktx import Hold, hookimpl
 from blktx_plugins.sim import make_world, read_world
 
 SIM_SPEC = """\
@@ -317,3 +319,84 @@ def test_qcow2_replace_alone_every_crash_point(tmp_path: Path) -> None:
     spec = 'version = 1\n[[action]]\ntype = "qcow2.internal-create"\nimage = "d0.qcow2"\nname = "nightly"\nreplace = true\n'
     tried, survived = crash_points(tmp_path, setup, spec, world)
     assert tried == survived >= 8
+
+
+class FlakyResume:
+    """Two holds (freeze, then pause); resuming fails while ``broken`` is set.
+    Records the order of resumes."""
+
+    def __init__(self) -> None:
+        self.broken = True
+        self.resumed: list[str] = []
+
+    @hookimpl
+    def blktx_quiesce(self, ctx: Any, actions: Any) -> list[Hold]:
+        return [Hold("t.freeze", "guest"), Hold("t.pause", "vm")]
+
+    @hookimpl
+    def blktx_resume(self, ctx: Any, hold: Hold) -> bool | None:
+        if not hold.kind.startswith("t."):
+            return None
+        if self.broken and hold.kind == "t.pause":
+            raise RuntimeError("monitor not answering")
+        self.resumed.append(hold.kind)
+        return True
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_failed_resume_is_left_for_recover_which_resumes_it(tmp_path: Path, fail: bool) -> None:
+    from blktx import ActionSpec, Executor, Transaction
+    from blktx.journal import SqliteJournal
+    from blktx.plugins import load
+    from blktx.recover import recover as recover_in_process
+
+    plugin = FlakyResume()
+    registry = load(extra=[("flaky", plugin)])
+    journal = SqliteJournal(str(tmp_path / "j.sqlite"))
+    actions = [ActionSpec("sim.noop", {"key": "a"})] + ([ActionSpec("fault", {"phase": "do"})] if fail else [])
+    result = Executor(registry, journal=journal, locker=journal).run(
+        Transaction(actions, options={"quiesce": "pause"}, base_dir=str(tmp_path)))
+    assert result.outcome == "needs recovery" and result.exit_status == 3
+    assert result.committed is not fail
+    assert any("still t.pause (resume failed: monitor not answering)" in str(lo) for lo in result.leftovers)
+    assert plugin.resumed == ["t.freeze"]
+    (row,) = journal.transactions()
+    assert row["status"] == "NEEDS_RECOVERY"
+    holds = journal.transaction(result.txid)["holds"]
+    assert [(h["n"], h["kind"], h["resumed"]) for h in holds] == [(0, "t.freeze", 1), (1, "t.pause", 0)]
+
+    plugin.broken = False
+    (done,) = recover_in_process(journal, registry)
+    assert (done["outcome"], done["message"]) == (("rolled back", "rolled back") if fail
+                                                  else ("committed", "rolled forward")), done
+    assert plugin.resumed == ["t.freeze", "t.pause"], "recover resumes only what is still held"
+    holds = journal.transaction(result.txid)["holds"]
+    assert [(h["n"], h["kind"], h["resumed"]) for h in holds] == [(0, "t.freeze", 1), (1, "t.pause", 1)]
+    assert recover_in_process(journal, registry) == []
+
+
+def test_recover_resumes_newest_first(tmp_path: Path) -> None:
+    """A paused guest cannot thaw: recover continues the VM before it thaws, as a run does."""
+    from blktx import ActionSpec, Executor, Transaction
+    from blktx.journal import SqliteJournal
+    from blktx.plugins import load
+    from blktx.recover import recover as recover_in_process
+
+    plugin = FlakyResume()
+    registry = load(extra=[("flaky", plugin)])
+    journal = SqliteJournal(str(tmp_path / "j.sqlite"))
+
+    class Dead(FlakyResume):
+        @hookimpl
+        def blktx_resume(self, ctx: Any, hold: Hold) -> bool | None:
+            if hold.kind.startswith("t."):
+                raise RuntimeError("gone")
+            return None
+
+    dead_registry = load(extra=[("dead", Dead())])
+    result = Executor(dead_registry, journal=journal, locker=journal).run(
+        Transaction([ActionSpec("sim.noop", {"key": "a"})], options={"quiesce": "pause"}, base_dir=str(tmp_path)))
+    assert result.outcome == "needs recovery" and len(result.leftovers) == 2
+    plugin.broken = False
+    recover_in_process(journal, registry)
+    assert plugin.resumed == ["t.pause", "t.freeze"]
