@@ -375,8 +375,8 @@ class StorageDaemon:
     def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
         try:
             return self._qmp.cmd(name, args)
-        except ActionFailed as exc:
-            raise ActionFailed(str(exc).replace(f"VM {self._qmp.address}", "qemu-storage-daemon", 1)) from None
+        except ActionFailed as exc:  # the same kind (VmGone: the daemon died), named as the daemon
+            raise type(exc)(str(exc).replace(f"VM {self._qmp.address}", "qemu-storage-daemon", 1)) from None
 
     def close(self) -> None:
         try:

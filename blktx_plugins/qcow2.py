@@ -24,6 +24,7 @@ from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Pa
 from blktx_plugins._qemu import (
     Snapshot,
     StorageDaemon,
+    VmGone,
     check_writable_image,
     create_overlay,
     holder,
@@ -112,28 +113,56 @@ class InternalCreate(ActionType):
     def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         # QMP refuses a second snapshot of the same name, so a replacement is made with
         # qemu-img (which allows it); everything else in one daemon transaction.
+        # undo["made"] records the ids made (none when QEMU refused: its transaction
+        # is all or nothing), so that cancel never takes somebody else's snapshot of
+        # the same name, made after the check, for this transaction's.
         fresh = [a for a in actions if not a.undo.get("old")]
         if fresh:
-            daemon = StorageDaemon(sorted({a.params["image"] for a in fresh}))
+            try:
+                daemon = StorageDaemon(sorted({a.params["image"] for a in fresh}))
+            except Exception:
+                for a in fresh:
+                    a.undo["made"] = []
+                raise
             try:
                 daemon.cmd("transaction", {"actions": [
                     {"type": "blockdev-snapshot-internal-sync",
                      "data": {"device": daemon.node[a.params["image"]], "name": a.params["name"]}} for a in fresh]})
+            except ActionFailed as exc:
+                if not isinstance(exc, VmGone):  # refused, not died half-way
+                    for a in fresh:
+                        a.undo["made"] = []
+                raise
             finally:
                 daemon.close()
         for a in actions:
             if a.undo.get("old"):
-                qemu_img("snapshot", "-c", a.params["name"], a.params["image"])
-            a.undo["made"] = [s.id for s in self._made(a)]
+                try:
+                    qemu_img("snapshot", "-c", a.params["name"], a.params["image"])
+                except ActionFailed:
+                    a.undo["made"] = []
+                    raise
+            # qcow2 numbers a new snapshot one past the highest id: ours is the newest.
+            a.undo["made"] = [s.id for s in self._candidates(a)[-1:]]
 
-    def _made(self, a: Action) -> list[Snapshot]:
-        """The snapshots this action made: its name, an id that was not there before."""
+    def _candidates(self, a: Action) -> list[Snapshot]:
+        """Snapshots of this action's name with an id that was not there at the check,
+        oldest first."""
         before = set(a.undo.get("before", []))
         try:
             _, snaps, _ = read_header(a.params["image"])
         except Refused:
             return []
-        return [s for s in snaps if s.name == a.params["name"] and s.id not in before]
+        found = [s for s in snaps if s.name == a.params["name"] and s.id not in before]
+        return sorted(found, key=lambda s: (len(s.id), s.id))
+
+    def _made(self, a: Action) -> list[Snapshot]:
+        """The snapshots this action made: the ids do recorded; when do never told
+        (blktx died inside it), every candidate."""
+        found = self._candidates(a)
+        if "made" in a.undo:
+            return [s for s in found if s.id in a.undo["made"]]
+        return found
 
     def cancel_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         plan = {a.index: [(a.params["image"], s) for s in self._made(a)] for a in actions}

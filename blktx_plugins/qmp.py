@@ -206,9 +206,14 @@ class _QmpType(ActionType):
         if failures:
             raise ActionFailures(failures)
 
-    def _per_vm_cmd(self, actions: Sequence[Action], ctx: RunContext, build: Any) -> None:
+    def _per_vm_cmd(self, actions: Sequence[Action], ctx: RunContext, build: Any, record: str | None = None) -> None:
         """Send each VM one command, ``build(group)`` = (name, args), to all VMs at
-        once from one loop: the VMs' commands leave together, not one thread apart."""
+        once from one loop: the VMs' commands leave together, not one thread apart.
+
+        ``record``: an undo key set on each action to whether QEMU carried out its
+        VM's command (a ``transaction`` is all or nothing per VM); left unset when
+        the VM died and nobody knows.
+        """
         failures: dict[int, BaseException] = {}
         vms = self._vms(actions, ctx)
         live = [(c, g) for c, g in vms if isinstance(c, Qmp)]
@@ -219,6 +224,9 @@ class _QmpType(ActionType):
         for (_, group), reply in zip(live, replies, strict=True):
             if isinstance(reply, BaseException):
                 failures.update({a.index: reply for a in group})
+            if record and not isinstance(reply, VmGone):
+                for a in group:
+                    a.undo[record] = not isinstance(reply, BaseException)
         if failures:
             raise ActionFailures(failures)
 
@@ -240,9 +248,15 @@ class InternalCreate(_QmpType):
     def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         self._per_vm_cmd(actions, ctx, lambda group: ("transaction", {"actions": [
             {"type": "blockdev-snapshot-internal-sync",
-             "data": {"device": a.undo["node"], "name": a.params["name"]}} for a in group]}))
+             "data": {"device": a.undo["node"], "name": a.params["name"]}} for a in group]}), record="made")
 
     def _made(self, a: Action, snapshots: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The snapshot this action made. QEMU refused the VM's transaction: none
+        (one of that name that appeared after the check is somebody else's). QEMU
+        did it: the one of that name that was not there at the check (QMP refuses a
+        second of one name). Unknown (the VM or blktx died during do): the same."""
+        if a.undo.get("made") is False:
+            return []
         before = set(a.undo.get("before", []))
         return [(i, n) for i, n in snapshots if n == a.params["name"] and i not in before]
 

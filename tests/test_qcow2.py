@@ -252,3 +252,35 @@ def test_two_deletes_of_one_snapshot_conflict(images: Path) -> None:
     assert result.problems[0].action == 1 and "conflicts with action #0: both delete snapshot 'weekly' (id 1)" in \
         result.problems[0].message
     assert snapshots(images / "d0.qcow2") == [("1", "weekly")]
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_same_named_snapshot_made_by_someone_else_after_the_check_survives_the_rollback(
+        tmp_path: Path, replace: bool) -> None:
+    """Another client makes "nightly" between blktx's check and its do. Fresh: QEMU
+    refuses blktx's transaction, and the rollback must not take the other client's
+    snapshot for blktx's own. Replace: blktx makes its own (qemu-img allows a second
+    of one name), a later action fails, and only blktx's is deleted."""
+    from blktx import Event, hookimpl
+    from blktx.plugins import load
+
+    make_image(tmp_path / "a.qcow2", snapshots=("nightly",) if replace else ())
+    make_image(tmp_path / "b.qcow2")
+
+    class Other:
+        @hookimpl
+        def blktx_event(self, event: Event) -> None:
+            if event.kind == "phase-start" and event.phase == "do":
+                subprocess.run(["qemu-img", "snapshot", "-c", "nightly", str(tmp_path / "a.qcow2")], check=True)
+
+    actions = [ActionSpec("qcow2.internal-create", {"image": "a.qcow2", "name": "nightly", "replace": replace}),
+               ActionSpec("qcow2.internal-create", {"image": "b.qcow2", "name": "nightly"}),
+               ActionSpec("fault", {"phase": "invalidate"})]
+    result = Executor(load(extra=[("other", Other())])).run(Transaction(actions, base_dir=str(tmp_path)))
+    assert result.outcome == "rolled back", result.summary()
+    if not replace:
+        assert result.failure is not None and result.failure.phase == "do"
+        assert "already exists" in result.failure.message
+    kept = snapshots(tmp_path / "a.qcow2")
+    assert [n for _, n in kept] == (["nightly", "nightly"] if replace else ["nightly"])
+    assert snapshots(tmp_path / "b.qcow2") == []

@@ -206,3 +206,37 @@ def test_a_vm_reached_over_tcp(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=10)
     assert [n for _, n in snapshots(image)] == ["over-tcp"]
+
+
+@pytest.mark.parametrize("phase", ["do", "invalidate"])
+@pytest.mark.parametrize("victim", [0, 1, 2])
+def test_qemu_itself_failing_in_any_vm_and_phase_rolls_back_the_group(tmp_path: Path, vms: list[VM], phase: str,
+                                                                      victim: int) -> None:
+    """QEMU refuses inside one VM: for do, a snapshot of the same name appears
+    after the check (made by someone else, so it must survive the rollback); for
+    invalidate, the overlay node blktx added is gone before the switch."""
+    target = vms[victim]
+
+    class Saboteur:
+        @hookimpl
+        def blktx_event(self, event: Event) -> None:
+            if event.kind == "phase-start" and event.phase == "do" and phase == "do":
+                target.qmp("blockdev-snapshot-internal-sync", {"device": "drive0", "name": "nightly"})
+            if event.kind == "phase-end" and event.phase == "do" and phase == "invalidate":
+                for node in target.qmp("query-named-block-nodes", {"flat": True}):
+                    if node["node-name"].startswith("blktx"):
+                        target.qmp("blockdev-del", {"node-name": node["node-name"]})
+
+    actions = [("qmp.internal-create", {"vm": vm.sock.name, "drive": "drive0", "name": "nightly"}) for vm in vms]
+    actions += [("qmp.external-create", {"vm": vm.sock.name, "drive": "drive1", "overlay": f"{vm.name}-ov.qcow2"})
+                for vm in vms]
+    result = run(tmp_path, actions, extra=[Saboteur()], quiesce="pause")
+    assert result.outcome == "rolled back", result.summary()
+    assert result.failure is not None and result.failure.phase == phase
+    assert str(target.sock) in result.failure.message
+    qemu_says = "already exists" if phase == "do" else "Cannot find"
+    assert qemu_says in result.failure.message, result.failure.message
+    for vm in vms:
+        assert vm.snapshots(0) == (["nightly"] if vm is target and phase == "do" else []), vm.name
+        assert vm.active_file(1) == f"{vm.name}-d1.qcow2" and not (tmp_path / f"{vm.name}-ov.qcow2").exists()
+        assert vm.running()
