@@ -199,7 +199,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     for t in txs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["started"]))
         secs = f"{t['seconds']:.3f}" if t["seconds"] is not None else "-"
-        table.add_row(t["txid"], started, t["status"], str(t["actions"]), secs, t["file"] or "(python)")
+        table.add_row(t["txid"], started, t["status"], str(t["actions"]), secs, escape(t["file"] or "(python)"))
     console().print(table)
     return 0
 
@@ -222,8 +222,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         table.add_column(col, overflow="fold")
     for a in tx["actions"]:
         ms = sum((a["durations"] or {}).values()) * 1000
-        table.add_row(str(a["index"]), a["type"], a["target"], a["state"], f"{ms:.1f}", a["error"] or "")
+        table.add_row(str(a["index"]), a["type"], escape(a["target"]), a["state"], f"{ms:.1f}", escape(a["error"] or ""))
     out.print(table)
+    for h in tx["holds"]:
+        state = "resumed" if h["resumed"] else "NOT resumed: `blktx recover` resumes it"
+        out.print(f"quiesced {h['target']} ({h['kind']}): {state}", markup=False)
     for key, value in tx["detail"].items():
         out.print(f"{key}: {value}", markup=False)
     return 0

@@ -82,3 +82,44 @@ def test_graph_prints_mermaid_and_refuses_unknown(capsys: pytest.CaptureFixture[
 def test_console_script_and_help() -> None:
     out = subprocess.run([sys.executable, "-m", "blktx.cli", "run", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "needs recovery" in out.stdout and "--allow-exec" in out.stdout
+
+
+def test_log_and_show_read_the_journal(examples: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    journal = str(tmp_path / "j.sqlite")
+    assert main(["run", str(examples / "sim-fault.toml"), "--journal", journal]) == 1
+    capsys.readouterr()
+    status, data = run_json(capsys, "log", "--journal", journal)
+    (tx,) = data["transactions"]
+    assert status == 0 and tx["status"] == "ABORTED" and tx["file"] == str(examples / "sim-fault.toml")
+    assert main(["show", tx["txid"][:14], "--journal", journal]) == 0
+    text = capsys.readouterr().out
+    assert f"{tx['txid']}  ABORTED" in text and "sim:" in text and "CANCELED" in text and "drill" in text
+    status, shown = run_json(capsys, "show", tx["txid"], "--journal", journal)
+    states = {a["type"]: a["state"] for a in shown["actions"]}
+    assert status == 0 and states["fault"] == "CANCELED" and not {"CREATED", "INVALIDATED"} & set(states.values())
+    assert main(["show", "nope", "--journal", journal]) == 2
+    assert "no single transaction matches 'nope'" in capsys.readouterr().err
+
+
+def test_show_names_a_vm_left_paused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from blktx import ActionSpec, Executor, Hold, Transaction, hookimpl
+    from blktx.journal import SqliteJournal
+    from blktx.plugins import load
+
+    class Stuck:
+        @hookimpl
+        def blktx_quiesce(self, ctx, actions):
+            return [Hold("t.pause", "vm:[one]")]
+
+        @hookimpl
+        def blktx_resume(self, ctx, hold):
+            raise RuntimeError("monitor not answering")
+
+    journal = SqliteJournal(str(tmp_path / "j.sqlite"))
+    result = Executor(load(extra=[("stuck", Stuck())]), journal=journal, locker=journal).run(
+        Transaction([ActionSpec("sim.noop", {"key": "[a]"})], options={"quiesce": "pause"}, base_dir=str(tmp_path)))
+    assert result.outcome == "needs recovery"
+    assert main(["show", result.txid, "--journal", journal.path]) == 0
+    text = capsys.readouterr().out
+    assert "quiesced vm:[one] (t.pause): NOT resumed: `blktx recover` resumes it" in text
+    assert "sim:noop/[a]" in text, "a target in brackets is printed, not read as markup"
