@@ -13,6 +13,7 @@ from blktx.testing.fixtures import (  # noqa: F401
     make_image,
     needs_qemu_img,
     needs_qemu_system,
+    one_command,
     run,
     same_data,
     snapshots,
@@ -43,13 +44,7 @@ class GuestAgent:
             time.sleep(0.01)
 
     def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
-        from blktx_plugins._qemu import Agent
-
-        conn = Agent(str(self.sock))
-        try:
-            return conn.cmd(name, args)
-        finally:
-            conn.close()
+        return one_command(self.sock, name, args, agent=True)
 
     def status(self) -> str:
         return str(self.cmd("guest-fsfreeze-status"))

@@ -85,6 +85,18 @@ needs_qemu_system = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is Non
                                        reason="needs qemu-system-x86_64 (Debian qemu-system-x86)")
 
 
+def one_command(address: Path | str, cmd: str, args: dict[str, Any] | None = None, *, agent: bool = False) -> Any:
+    """Connect to a QMP monitor (or, with ``agent``, a guest agent), send one command,
+    disconnect; its reply."""
+    from blktx_plugins._qemu import Agent, Qmp
+
+    conn = (Agent if agent else Qmp)(str(address))
+    try:
+        return conn.cmd(cmd, args)
+    finally:
+        conn.close()
+
+
 class VM:
     """A real ``qemu-system-x86_64 -machine none`` with qcow2 drives and a QMP socket."""
 
@@ -108,13 +120,7 @@ class VM:
         time.sleep(0.05)
 
     def qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        from blktx_plugins._qemu import Qmp
-
-        conn = Qmp(str(self.ctl))
-        try:
-            return conn.cmd(cmd, args)
-        finally:
-            conn.close()
+        return one_command(self.ctl, cmd, args)
 
     def running(self) -> bool:
         return bool(self.qmp("query-status")["running"])
