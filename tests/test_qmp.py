@@ -240,3 +240,22 @@ def test_qemu_itself_failing_in_any_vm_and_phase_rolls_back_the_group(tmp_path: 
         assert vm.snapshots(0) == (["nightly"] if vm is target and phase == "do" else []), vm.name
         assert vm.active_file(1) == f"{vm.name}-d1.qcow2" and not (tmp_path / f"{vm.name}-ov.qcow2").exists()
         assert vm.running()
+
+
+def test_the_vm_group_example_runs_as_documented(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from blktx.cli import main
+
+    spec = tmp_path / "vm-group.toml"
+    shutil.copy(Path(__file__).parent.parent / "specs" / "examples" / "vm-group.toml", spec)
+    vm1, vm2 = VM(tmp_path, "vm1", drives=2), VM(tmp_path, "vm2", drives=1)
+    try:
+        assert main(["run", str(spec), "--journal", str(tmp_path / "j.sqlite")]) == 0
+        out = capsys.readouterr().out
+        assert "committed" in out and f"quiesced vm:{tmp_path / 'vm1.qmp'} (qmp.pause)" in out
+        assert vm1.snapshots(0) == vm1.snapshots(1) == ["nightly"]
+        assert vm2.active_file(0) == "vm2-d0.nightly.qcow2" and vm1.running() and vm2.running()
+    finally:
+        vm1.quit()
+        vm2.quit()
