@@ -98,14 +98,16 @@ class ActionType:
 
     ``target(action) -> str``
         The stable key of the one thing the action changes (an absolute path,
-        ``vm:<address>/<node>``). Targets are locked in sorted order.
+        ``vm:<address>/<drive>``). Targets are locked in sorted order.
     ``check(action, ctx)``
         Runs in START before anything in the transaction is touched. No side
         effects. Raise :class:`~blktx.errors.Refused` with a reason and a hint to
-        refuse. Record in ``action.undo`` what a later ``cancel`` will need to tell
-        what this transaction made from what already existed (for example the
-        snapshot ids present now). For a finalize type, ``check`` must prove ``do``
-        can succeed.
+        refuse. It may set ``action.target`` to a more exact key it learned (the
+        drive a node name stands for): conflicts and locks use that. Record in
+        ``action.undo`` what a later ``cancel`` will need to tell what this
+        transaction made from what already existed (for example the snapshot ids
+        present now). For a finalize type, ``check`` must prove ``do`` can
+        succeed.
     ``do(action, ctx)``
         START -> CREATED. Make the new thing without making anyone use it. Never
         delete or overwrite anything the transaction did not create. If ``do``

@@ -85,7 +85,9 @@ def _node_info(node: str, inserted: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve(conn: Qmp, drive: str, blocks: list[Any] | None = None) -> dict[str, Any]:
-    """The node behind ``drive``: its node name, image file, format and snapshots.
+    """The node behind ``drive``: its node name, image file, format and snapshots,
+    and ``key``: the drive's id when it is a drive's active node (whatever name
+    the spec used for it), else the node name.
 
     ``blocks`` is the VM's ``query-block`` reply, when the caller already has it; a
     drive's active node is found there, any other node in ``query-named-block-nodes``.
@@ -93,10 +95,10 @@ def resolve(conn: Qmp, drive: str, blocks: list[Any] | None = None) -> dict[str,
     for dev in conn.cmd("query-block") if blocks is None else blocks:
         inserted = dev.get("inserted")
         if inserted and drive in (dev.get("device"), dev.get("qdev"), inserted.get("node-name")):
-            return _node_info(inserted["node-name"], inserted)
+            return {**_node_info(inserted["node-name"], inserted), "key": dev.get("device") or inserted["node-name"]}
     for info in conn.cmd("query-named-block-nodes", {"flat": True}):
         if info["node-name"] == drive:
-            return _node_info(drive, info)
+            return {**_node_info(drive, info), "key": drive}
     raise Refused(f"VM {conn.address} has no drive or node {drive!r}",
                   hint="`query-block` lists the drives, `query-named-block-nodes` the nodes")
 
@@ -145,6 +147,9 @@ class _QmpType(ActionType):
                     if isinstance(blocks, BaseException):
                         raise blocks
                     info = resolve(conn, a.params["drive"], blocks)
+                    # One drive named two ways (id, node name) is one target: for
+                    # conflicts and for the locks taken after the checks.
+                    a.target = f"vm:{a.params['vm']}/{info['key']}"
                     a.undo.update({"node": info["node"], "file": info["file"], "format": info["format"],
                                    "size": info["size"], "before": [i for i, _ in info["snapshots"]]})
                     self._check(a, info)

@@ -259,3 +259,18 @@ def test_the_vm_group_example_runs_as_documented(tmp_path: Path, capsys: pytest.
     finally:
         vm1.quit()
         vm2.quit()
+
+
+def test_drives_named_by_node_name(tmp_path: Path, vms: list[VM]) -> None:
+    """`drive` may be a node name (`-drive ...,node-name=vm0-n0`) as well as the drive id."""
+    result = run(tmp_path, [("qmp.internal-create", {"vm": "vm0.qmp", "drive": "vm0-n0", "name": "by-node"}),
+                            ("qmp.external-create", {"vm": "vm0.qmp", "drive": "vm0-n1", "overlay": "n1.qcow2"})],
+                 quiesce="pause")
+    assert result.outcome == "committed", result.summary()
+    assert vms[0].snapshots(0) == ["by-node"] and vms[0].active_file(1) == "n1.qcow2"
+    assert [a.target for a in result.actions] == [f"vm:{tmp_path}/vm0.qmp/drive0", f"vm:{tmp_path}/vm0.qmp/drive1"]
+    # the drive's id and its node name are one target
+    result = run(tmp_path, [("qmp.internal-create", {"vm": "vm0.qmp", "drive": "vm0-n0", "name": "a"}),
+                            ("qmp.internal-create", {"vm": "vm0.qmp", "drive": "drive0", "name": "b"})])
+    assert result.outcome == "invalid" and "conflicts with action #0" in result.problems[0].message
+    assert vms[0].snapshots(0) == ["by-node"]
