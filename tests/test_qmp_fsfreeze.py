@@ -201,3 +201,56 @@ def test_blktx_interrupted_inside_the_window_thaws_and_continues(tmp_path: Path,
     assert proc.returncode == 1, out + err
     assert "interrupted by SIGTERM" in out + err and "rolled back" in out + err
     assert vm.running() and agent.status() == "thawed" and vm.snapshots(0) == []
+
+
+# -- a real guest ---------------------------------------------------------------
+# The host's Debian kernel and an initramfs with the host's qemu-ga, booted by
+# QEMU (TCG) with a virtio-blk ext4 disk and a virtio-serial agent channel: the
+# agent runs inside the guest and freezes the guest's own filesystem (tests/guest.py).
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    import guest as guests
+
+    why = guests.why_not()
+    if why:
+        pytest.skip(f"a real guest {why}")
+    directory = tmp_path_factory.mktemp("guest")
+    g = guests.Guest(directory, guests.build_initramfs(directory / "initrd.gz"))
+    yield g
+    g.quit()
+
+
+def test_a_real_guest_frozen_through_its_agent_gives_a_clean_filesystem(guest: Any, tmp_path: Path) -> None:
+    """ext4 marks a mounted filesystem needs_recovery and clears it on freeze: a
+    snapshot taken with the guest frozen is clean, one taken with the VM merely
+    paused is not (the guest writes to its disk every 10 ms)."""
+    import guest as guests
+
+    base = guest.sock.parent
+    frozen = run(base, [("qmp.internal-create", {"vm": guest.sock.name, "drive": "drive0", "name": "frozen",
+                                                 "agent": guest.agent.name, "freeze": ["/mnt"]})],
+                 quiesce="fsfreeze+pause")
+    assert frozen.outcome == "committed", frozen.summary()
+    assert [h.kind for h in frozen.holds] == ["qga.freeze", "qmp.pause"]
+    assert guest.cmd_agent("guest-fsfreeze-status") == "thawed" and guest.qmp("query-status")["running"]
+    paused = run(base, [("qmp.internal-create", {"vm": guest.sock.name, "drive": "drive0", "name": "paused"})],
+                 quiesce="pause")
+    assert paused.outcome == "committed", paused.summary()
+    assert "needs_recovery" not in guests.superblock_features(guest.disk, "frozen", tmp_path)
+    assert "needs_recovery" in guests.superblock_features(guest.disk, "paused", tmp_path)
+    handle = guest.cmd_agent("guest-file-open", {"path": "/mnt/after", "mode": "w"})  # writable again
+    guest.cmd_agent("guest-file-write", {"handle": handle, "buf-b64": "b2s="})
+    guest.cmd_agent("guest-file-close", {"handle": handle})
+
+
+def test_a_real_guest_is_thawed_and_running_after_a_rollback(guest: Any) -> None:
+    base = guest.sock.parent
+    before = [s["name"] for s in guest.qmp("query-block")[0]["inserted"]["image"].get("snapshots", [])]
+    result = run(base, [("qmp.internal-create", {"vm": guest.sock.name, "drive": "drive0", "name": "rolled",
+                                                 "agent": guest.agent.name}),
+                        ("fault", {"phase": "invalidate"})], quiesce="fsfreeze+pause")
+    assert result.outcome == "rolled back", result.summary()
+    assert [h.kind for h in result.holds] == ["qga.freeze", "qmp.pause"] and all(h.end for h in result.holds)
+    assert guest.cmd_agent("guest-fsfreeze-status") == "thawed" and guest.qmp("query-status")["running"]
+    assert [s["name"] for s in guest.qmp("query-block")[0]["inserted"]["image"].get("snapshots", [])] == before
