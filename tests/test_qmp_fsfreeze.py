@@ -254,3 +254,40 @@ def test_a_real_guest_is_thawed_and_running_after_a_rollback(guest: Any) -> None
     assert [h.kind for h in result.holds] == ["qga.freeze", "qmp.pause"] and all(h.end for h in result.holds)
     assert guest.cmd_agent("guest-fsfreeze-status") == "thawed" and guest.qmp("query-status")["running"]
     assert [s["name"] for s in guest.qmp("query-block")[0]["inserted"]["image"].get("snapshots", [])] == before
+
+
+def test_a_real_guest_killed_inside_the_window_is_continued_then_thawed_by_recover(guest: Any) -> None:
+    """Killed while the guest is frozen and paused: recover must `cont` before it
+    thaws (a paused guest's agent cannot answer), at every kill point."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    base = guest.sock.parent
+    both_held = 0
+    for n in range(3, 12):
+        spec = base / f"kill{n}.toml"
+        spec.write_text('version = 1\n[options]\nquiesce = "fsfreeze+pause"\n'
+                        '[[action]]\ntype = "qmp.internal-create"\n'
+                        f'vm = "{guest.sock.name}"\ndrive = "drive0"\nname = "kill{n}"\n'
+                        f'agent = "{guest.agent.name}"\nfreeze = ["/mnt"]\n')
+        journal = base / f"kill{n}.sqlite"
+        env = {**os.environ, "BLKTX_CRASH_AFTER": str(n)}
+        out = subprocess.run([sys.executable, "-m", "blktx", "run", str(spec), "--journal", str(journal)],
+                             capture_output=True, text=True, env=env, timeout=60)
+        if out.returncode == 0:
+            break
+        assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr
+        paused = not guest.qmp("query-status")["running"]
+        both_held += paused
+        started = time.monotonic()
+        rec = subprocess.run([sys.executable, "-m", "blktx", "recover", "--json", "--journal", str(journal)],
+                             capture_output=True, text=True, timeout=120)
+        assert rec.returncode == 0, rec.stdout + rec.stderr
+        # (killed before BEGIN: nothing to recover but a stale lock)
+        assert [t["outcome"] for t in json.loads(rec.stdout)["transactions"]] in ([], ["rolled back"], ["committed"])
+        assert time.monotonic() - started < 20, "recover waited on a paused guest's agent"
+        assert guest.qmp("query-status")["running"], f"kill after write {n}: still paused"
+        assert guest.cmd_agent("guest-fsfreeze-status") == "thawed", f"kill after write {n}: still frozen"
+    assert both_held >= 1, "no kill point found the guest frozen and paused"
