@@ -15,7 +15,7 @@ from blktx.errors import EXIT_INVALID, BlktxError, InvalidTransaction
 from blktx.executor import Executor
 from blktx.report import Progress, console, print_json, print_result, print_types, types_json
 from blktx.result import INVALID, Result
-from blktx.spec import Transaction, load_spec
+from blktx.spec import QUIESCE_MODES, Transaction, load_spec
 
 EXIT_HELP = """exit status:
   0  committed: every action took effect
@@ -70,12 +70,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         return tx
     if not args.json and sys.stderr.isatty():
         registry.pm.register(Progress(sys.stderr), name="blktx-progress")
-    overrides: dict[str, Any] = {}
-    if args.jobs is not None:
-        overrides["jobs"] = args.jobs
     executor = Executor(registry, journal=_journal(args), locker=_locker(args))
-    result = executor.run(tx, allow_exec=args.allow_exec, roots=_roots(args), overrides=overrides)
+    result = executor.run(tx, allow_exec=args.allow_exec, roots=_roots(args), overrides=_overrides(args))
     return _emit(result, args)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Options given on the command line, which replace the spec's."""
+    overrides: dict[str, Any] = {}
+    if getattr(args, "jobs", None) is not None:
+        overrides["jobs"] = args.jobs
+    if args.quiesce is not None:
+        overrides["quiesce"] = args.quiesce
+    return overrides
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -83,7 +90,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     tx = _load(args)
     if isinstance(tx, int):
         return tx
-    return _emit(Executor(registry).check(tx, allow_exec=args.allow_exec, roots=_roots(args)), args)
+    return _emit(Executor(registry).check(tx, allow_exec=args.allow_exec, roots=_roots(args),
+                                          overrides=_overrides(args)), args)
 
 
 def cmd_types(args: argparse.Namespace) -> int:
@@ -282,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     subs["log"].add_argument("--limit", type=int, default=20, help="how many transactions (default 20)")
     subs["show"].add_argument("txid", help="the transaction id (a unique prefix is enough); see `blktx log`")
     subs["run"].add_argument("--jobs", type=int, metavar="N", help="run up to N steps at once (overrides the spec)")
+    for name in ("run", "check"):
+        subs[name].add_argument("--quiesce", choices=QUIESCE_MODES, metavar="MODE",
+                                help="overrides the spec's quiesce mode: " + ", ".join(QUIESCE_MODES))
     subs["graph"].add_argument("type", help="an action type, e.g. qcow2.internal-create")
     subs["demo"].add_argument("--dir", default="blktx-demo",
                               help="where to make the demo's images (default ./blktx-demo; remade on each run)")

@@ -95,11 +95,13 @@ class Executor:
 
     # -- entry points --------------------------------------------------------------
 
-    def check(self, tx: Transaction, *, allow_exec: bool = False, roots: list[str] | None = None) -> Result:
-        """Validate and run every check. Touches nothing."""
+    def check(self, tx: Transaction, *, allow_exec: bool = False, roots: list[str] | None = None,
+              overrides: dict[str, Any] | None = None) -> Result:
+        """Validate and run every check. Touches nothing. ``overrides`` replace the
+        spec's options, as for :meth:`run` (a quiesce mode changes what is checked)."""
         txid = new_txid()
         try:
-            actions, options = bind(tx, self.registry, allow_exec=allow_exec, roots=roots)
+            actions, options = bind(tx, self.registry, allow_exec=allow_exec, roots=roots, overrides=overrides)
         except InvalidTransaction as exc:
             return Result(txid, INVALID, problems=exc.problems, checked_only=True)
         ctx = RunContext(txid, options, tx.base_dir, self.registry.pm.hook)

@@ -274,3 +274,19 @@ def test_drives_named_by_node_name(tmp_path: Path, vms: list[VM]) -> None:
                             ("qmp.internal-create", {"vm": "vm0.qmp", "drive": "drive0", "name": "b"})])
     assert result.outcome == "invalid" and "conflicts with action #0" in result.problems[0].message
     assert vms[0].snapshots(0) == ["by-node"]
+
+
+def test_quiesce_from_the_command_line(tmp_path: Path, vms: list[VM], capsys: pytest.CaptureFixture[str]) -> None:
+    from blktx.cli import main
+
+    spec = tmp_path / "t.toml"
+    spec.write_text('version = 1\n[[action]]\ntype = "qmp.internal-create"\nvm = "vm0.qmp"\ndrive = "drive0"\n'
+                    'name = "cli"\n')
+    assert main(["check", str(spec), "--quiesce", "fsfreeze"]) == 2
+    assert "through its guest agent, and this action names none" in " ".join(capsys.readouterr().out.split())
+    assert main(["run", str(spec), "--quiesce", "pause", "--no-journal"]) == 0
+    assert f"quiesced vm:{tmp_path / 'vm0.qmp'} (qmp.pause)" in "".join(capsys.readouterr().out.split("\n"))
+    assert vms[0].snapshots(0) == ["cli"] and vms[0].running()
+    with pytest.raises(SystemExit):
+        main(["run", str(spec), "--quiesce", "freeze"])
+    assert "invalid choice: 'freeze'" in capsys.readouterr().err
