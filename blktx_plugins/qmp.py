@@ -3,10 +3,13 @@ across VMs (and other backends) by blktx.
 
 VMs are named by their QMP address (a unix socket path, or ``tcp:host:port``);
 drives by block-backend name, qdev id or node name. All actions of one type on
-one VM go to that VM as one QMP ``transaction``. With ``quiesce = "pause"`` every
-running VM of the transaction is stopped before the do phase and continued right
-after the commit point or the rollback; a VM that was already paused stays
-paused. If a VM dies during the transaction the rest of the group rolls back,
+one VM go to that VM as one QMP ``transaction``; every VM is sent its share at
+once, from one event loop. With ``quiesce = "pause"`` every running VM of the
+transaction is stopped before the do phase and continued right after the commit
+point or the rollback; a VM that was already paused stays paused. With
+``"fsfreeze"`` (or ``"fsfreeze+pause"``) each guest's filesystems are frozen
+through its guest agent first and thawed last; a guest already frozen stays
+frozen. If a VM dies during the transaction the rest of the group rolls back,
 and its own actions are undone offline on its image files once QEMU's lock is
 gone.
 """
