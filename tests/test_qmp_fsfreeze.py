@@ -291,3 +291,47 @@ def test_a_real_guest_killed_inside_the_window_is_continued_then_thawed_by_recov
         assert guest.qmp("query-status")["running"], f"kill after write {n}: still paused"
         assert guest.cmd_agent("guest-fsfreeze-status") == "thawed", f"kill after write {n}: still frozen"
     assert both_held >= 1, "no kill point found the guest frozen and paused"
+
+
+def test_an_agent_reached_over_tcp(tmp_path: Path, vm: VM, agent: GuestAgent, btrfs_mount: Path) -> None:
+    """`agent = "tcp:HOST:PORT"` (a chardev socket on TCP): here a relay from a
+    loopback port to the agent's unix socket."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:  # shutdown, not close: it also wakes the other direction's recv
+            for sock in (dst, src):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def relay() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(str(agent.sock))
+            threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+
+    threading.Thread(target=relay, daemon=True).start()
+    try:
+        probe = Probe(btrfs_mount, vm)
+        result = run(tmp_path, [snap(btrfs_mount, agent=f"tcp:127.0.0.1:{port}")], extra=[probe], quiesce="fsfreeze")
+        assert result.outcome == "committed", result.summary()
+        assert probe.blocked is True and probe.done.wait(5)
+        assert [h.target for h in result.holds] == [f"vm:{tmp_path / 'vm.qmp'}"]
+    finally:
+        listener.close()
+    assert agent.status() == "thawed"
