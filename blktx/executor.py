@@ -511,12 +511,9 @@ class Executor:
                         taken.update(id(h) for h in got or [])
                 except Exception as exc:  # noqa: BLE001 - fall back to one by one
                     result.warnings.append(f"resuming {run[0].kind} holds together failed ({exc}); one by one")
-                now = time.monotonic()
                 for hold in run:
                     if id(hold) in taken:
-                        hold.end = hold.end or now
-                        self._emit("resumed", ctx.txid, target=hold.target, message=hold.kind,
-                                   seconds=hold.window or 0.0)
+                        self._ended(ctx, hold)
                 single = [h for h in run if id(h) not in taken]
             if len(single) > 1:
                 with ThreadPoolExecutor(max_workers=min(len(single), 32), thread_name_prefix="blktx-resume") as pool:
@@ -534,6 +531,10 @@ class Executor:
         if not done:
             result.leftovers.append(Leftover(hold.target, f"still {hold.kind}: no installed plugin resumes it"))
             return
+        self._ended(ctx, hold)
+
+    def _ended(self, ctx: RunContext, hold: Hold) -> None:
+        """A hold was resumed: its window ends now, unless its plugin said when."""
         hold.end = hold.end or time.monotonic()
         self._emit("resumed", ctx.txid, target=hold.target, message=hold.kind, seconds=hold.window or 0.0)
 

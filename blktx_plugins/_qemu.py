@@ -231,23 +231,18 @@ class Qmp:
     #: QEMU's guest agent sends no greeting and negotiates nothing.
     negotiate = True
 
-    def __init__(self, address: str, timeout: float = 10.0) -> None:
+    def __init__(self, address: str, timeout: float = 10.0, *, connect: bool = True) -> None:
+        """Connect now; with ``connect=False`` later, by ``await conn.open()``."""
         self.address = address
         self.timeout = timeout
         self._client: Any = None
-        run_async(self.open(), None)
-
-    @classmethod
-    def unopened(cls, address: str, timeout: float = 10.0) -> Qmp:
-        """A connection not yet made: ``await conn.open()`` makes it."""
-        conn = cls.__new__(cls)
-        conn.address, conn.timeout, conn._client = address, timeout, None
-        return conn
+        if connect:
+            run_async(self.open(), None)
 
     @classmethod
     def open_many(cls, addresses: list[str], timeout: float = 10.0) -> dict[str, Qmp | VmGone]:
         """Connect to every address at once: each one's connection, or why it failed."""
-        conns = [cls.unopened(a, timeout) for a in addresses]
+        conns = [cls(a, timeout, connect=False) for a in addresses]
 
         async def all_of() -> list[Any]:
             return await asyncio.gather(*(c.open() for c in conns), return_exceptions=True)

@@ -74,11 +74,17 @@ def _connections(ctx: RunContext, kind: type[Qmp] = Qmp) -> _Connections:
     return ctx.resource(f"qmp:{kind.__name__}", make)
 
 
+def _open_all(ctx: RunContext, addresses: Sequence[str], kind: type[Qmp] = Qmp) -> list[Qmp]:
+    """The run's connections to ``addresses`` (made together if new); raises if one fails."""
+    got = _connections(ctx, kind).many(addresses)
+    for conn in got.values():
+        if isinstance(conn, VmGone):
+            raise conn
+    return [cast(Qmp, got[a]) for a in addresses]
+
+
 def connection(ctx: RunContext, address: str) -> Qmp:
-    got = _connections(ctx).many([address])[address]
-    if isinstance(got, VmGone):
-        raise got
-    return got
+    return _open_all(ctx, [address])[0]
 
 
 def _node_info(node: str, inserted: dict[str, Any]) -> dict[str, Any]:
@@ -448,14 +454,6 @@ QUIESCE_FREEZE = ("fsfreeze", "fsfreeze+pause")
 FREEZE_TIMEOUT = 60.0
 
 
-def _open_all(ctx: RunContext, addresses: Sequence[str], kind: type[Qmp] = Qmp) -> list[Qmp]:
-    got = _connections(ctx, kind).many(addresses)
-    for conn in got.values():
-        if isinstance(conn, VmGone):
-            raise conn
-    return [cast(Qmp, got[a]) for a in addresses]
-
-
 def _raise_first(replies: list[Any]) -> None:
     for reply in replies:
         if isinstance(reply, BaseException):
@@ -565,7 +563,7 @@ async def _vm_alive(ctx: RunContext, address: str) -> bool:
     mine = conn is None
     try:
         if conn is None:
-            conn = Qmp.unopened(address)
+            conn = Qmp(address, connect=False)
             await conn.open()
         await conn.execute("query-status", timeout=5)
         return True
