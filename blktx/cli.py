@@ -11,11 +11,13 @@ from typing import Any
 from rich.markup import escape
 
 from blktx import plugins
+from blktx.context import QUIESCE_MODES
 from blktx.errors import EXIT_INVALID, BlktxError, InvalidTransaction
 from blktx.executor import Executor
 from blktx.report import Progress, console, print_json, print_result, print_types, types_json
-from blktx.result import INVALID, Result
-from blktx.spec import QUIESCE_MODES, Transaction, load_spec
+from blktx.result import Result
+from blktx.spec import Transaction, load_spec
+from blktx.states import TxLifecycle, TxState
 
 EXIT_HELP = """exit status:
   0  committed: every action took effect
@@ -28,6 +30,8 @@ EXIT_HELP = """exit status:
 ENV_HELP = """
 environment:
   BLKTX_JOURNAL=PATH        the journal (default ~/.local/state/blktx/journal.sqlite)
+  BLKTX_LOCK_DIR=DIR        where runs claim their targets, whichever journal they use
+                            (default /var/lib/blktx/locks as root, else ~/.local/state/blktx/locks)
   BLKTX_LOAD_PLUGINS=a,b    load only these plugins (entry-point names); empty: none
   BLKTX_TRACE_HOOKS=1       print every plugin hook call to stderr
   BLKTX_CRASH_AFTER=N       drills: SIGKILL the run right after its N-th journal write
@@ -52,7 +56,7 @@ def _emit(result: Result, args: argparse.Namespace) -> int:
 
 
 def _invalid(exc: InvalidTransaction, args: argparse.Namespace) -> int:
-    return _emit(Result("-", INVALID, problems=exc.problems), args)
+    return _emit(Result("-", TxState.INVALID, problems=exc.problems), args)
 
 
 def _load(args: argparse.Namespace) -> Transaction | int:
@@ -105,12 +109,18 @@ def cmd_types(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
+    if args.type == "transaction":
+        if args.json:
+            print_json({"type": "transaction", **TxLifecycle.as_dict()})
+        else:
+            sys.stdout.write(TxLifecycle.mermaid())
+        return 0
     registry = _registry(args)
     entry = registry.types.get(args.type)
     if entry is None:
         from blktx.params import did_you_mean
 
-        hint = did_you_mean(args.type, sorted(registry.types)) or "`blktx types` lists them"
+        hint = did_you_mean(args.type, [*sorted(registry.types), "transaction"]) or "`blktx types` lists them"
         print(f"blktx graph: unknown action type {args.type!r} ({hint})", file=sys.stderr)
         return EXIT_INVALID
     lifecycle = entry.cls.lifecycle
@@ -166,20 +176,25 @@ def _journal(args: argparse.Namespace) -> Any:
     if cached is None:
         from blktx.journal import SqliteJournal
 
-        cached = SqliteJournal(args.journal, wait=getattr(args, "wait", 0.0) or 0.0)
+        cached = SqliteJournal(args.journal)
         args._journal_obj = cached
     return cached
 
 
 def _locker(args: argparse.Namespace) -> Any:
-    return _journal(args)
+    """The locker of every run with a journal: claims in the one well-known folder."""
+    if getattr(args, "no_journal", False):
+        return None
+    from blktx.locks import Locker
+
+    return Locker(wait=getattr(args, "wait", 0.0) or 0.0)
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
     from blktx.recover import recover
 
     registry = _registry(args)
-    report = recover(_journal(args), registry, args.txid)
+    report = recover(_journal(args), registry, _locker(args), args.txid)
     if args.json:
         print_json({"journal": _journal(args).path, "transactions": report})
     else:
@@ -189,6 +204,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
         for item in report:
             extra = "".join(f"\n    left: {x}" for x in item.get("left", []))
             out.print(f"{item['txid']}: {item['outcome']} ({item['message']}){extra}", markup=False)
+            for warning in item.get("warnings", []):
+                out.print(f"    warning: {warning}", markup=False)
     return 3 if any(i["outcome"] in ("needs recovery", "running") for i in report) else 0
 
 
@@ -202,12 +219,13 @@ def cmd_log(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(show_edge=False, pad_edge=False)
-    for col in ("txid", "started", "status", "actions", "seconds", "spec"):
+    for col in ("txid", "started", "outcome", "state", "actions", "seconds", "spec"):
         table.add_column(col)
     for t in txs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["started"]))
         secs = f"{t['seconds']:.3f}" if t["seconds"] is not None else "-"
-        table.add_row(t["txid"], started, t["status"], str(t["actions"]), secs, escape(t["file"] or "(python)"))
+        table.add_row(t["txid"], started, t["outcome"], t["status"], str(t["actions"]), secs,
+                      escape(t["file"] or "(python)"))
     console().print(table)
     return 0
 
@@ -224,7 +242,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     out = console()
-    out.print(f"{tx['txid']}  {tx['status']}  {tx['file'] or '(python)'}  {len(tx['actions'])} action(s)", markup=False)
+    out.print(f"{tx['txid']}  {tx['outcome']} ({tx['status']}: {tx['words']})  {tx['file'] or '(python)'}  "
+              f"{len(tx['actions'])} action(s)", markup=False)
     table = Table(show_edge=False, pad_edge=False)
     for col in ("#", "type", "target", "state", "ms", "error"):
         table.add_column(col, overflow="fold")
@@ -261,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "run a transaction all-or-none", cmd_run),
         ("check", "validate a spec and run every check; touches nothing", cmd_check),
         ("types", "list every registered action type, its parameters and its plugin", cmd_types),
-        ("graph", "print an action type's state machine as a Mermaid diagram", cmd_graph),
+        ("graph", "print an action type's (or the transaction's) state machine as a Mermaid diagram", cmd_graph),
         ("demo", "snapshot real qcow2 images: one group that commits, one that rolls back", cmd_demo),
         ("recover", "roll back or forward every transaction a dead run left unfinished", cmd_recover),
         ("log", "list recent transactions from the journal", cmd_log),
@@ -293,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("run", "check"):
         subs[name].add_argument("--quiesce", choices=QUIESCE_MODES, metavar="MODE",
                                 help="overrides the spec's quiesce mode: " + ", ".join(QUIESCE_MODES))
-    subs["graph"].add_argument("type", help="an action type, e.g. qcow2.internal-create")
+    subs["graph"].add_argument("type", help="an action type, e.g. qcow2.internal-create, or `transaction`")
     subs["demo"].add_argument("--dir", default="blktx-demo",
                               help="where to make the demo's images (default ./blktx-demo; remade on each run)")
     return parser

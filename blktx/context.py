@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 import pluggy
@@ -14,22 +14,82 @@ from blktx.events import Hold
 T = TypeVar("T")
 
 
+#: How a transaction may hold its targets still (``[options] quiesce``).
+QUIESCE_MODES = ("none", "pause", "fsfreeze", "fsfreeze+pause")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """How one spec option is written and checked: the one declaration that spec
+    validation, the JSON Schema and the docs all read."""
+
+    kind: str  # "int", "float" or "str"
+    doc: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not acceptable, or None."""
+        if self.kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif self.kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            return f"must be of type {self.kind}, got {value!r}"
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(self.choices)}, got {value!r}"
+        # written so that NaN fails both
+        if self.minimum is not None and not value >= self.minimum:
+            return f"must be at least {self.minimum:g}, got {value!r}"
+        if self.maximum is not None and not value <= self.maximum:
+            return f"must be at most {self.maximum:g}, got {value!r}"
+        return None
+
+    def json_schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"description": self.doc}
+        if self.choices:
+            out["enum"] = list(self.choices)
+        else:
+            out["type"] = {"int": "integer", "float": "number", "str": "string"}[self.kind]
+        if self.minimum is not None:
+            out["minimum"] = self.minimum
+        if self.maximum is not None:
+            out["maximum"] = self.maximum
+        return out
+
+
+def _option(default: Any, kind: str, doc: str, *, minimum: float | None = None, maximum: float | None = None,
+            choices: tuple[str, ...] = ()) -> Any:
+    return field(default=default, metadata={"spec": OptionSpec(kind, doc, minimum, maximum, choices)})
+
+
 @dataclass
 class Options:
-    """How a transaction runs. A spec's ``[options]`` table fills these; the caller's
-    settings (``allow_exec``, ``roots``) can only be given outside the spec."""
+    """How a transaction runs. A spec's ``[options]`` table fills the fields declared
+    with a spec (:func:`spec_options`); the caller's settings (``allow_exec``,
+    ``roots``) can only be given outside the spec."""
 
-    jobs: int = 1
-    quiesce: str = "none"
-    finalize_retries: int = 2
-    retry_delay: float = 0.2
-    cancel_retries: int = 1
+    jobs: int = _option(1, "int", "steps run at once (threads); 1 keeps the exact order", minimum=1, maximum=256)
+    quiesce: str = _option("none", "str", "hold the targets still around do/invalidate", choices=QUIESCE_MODES)
+    finalize_retries: int = _option(2, "int", "retries of a failed finalize or finish step after the commit",
+                                    minimum=0, maximum=100)
+    retry_delay: float = _option(0.2, "float", "seconds before the first retry (the n-th waits n times as long)",
+                                 minimum=0, maximum=3600)
+    cancel_retries: int = _option(1, "int", "retries of a failed cancel during a rollback", minimum=0, maximum=100)
     #: Whether ``exec`` actions (and any type that runs a command) may run.
     allow_exec: bool = False
     #: Directories that every path in the spec must stay under (defaults to the spec's).
     roots: list[str] = field(default_factory=list)
     #: Per-type settings from the spec's ``[options.<plugin>]`` tables.
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def spec_options() -> dict[str, OptionSpec]:
+    """Every option a spec may set, with its declaration, in declaration order."""
+    return {f.name: f.metadata["spec"] for f in fields(Options) if "spec" in f.metadata}
 
 
 class _Slot:

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from blktx import hookspecs
-from blktx.states import CORE_TRANSITIONS, Lifecycle
+from blktx.states import CORE_TRANSITIONS, TX_TRANSITIONS, Lifecycle, TxLifecycle
+from blktx.status import STATUS
 
 
 def hook_names() -> list[str]:
@@ -36,12 +37,23 @@ def hooks_md() -> str:
 
 
 def lifecycle_md() -> str:
-    lines = ["# The action lifecycle", "",
-             "Generated from `blktx/states.py` by `python -m blktx.docgen`. Every action type's",
-             "`transitions` machine is built from the same table; `blktx graph TYPE` prints a type's own.", "",
+    lines = ["# The lifecycles", "",
+             "Generated from `blktx/states.py` by `python -m blktx.docgen`. Both machines are",
+             "built from these tables and decide every step; `blktx graph TYPE` prints an action",
+             "type's own, `blktx graph transaction` the transaction's.", "",
+             "## The action lifecycle", "",
              "```mermaid", Lifecycle().mermaid().rstrip(), "```", "", "| trigger | from | to | why |",
              "| --- | --- | --- | --- |"]
     lines += [f"| `{t.trigger}` | {t.source} | {t.dest} | {t.why} |" for t in CORE_TRANSITIONS]
+    lines += ["", "## The transaction lifecycle", "",
+              "The journal stores these states; `blktx run`, `recover`, `log`, `show`, `--json` and",
+              "the exit status all derive from them through one table (`blktx/status.py`).", "",
+              "```mermaid", TxLifecycle.mermaid().rstrip(), "```", "",
+              "| state | outcome | exit status | committed | meaning |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {s.value} | {st.outcome} | {st.exit_status} | {'yes' if st.committed else 'no'} | {st.words} |"
+              for s, st in STATUS.items()]
+    lines += ["", "| trigger | from | to | why |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{t.trigger}` | {t.source} | {t.dest} | {t.why} |" for t in TX_TRANSITIONS]
     return "\n".join(lines) + "\n"
 
 

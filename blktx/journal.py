@@ -1,11 +1,11 @@
-"""The write-ahead journal (SQLite, WAL) and the cross-process target locks.
+"""The write-ahead journal (SQLite, WAL): persistence of transaction states,
+action states, intents, undo facts and holds; nothing else.
 
-Before each side effect the executor records its intent and what the undo needs
-(``Action.undo``); after it, what happened. One durable commit covers a whole batch
-of steps, never one per action. Locks live in the same database: a target is
-locked by inserting it in one SQLite transaction with every other target of the
-run, so two runs can never interleave or deadlock; a lock whose process died is
-detected by pid and process start time.
+Before each side effect a run records its intent, the actions' new states (DOING:
+their step may run) and what the undo needs (``Action.undo``); after it, what
+happened. One durable commit covers a whole batch of steps, never one per action.
+The transaction's state column holds a :class:`~blktx.states.TxState`. Locks are
+not here: they do not depend on which journal a run uses (:mod:`blktx.locks`).
 
 ``BLKTX_CRASH_AFTER=N`` kills the process with SIGKILL right after the N-th durable
 journal write: the switch that crash tests and drills use to reach every crash
@@ -25,8 +25,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from blktx.actiontype import Action
-from blktx.errors import BlktxError, InvalidTransaction, Problem
+from blktx.errors import BlktxError
 from blktx.events import Hold
+from blktx.states import DOING, START, TX_FINAL, TxState
+from blktx.status import status
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tx (
@@ -41,14 +43,16 @@ CREATE TABLE IF NOT EXISTS step (
 CREATE TABLE IF NOT EXISTS hold (
     txid TEXT, n INTEGER, kind TEXT, target TEXT, data TEXT, start REAL, resumed INTEGER,
     PRIMARY KEY (txid, n));
-CREATE TABLE IF NOT EXISTS lock (
-    target TEXT PRIMARY KEY, txid TEXT, pid INTEGER, pstart TEXT, since REAL);
 CREATE INDEX IF NOT EXISTS tx_status ON tx (status);
 """
 
-#: Transaction statuses in the journal.
-RUNNING, COMMITTED, DONE, ABORTED, NEEDS_RECOVERY = "BEGIN", "COMMITTED", "DONE", "ABORTED", "NEEDS_RECOVERY"
-UNFINISHED = (RUNNING, COMMITTED, NEEDS_RECOVERY)
+#: The phases whose intent begins its actions (START -> DOING in the journal).
+BEGINS = frozenset({"do", "finalize"})
+
+#: The states ``blktx recover`` finishes.
+_COMMITTED = frozenset({TxState.COMMITTED, TxState.FINALIZING, TxState.DONE, TxState.FINALIZE_INCOMPLETE})
+UNFINISHED: tuple[TxState, ...] = tuple(s for s in TxState if s not in TX_FINAL
+                                        and s not in (TxState.NEW, TxState.LOCKED, TxState.CHECKED))
 
 
 def _dumps(value: Any) -> str:
@@ -64,24 +68,12 @@ def default_path() -> str:
     return os.path.join(base, "blktx", "journal.sqlite")
 
 
-def _process_start(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, pstart: str | None) -> bool:
-    return _process_start(pid) == pstart and pstart is not None
-
 
 class SqliteJournal:
-    """The journal and the locker of :class:`~blktx.executor.Executor`, in one SQLite file."""
+    """The journal of a :class:`~blktx.transaction.TransactionRun`, in one SQLite file."""
 
-    def __init__(self, path: str | None = None, *, wait: float = 0.0) -> None:
+    def __init__(self, path: str | None = None) -> None:
         self.path = os.path.abspath(path or default_path())
-        self.wait = wait
         try:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
             if not os.path.exists(self.path):
@@ -107,6 +99,11 @@ class SqliteJournal:
             columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in columns:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        # Statuses written before the transaction became a machine, in its words.
+        self._db.execute("UPDATE tx SET status = 'RUNNING' WHERE status = 'BEGIN'")
+        self._db.execute("UPDATE action SET state = 'DOING' WHERE started = 1 AND state = 'START'")
+        self._db.execute("UPDATE tx SET status = CASE committed WHEN 1 THEN 'FINALIZE_INCOMPLETE' "
+                         "ELSE 'ROLLBACK_INCOMPLETE' END WHERE status = 'NEEDS_RECOVERY'")
 
     # -- durable writes ---------------------------------------------------------------
 
@@ -122,7 +119,13 @@ class SqliteJournal:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                # Not durable: the caller must not act as if it were (the commit point).
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
             self._writes += 1
             if self._crash_after is not None and self._writes >= self._crash_after:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -142,7 +145,7 @@ class SqliteJournal:
         self._undo = {a.index: _dumps(a.undo) for a in actions}
         with self._write() as db:
             db.execute("INSERT INTO tx VALUES (?, ?, NULL, ?, ?, ?, ?, ?, NULL, ?, 0)",
-                       (txid, time.time(), RUNNING, os.getpid(), info.get("file"), info.get("base_dir"),
+                       (txid, time.time(), TxState.RUNNING.value, os.getpid(), info.get("file"), info.get("base_dir"),
                         json.dumps(info.get("options", {}), default=str), len(actions)))
             db.executemany("INSERT INTO action VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, NULL, NULL, NULL)",
                            [(txid, a.index, a.type.name, a.target, json.dumps(a.params), self._undo[a.index], a.state)
@@ -155,8 +158,9 @@ class SqliteJournal:
             changed = self._changed_undo(actions)
             db.executemany("UPDATE action SET undo = ? WHERE txid = ? AND idx = ?",
                            [(undo, txid, index) for index, undo in changed])
-            db.execute("UPDATE action SET started = 1 WHERE txid = ? AND idx IN (SELECT value FROM json_each(?))",
-                       (txid, json.dumps([a.index for a in actions])))
+            if phase in BEGINS:  # the intent begins them: a crash from here on may have run their step
+                db.execute(f"UPDATE action SET state = '{DOING}' WHERE txid = ? AND state = '{START}' "
+                           "AND idx IN (SELECT value FROM json_each(?))", (txid, json.dumps([a.index for a in actions])))
 
     def _changed_undo(self, actions: Sequence[Action]) -> list[tuple[int, str]]:
         """The undo facts that differ from what the journal holds (most do not change)."""
@@ -182,14 +186,18 @@ class SqliteJournal:
             else:
                 db.executemany("UPDATE action SET undo = ? WHERE txid = ? AND idx = ?",
                                [(undo, txid, index) for index, undo in self._changed_undo(actions)])
-                # one statement per distinct outcome, not one per action
-                groups: dict[tuple[Any, ...], list[int]] = {}
-                for a in actions:
-                    groups.setdefault((a.state, a.error, a.failed_phase, a.output), []).append(a.index)
-                db.executemany(
-                    "UPDATE action SET state = ?, error = ?, phase = ?, output = ? "
-                    "WHERE txid = ? AND idx IN (SELECT value FROM json_each(?))",
-                    [(*key, txid, json.dumps(indexes)) for key, indexes in groups.items()])
+                self._states(db, txid, actions)
+
+    @staticmethod
+    def _states(db: sqlite3.Connection, txid: str, actions: Sequence[Action]) -> None:
+        """Each action's state, error and output: one statement per distinct outcome."""
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for a in actions:
+            groups.setdefault((a.state, a.error, a.failed_phase, a.output), []).append(a.index)
+        db.executemany(
+            "UPDATE action SET state = ?, error = ?, phase = ?, output = ? "
+            "WHERE txid = ? AND idx IN (SELECT value FROM json_each(?))",
+            [(*key, txid, json.dumps(indexes)) for key, indexes in groups.items()])
 
     def holds(self, txid: str, holds: Sequence[Hold], resumed: bool) -> None:
         """Record every hold of ``txid`` (all of them, in the order they were taken).
@@ -200,70 +208,14 @@ class SqliteJournal:
                            [(txid, n, h.kind, h.target, json.dumps(h.data), h.start,
                              int(resumed and h.end is not None)) for n, h in enumerate(holds)])
 
-    def outcome(self, txid: str, outcome: str, detail: dict[str, Any]) -> None:
-        status = {"ABORTED": NEEDS_RECOVERY if detail.get("leftovers") else ABORTED,
-                  "COMMITTED": COMMITTED, "DONE": DONE}.get(outcome, outcome)
-        if outcome == "COMMITTED" and (detail.get("pending") or detail.get("leftovers")):
-            status = NEEDS_RECOVERY
+    def state(self, txid: str, state: TxState, detail: dict[str, Any]) -> None:
+        """The transaction's state, with what the report needs to explain it."""
         with self._write() as db:
-            ended = time.time() if status in (ABORTED, DONE, NEEDS_RECOVERY) else None
+            ended = time.time() if state in TX_FINAL or state in (TxState.ROLLBACK_INCOMPLETE,
+                                                                  TxState.FINALIZE_INCOMPLETE) else None
             db.execute("UPDATE tx SET status = ?, ended = COALESCE(?, ended), detail = ?, "
                        "committed = MAX(committed, ?) WHERE txid = ?",
-                       (status, ended, json.dumps(detail, default=str), int(outcome in ("COMMITTED", "DONE")), txid))
-
-    def set_status(self, txid: str, status: str, detail: dict[str, Any] | None = None) -> None:
-        with self._write() as db:
-            db.execute("UPDATE tx SET status = ?, ended = ?, detail = COALESCE(?, detail) WHERE txid = ?",
-                       (status, time.time(), json.dumps(detail) if detail is not None else None, txid))
-
-    # -- locks ------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def acquire(self, txid: str, targets: Sequence[str]) -> Iterator[None]:
-        """Lock every target for the whole run, or refuse naming the holder."""
-        deadline = time.monotonic() + self.wait
-        pstart = _process_start(os.getpid())
-        while True:
-            problems = self._try_lock(txid, sorted(targets), pstart)
-            if not problems:
-                break
-            if time.monotonic() >= deadline or any("blktx recover" in (p.hint or "") for p in problems):
-                raise InvalidTransaction(problems)
-            time.sleep(0.05)
-        try:
-            yield
-        finally:
-            with self._write() as db:
-                db.execute("DELETE FROM lock WHERE txid = ?", (txid,))
-
-    def _try_lock(self, txid: str, targets: list[str], pstart: str | None) -> list[Problem]:
-        problems: list[Problem] = []
-        with self._write() as db:
-            rows = db.execute("SELECT target, txid, pid, pstart FROM lock "
-                              "WHERE target IN (SELECT value FROM json_each(?))", (json.dumps(targets),)).fetchall()
-            stale: list[str] = []
-            for target, holder, pid, hstart in rows:
-                if _alive(pid, hstart):
-                    problems.append(Problem(f"target is locked by transaction {holder} (pid {pid})", target=target,
-                                            hint="wait for it, or give --wait SECONDS"))
-                else:
-                    stale.append(holder)
-            unfinished = set()
-            for holder in set(stale):
-                status = db.execute("SELECT status FROM tx WHERE txid = ?", (holder,)).fetchone()
-                if status and status[0] in UNFINISHED:
-                    unfinished.add(holder)
-                else:
-                    db.execute("DELETE FROM lock WHERE txid = ?", (holder,))
-            for target, holder, pid, _ in rows:
-                if holder in unfinished:
-                    problems.append(Problem(
-                        f"target is still held by unfinished transaction {holder} (its process {pid} died)",
-                        target=target, hint="run `blktx recover` to finish or roll it back"))
-            if not problems:
-                db.execute("INSERT INTO lock SELECT value, ?, ?, ?, ? FROM json_each(?)",
-                           (txid, os.getpid(), pstart, time.time(), json.dumps(targets)))
-        return problems
+                       (state.value, ended, json.dumps(detail, default=str), int(state in _COMMITTED), txid))
 
     # -- reading ----------------------------------------------------------------------
 
@@ -289,6 +241,8 @@ class SqliteJournal:
             item["options"] = json.loads(item["options"]) if item["options"] else {}
             item["committed"] = bool(item["committed"])
             item["seconds"] = (item["ended"] - item["started"]) if item["ended"] else None
+            said = status(item["status"])
+            item["outcome"], item["words"] = said.outcome, said.words
             out.append(item)
         return out
 
@@ -312,26 +266,7 @@ class SqliteJournal:
                                                  "WHERE txid = ? ORDER BY n", (full,))]
         for h in tx["holds"]:
             h["data"] = json.loads(h["data"])
-        tx["locks"] = [r[0] for r in self._db.execute("SELECT target FROM lock WHERE txid = ?", (full,))]
         return tx
-
-    def lock_holder(self, txid: str) -> tuple[int, str | None] | None:
-        row = self._db.execute("SELECT pid, pstart FROM lock WHERE txid = ? LIMIT 1", (txid,)).fetchone()
-        return (row[0], row[1]) if row else None
-
-    def clear_stale_locks(self) -> int:
-        """Drop locks whose process died and whose transaction is finished or unknown."""
-        with self._write() as db:
-            rows = db.execute("SELECT DISTINCT lock.txid, lock.pid, lock.pstart, tx.status FROM lock "
-                              "LEFT JOIN tx ON tx.txid = lock.txid").fetchall()
-            stale = [txid for txid, pid, pstart, status in rows
-                     if not _alive(pid, pstart) and status not in UNFINISHED]
-            db.executemany("DELETE FROM lock WHERE txid = ?", [(t,) for t in stale])
-        return len(stale)
-
-    def release_locks(self, txid: str) -> None:
-        with self._write() as db:
-            db.execute("DELETE FROM lock WHERE txid = ?", (txid,))
 
     def close(self) -> None:
         self._db.close()

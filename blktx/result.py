@@ -6,26 +6,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blktx.actiontype import Action, Leftover
-from blktx.errors import (
-    EXIT_COMMITTED,
-    EXIT_INVALID,
-    EXIT_NEEDS_RECOVERY,
-    EXIT_ROLLED_BACK,
-    Problem,
-)
+from blktx.errors import Problem
 from blktx.events import Hold
+from blktx.states import TxState
+from blktx.status import CHECKED, COMMITTED, INVALID, NEEDS_RECOVERY, ROLLED_BACK, status
 
-COMMITTED = "committed"
-ROLLED_BACK = "rolled back"
-INVALID = "invalid"
-NEEDS_RECOVERY = "needs recovery"
-
-EXIT_STATUS = {
-    COMMITTED: EXIT_COMMITTED,
-    ROLLED_BACK: EXIT_ROLLED_BACK,
-    INVALID: EXIT_INVALID,
-    NEEDS_RECOVERY: EXIT_NEEDS_RECOVERY,
-}
+__all__ = ["CHECKED", "COMMITTED", "INVALID", "NEEDS_RECOVERY", "ROLLED_BACK", "Failure", "Result"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +34,8 @@ class Failure:
 
 @dataclass
 class Result:
-    """The outcome of ``check`` or ``run``.
+    """The outcome of ``check`` or ``run``: the transaction's state, and all that
+    derives from it (:mod:`blktx.status`).
 
     ``committed`` tells whether the commit point was reached: a committed run whose
     finalize steps are still pending has outcome ``needs recovery`` and
@@ -56,7 +43,7 @@ class Result:
     """
 
     txid: str
-    outcome: str
+    state: TxState
     actions: list[Action] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     failure: Failure | None = None
@@ -64,25 +51,34 @@ class Result:
     leftovers: list[Leftover] = field(default_factory=list)
     pending: list[Failure] = field(default_factory=list)
     holds: list[Hold] = field(default_factory=list)
-    committed: bool = False
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     checked_only: bool = False
 
     @property
+    def outcome(self) -> str:
+        return status(self.state).outcome
+
+    @property
+    def committed(self) -> bool:
+        return status(self.state).committed
+
+    @property
     def exit_status(self) -> int:
-        return EXIT_STATUS[self.outcome]
+        return status(self.state).exit_status
 
     def summary(self) -> str:
         if self.outcome == INVALID:
             return f"invalid: {len(self.problems)} problem(s); nothing was touched"
-        if self.checked_only:
+        if self.outcome == CHECKED:
             return f"check passed: {len(self.actions)} action(s) would run; nothing was touched"
         if self.outcome == COMMITTED:
             return f"committed: {len(self.actions)} action(s) in {self.seconds:.3f}s"
         if self.outcome == ROLLED_BACK:
             return f"rolled back: {self.failure}; nothing changed"
+        if self.outcome != NEEDS_RECOVERY:
+            return status(self.state).words
         parts = []
         if self.leftovers:
             parts.append(f"{len(self.leftovers)} thing(s) left behind by failed cancels")
@@ -95,6 +91,7 @@ class Result:
         return {
             "txid": self.txid,
             "outcome": self.outcome,
+            "state": self.state.value,
             "exit_status": self.exit_status,
             "committed": self.committed,
             "checked_only": self.checked_only,

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from blktx.context import spec_options
 from blktx.params import Param
 from blktx.plugins import Registry
-from blktx.spec import QUIESCE_MODES, VERSION
+from blktx.spec import VERSION
 
 _KIND: dict[str, dict[str, Any]] = {
     "str": {"type": "string"},
@@ -59,13 +60,7 @@ def schema(registry: Registry) -> dict[str, Any]:
             "description": {"type": "string"},
             "options": {
                 "type": "object",
-                "properties": {
-                    "jobs": {"type": "integer", "minimum": 1, "description": "steps run at once"},
-                    "quiesce": {"enum": list(QUIESCE_MODES)},
-                    "finalize_retries": {"type": "integer"},
-                    "retry_delay": {"type": "number"},
-                    "cancel_retries": {"type": "integer"},
-                },
+                "properties": {name: opt.json_schema() for name, opt in spec_options().items()},
                 "additionalProperties": {"type": "object", "description": "settings of one plugin"},
             },
             "action": {

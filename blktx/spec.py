@@ -14,21 +14,14 @@ from typing import Any
 import tomli
 
 from blktx.actiontype import Action
-from blktx.context import Options
+from blktx.context import Options, spec_options
 from blktx.errors import InvalidTransaction, Problem
 from blktx.params import ParamError, did_you_mean, within_roots
 from blktx.plugins import Registry
 
 VERSION = 1
 TOP_KEYS = ["version", "description", "options", "action"]
-OPTION_KEYS = {
-    "jobs": "int",
-    "quiesce": "str",
-    "finalize_retries": "int",
-    "retry_delay": "float",
-    "cancel_retries": "int",
-}
-QUIESCE_MODES = ("none", "pause", "fsfreeze", "fsfreeze+pause")
+OPTION_KEYS = spec_options()
 
 
 @dataclass
@@ -192,21 +185,16 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
             problem(f"unknown option {key!r}", "options", key, key=key,
                     hint=did_you_mean(key, list(OPTION_KEYS)) or f"known options: {', '.join(OPTION_KEYS)}")
             continue
-        if kind == "int" and isinstance(value, float) and value.is_integer():
+        if kind.kind == "int" and isinstance(value, float) and value.is_integer():
             value = int(value)  # JSON Schema's integers include 2.0; so do ours
-        ok = (isinstance(value, int) and not isinstance(value, bool)) if kind == "int" else (
-            isinstance(value, (int, float)) and not isinstance(value, bool)) if kind == "float" else isinstance(value, str)
-        if not ok:
-            problem(f"option {key!r} must be of type {kind}, got {value!r}", "options", key, key=key)
+        why = kind.problem(value)
+        if why is not None:
+            hint = None
+            if kind.choices and isinstance(value, str):
+                hint = did_you_mean(value, list(kind.choices)) or f"one of {', '.join(kind.choices)}"
+            problem(f"option {key!r} {why}", "options", key, key=key, hint=hint)
             continue
-        if key == "jobs" and value < 1:
-            problem("option 'jobs' must be at least 1", "options", key, key=key)
-            continue
-        if key == "quiesce" and value not in QUIESCE_MODES:
-            problem(f"unknown quiesce mode {value!r}", "options", key, key=key,
-                    hint=did_you_mean(value, list(QUIESCE_MODES)) or f"one of {', '.join(QUIESCE_MODES)}")
-            continue
-        setattr(options, key, float(value) if kind == "float" else value)
+        setattr(options, key, float(value) if kind.kind == "float" else value)
 
     if not tx.actions and (raw is None or "action" not in raw or isinstance(raw.get("action"), list)):
         problem("the transaction has no actions", hint="add at least one [[action]] table")

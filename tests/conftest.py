@@ -23,5 +23,7 @@ def registry():
 
 @pytest.fixture(autouse=True)
 def private_journal(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Never touch the user's own journal: every test gets a fresh one."""
+    """Never touch the user's own journal nor the machine's claims: every test gets
+    a fresh journal and lock folder."""
     monkeypatch.setenv("BLKTX_JOURNAL", str(tmp_path_factory.mktemp("journal") / "journal.sqlite"))
+    monkeypatch.setenv("BLKTX_LOCK_DIR", str(tmp_path_factory.mktemp("locks")))

@@ -93,7 +93,7 @@ def test_log_and_show_read_the_journal(examples: Path, tmp_path: Path, capsys: p
     assert status == 0 and tx["status"] == "ABORTED" and tx["file"] == str(examples / "sim-fault.toml")
     assert main(["show", tx["txid"][:14], "--journal", journal]) == 0
     text = capsys.readouterr().out
-    assert f"{tx['txid']}  ABORTED" in text and "sim:" in text and "CANCELED" in text and "drill" in text
+    assert f"{tx['txid']}  rolled back (ABORTED" in text and "sim:" in text and "CANCELED" in text and "drill" in text
     status, shown = run_json(capsys, "show", tx["txid"], "--journal", journal)
     states = {a["type"]: a["state"] for a in shown["actions"]}
     assert status == 0 and states["fault"] == "CANCELED" and not {"CREATED", "INVALIDATED"} & set(states.values())
@@ -104,19 +104,20 @@ def test_log_and_show_read_the_journal(examples: Path, tmp_path: Path, capsys: p
 def test_show_names_a_vm_left_paused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from blktx import ActionSpec, Executor, Hold, Transaction, hookimpl
     from blktx.journal import SqliteJournal
+    from blktx.locks import Locker
     from blktx.plugins import load
 
     class Stuck:
         @hookimpl
         def blktx_quiesce(self, ctx, actions):
-            return [Hold("t.pause", "vm:[one]")]
+            ctx.holding([Hold("t.pause", "vm:[one]")])
 
         @hookimpl
         def blktx_resume(self, ctx, hold):
             raise RuntimeError("monitor not answering")
 
     journal = SqliteJournal(str(tmp_path / "j.sqlite"))
-    result = Executor(load(extra=[("stuck", Stuck())]), journal=journal, locker=journal).run(
+    result = Executor(load(extra=[("stuck", Stuck())]), journal=journal, locker=Locker()).run(
         Transaction([ActionSpec("sim.noop", {"key": "[a]"})], options={"quiesce": "pause"}, base_dir=str(tmp_path)))
     assert result.outcome == "needs recovery"
     assert main(["show", result.txid, "--journal", journal.path]) == 0

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from blktx import Action, ActionSpec, ActionType, Executor, Hold, Param, Transaction, hookimpl
+from blktx.context import Options, RunContext
 from blktx.executor import NullJournal
 from blktx.plugins import load
 
@@ -61,8 +62,8 @@ class Journal(NullJournal):
     def intent(self, txid: str, phase: str, actions: Any) -> None:
         LOG.append(("journal-intent", phase, tuple(a.index for a in actions)))
 
-    def outcome(self, txid: str, outcome: str, detail: dict[str, Any]) -> None:
-        LOG.append(("journal-outcome", outcome))
+    def state(self, txid: str, state: Any, detail: dict[str, Any]) -> None:
+        LOG.append(("journal-outcome", str(state)))
 
 
 class Quiescer:
@@ -74,7 +75,9 @@ class Quiescer:
         LOG.append(("quiesce",))
         if self.fail:
             raise RuntimeError("guest agent not answering")
-        return [Hold("test.pause", "vm0")]
+        holds = [Hold("test.pause", "vm0")]
+        ctx.holding(holds)
+        return holds
 
     @hookimpl
     def blktx_resume(self, hold: Hold) -> bool | None:
@@ -210,7 +213,8 @@ def test_without_quiesce_every_do_runs_in_order() -> None:
 
 
 def test_quiesce_failure_rolls_back_before_any_do() -> None:
-    result = run([("rec.step", {"key": "a"})], extra=[Quiescer(), Quiescer(fail=True)], quiesce="pause")
+    # pluggy calls the plugin registered last first: the one that pauses, then the one that fails
+    result = run([("rec.step", {"key": "a"})], extra=[Quiescer(fail=True), Quiescer()], quiesce="pause")
     assert result.outcome == "rolled back" and result.failure.phase == "quiesce"
     assert steps("do") == []
     assert [e for e in LOG if e[0] == "resume"] == [("resume", "vm0")]
@@ -268,8 +272,8 @@ def test_an_illegal_step_is_refused_before_any_side_effect() -> None:
     action = Action(0, registry.types["rec.step"].instance, {"key": "a", "fail": "", "fail_cancel": False,
                                                              "signal": "", "sleep": 0.0}, "rec:a")
     LOG.clear()
-    with pytest.raises(RuntimeError, match="invalidate from START is not allowed"):
-        executor._step("invalidate", [action], None, set())  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="invalidate is not allowed from START"):
+        executor.step("invalidate", [action], RunContext("t", Options(), "/tmp"))
     assert LOG == [] and action.state == "START"
 
 
