@@ -404,3 +404,56 @@ def test_recover_resumes_newest_first(tmp_path: Path) -> None:
     plugin.broken = False
     recover_in_process(journal, registry, Locker())
     assert plugin.resumed == ["t.pause", "t.freeze"]
+
+
+def rollback_crash_points(tmp_path: Path, setup: Any, spec_text: str, observe: Any) -> int:
+    """Kill a run that rolls back after journal write 1, 2, ... (crashes inside its
+    rollback included); after each, recover must leave the world as before."""
+    tried = 0
+    for n in range(1, 100):
+        work = tmp_path / f"rb{n}"
+        setup(work)
+        (work / "t.toml").write_text(spec_text)
+        before = observe(work)
+        journal = tmp_path / f"rb{n}.sqlite"
+        out = blktx("run", str(work / "t.toml"), "--journal", str(journal), env={"BLKTX_CRASH_AFTER": str(n)})
+        if out.returncode == 1:
+            assert observe(work) == before
+            break
+        assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr
+        tried += 1
+        recover(journal)
+        assert observe(work) == before, f"crash after write {n} of a rolling-back run"
+        assert recover(journal) == [] and locks(journal) == []
+    return tried
+
+
+@needs_qemu_img
+@pytest.mark.parametrize("phase", ["do", "invalidate"])
+def test_qcow2_every_crash_point_of_a_rollback(tmp_path: Path, phase: str) -> None:
+    spec = QCOW2_SPEC.replace('[[action]]\ntype = "qcow2.internal-delete"', f'[[action]]\ntype = "fault"\nphase = "{phase}"'
+                              '\n[[action]]\ntype = "qcow2.internal-delete"')
+    assert "fault" in spec
+    # begin, do intent, [do results + invalidate intent,] cancel intent, cancel results, end
+    assert rollback_crash_points(tmp_path, _qcow2_setup, spec, world) >= (4 if phase == "do" else 5)
+
+
+def test_the_cancel_intent_is_durable_before_any_cancel(tmp_path: Path) -> None:
+    """Killed right after the cancel intent: nothing is cancelled yet, and the journal
+    already holds what do learned (the snapshot's id) for recover to undo it."""
+    make_world(str(tmp_path / "sim-world.json"), ["a"])
+    (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = "n"\n'
+                                     '[[action]]\ntype = "fault"\nphase = "do"\n')
+    journal = tmp_path / "j.sqlite"
+    out = blktx("run", str(tmp_path / "t.toml"), "--journal", str(journal), env={"BLKTX_CRASH_AFTER": "3"})
+    assert out.returncode == -signal.SIGKILL
+    import sqlite3
+
+    db = sqlite3.connect(journal)
+    assert db.execute("SELECT phase, what FROM step ORDER BY id DESC LIMIT 1").fetchone() == ("cancel", "intent")
+    (undo,) = db.execute("SELECT undo FROM action WHERE idx = 0").fetchone()
+    assert json.loads(undo).get("id") == 1
+    assert read_world(str(tmp_path / "sim-world.json"))["devices"]["a"]["snapshots"] == {"1": "n"}
+    (done,) = recover(journal)
+    assert done["outcome"] == "rolled back"
+    assert read_world(str(tmp_path / "sim-world.json"))["devices"]["a"]["snapshots"] == {}
