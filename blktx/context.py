@@ -117,6 +117,8 @@ class RunContext:
         self._lock = threading.Lock()
         #: Set by the executor: makes holds durable in the journal.
         self.on_hold: Callable[[list[Hold]], None] | None = None
+        #: Set by the executor: makes actions' undo facts durable in the journal.
+        self.on_remember: Callable[[list[Any]], None] | None = None
 
     def holding(self, holds: list[Hold]) -> None:
         """Announce what a quiesce hook is about to pause, *before* pausing it.
@@ -126,6 +128,16 @@ class RunContext:
         """
         if self.on_hold is not None and holds:
             self.on_hold(holds)
+
+    def remember(self, actions: list[Any]) -> None:
+        """Make the ``undo`` facts of ``actions`` durable in the journal *now*, before
+        the step goes on: the identity of what ``do`` made under a private name
+        (inode, subvolume UUID), recorded before it is published under the name the
+        spec asked for, so that a cancel after a crash removes only that. One durable
+        write per call: call it once per batch. Raises when the journal cannot
+        record it; ``do`` must then fail (and its cancel remove the private object)."""
+        if self.on_remember is not None and actions:
+            self.on_remember(actions)
 
     def resource(self, key: str, factory: Callable[[], T]) -> T:
         with self._lock:

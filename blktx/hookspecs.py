@@ -123,6 +123,25 @@ def blktx_switch_active_image(ctx: RunContext, action: Action, device: str, old:
 
 
 # ---------------------------------------------------------------------------
+# Cleaning up after a dead run
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def blktx_cleanup(ctx: RunContext) -> None:
+    """Remove what a plugin kept for the run ``ctx.txid`` outside any action: a
+    storage daemon's temporary folder, a socket, a state file.
+
+    Called by ``blktx recover`` once the transaction is over (rolled back or
+    forward), in a new process: the run that made those things is dead. Find
+    them by the transaction id (name them after it) and remove only what is
+    provably yours. Must be idempotent. An exception is reported as a warning.
+
+    :param ctx: a context with the recovered transaction's id and options.
+    """
+
+
+# ---------------------------------------------------------------------------
 # Observing a run
 # ---------------------------------------------------------------------------
 

@@ -67,6 +67,8 @@ def recover_one(journal: SqliteJournal, registry: Registry, locker: Locker, txid
                         for h in tx["holds"]]
     try:
         what = run.recover()
+        if run.state in TX_FINAL:
+            run.cleanup()
     finally:
         run.result.warnings.extend(ctx.close())
         run.end()

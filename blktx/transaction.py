@@ -103,9 +103,16 @@ class TransactionRun:
         self.interrupt = interrupt if interrupt is not None else Interrupt()
         self.observed = observed
         self.claim: Claim | None = None
+        self._remember_lock = threading.Lock()
         self.result = Result(txid, state, actions=actions)
         self.undoable = [a for a in actions if not a.type.finalize]
         self.finals = [a for a in actions if a.type.finalize]
+        ctx.on_remember = self._remember
+
+    def _remember(self, actions: list[Action]) -> None:
+        """``ctx.remember``: what a step learnt about its own objects, durable before it goes on."""
+        with self._remember_lock:
+            self.journal.intent(self.txid, "publish", actions)
 
     # -- the machine --------------------------------------------------------------------
 
@@ -527,6 +534,13 @@ class TransactionRun:
         self.resume_holds()
         self._finalize_and_end()
         return "rolled forward"
+
+    def cleanup(self) -> None:
+        """After recovery: each plugin removes what the dead run kept outside its actions."""
+        try:
+            self.ctx.hook.blktx_cleanup(ctx=self.ctx)  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - reported; the transaction itself is finished
+            self.result.warnings.append(f"cleaning up after the dead run failed: {exc}")
 
     def run(self) -> Result:
         """Drive the whole machine: lock, check, begin, forward, then commit's or
