@@ -62,6 +62,12 @@ class Action:
         self.durations: dict[str, float] | None = None
         self.output: str | None = None
 
+    def claims(self) -> list[str]:
+        """What this action changes and must own for the run: its target and every
+        path it creates (params declared ``creates``)."""
+        made = [str(self.params[p.name]) for p in self.type.params if p.creates and self.params.get(p.name)]
+        return [self.target, *made] if made else [self.target]
+
     def __repr__(self) -> str:
         return f"<Action #{self.index} {self.type.name} {self.target} {self.state}>"
 

@@ -194,7 +194,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from blktx.recover import recover
 
     registry = _registry(args)
-    report = recover(_journal(args), registry, _locker(args), args.txid)
+    report = recover(_journal(args), registry, _locker(args), args.txid, allow_exec=args.allow_exec)
     if args.json:
         print_json({"journal": _journal(args).path, "transactions": report})
     else:
@@ -306,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="wait up to SECONDS for targets locked by another run (default: refuse at once)")
     subs["schema"].add_argument("--output", "-o", metavar="FILE", help="write it to FILE instead of stdout")
     subs["recover"].add_argument("txid", nargs="?", help="only this transaction (a prefix is enough)")
+    subs["recover"].add_argument("--allow-exec", action="store_true",
+                                 help="allow cancel commands of exec actions to run (never taken from the journal)")
     subs["log"].add_argument("--limit", type=int, default=20, help="how many transactions (default 20)")
     subs["show"].add_argument("txid", help="the transaction id (a unique prefix is enough); see `blktx log`")
     subs["run"].add_argument("--jobs", type=int, metavar="N", help="run up to N steps at once (overrides the spec)")

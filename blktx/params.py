@@ -31,6 +31,9 @@ class Param:
     :param default: the value when it is not given (ignored when required).
     :param doc: one line for ``blktx types`` and the docs.
     :param choices: the allowed values of a ``str`` parameter.
+    :param creates: for a ``path``: the action creates it (an overlay, a
+        snapshot's destination). Such a path is locked like a target, and two
+        actions of one transaction creating one path are refused at check.
     """
 
     name: str
@@ -39,6 +42,7 @@ class Param:
     default: Any = None
     doc: str = ""
     choices: tuple[str, ...] | None = None
+    creates: bool = False
 
     def problems(self) -> list[str]:
         found = []
@@ -50,6 +54,8 @@ class Param:
             found.append(f"parameter {self.name!r} has unknown kind {self.kind!r} (known: {', '.join(KINDS)})")
         if self.choices is not None and self.kind != "str":
             found.append(f"parameter {self.name!r}: choices need kind 'str'")
+        if self.creates and self.kind != "path":
+            found.append(f"parameter {self.name!r}: creates needs kind 'path'")
         return found
 
     def coerce(self, value: Any, base_dir: str) -> Any:

@@ -12,54 +12,73 @@ Every step is idempotent, so recover is safe to interrupt and run again.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from blktx.actiontype import Action
-from blktx.context import Options, RunContext
+from blktx.context import Options, RunContext, spec_options
+from blktx.errors import InvalidTransaction
 from blktx.events import Hold
 from blktx.journal import UNFINISHED, SqliteJournal
 from blktx.locks import Locker
 from blktx.plugins import Registry
+from blktx.spec import ActionSpec, Transaction, bind
 from blktx.states import TX_FINAL, TxState
 from blktx.status import status
 from blktx.transaction import TransactionRun
 
-_OPTION_FIELDS = {f.name for f in dataclasses.fields(Options)}
 
-
-def recover(journal: SqliteJournal, registry: Registry, locker: Locker,
-            txid: str | None = None) -> list[dict[str, Any]]:
-    """Recover every unfinished transaction (or only ``txid``); return what was done to each."""
+def recover(journal: SqliteJournal, registry: Registry, locker: Locker, txid: str | None = None, *,
+            allow_exec: bool = False) -> list[dict[str, Any]]:
+    """Recover every unfinished transaction (or only ``txid``); return what was done
+    to each. ``allow_exec`` is the caller's, never the journal's: a cancel that runs
+    a command needs it again."""
     report = []
     for tx in reversed(journal.transactions(limit=1_000_000, statuses=[s.value for s in UNFINISHED])):
         if txid and not tx["txid"].startswith(txid):
             continue
-        report.append(recover_one(journal, registry, locker, tx["txid"]))
+        report.append(recover_one(journal, registry, locker, tx["txid"], allow_exec=allow_exec))
     locker.sweep()  # claims of runs killed after their last journal write
     return report
 
 
-def recover_one(journal: SqliteJournal, registry: Registry, locker: Locker, txid: str) -> dict[str, Any]:
+def rebuild(tx: dict[str, Any], registry: Registry, allow_exec: bool) -> tuple[list[Action], Options]:
+    """The journal's actions, validated again as a spec would be: known types, valid
+    parameters, every path under the roots recorded with the run. Raises
+    :class:`InvalidTransaction` when the journal's record does not validate."""
+    recorded = tx["options"]
+    overrides = {k: v for k, v in recorded.items() if k in spec_options()}
+    # None stands for a default the type fills in again
+    spec = Transaction([ActionSpec(row["type"], {k: v for k, v in (row["params"] or {}).items() if v is not None})
+                        for row in tx["actions"]],
+                       base_dir=tx["base_dir"] or "/")
+    actions, options = bind(spec, registry, allow_exec=allow_exec, roots=list(recorded.get("roots") or []) or None,
+                            overrides=overrides)
+    for a, row in zip(actions, tx["actions"], strict=True):
+        a.index, a.state, a.undo = row["index"], row["state"], row["undo"] or {}
+        a.target = row["target"]  # as refined by its check; locked with what bind resolved
+    return actions, options
+
+
+def recover_one(journal: SqliteJournal, registry: Registry, locker: Locker, txid: str, *,
+                allow_exec: bool = False) -> dict[str, Any]:
     tx = journal.transaction(txid)
     assert tx is not None
     missing = sorted({a["type"] for a in tx["actions"] if registry.get(a["type"]) is None})
     if missing:
         return {"txid": txid, "outcome": "needs recovery", "state": tx["status"],
                 "message": f"the plugins for {', '.join(missing)} are not installed; install them and run again"}
-    claim = locker.take_over(txid, journal.path, [a["target"] for a in tx["actions"]])
+    try:
+        actions, options = rebuild(tx, registry, allow_exec)
+    except InvalidTransaction as exc:
+        return {"txid": txid, "outcome": "needs recovery", "state": tx["status"],
+                "message": "the journal's record of this transaction does not validate; recover acts on nothing it "
+                           "cannot confine: " + "; ".join(str(p) for p in exc.problems)}
+    claims = [t for a in actions for t in a.claims()] + [a["target"] for a in tx["actions"]]
+    claim = locker.take_over(txid, journal.path, claims)
     if claim is None:
         return {"txid": txid, "outcome": "running", "state": tx["status"],
                 "message": "its run (or another recover) is still alive: the kernel lock on its claim is held"}
-    options = Options(**{k: v for k, v in tx["options"].items() if k in _OPTION_FIELDS})
     ctx = RunContext(txid, options, tx["base_dir"] or "/", registry.pm.hook)
-    actions = []
-    for row in tx["actions"]:
-        atype = registry.get(row["type"])
-        assert atype is not None
-        a = Action(row["index"], atype, row["params"], row["target"])
-        a.state, a.undo = row["state"], row["undo"] or {}
-        actions.append(a)
     run = TransactionRun(txid, actions, ctx, journal=journal, locker=locker, state=TxState(tx["status"]))
     run.claim = claim
     # Every hold, in the order taken; those already resumed keep a closed window.

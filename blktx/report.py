@@ -41,7 +41,7 @@ def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
         for a in result.actions[:limit]:
             took = sum((a.durations or {}).values())
             state = a.state if not result.checked_only else "checked"
-            table.add_row(str(a.index), a.type.name, escape(a.target), f"[{_STYLE.get(a.state, '')}]{state}[/]",
+            table.add_row(str(a.index), escape(a.type.name), escape(a.target), f"[{_STYLE.get(a.state, '')}]{state}[/]",
                           f"{took * 1000:.1f} ms" if took else "", escape(a.error or ""))
         out.print(table)
         if len(result.actions) > limit:
@@ -57,7 +57,7 @@ def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
     for w in result.warnings:
         out.print(f"[yellow]warning[/yellow]: {escape(w)}")
     colour = "green" if result.outcome == COMMITTED else "red" if result.problems or result.leftovers else "yellow"
-    out.print(f"[bold {colour}]{result.summary()}[/]")
+    out.print(f"[bold {colour}]{escape(result.summary())}[/]")
 
 
 def types_json(registry: Registry) -> list[dict[str, Any]]:
@@ -76,8 +76,9 @@ def types_json(registry: Registry) -> list[dict[str, Any]]:
 
 def print_types(registry: Registry, out: Console) -> None:
     for info in types_json(registry):
-        flags = " [finalize]" if info["finalize"] else ""
-        out.print(f"[bold]{info['name']}[/bold]{flags}  (plugin {info['plugin']}) - {info['summary']}")
+        flags = escape(" [finalize]") if info["finalize"] else ""
+        out.print(f"[bold]{escape(info['name'])}[/bold]{flags}  (plugin {escape(str(info['plugin']))}) - "
+                  f"{escape(info['summary'])}")
         for p in info["params"]:
             req = "required" if p["required"] else f"default {p.get('default')!r}"
             choices = f" one of {p['choices']}" if p.get("choices") else ""

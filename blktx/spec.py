@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,16 +94,89 @@ def _positions(text: str) -> dict[tuple[Any, ...], tuple[int, int]]:
     return found
 
 
+#: A spec larger than this is refused before it is parsed.
+MAX_SPEC_BYTES = 16 << 20
+#: Tables and arrays nested deeper than this are refused (a spec needs three).
+MAX_DEPTH = 32
+
+
 def parse_spec(text: str, file: str | None = None, base_dir: str | None = None) -> Transaction:
-    """Parse a TOML spec. Raises :class:`InvalidTransaction` on a TOML syntax error."""
+    """Parse a TOML spec. Raises :class:`InvalidTransaction` on a TOML syntax error,
+    on nesting deeper than :data:`MAX_DEPTH`, and on a NUL character anywhere."""
+    hint = "see specs/README.md for the format"
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise InvalidTransaction([Problem("the spec contains a NUL character", file=file, line=line,
+                                          hint="a spec is UTF-8 text; NUL is never valid in a path or a name")])
+    depth = _max_depth(text)
+    if depth > MAX_DEPTH:
+        raise InvalidTransaction([Problem(f"arrays or tables nested {depth} deep (at most {MAX_DEPTH})", file=file,
+                                          hint=hint)])
     try:
         doc = tomli.loads(text)
     except tomli.TOMLDecodeError as exc:
         msg = exc.msg if hasattr(exc, "msg") else str(exc)
         raise InvalidTransaction([Problem(
             f"not valid TOML: {msg}", file=file, line=getattr(exc, "lineno", None),
-            column=getattr(exc, "colno", None), hint="see specs/README.md for the format")]) from None
+            column=getattr(exc, "colno", None), hint=hint)]) from None
+    except RecursionError:
+        raise InvalidTransaction([Problem("nested too deeply to read", file=file, hint=hint)]) from None
+    bad = _nul_in(doc)
+    if bad is not None:
+        raise InvalidTransaction([Problem("a value contains a NUL character (written as an escape)", file=file,
+                                          key=bad, hint="NUL is never valid in a path or a name")])
     return from_document(doc, file=file, base_dir=base_dir, positions=_positions(text))
+
+
+def _max_depth(text: str) -> int:
+    """How deep brackets and braces nest outside strings and comments (a bound
+    checked before tomli recurses into them)."""
+    deepest = depth = 0
+    quote = ""
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if quote:
+            if c == "\\" and quote == '"':
+                i += 2
+                continue
+            if c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote = c
+        elif c == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth = max(depth - 1, 0)
+        elif c == "\n" and not quote:
+            pass
+        i += 1
+    return deepest
+
+
+def _nul_in(value: Any, path: str = "") -> str | None:
+    """The dotted key of the first string (or key) holding a NUL, or None."""
+    if isinstance(value, str):
+        return (path or "(value)") if "\0" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            where = f"{path}.{k}" if path else str(k)
+            if "\0" in str(k):
+                return where
+            found = _nul_in(v, where)
+            if found:
+                return found
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _nul_in(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def from_document(doc: dict[str, Any], file: str | None = None, base_dir: str | None = None,
@@ -131,11 +205,29 @@ def from_document(doc: dict[str, Any], file: str | None = None, base_dir: str | 
 def load_spec(path: str) -> Transaction:
     """Read and parse a spec file. Raises :class:`InvalidTransaction` naming the file."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as exc:
-        raise InvalidTransaction([Problem(f"cannot read the spec: {exc.strerror}", file=path,
-                                          hint="check the path")]) from None
+        # O_NONBLOCK: a FIFO in place of the spec must not hang the run
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise InvalidTransaction([Problem(f"cannot read the spec: {why}", file=path, hint="check the path")]) from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidTransaction([Problem("the spec is not a regular file", file=path,
+                                              hint="give the path of a TOML file")])
+        data = fh.read(MAX_SPEC_BYTES + 1)
+    if len(data) > MAX_SPEC_BYTES:
+        raise InvalidTransaction([Problem(f"the spec is larger than {MAX_SPEC_BYTES >> 20} MiB", file=path,
+                                          hint="a spec lists actions; split a huge one into several")])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise InvalidTransaction([Problem(f"the spec is not UTF-8 text (byte 0x{data[exc.start]:02x})", file=path,
+                                          line=line, column=column,
+                                          hint="save it as UTF-8 (TOML files are UTF-8 by definition)")]) from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
     return parse_spec(text, file=path)
 
 

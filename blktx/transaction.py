@@ -130,7 +130,7 @@ class TransactionRun:
         if self._interrupted_before_touching():
             return False
         try:
-            self.claim = self.locker.acquire(self.txid, self.journal.path, [a.target for a in self.actions])
+            self.claim = self.locker.acquire(self.txid, self.journal.path, [t for a in self.actions for t in a.claims()])
         except InvalidTransaction as exc:
             return self._refuse(exc.problems)
         self._to("lock")
@@ -354,7 +354,9 @@ class TransactionRun:
         self.result.phases["cancel"] = time.perf_counter() - t
         for a in sorted(remaining, key=lambda a: -a.index):
             try:
-                self.result.leftovers.extend(a.type.leftovers(a))
+                # each names what is left; the cancel's own error says why
+                self.result.leftovers.extend(Leftover(lo.target, f"{lo.what} [{a.error}]" if a.error else lo.what)
+                                             for lo in a.type.leftovers(a))
             except Exception as exc:  # noqa: BLE001 - still name the action that left something
                 self.result.leftovers.append(Leftover(a.target, f"{a.type.name} action #{a.index}: {exc}"))
 
@@ -615,7 +617,17 @@ def conflicts(actions: list[Action], file: str | None) -> list[Problem]:
     """Two actions on one target (by identity, not spelling) that their types cannot share."""
     problems: list[Problem] = []
     first: dict[str, Action] = {}
+    made: dict[str, Action] = {}
     for a in actions:
+        claims = a.claims()
+        for path in claims[1:]:  # two actions creating one file never both succeed
+            for key in lock_keys(path):
+                other = made.setdefault(key, a)
+                if other is not a:
+                    problems.append(Problem(
+                        f"creates {path}, as action #{other.index} ({other.type.name}) does", file, a.line, None,
+                        a.index, None, a.target, "give each action its own file"))
+                    break
         keys = [a.target] if not a.target.startswith("/") else lock_keys(a.target)
         for key in keys:
             other = first.setdefault(key, a)

@@ -8,16 +8,23 @@ surprise, and the refusal comes at check time, before anything runs.
 Each command gets ``BLKTX_TXID``, ``BLKTX_ACTION`` and ``BLKTX_PHASE`` in its
 environment. Output (stdout and stderr, the last 4 KB) lands in the result and
 the journal; a non-zero exit fails the step with the command's stderr; a command
-that outlives its timeout is killed with its whole process group and fails the
-step. The ``cancel`` command must be idempotent: blktx may run it again after a
-crash, and from START (the ``do`` command may have failed half-way).
+that outlives its timeout is killed with its whole process group and every
+descendant that left it (``setsid``, double fork: found by a token in their
+environment), and fails the step. Output goes to files, not pipes, so a daemon
+that keeps the command's stdout open never makes blktx wait. ``blktx recover``
+runs a cancel command only when it too was given ``--allow-exec``. The
+``cancel`` command must be idempotent: blktx may run it again after a crash,
+and from START (the ``do`` command may have failed half-way).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
+import tempfile
+import time
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionType, Param, Refused, RunContext, hookimpl
@@ -74,23 +81,28 @@ class Exec(ActionType):
                                         f"(cancel command `{' '.join(action.params['cancel'])}` failed)")]
 
     def _run(self, action: Action, ctx: RunContext, phase: str) -> None:
+        if not ctx.options.allow_exec:  # also in blktx recover, which runs no check
+            raise ActionFailed(f"not running the {phase} command `{' '.join(action.params[phase])}`: "
+                               "running external commands is not allowed (pass --allow-exec)")
         argv: list[str] = action.params[phase]
-        env = {**os.environ, **(action.params["env"] or {}),
-               "BLKTX_TXID": ctx.txid, "BLKTX_ACTION": str(action.index), "BLKTX_PHASE": phase}
+        token = secrets.token_hex(12)
+        env = {**os.environ, **(action.params["env"] or {}), "BLKTX_TXID": ctx.txid,
+               "BLKTX_ACTION": str(action.index), "BLKTX_PHASE": phase, "BLKTX_EXEC_TOKEN": token}
         timeout = action.params["timeout"]
-        try:
-            proc = subprocess.Popen(argv, cwd=action.params["cwd"], env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    start_new_session=True)
-        except OSError as exc:
-            raise ActionFailed(f"cannot run {argv[0]}: {exc.strerror}") from None
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            self._record(action, phase, out, err)
-            raise ActionFailed(f"{phase} command `{' '.join(argv)}` timed out after {timeout:g} s and was killed") from None
+        with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+            try:
+                proc = subprocess.Popen(argv, cwd=action.params["cwd"], env=env, stdin=subprocess.DEVNULL,
+                                        stdout=out_f, stderr=err_f, start_new_session=True)
+            except OSError as exc:
+                raise ActionFailed(f"cannot run {argv[0]}: {exc.strerror}") from None
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_all(proc, token)
+                self._record(action, phase, _tail(out_f), _tail(err_f))
+                raise ActionFailed(f"{phase} command `{' '.join(argv)}` timed out after {timeout:g} s "
+                                   "and was killed with everything it started") from None
+            out, err = _tail(out_f), _tail(err_f)
         self._record(action, phase, out, err)
         if proc.returncode != 0:
             detail = (err or out).strip()[-TAIL:] or "no output"
@@ -101,6 +113,44 @@ class Exec(ActionType):
         text = "".join(f"[{phase} {name}] {s.strip()[-TAIL:]}\n" for name, s in (("stdout", out), ("stderr", err)) if s.strip())
         if text:
             action.output = (action.output or "") + text
+
+
+def _tail(fh: Any) -> str:
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    fh.seek(max(size - TAIL, 0))
+    return str(fh.read().decode("utf-8", "replace"))
+
+
+def _kill_all(proc: subprocess.Popen[bytes], token: str) -> None:
+    """SIGKILL the command's process group and every process that carries its token
+    (descendants that moved to a session of their own), then reap the command."""
+    with _suppress():
+        os.killpg(proc.pid, signal.SIGKILL)
+    needle = f"BLKTX_EXEC_TOKEN={token}".encode()
+    for _ in range(3):  # a dying parent may fork once more
+        found = False
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as fh:
+                    if needle not in fh.read().split(b"\0"):
+                        continue
+                os.kill(int(pid), signal.SIGKILL)
+                found = True
+            except OSError:
+                continue
+        if not found:
+            break
+        time.sleep(0.01)
+    proc.wait()
+
+
+def _suppress() -> Any:
+    import contextlib
+
+    return contextlib.suppress(ProcessLookupError, PermissionError)
 
 
 @hookimpl

@@ -87,3 +87,71 @@ def test_commands_are_never_run_through_a_shell(tmp_path: Path) -> None:
     result = run(tmp_path, [{"target": "a", "do": ["echo hi; touch x"], "cancel": [PY, "-c", "pass"]}])
     assert result.outcome == "rolled back" and "cannot run echo hi; touch x" in result.failure.message
     assert not (tmp_path / "x").exists()
+
+
+def _alive_with(marker: str) -> list[int]:
+    import os
+
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if marker.encode() in fh.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_daemon_that_keeps_stdout_open_never_hangs_the_run(tmp_path: Path) -> None:
+    """`setsid sh -c 'sleep 1001' &` keeps the command's stdout open after it exits."""
+    marker = f"sleep 1001.{tmp_path.name}"
+    daemon = ["sh", "-c", f"setsid sh -c 'exec -a \"{marker}\" sleep 1001' & echo started"]
+    t = time.monotonic()
+    result = run(tmp_path, [{"target": "a", "do": daemon, "cancel": ["true"]}])
+    try:
+        assert result.outcome == "committed", result.summary()
+        assert time.monotonic() - t < 5, "the run waited for the daemon's stdout"
+        assert "started" in (result.actions[0].output or "")
+    finally:
+        for pid in _alive_with(marker):
+            import os
+            import signal
+
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_timeout_kills_everything_the_command_started(tmp_path: Path) -> None:
+    marker = f"sleep 1002.{tmp_path.name}"
+    cmd = ["sh", "-c", f"setsid sh -c 'exec -a \"{marker}\" sleep 1002' & sleep 60"]
+    t = time.monotonic()
+    result = run(tmp_path, [{"target": "a", "do": cmd, "cancel": ["true"], "timeout": 1.0}])
+    assert result.outcome == "rolled back" and "timed out" in result.failure.message
+    assert time.monotonic() - t < 10
+    time.sleep(0.2)
+    assert _alive_with(marker) == [], "the setsid daemon was killed too"
+
+
+def test_recover_runs_an_exec_cancel_only_with_allow_exec(tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+
+    pwned = tmp_path / "PWNED"
+    (tmp_path / "t.toml").write_text(
+        'version = 1\n[[action]]\ntype = "exec"\ntarget = "a"\ndo = ["true"]\n'
+        f'cancel = ["sh", "-c", "id > {pwned}"]\n')
+    journal = str(tmp_path / "j.sqlite")
+    env = {**os.environ, "BLKTX_CRASH_AFTER": "2"}
+    out = subprocess.run([PY, "-m", "blktx", "run", "--allow-exec", "--journal", journal, str(tmp_path / "t.toml")],
+                         env=env, capture_output=True, text=True, check=False)
+    assert out.returncode == -signal.SIGKILL
+    denied = subprocess.run([PY, "-m", "blktx", "recover", "--json", "--journal", journal], capture_output=True,
+                            text=True, check=False)
+    assert denied.returncode == 3 and not pwned.exists()
+    assert "--allow-exec" in json.dumps(json.loads(denied.stdout))
+    allowed = subprocess.run([PY, "-m", "blktx", "recover", "--allow-exec", "--json", "--journal", journal],
+                             capture_output=True, text=True, check=False)
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert pwned.exists()

@@ -161,7 +161,8 @@ def test_failure_in_do_stops_the_phase_and_never_touches_later_actions() -> None
 def test_a_failed_cancel_is_reported_with_what_was_left() -> None:
     result = run([("rec.step", {"key": "a", "fail_cancel": True}), ("rec.step", {"key": "b", "fail": "do"})])
     assert result.outcome == "needs recovery" and result.exit_status == 3 and not result.committed
-    assert [str(lo) for lo in result.leftovers] == ["rec:a: whatever rec.step action #0 made"]
+    assert [str(lo) for lo in result.leftovers] == ["rec:a: whatever rec.step action #0 made [cancel refused]"]
+    assert result.actions[0].state == "CANCEL_FAILED"
     assert steps("cancel") == [1, 0, 0], "a failed cancel is retried once"
     assert "run `blktx recover`" in result.summary()
 
