@@ -1,7 +1,17 @@
-"""``python -m blktx``: the same as the ``blktx`` command."""
+"""``python -m blktx``: the same as the ``blktx`` command.
 
+``python -m`` puts the current folder first on ``sys.path``; blktx runs as root in
+folders others may write, so that entry goes before any plugin is looked up
+(a ``*.dist-info`` folder there would otherwise register an entry point).
+"""
+
+import os
 import sys
 
-from blktx.cli import main
+if sys.path and sys.path[0] in ("", os.getcwd()) and not os.path.isfile(os.path.join(sys.path[0] or ".", "blktx",
+                                                                                      "__main__.py")):
+    del sys.path[0]
+
+from blktx.cli import main  # noqa: E402 - after the path is made safe
 
 sys.exit(main())

@@ -38,3 +38,48 @@ def lock_owners(targets: list[str]) -> dict[str, str]:
         for key in lock_keys(target):
             owners.setdefault(key, target)
     return owners
+
+
+def untrusted_folders(path: str) -> str | None:
+    """Why others than root and the caller could swap or add files at ``path``'s
+    folder, or None. As sshd's StrictModes: the folder and each of its ancestors
+    must be owned by root or the caller; the folder itself must not be writable
+    by group or others, an ancestor only when it has the sticky bit (``/tmp``)."""
+    me = os.geteuid()
+    folder = os.path.dirname(os.path.abspath(path))
+    first = True
+    while True:
+        try:
+            st = os.lstat(folder)
+        except OSError as exc:
+            return f"{folder}: {exc.strerror}"
+        if stat.S_ISLNK(st.st_mode):
+            return f"{folder} is a symlink"
+        if st.st_uid not in (0, me):
+            return f"{folder} is owned by uid {st.st_uid}"
+        writable = st.st_mode & 0o022
+        if writable and (first or not st.st_mode & stat.S_ISVTX):
+            return f"{folder} is writable by {'group and others' if writable == 0o022 else 'group' if writable & 0o020 else 'others'}"
+        if folder == "/":
+            return None
+        folder, first = os.path.dirname(folder), False
+
+
+def untrusted_file(path: str) -> str | None:
+    """Why the existing file at ``path`` cannot be trusted (a symlink, another
+    owner, writable by others), or None (also when it does not exist)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symlink"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"{path} is owned by uid {st.st_uid}, not by you"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None

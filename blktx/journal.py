@@ -27,6 +27,7 @@ from typing import Any
 from blktx.actiontype import Action
 from blktx.errors import BlktxError
 from blktx.events import Hold
+from blktx.identity import untrusted_file, untrusted_folders
 from blktx.states import DOING, START, TX_FINAL, TxState
 from blktx.status import status
 
@@ -76,8 +77,16 @@ class SqliteJournal:
         self.path = os.path.abspath(path or default_path())
         try:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-            if not os.path.exists(self.path):
-                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        except OSError as exc:
+            raise BlktxError(f"cannot make the journal's folder {os.path.dirname(self.path)}: {exc.strerror}") from None
+        # Root writes the journal and trusts what it reads back (recover acts on it):
+        # nobody else may be able to replace it, or its -wal and -shm neighbours.
+        why = untrusted_folders(self.path) or untrusted_file(self.path)
+        if why:
+            raise BlktxError(f"refusing the journal {self.path}: {why}; keep it in a folder only you can write "
+                             "(default ~/.local/state/blktx), mode 0600")
+        try:
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blktx.errors import BlktxError, InvalidTransaction, Problem
-from blktx.identity import lock_owners
+from blktx.identity import lock_owners, untrusted_folders
 from blktx.states import TX_FINAL, TxState
 
 _OFD_WRLCK = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
@@ -112,10 +112,11 @@ class Locker:
             st = os.fstat(self._dirfd)
         except OSError as exc:
             raise BlktxError(f"cannot use the lock folder {self.dir}: {exc}; give another with $BLKTX_LOCK_DIR") from None
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        why = untrusted_folders(os.path.join(self.dir, "claims", "x"))
+        if st.st_uid != os.geteuid() or why:
             os.close(self._dirfd)
-            raise BlktxError(f"the lock folder {self.dir}/claims is not owned by you, or others can write it; "
-                             "fix its owner and mode (0700), or give another with $BLKTX_LOCK_DIR")
+            raise BlktxError(f"the lock folder {self.dir}/claims is not owned by you, or others can write it "
+                             f"({why or 'owner'}); fix its owner and mode (0700), or give another with $BLKTX_LOCK_DIR")
 
     @contextlib.contextmanager
     def _mutex(self) -> Iterator[None]:

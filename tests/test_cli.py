@@ -124,3 +124,48 @@ def test_show_names_a_vm_left_paused(tmp_path: Path, capsys: pytest.CaptureFixtu
     text = capsys.readouterr().out
     assert "quiesced vm:[one] (t.pause): NOT resumed: `blktx recover` resumes it" in text
     assert "sim:noop/[a]" in text, "a target in brackets is printed, not read as markup"
+
+
+def test_python_m_blktx_loads_no_plugin_from_the_current_folder(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dist = tmp_path / "evil-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: evil\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[blktx]\nevil = evil_plugin\n")
+    (tmp_path / "evil_plugin.py").write_text(f"open({str(tmp_path / 'PWNED')!r}, 'w').close()\n")
+    out = subprocess.run([sys.executable, "-m", "blktx", "types", "--json"], cwd=tmp_path, capture_output=True,
+                         text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "PWNED").exists() and "evil" not in out.stdout
+
+
+def test_markup_in_a_backend_message_is_printed_as_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "fault"\nphase = "do"\n'
+                                     'message = "array says [/] and [bold]no[/bold]"\n')
+    assert main(["run", str(tmp_path / "t.toml")]) == 1
+    out = capsys.readouterr().out
+    assert "array says [/] and [bold]no[/bold]" in out
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe v\x00e\x00r\x00", "version = 1\n# caf\xe9\n".encode("latin-1"),
+                                     b"version = 1\n" + b"a = " + b"[" * 5000 + b"]" * 5000 + b"\n",
+                                     b'version = 1\n[[action]]\ntype = "sim.noop"\nkey = "a\\u0000b"\n',
+                                     b"version = 1\x00\n"])
+def test_malformed_spec_bytes_exit_2_with_a_located_message(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            content: bytes) -> None:
+    (tmp_path / "t.toml").write_bytes(content)
+    for command in ("run", "check"):
+        assert main([command, str(tmp_path / "t.toml")]) == 2
+        captured = capsys.readouterr()
+        assert str(tmp_path / "t.toml") in captured.out and "Traceback" not in captured.out + captured.err
+
+
+def test_a_fifo_in_place_of_the_spec_is_refused_not_waited_for(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "t.toml")
+    assert main(["check", str(tmp_path / "t.toml")]) == 2
+    assert "not a regular file" in capsys.readouterr().out

@@ -4,6 +4,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from blktx import ActionSpec, InvalidTransaction, Transaction, parse_spec
 from blktx.spec import bind, load_spec
@@ -97,3 +99,36 @@ def test_bad_options_are_reported(registry, tmp_path: Path) -> None:
                            registry, tmp_path)
     assert [p.key for p in problems] == ["jobs", "quiesce"]
     assert problems[1].hint == "did you mean 'pause'?"
+
+
+# -- hostile input: any bytes end as a located refusal, never another exception -------------
+
+
+_VALID = b'version = 1\n[[action]]\ntype = "sim.noop"\nkey = "a"\n[options]\njobs = 2\n'
+
+
+def _mangle(data: bytes, edits: list[tuple[int, bytes]]) -> bytes:
+    for pos, piece in edits:
+        pos = pos % (len(data) + 1)
+        data = data[:pos] + piece + data[pos:]
+    return data
+
+
+@given(st.one_of(
+    st.binary(max_size=2000),
+    st.text(max_size=500).map(lambda t: t.encode("utf-8")),
+    st.text(max_size=300).map(lambda t: t.encode("utf-16")),
+    st.lists(st.tuples(st.integers(0, 200), st.sampled_from([b"\x00", b"\xff", b"[", b"{", b'"', b"\\u0000", b"=",
+                                                             b"\n", b"[[action]]\n", b"\xc3", b"]" * 50, b"[" * 800])),
+             max_size=6).map(lambda e: _mangle(_VALID, e)),
+))
+def test_any_bytes_are_refused_with_a_location_or_bound(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
+    from blktx.plugins import default_registry
+
+    path = tmp_path_factory.mktemp("spec") / "t.toml"
+    path.write_bytes(data)
+    try:
+        tx = load_spec(str(path))
+        bind(tx, default_registry())
+    except InvalidTransaction as exc:
+        assert exc.problems and all(p.file == str(path) or p.file is None for p in exc.problems)
