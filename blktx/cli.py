@@ -75,7 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.json and sys.stderr.isatty():
         registry.pm.register(Progress(sys.stderr), name="blktx-progress")
     executor = Executor(registry, journal=_journal(args), locker=_locker(args))
-    result = executor.run(tx, allow_exec=args.allow_exec, roots=_roots(args), overrides=_overrides(args))
+    result = executor.run(tx, allow_exec=args.allow_exec, roots=_roots(args), overrides=_overrides(args),
+                          **_trust(args))
     return _emit(result, args)
 
 
@@ -95,7 +96,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if isinstance(tx, int):
         return tx
     return _emit(Executor(registry).check(tx, allow_exec=args.allow_exec, roots=_roots(args),
-                                          overrides=_overrides(args)), args)
+                                          overrides=_overrides(args), **_trust(args)), args)
 
 
 def cmd_types(args: argparse.Namespace) -> int:
@@ -159,6 +160,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _trust(args: argparse.Namespace) -> dict[str, Any]:
+    """What the caller allows beyond the safe defaults (docs/security.md)."""
+    return {"vm_roots": [os.path.abspath(r) for r in args.vm_root or []], "allow_tcp": args.allow_tcp,
+            "shared_folders": args.allow_shared_folders}
 
 
 def _roots(args: argparse.Namespace) -> list[str] | None:
@@ -265,6 +272,12 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="allow actions that run external commands (exec); off by default")
     p.add_argument("--root", action="append", metavar="DIR",
                    help="also allow paths under DIR (default: only the spec's directory); repeatable")
+    p.add_argument("--vm-root", action="append", metavar="DIR",
+                   help="also allow VM and guest-agent sockets under DIR (e.g. /run/vms); repeatable")
+    p.add_argument("--allow-tcp", action="store_true",
+                   help="allow tcp:HOST:PORT VM and agent addresses (anyone reaching the port could answer)")
+    p.add_argument("--allow-shared-folders", action="store_true",
+                   help="allow paths in folders that other users can write (see docs/security.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

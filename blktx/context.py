@@ -83,6 +83,12 @@ class Options:
     allow_exec: bool = False
     #: Directories that every path in the spec must stay under (defaults to the spec's).
     roots: list[str] = field(default_factory=list)
+    #: Further directories where VM and guest-agent sockets may be (``--vm-root``).
+    vm_roots: list[str] = field(default_factory=list)
+    #: Whether ``tcp:HOST:PORT`` VM and agent addresses are allowed (``--allow-tcp``).
+    allow_tcp: bool = False
+    #: Whether paths in folders that others can write are allowed (``--allow-shared-folders``).
+    shared_folders: bool = False
     #: Per-type settings from the spec's ``[options.<plugin>]`` tables.
     extra: dict[str, Any] = field(default_factory=dict)
 

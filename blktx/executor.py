@@ -57,12 +57,13 @@ class Executor:
     # -- entry points --------------------------------------------------------------
 
     def check(self, tx: Transaction, *, allow_exec: bool = False, roots: list[str] | None = None,
-              overrides: dict[str, Any] | None = None) -> Result:
+              overrides: dict[str, Any] | None = None, **trust: Any) -> Result:
         """Validate and run every check. Touches nothing (and takes no lock).
-        ``overrides`` replace the spec's options, as for :meth:`run`."""
+        ``overrides`` and ``trust`` as for :meth:`run`."""
         txid = new_txid()
         try:
-            actions, options = bind(tx, self.registry, allow_exec=allow_exec, roots=roots, overrides=overrides)
+            actions, options = bind(tx, self.registry, allow_exec=allow_exec, roots=roots, overrides=overrides,
+                                    **trust)
         except InvalidTransaction as exc:
             return Result(txid, TxState.INVALID, problems=exc.problems, checked_only=True)
         ctx = RunContext(txid, options, tx.base_dir, self.registry.pm.hook)
@@ -79,11 +80,15 @@ class Executor:
         return check_actions(actions, ctx, file)
 
     def run(self, tx: Transaction, *, allow_exec: bool = False, roots: list[str] | None = None,
-            overrides: dict[str, Any] | None = None) -> Result:
-        """Run ``tx`` all-or-none and report what happened."""
+            overrides: dict[str, Any] | None = None, **trust: Any) -> Result:
+        """Run ``tx`` all-or-none and report what happened. ``overrides`` replace the
+        spec's options; ``allow_exec``, ``roots`` and ``trust`` (``vm_roots``,
+        ``allow_tcp``, ``shared_folders``) are the caller's, never the spec's: see
+        docs/security.md."""
         txid = new_txid()
         try:
-            actions, options = bind(tx, self.registry, allow_exec=allow_exec, roots=roots, overrides=overrides)
+            actions, options = bind(tx, self.registry, allow_exec=allow_exec, roots=roots, overrides=overrides,
+                                    **trust)
         except InvalidTransaction as exc:
             return Result(txid, TxState.INVALID, problems=exc.problems)
         return self.run_actions(actions, options, base_dir=tx.base_dir, file=tx.file, txid=txid)

@@ -51,6 +51,9 @@ def untrusted_folders(path: str) -> str | None:
     while True:
         try:
             st = os.lstat(folder)
+        except FileNotFoundError:  # judged by the nearest folder that exists (whoever can write it can make it)
+            folder = os.path.dirname(folder)
+            continue
         except OSError as exc:
             return f"{folder}: {exc.strerror}"
         if stat.S_ISLNK(st.st_mode):

@@ -52,7 +52,8 @@ def rebuild(tx: dict[str, Any], registry: Registry, allow_exec: bool) -> tuple[l
                         for row in tx["actions"]],
                        base_dir=tx["base_dir"] or "/")
     actions, options = bind(spec, registry, allow_exec=allow_exec, roots=list(recorded.get("roots") or []) or None,
-                            overrides=overrides)
+                            overrides=overrides, vm_roots=list(recorded.get("vm_roots") or []),
+                            allow_tcp=bool(recorded.get("allow_tcp")), shared_folders=bool(recorded.get("shared_folders")))
     for a, row in zip(actions, tx["actions"], strict=True):
         a.index, a.state, a.undo = row["index"], row["state"], row["undo"] or {}
         a.target = row["target"]  # as refined by its check; locked with what bind resolved

@@ -17,6 +17,7 @@ import tomli
 from blktx.actiontype import Action
 from blktx.context import Options, spec_options
 from blktx.errors import InvalidTransaction, Problem
+from blktx.identity import untrusted_folders
 from blktx.params import ParamError, did_you_mean, within_roots
 from blktx.plugins import Registry
 
@@ -231,8 +232,34 @@ def load_spec(path: str) -> Transaction:
     return parse_spec(text, file=path)
 
 
+def confinement(kind: str, value: Any, options: Options) -> tuple[str, str] | None:
+    """Why a path or address breaks a rule of docs/security.md (message, hint), or None."""
+    if kind == "address" and isinstance(value, str) and value.startswith("tcp:"):
+        if not options.allow_tcp:
+            return (f"{value}: a TCP address is refused [rule tcp-opt-in]: anyone who can reach the port can "
+                    "answer as the VM", "pass --allow-tcp if that port is yours")
+        return None
+    if kind not in ("path", "address") or not isinstance(value, str):
+        return None
+    roots = options.roots + (options.vm_roots if kind == "address" else [])
+    if not within_roots(value, roots):
+        what = "socket" if kind == "address" else "path"
+        return (f"{what} {value} is outside the allowed roots ({', '.join(roots)}) [rule confined-paths]",
+                "move it under the spec's directory or widen with --root DIR"
+                + (" or --vm-root DIR" if kind == "address" else ""))
+    if not options.shared_folders:
+        why = untrusted_folders(value)
+        if why:
+            return (f"{value}: {why} [rule trusted-folders]: another user could swap what blktx acts on",
+                    "keep images and sockets in folders only root (or you) can write, or pass "
+                    "--allow-shared-folders if you accept that")
+    return None
+
+
 def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
-         roots: list[str] | None = None, overrides: dict[str, Any] | None = None) -> tuple[list[Action], Options]:
+         roots: list[str] | None = None, overrides: dict[str, Any] | None = None,
+         vm_roots: list[str] | None = None, allow_tcp: bool = False,
+         shared_folders: bool = False) -> tuple[list[Action], Options]:
     """Validate ``tx`` against the registered types; return its actions and options.
 
     ``roots`` are the directories paths may lie under (default: the spec's
@@ -262,7 +289,8 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
         if "action" in raw and not isinstance(raw["action"], list):
             problem("'action' must be an array of tables", "action", key="action", hint="write each action as [[action]]")
 
-    options = Options(roots=list(roots) if roots else [tx.base_dir], allow_exec=allow_exec)
+    options = Options(roots=list(roots) if roots else [tx.base_dir], allow_exec=allow_exec,
+                      vm_roots=list(vm_roots or []), allow_tcp=allow_tcp, shared_folders=shared_folders)
     given = dict(tx.options)
     given.update(overrides or {})
     for key, value in given.items():
@@ -322,11 +350,10 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
                 bad = True
                 problem(str(exc), "action", i, key, action=i, key=key, hint=exc.hint)
                 continue
-            if param.kind == "path" and not within_roots(values[key], options.roots):
+            refusal = confinement(param.kind, values[key], options)
+            if refusal is not None:
                 bad = True
-                problem(f"path {values[key]} is outside the allowed roots ({', '.join(options.roots)})",
-                        "action", i, key, action=i, key=key,
-                        hint="move it under the spec's directory or widen with --root DIR")
+                problem(refusal[0], "action", i, key, action=i, key=key, hint=refusal[1])
         for name, param in declared.items():
             if name in values or name in spec.params:
                 continue

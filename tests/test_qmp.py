@@ -23,10 +23,11 @@ def vms(tmp_path: Path) -> Iterator[list[VM]]:
         vm.quit() if vm.proc.poll() is None else None
 
 
-def run(base: Path, actions: list[tuple[str, dict[str, Any]]], extra: list[Any] = (), **options: Any):
+def run(base: Path, actions: list[tuple[str, dict[str, Any]]], extra: list[Any] = (), allow_tcp: bool = False,
+        **options: Any):
     registry = load(extra=[(f"t{i}", p) for i, p in enumerate(extra)])
     return Executor(registry).run(Transaction([ActionSpec(t, p) for t, p in actions], options=options,
-                                              base_dir=str(base)))
+                                              base_dir=str(base)), allow_tcp=allow_tcp)
 
 
 def group(vms: list[VM], name: str = "nightly") -> list[tuple[str, dict[str, Any]]]:
@@ -195,7 +196,7 @@ def test_a_vm_reached_over_tcp(tmp_path: Path) -> None:
             time.sleep(0.02)
         time.sleep(0.1)  # the probe's connection must be gone: QEMU serves one client per monitor
         result = run(tmp_path, [("qmp.internal-create", {"vm": address, "drive": "drive0", "name": "over-tcp"}),
-                                ("fault", {"phase": "invalidate"})], quiesce="pause")
+                                ("fault", {"phase": "invalidate"})], quiesce="pause", allow_tcp=True)
         assert result.outcome == "rolled back", result.summary()
         assert [h.target for h in result.holds] == [f"vm:{address}"]
         result = run(tmp_path, [("qmp.internal-create", {"vm": address, "drive": "drive0", "name": "over-tcp"})],
