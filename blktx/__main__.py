@@ -12,6 +12,6 @@ if sys.path and sys.path[0] in ("", os.getcwd()) and not os.path.isfile(os.path.
                                                                                       "__main__.py")):
     del sys.path[0]
 
-from blktx.cli import main  # noqa: E402 - after the path is made safe
+from blktx.cli import main
 
 sys.exit(main())

@@ -62,7 +62,8 @@ def untrusted_folders(path: str) -> str | None:
             return f"{folder} is owned by uid {st.st_uid}"
         writable = st.st_mode & 0o022
         if writable and (first or not st.st_mode & stat.S_ISVTX):
-            return f"{folder} is writable by {'group and others' if writable == 0o022 else 'group' if writable & 0o020 else 'others'}"
+            who = "group and others" if writable == 0o022 else "group" if writable & 0o020 else "others"
+            return f"{folder} is writable by {who}"
         if folder == "/":
             return None
         folder, first = os.path.dirname(folder), False
