@@ -10,21 +10,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import secrets
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from blktx import ActionFailed, Refused
+from blktx_plugins._fs import Private
 
 QCOW2_MAGIC = b"QFI\xfb"
 # QEMU's image locking takes OFD locks on bytes 100.. (permissions held) and
@@ -36,8 +39,20 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Snapshot:
+    """An internal snapshot. ``date`` (seconds, nanoseconds, set by QEMU when it
+    made it) is not part of equality; :meth:`same` compares the whole identity."""
+
     id: str
     name: str
+    date: tuple[int, int] = field(default=(0, 0), compare=False)
+
+    def same(self, other: Snapshot) -> bool:
+        """The same point in time: id, name and date (an id is reused after a delete)."""
+        return (self.id, self.name, self.date) == (other.id, other.name, other.date)
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.date[0]))
+        return f"snapshot {self.name!r} (id {self.id}, made {when}.{self.date[1] // 1000:06d})"
 
 
 def read_header(path: str) -> tuple[int, list[Snapshot], str | None]:
@@ -60,13 +75,13 @@ def read_header(path: str) -> tuple[int, list[Snapshot], str | None]:
             fh.seek(snap_off)
             for _ in range(nb):
                 fixed = fh.read(40)
-                (_l1, _l1size, id_len, name_len, _ds, _dns, _vm, _vmsize, extra) = struct.unpack(">QIHHIIQII", fixed)
+                (_l1, _l1size, id_len, name_len, dsec, dnsec, _vm, _vmsize, extra) = struct.unpack(">QIHHIIQII", fixed)
                 fh.read(extra)
                 sid = fh.read(id_len).decode()
                 name = fh.read(name_len).decode()
                 used = 40 + extra + id_len + name_len
                 fh.read((8 - used % 8) % 8)
-                snaps.append(Snapshot(sid, name))
+                snaps.append(Snapshot(sid, name, (dsec, dnsec)))
             return version, snaps, backing
     except FileNotFoundError:
         raise Refused(f"{path} does not exist", hint="check the path") from None
@@ -123,47 +138,37 @@ def check_writable_image(path: str) -> list[Snapshot]:
     return snaps
 
 
-def create_overlay(overlay: str, tmp: str, backing: str, fmt: str, size: int | None = None,
-                   relative: bool = True) -> None:
-    """Make a qcow2 overlay of ``backing`` at ``overlay`` without ever overwriting a file.
+def image_size(path: str, fmt: str) -> int:
+    """The virtual size of ``path`` (the size a new overlay of it gets)."""
+    info = json.loads(qemu_img("info", "--output=json", "-f", fmt, path))
+    return int(info["virtual-size"])
 
-    It is made under ``tmp`` (a name only this transaction uses) and linked into
-    place; ``link(2)`` fails rather than replace a file that appeared meanwhile.
-    ``size`` given: the backing file is not opened (a running VM holds its lock).
-    ``relative``: record the backing file relative to the overlay (a folder of
-    images stays movable); a running VM's node needs the name it opened.
+
+def create_overlay(private: Private, overlay: str, backing: str, fmt: str, size: int | None = None,
+                   relative: bool = True) -> None:
+    """Write a qcow2 overlay of ``backing`` into the unpublished file ``private``.
+
+    The caller records ``private.ident`` (journaled with ``ctx.remember``) and then
+    publishes it at ``overlay`` (:func:`~blktx_plugins._fs.publish`), so that a
+    cancel removes the overlay only when it is that very file. The backing file is
+    not opened (``-u``): the overlay is written through its descriptor, and a
+    running VM holds the backing file's lock anyway. ``relative``: record the
+    backing file relative to the overlay (a folder of images stays movable); a
+    running VM's node needs the name it opened.
     """
     rel = os.path.relpath(backing, os.path.dirname(overlay)) if relative else backing
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-    extra = ["-u", tmp, str(size)] if size is not None else [tmp]
-    qemu_img("create", "-q", "-f", "qcow2", "-b", rel, "-F", fmt, *extra)
-    try:
-        os.link(tmp, overlay)
-    except FileExistsError:
-        raise ActionFailed(f"overlay {overlay} appeared after the check; it was left alone") from None
-    os.unlink(tmp)
+    if size is None:
+        size = image_size(backing, fmt)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", rel, "-F", fmt, "-u", private.path, str(size),
+             pass_fds=(private.fd,))
 
 
-def overlay_is_ours(overlay: str, tmp: str, created: bool, backing: str) -> bool:
-    """Whether ``overlay`` is the one :func:`create_overlay` made (never delete another)."""
-    if not os.path.lexists(overlay):
-        return False
-    if created or (os.path.lexists(tmp) and os.path.samefile(tmp, overlay)):
-        return True
-    # Killed after the link but before the journal heard of it: ours is a qcow2
-    # image backed by exactly this backing file.
-    try:
-        _, _, found = read_header(overlay)
-    except Refused:
-        return False
-    return found is not None and os.path.realpath(os.path.join(os.path.dirname(overlay), found)) == backing
-
-
-def qemu_img(*args: str, timeout: float = 120) -> str:
+def qemu_img(*args: str, timeout: float = 120, pass_fds: tuple[int, ...] = ()) -> str:
     exe = shutil.which("qemu-img")
     if exe is None:
         raise ActionFailed("qemu-img is not installed (Debian package qemu-utils)")
-    out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, check=False)
+    out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, check=False,
+                         pass_fds=pass_fds)
     if out.returncode != 0:
         raise ActionFailed(f"qemu-img {args[0]}: {(out.stderr or out.stdout).strip()}")
     return out.stdout
@@ -324,6 +329,34 @@ def gather(calls: list[tuple[Qmp, str, dict[str, Any] | None]]) -> list[Any]:
     return run_async(all_of()) if calls else []
 
 
+def qsd_prefix(txid: str) -> str:
+    """How the temporary folders of a run's storage daemons begin."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in txid)
+    return f"blktx-qsd-{safe}-" if safe else "blktx-qsd-"
+
+
+def remove_daemon_folders(txid: str) -> list[str]:
+    """Remove the temporary folders that the run ``txid``'s storage daemons left;
+    return them. Only what is provably blktx's: named for that transaction, a real
+    folder (not a symlink) owned by this user. Idempotent."""
+    if not txid:
+        return []
+    prefix, top = qsd_prefix(txid), tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(top):
+        if not name.startswith(prefix):
+            continue
+        path = os.path.join(top, name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
 class StorageDaemon:
     """One ``qemu-storage-daemon`` with every image of a batch open, driven over QMP.
 
@@ -332,12 +365,14 @@ class StorageDaemon:
     flushes and unlocks the images.
     """
 
-    def __init__(self, images: list[str]) -> None:
+    def __init__(self, images: list[str], txid: str = "") -> None:
         self.node = {image: f"n{i}" for i, image in enumerate(images)}
         exe = shutil.which("qemu-storage-daemon")
         if exe is None:
             raise ActionFailed("qemu-storage-daemon is not installed (Debian package qemu-system-common)")
-        self._dir = tempfile.mkdtemp(prefix="blktx-qsd-")
+        # Named after the transaction: a SIGKILLed run cannot remove it, and blktx
+        # recover's blktx_cleanup finds the dead run's folders by that name.
+        self._dir = tempfile.mkdtemp(prefix=qsd_prefix(txid))
         sock = os.path.join(self._dir, "qmp.sock")
         argv = [exe, "--chardev", f"socket,path={sock},server=on,wait=off,id=qmp0", "--monitor", "chardev=qmp0"]
         for i, image in enumerate(images):

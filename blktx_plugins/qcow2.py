@@ -16,11 +16,14 @@ stack's own configuration instead.
 from __future__ import annotations
 
 import os
+import secrets
+import shlex
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Param, Refused, RunContext, hookimpl
+from blktx_plugins._fs import fsync_dir, is_ours, private_file, publish, remove_if_ours
 from blktx_plugins._qemu import (
     Snapshot,
     StorageDaemon,
@@ -28,9 +31,9 @@ from blktx_plugins._qemu import (
     check_writable_image,
     create_overlay,
     holder,
-    overlay_is_ours,
     qemu_img,
     read_header,
+    remove_daemon_folders,
 )
 
 
@@ -46,14 +49,16 @@ def _per_action(actions: Sequence[Action], step: Any) -> None:
         raise ActionFailures(failures)
 
 
-def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequence[Action]) -> None:
-    """Delete exactly the listed snapshots (by id and name) in one daemon."""
+def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequence[Action], txid: str) -> None:
+    """Delete exactly the listed snapshots in one daemon: each is re-read under the
+    daemon's lock and deleted only while its id, name (and date, when known) are
+    still the listed ones."""
     images = sorted({image for todo in plan.values() for image, _ in todo})
     if not images:
         return
     for attempt in range(10):
         try:
-            daemon = StorageDaemon(images)
+            daemon = StorageDaemon(images, txid)
             break
         except ActionFailed as exc:
             # A killed run's daemon may hold an image's lock for a moment more.
@@ -62,8 +67,11 @@ def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequ
             time.sleep(0.3)
     failures: dict[int, BaseException] = {}
     try:
+        now = {image: read_header(image)[1] for image in images}
         for a in actions:
             for image, snap in plan.get(a.index, []):
+                if not any(_same(snap, s) for s in now[image]):
+                    continue  # gone already, or its id now names another point in time
                 try:
                     daemon.cmd("blockdev-snapshot-delete-internal-sync",
                                {"device": daemon.node[image], "id": snap.id, "name": snap.name})
@@ -75,8 +83,35 @@ def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequ
         raise ActionFailures(failures)
 
 
+def _same(wanted: Snapshot, found: Snapshot) -> bool:
+    return wanted.same(found) if wanted.date != (0, 0) else (wanted.id, wanted.name) == (found.id, found.name)
+
+
+def _ident(s: Snapshot) -> list[Any]:
+    """A snapshot's identity as the journal keeps it: id, date seconds, date nanoseconds."""
+    return [s.id, s.date[0], s.date[1]]
+
+
+def _micros(s: Snapshot) -> int:
+    return s.date[0] * 1_000_000 + s.date[1] // 1000
+
+
+def _by_hand(image: str, snaps: list[Snapshot]) -> str:
+    return " && ".join(f"qemu-img snapshot -d {s.id} {shlex.quote(image)}" for s in snaps)
+
+
 class InternalCreate(ActionType):
-    """Create a named internal snapshot in a qcow2 image (all images in one QEMU transaction)."""
+    """Create a named internal snapshot in a qcow2 image (all images in one QEMU transaction).
+
+    Ownership: a cancel deletes only a snapshot whose id *and* date ``do`` recorded
+    (``undo["made"]``, journaled with ``ctx.remember`` while the image's lock was
+    still held, so nobody else could have added one). ``undo["started"]`` is made
+    durable before the image is touched: without it, ``do`` never ran and any
+    snapshot of the name is somebody else's. With it but without ``made`` (blktx
+    died inside ``do``), a new snapshot of the name cannot be told from one made by
+    hand after the crash: cancel leaves it and fails, naming it exactly (id, date)
+    and how to remove it, so ``blktx recover`` reports it instead of guessing.
+    """
 
     name = "qcow2.internal-create"
     # offline images: nothing a quiesce pauses writes to them, so do runs before the window
@@ -106,78 +141,120 @@ class InternalCreate(ActionType):
                 raise Refused(f"action #{names[image, name]} already creates {name!r} in {image}")
             names[image, name] = a.index
             a.undo["before"] = [s.id for s in snaps]
-            a.undo["old"] = [s.id for s in same]
+            a.undo["old"] = [_ident(s) for s in same]
 
         _per_action(actions, check)
 
     def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         # QMP refuses a second snapshot of the same name, so a replacement is made with
         # qemu-img (which allows it); everything else in one daemon transaction.
-        # undo["made"] records the ids made (none when QEMU refused: its transaction
-        # is all or nothing), so that cancel never takes somebody else's snapshot of
-        # the same name, made after the check, for this transaction's.
         fresh = [a for a in actions if not a.undo.get("old")]
         if fresh:
-            try:
-                daemon = StorageDaemon(sorted({a.params["image"] for a in fresh}))
-            except Exception:
-                for a in fresh:
-                    a.undo["made"] = []
-                raise
+            self._do_fresh(fresh, ctx)
+        replacing = [a for a in actions if a.undo.get("old")]
+        if replacing:
+            self._do_replace(replacing, ctx)
+
+    def _started(self, actions: list[Action], ctx: RunContext) -> None:
+        """Durable before anything changes an image: do has begun, and the ids there now."""
+        for a in actions:
+            a.undo["present"] = [s.id for s in read_header(a.params["image"])[1]]
+            a.undo["started"] = time.time()
+        ctx.remember(actions)
+
+    def _do_fresh(self, fresh: list[Action], ctx: RunContext) -> None:
+        daemon = StorageDaemon(sorted({a.params["image"] for a in fresh}), ctx.txid)
+        # From here until close the daemon holds every image's lock: nobody else can
+        # add a snapshot, so the new one of each name is QEMU's, made for us.
+        try:
+            self._started(fresh, ctx)
             try:
                 daemon.cmd("transaction", {"actions": [
                     {"type": "blockdev-snapshot-internal-sync",
                      "data": {"device": daemon.node[a.params["image"]], "name": a.params["name"]}} for a in fresh]})
             except ActionFailed as exc:
-                if not isinstance(exc, VmGone):  # refused, not died half-way
+                if not isinstance(exc, VmGone):  # refused (all or nothing), not died half-way
                     for a in fresh:
                         a.undo["made"] = []
                 raise
-            finally:
-                daemon.close()
-        for a in actions:
-            if a.undo.get("old"):
+            for a in fresh:
+                a.undo["made"] = [_ident(s) for s in self._new(a)]
+            ctx.remember(fresh)  # before close releases the locks
+        finally:
+            daemon.close()
+
+    def _do_replace(self, replacing: list[Action], ctx: RunContext) -> None:
+        self._started(replacing, ctx)
+        try:
+            for a in replacing:
+                image, name = a.params["image"], a.params["name"]
+                present = {s.id for s in read_header(image)[1]}
+                t0 = time.time_ns() // 1000
                 try:
-                    qemu_img("snapshot", "-c", a.params["name"], a.params["image"])
+                    qemu_img("snapshot", "-c", name, image)
                 except ActionFailed:
                     a.undo["made"] = []
                     raise
-            # qcow2 numbers a new snapshot one past the highest id: ours is the newest.
-            a.undo["made"] = [s.id for s in self._candidates(a)[-1:]]
+                t1 = time.time_ns() // 1000 + 1
+                # qemu-img held the image's lock while it ran, inside [t0, t1]: a new
+                # snapshot of this name dated in there can only be the one it made.
+                new = [s for s in read_header(image)[1]
+                       if s.name == name and s.id not in present and t0 <= _micros(s) <= t1]
+                if len(new) != 1:
+                    raise ActionFailed(f"{image}: qemu-img made snapshot {name!r}, but it cannot be told apart "
+                                       f"({len(new)} candidates dated while it ran)")
+                a.undo["made"] = [_ident(new[0])]
+        finally:
+            ctx.remember(replacing)
 
-    def _candidates(self, a: Action) -> list[Snapshot]:
-        """Snapshots of this action's name with an id that was not there at the check,
-        oldest first."""
-        before = set(a.undo.get("before", []))
+    def _new(self, a: Action) -> list[Snapshot]:
+        """Snapshots of this action's name that were not there when do started."""
+        known = set(a.undo.get("present", a.undo.get("before", [])))
         try:
             _, snaps, _ = read_header(a.params["image"])
         except Refused:
             return []
-        found = [s for s in snaps if s.name == a.params["name"] and s.id not in before]
-        return sorted(found, key=lambda s: (len(s.id), s.id))
+        return [s for s in snaps if s.name == a.params["name"] and s.id not in known]
 
-    def _made(self, a: Action) -> list[Snapshot]:
-        """The snapshots this action made: the ids do recorded; when do never told
-        (blktx died inside it), every candidate."""
-        found = self._candidates(a)
+    def _judge(self, a: Action) -> tuple[list[Snapshot], list[Snapshot]]:
+        """(what is provably this action's, what may be but cannot be proven)."""
         if "made" in a.undo:
-            return [s for s in found if s.id in a.undo["made"]]
-        return found
+            made = {tuple(m) for m in a.undo["made"] if isinstance(m, list)}
+            return [s for s in self._new(a) if tuple(_ident(s)) in made], []
+        if "started" not in a.undo:
+            return [], []  # do never touched the image: one of this name is somebody else's
+        return [], self._new(a)
 
     def cancel_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
-        plan = {a.index: [(a.params["image"], s) for s in self._made(a)] for a in actions}
-        _delete_snapshots(plan, actions)
+        failures: dict[int, BaseException] = {}
+        plan: dict[int, list[tuple[str, Snapshot]]] = {}
+        for a in actions:
+            ours, unsure = self._judge(a)
+            plan[a.index] = [(a.params["image"], s) for s in ours]
+            if unsure:
+                failures[a.index] = ActionFailed(
+                    f"{a.params['image']}: left {', '.join(s.describe() for s in unsure)}: blktx died while making "
+                    f"its snapshot, and this one cannot be proven to be it rather than one made since. If it is "
+                    f"blktx's, remove it by hand ({_by_hand(a.params['image'], unsure)}) and run blktx recover again")
+        try:
+            _delete_snapshots(plan, actions, ctx.txid)
+        except ActionFailures as exc:
+            failures.update(exc.failures)
+        if failures:
+            raise ActionFailures(failures)
 
     def finish(self, action: Action, ctx: RunContext) -> None:
-        old = set(action.undo.get("old", []))
-        if not old:
-            return
-        _, snaps, _ = read_header(action.params["image"])
-        todo = [(action.params["image"], s) for s in snaps if s.id in old and s.name == action.params["name"]]
-        _delete_snapshots({action.index: todo}, [action])
+        old = [Snapshot(o[0], action.params["name"], (o[1], o[2])) if isinstance(o, list)
+               else Snapshot(o, action.params["name"]) for o in action.undo.get("old", [])]
+        if old:
+            _delete_snapshots({action.index: [(action.params["image"], s) for s in old]}, [action], ctx.txid)
 
     def leftovers(self, action: Action) -> list[Leftover]:
-        return [Leftover(action.target, f"snapshot {s.name!r} (id {s.id})") for s in self._made(action)]
+        ours, unsure = self._judge(action)
+        image = action.params["image"]
+        return ([Leftover(action.target, f"{s.describe()}; remove: {_by_hand(image, [s])}") for s in ours]
+                + [Leftover(action.target, f"maybe blktx's: {s.describe()}; if so remove: {_by_hand(image, [s])}")
+                   for s in unsure])
 
 
 class InternalDelete(ActionType):
@@ -212,7 +289,7 @@ class InternalDelete(ActionType):
                 raise Refused(f"conflicts with action #{claimed[image, found[0].id]}: both delete snapshot "
                               f"{found[0].name!r} (id {found[0].id}) of {image}")
             claimed[image, found[0].id] = a.index
-            a.undo["id"], a.undo["name"] = found[0].id, found[0].name
+            a.undo["id"], a.undo["name"], a.undo["date"] = found[0].id, found[0].name, list(found[0].date)
 
         claimed: dict[tuple[str, str], int] = {}
         _per_action(actions, check)
@@ -221,9 +298,11 @@ class InternalDelete(ActionType):
         plan: dict[int, list[tuple[str, Snapshot]]] = {}
         for a in actions:
             _, snaps, _ = read_header(a.params["image"])
-            target = Snapshot(a.undo["id"], a.undo["name"])
-            plan[a.index] = [(a.params["image"], target)] if target in snaps else []  # gone already: done
-        _delete_snapshots(plan, actions)
+            date = a.undo.get("date", [0, 0])
+            target = Snapshot(a.undo["id"], a.undo["name"], (date[0], date[1]))
+            # gone already (a retry): done; never another point in time that took its id
+            plan[a.index] = [(a.params["image"], target)] if any(_same(target, s) for s in snaps) else []
+        _delete_snapshots(plan, actions, ctx.txid)
 
 
 def _format(path: str) -> str:
@@ -274,65 +353,104 @@ class ExternalCreate(ActionType):
                 raise Refused(f"overlay {overlay} is backed by {backing!r}, not by the current image {current}")
         elif not os.access(os.path.dirname(overlay), os.W_OK):
             raise Refused(f"cannot create files in {os.path.dirname(overlay)}")
+        # Private names, unique to this action and recorded before they are created:
+        # the overlay when the filesystem has no unnamed files, and the symlink swap.
+        token = f"blktx-{ctx.txid}-{secrets.token_hex(4)}"
         action.undo.update({"link": os.readlink(device), "old": current, "format": fmt, "preexisting": exists,
-                            "tmp": f"{overlay}.blktx-{ctx.txid}"})
+                            "tmp": f"{overlay}.{token}", "swap": f"{device}.{token}"})
 
     def do(self, action: Action, ctx: RunContext) -> None:
         if action.undo["preexisting"]:
             return
-        create_overlay(action.params["overlay"], action.undo["tmp"], action.undo["old"], action.undo["format"])
-        action.undo["created"] = True
-
-    def _ours(self, action: Action) -> bool:
-        return not action.undo.get("preexisting", True) and overlay_is_ours(
-            action.params["overlay"], action.undo.get("tmp", ""), bool(action.undo.get("created")),
-            action.undo["old"])
-
-    def _switch(self, action: Action, ctx: RunContext, old: str, new: str, link_text: str) -> None:
-        device = action.params["device"]
-        if ctx.hook is not None and ctx.hook.blktx_switch_active_image(
-                ctx=ctx, action=action, device=device, old=old, new=new):
-            return
-        if os.path.realpath(device) == os.path.realpath(new):
-            return
-        tmp = f"{device}.blktx-switch"
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        os.symlink(link_text, tmp)
-        os.replace(tmp, device)
-        dfd = os.open(os.path.dirname(device), os.O_RDONLY)
+        overlay = action.params["overlay"]
+        private = private_file(overlay, action.undo["tmp"])
         try:
-            os.fsync(dfd)
+            # The overlay's identity is durable before it can appear under its name:
+            # cancel removes the file at that name only if it is this very inode.
+            action.undo["made"] = private.ident
+            ctx.remember([action])
+            create_overlay(private, overlay, action.undo["old"], action.undo["format"])
+            try:
+                publish(private, overlay)
+            except FileExistsError:
+                raise ActionFailed(f"overlay {overlay} appeared after the check; it was left alone") from None
         finally:
-            os.close(dfd)
+            private.close()
+
+    def _link_text(self, action: Action) -> str:
+        """What invalidate makes the device symlink say."""
+        return os.path.relpath(action.params["overlay"], os.path.dirname(action.params["device"]))
+
+    def _points_to_ours(self, action: Action) -> bool:
+        """Whether the device still points where invalidate put it: at this run's overlay."""
+        device = action.params["device"]
+        try:
+            if os.readlink(device) != self._link_text(action):
+                return False
+            if action.undo.get("preexisting"):
+                return True
+            st = os.stat(device)
+        except OSError:
+            return False
+        return [st.st_dev, st.st_ino] == action.undo.get("made")
+
+    def _swap(self, action: Action, expected: str, text: str) -> None:
+        """Compare and swap the device symlink: only while it says ``expected``, make it
+        say ``text``, atomically (a new symlink under this action's private name,
+        ``rename(2)`` over the device). ``symlink(2)`` fails rather than replace
+        whatever has that private name."""
+        device, swap = action.params["device"], action.undo["swap"]
+        if os.readlink(device) != expected:
+            return
+        self._drop_swap(action)
+        os.symlink(text, swap)
+        os.replace(swap, device)
+        fsync_dir(os.path.dirname(device))
+
+    def _drop_swap(self, action: Action) -> None:
+        """Remove a symlink a killed swap left under this action's private name (never
+        anything else: it must be a symlink saying one of the two things we write)."""
+        swap = action.undo.get("swap", "")
+        if swap and os.path.islink(swap) and os.readlink(swap) in (self._link_text(action), action.undo["link"]):
+            os.unlink(swap)
 
     def invalidate(self, action: Action, ctx: RunContext) -> None:
-        overlay = action.params["overlay"]
-        link = os.path.relpath(overlay, os.path.dirname(action.params["device"]))
-        self._switch(action, ctx, action.undo["old"], overlay, link)
+        device, overlay = action.params["device"], action.params["overlay"]
+        if ctx.hook is not None and ctx.hook.blktx_switch_active_image(
+                ctx=ctx, action=action, device=device, old=action.undo["old"], new=overlay):
+            return
+        if os.readlink(device) == self._link_text(action):
+            return  # already switched (a retry)
+        if os.readlink(device) != action.undo["link"]:
+            raise ActionFailed(f"device {device} was re-pointed after the check (it says {os.readlink(device)!r}, "
+                               f"not {action.undo['link']!r}); it was left alone")
+        self._swap(action, action.undo["link"], self._link_text(action))
 
     def cancel(self, action: Action, ctx: RunContext) -> None:
         if "old" not in action.undo:
             return  # never checked: nothing was done
-        overlay = action.params["overlay"]
-        self._switch(action, ctx, overlay, action.undo["old"], action.undo["link"])
-        switch = f"{action.params['device']}.blktx-switch"
-        if os.path.islink(switch):
-            os.unlink(switch)
-        if self._ours(action):
-            os.unlink(overlay)
-        if os.path.lexists(action.undo.get("tmp", "")):
-            os.unlink(action.undo["tmp"])  # a name only this transaction uses
+        device, overlay = action.params["device"], action.params["overlay"]
+        switched = ctx.hook is not None and ctx.hook.blktx_switch_active_image(
+            ctx=ctx, action=action, device=device, old=overlay, new=action.undo["old"])
+        if not switched and self._points_to_ours(action):
+            self._swap(action, self._link_text(action), action.undo["link"])
+        self._drop_swap(action)
+        made = action.undo.get("made")
+        if not action.undo.get("preexisting"):
+            remove_if_ours(overlay, made)
+            remove_if_ours(action.undo.get("tmp", ""), made)
 
     def leftovers(self, action: Action) -> list[Leftover]:
         found = []
-        overlay, device = action.params["overlay"], action.params["device"]
-        if os.path.realpath(device) == os.path.realpath(overlay):
+        overlay, device, made = action.params["overlay"], action.params["device"], action.undo.get("made")
+        if self._points_to_ours(action):
             found.append(Leftover(action.target, f"device symlink points to the overlay {overlay}"))
-        if self._ours(action):
+        if is_ours(overlay, made) and not action.undo.get("preexisting"):
             found.append(Leftover(action.target, f"overlay file {overlay}"))
-        if os.path.lexists(action.undo.get("tmp", "")):
+        if is_ours(action.undo.get("tmp", ""), made):
             found.append(Leftover(action.target, f"unfinished overlay file {action.undo['tmp']}"))
+        if os.path.islink(action.undo.get("swap", "")):
+            found.append(Leftover(device, f"unfinished symlink {action.undo['swap']}"))
         return found
 
 
@@ -340,3 +458,9 @@ class ExternalCreate(ActionType):
 def blktx_register_action_types(register: Any) -> None:
     for cls in (InternalCreate, InternalDelete, ExternalCreate):
         register(cls)
+
+
+@hookimpl
+def blktx_cleanup(ctx: RunContext) -> None:
+    """A SIGKILLed run cannot remove its storage daemons' folders: remove them now."""
+    remove_daemon_folders(ctx.txid)

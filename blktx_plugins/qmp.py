@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Hold, Leftover, Param, Refused, RunContext, hookimpl
+from blktx_plugins._fs import Private, is_ours, private_file, publish, remove_if_ours
 from blktx_plugins._qemu import (
     Agent,
     Qmp,
@@ -34,7 +35,6 @@ from blktx_plugins._qemu import (
     create_overlay,
     gather,
     holder,
-    overlay_is_ours,
     read_header,
     run_async,
 )
@@ -264,21 +264,39 @@ class InternalCreate(_QmpType):
             {"type": "blockdev-snapshot-internal-sync",
              "data": {"device": a.undo["node"], "name": a.params["name"]}} for a in group]}), record="made")
 
-    def _made(self, a: Action, snapshots: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """The snapshot this action made. QEMU refused the VM's transaction: none
-        (one of that name that appeared after the check is somebody else's). QEMU
-        did it: the one of that name that was not there at the check (QMP refuses a
-        second of one name). Unknown (the VM or blktx died during do): the same."""
+    def _judge(self, a: Action, snapshots: list[tuple[str, str]]) -> tuple[list[tuple[str, str]],
+                                                                          list[tuple[str, str]]]:
+        """(the snapshot this action provably made, those it may have made).
+
+        QEMU refused the VM's transaction: none (one of that name that appeared
+        after the check is somebody else's). QEMU did it: the one of that name that
+        was not there at the check (QMP refuses a second of one name while it
+        exists). Unknown (the VM or blktx died during do): a new one of that name
+        cannot be told from one made by hand since, so it is left and reported."""
         if a.undo.get("made") is False:
-            return []
+            return [], []
         before = set(a.undo.get("before", []))
-        return [(i, n) for i, n in snapshots if n == a.params["name"] and i not in before]
+        new = [(i, n) for i, n in snapshots if n == a.params["name"] and i not in before]
+        return (new, []) if a.undo.get("made") is True else ([], new)
+
+    def _unsure(self, a: Action, unsure: list[tuple[str, str]]) -> ActionFailed:
+        listed = ", ".join(f"snapshot {n!r} (id {i})" for i, n in unsure)
+        return ActionFailed(f"left {listed} of {a.undo.get('file')}: blktx died during do, and it cannot be proven "
+                            f"to be blktx's rather than made since. If it is blktx's, delete it by hand (QMP "
+                            f"blockdev-snapshot-delete-internal-sync, or qemu-img snapshot -d ID with the VM off) "
+                            f"and run blktx recover again")
 
     def cancel_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         def send(conn: Qmp, group: list[Action]) -> None:
+            unsure: dict[int, BaseException] = {}
             for a in group:
-                for sid, name in self._made(a, resolve(conn, a.undo["node"])["snapshots"]):
+                ours, maybe = self._judge(a, resolve(conn, a.undo["node"])["snapshots"])
+                for sid, name in ours:
                     conn.cmd("blockdev-snapshot-delete-internal-sync", {"device": a.undo["node"], "id": sid, "name": name})
+                if maybe:
+                    unsure[a.index] = self._unsure(a, maybe)
+            if unsure:
+                raise ActionFailures(unsure)
 
         failures: dict[int, BaseException] = {}
         try:
@@ -288,37 +306,41 @@ class InternalCreate(_QmpType):
         for a in actions:  # a dead VM's image is undone offline once QEMU's lock is gone
             if isinstance(failures.get(a.index), VmGone):
                 try:
-                    self._cancel_offline(a)
+                    self._cancel_offline(a, ctx)
                     del failures[a.index]
                 except Exception as exc:  # noqa: BLE001 - still a leftover, with the reason
                     failures[a.index] = ActionFailed(f"{failures[a.index]}; offline undo failed: {exc}")
         if failures:
             raise ActionFailures(failures)
 
-    def _cancel_offline(self, a: Action) -> None:
+    def _cancel_offline(self, a: Action, ctx: RunContext) -> None:
         image = a.undo["file"]
         for _ in range(50):
             if not holder(image):
                 break
             time.sleep(0.1)
         _, snaps, _ = read_header(image)
-        made = self._made(a, [(s.id, s.name) for s in snaps])
+        made, maybe = self._judge(a, [(s.id, s.name) for s in snaps])
         if made:
-            daemon = StorageDaemon([image])
+            daemon = StorageDaemon([image], ctx.txid)
             try:
                 for sid, name in made:
                     daemon.cmd("blockdev-snapshot-delete-internal-sync",
                                {"device": daemon.node[image], "id": sid, "name": name})
             finally:
                 daemon.close()
+        if maybe:
+            raise self._unsure(a, maybe)
 
     def leftovers(self, action: Action) -> list[Leftover]:
         try:
             _, snaps, _ = read_header(action.undo["file"])
         except Exception:  # noqa: BLE001 - name what we know
             return [Leftover(action.target, f"maybe snapshot {action.params['name']!r} in {action.undo.get('file')}")]
-        return [Leftover(action.target, f"snapshot {n!r} (id {i}) in {action.undo['file']}")
-                for i, n in self._made(action, [(s.id, s.name) for s in snaps])]
+        ours, maybe = self._judge(action, [(s.id, s.name) for s in snaps])
+        return ([Leftover(action.target, f"snapshot {n!r} (id {i}) in {action.undo['file']}") for i, n in ours]
+                + [Leftover(action.target, f"maybe blktx's: snapshot {n!r} (id {i}) in {action.undo['file']}")
+                   for i, n in maybe])
 
 
 class InternalDelete(_QmpType):
@@ -361,18 +383,36 @@ class ExternalCreate(_QmpType):
         """Make every overlay file at once (``qemu-img`` processes side by side), then
         add each as a node of its VM, all VMs at once."""
         failures: dict[int, BaseException] = {}
+        privates: dict[int, Private] = {}
+        for a in actions:
+            try:
+                privates[a.index] = private_file(a.params["overlay"], a.undo["tmp"])
+                a.undo["made"] = privates[a.index].ident
+            except Exception as exc:  # noqa: BLE001 - this action's failure
+                failures[a.index] = exc
 
         def make(a: Action) -> None:
             try:
                 # size given: the backing file is locked by the running VM; QMP told its size.
-                create_overlay(a.params["overlay"], a.undo["tmp"], a.undo["file"], a.undo["format"], a.undo["size"],
-                               relative=False)
-                a.undo["created"] = True
+                create_overlay(privates[a.index], a.params["overlay"], a.undo["file"], a.undo["format"],
+                               a.undo["size"], relative=False)
+                try:
+                    publish(privates[a.index], a.params["overlay"])
+                except FileExistsError:
+                    raise ActionFailed(f"overlay {a.params['overlay']} appeared after the check; "
+                                       "it was left alone") from None
             except Exception as exc:  # noqa: BLE001 - this action's failure
                 failures[a.index] = exc
 
-        with ThreadPoolExecutor(max_workers=min(len(actions), 8), thread_name_prefix="blktx-overlay") as pool:
-            list(pool.map(make, actions))
+        try:
+            # Every overlay's identity is durable (one write) before any is published:
+            # cancel removes a file at the overlay's name only if it is that inode.
+            ctx.remember([a for a in actions if a.index in privates])
+            with ThreadPoolExecutor(max_workers=min(len(actions), 8), thread_name_prefix="blktx-overlay") as pool:
+                list(pool.map(make, [a for a in actions if a.index in privates]))
+        finally:
+            for private in privates.values():
+                private.close()
         made = [a for a in actions if a.index not in failures]
         conns = _connections(ctx).many([a.params["vm"] for a in made])
         calls: list[tuple[Qmp, str, dict[str, Any] | None]] = []
@@ -404,11 +444,8 @@ class ExternalCreate(_QmpType):
             self._unswitch(conn, action)
         except VmGone:
             pass  # the switch lived in the dead QEMU's memory only; the file goes below
-        overlay, tmp = action.params["overlay"], action.undo.get("tmp", "")
-        if overlay_is_ours(overlay, tmp, bool(action.undo.get("created")), action.undo["file"]):
-            os.unlink(overlay)
-        if os.path.lexists(tmp):
-            os.unlink(tmp)  # a name only this transaction uses
+        remove_if_ours(action.params["overlay"], action.undo.get("made"))
+        remove_if_ours(action.undo.get("tmp", ""), action.undo.get("made"))
 
     def _unswitch(self, conn: Qmp, action: Action) -> None:
         top, base = action.undo["overlay_node"], action.undo["node"]
@@ -436,8 +473,8 @@ class ExternalCreate(_QmpType):
 
     def leftovers(self, action: Action) -> list[Leftover]:
         found = []
-        overlay, tmp = action.params["overlay"], action.undo.get("tmp", "")
-        if overlay_is_ours(overlay, tmp, bool(action.undo.get("created")), action.undo.get("file", "")):
+        overlay = action.params["overlay"]
+        if is_ours(overlay, action.undo.get("made")):
             found.append(Leftover(action.target, f"overlay file {overlay} (the drive may use it)"))
         return found
 
