@@ -1,19 +1,23 @@
 """``btrfs``: subvolume snapshots with btrfs-progs.
 
 ``btrfs.snapshot`` makes a read-only (default) or writable snapshot of a
-subvolume; its cancel deletes only the snapshot it made (checked by the
-snapshot's parent UUID). ``btrfs.delete`` deletes a subvolume after the commit
+subvolume. It is made under a private name, its own UUID is journaled
+(``ctx.remember``), and only then is it renamed to ``dest`` without replacing:
+cancel deletes only the subvolume with that UUID, at ``dest`` or the private
+name, never one found there by its parent UUID. ``btrfs.delete`` deletes a subvolume after the commit
 point (finalize).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionType, Leftover, Param, Refused, RunContext, hookimpl
+from blktx_plugins._fs import rename_noreplace
 
 
 def btrfs(*args: str) -> str:
@@ -66,34 +70,51 @@ class Snapshot(ActionType):
         if not os.path.isdir(os.path.dirname(dest)):
             raise Refused(f"{os.path.dirname(dest)} does not exist")
         action.undo["source_uuid"] = info.get("UUID", "")
+        # A private name in dest's folder, recorded before it is created (the do intent).
+        folder, base = os.path.split(dest)
+        action.undo["tmp"] = os.path.join(folder, f".{base}.blktx-{ctx.txid}-{secrets.token_hex(4)}")
 
     def do(self, action: Action, ctx: RunContext) -> None:
-        if os.path.lexists(action.params["dest"]):
-            action.undo["blocked"] = True
-            raise ActionFailed(f"{action.params['dest']} appeared after the check; it was left alone")
-        args = ["subvolume", "snapshot", *(["-r"] if action.params["readonly"] else []),
-                action.params["source"], action.params["dest"]]
-        btrfs(*args)
-        info = subvolume_info(action.params["dest"])
-        action.undo["uuid"] = info.get("UUID", "") if info else ""
+        dest, tmp = action.params["dest"], action.undo["tmp"]
+        if os.path.lexists(tmp):
+            raise ActionFailed(f"{tmp} exists; it was left alone")
+        btrfs("subvolume", "snapshot", *(["-r"] if action.params["readonly"] else []), action.params["source"], tmp)
+        info = subvolume_info(tmp)
+        if info is None or not info.get("UUID"):
+            raise ActionFailed(f"btrfs made no subvolume at {tmp}")
+        # The snapshot's own UUID is durable before it appears under dest: cancel
+        # deletes a subvolume only if it has that UUID.
+        action.undo["uuid"] = info["UUID"]
+        ctx.remember([action])
+        try:
+            rename_noreplace(tmp, dest)  # rename(2) would replace an empty folder made meanwhile
+        except FileExistsError:
+            raise ActionFailed(f"{dest} appeared after the check; it was left alone") from None
 
-    def _ours(self, action: Action) -> bool:
-        """The snapshot this action made: its own UUID when known, else a snapshot of the source."""
-        if action.undo.get("blocked"):
-            return False
-        info = subvolume_info(action.params["dest"])
-        if info is None:
-            return False
-        if action.undo.get("uuid"):
-            return info.get("UUID") == action.undo["uuid"]
-        return info.get("Parent UUID") == action.undo.get("source_uuid")
+    def _ours(self, action: Action) -> list[str]:
+        """Where the snapshot this action made is: dest or the private name, only if
+        the subvolume there has the UUID do recorded."""
+        uuid = action.undo.get("uuid")
+        if not uuid:
+            return []
+        found = []
+        for path in (action.params["dest"], action.undo.get("tmp", "")):
+            info = subvolume_info(path) if path else None
+            if info is not None and info.get("UUID") == uuid:
+                found.append(path)
+        return found
 
     def cancel(self, action: Action, ctx: RunContext) -> None:
-        if self._ours(action):
-            btrfs("subvolume", "delete", action.params["dest"])
+        for path in self._ours(action):
+            btrfs("subvolume", "delete", path)
 
     def leftovers(self, action: Action) -> list[Leftover]:
-        return [Leftover(action.target, f"btrfs snapshot {action.params['dest']}")] if self._ours(action) else []
+        found = [Leftover(action.target, f"btrfs snapshot {p} (UUID {action.undo['uuid']})") for p in self._ours(action)]
+        tmp = action.undo.get("tmp", "")
+        if not action.undo.get("uuid") and tmp and subvolume_info(tmp) is not None:
+            found.append(Leftover(action.target, f"maybe blktx's: subvolume {tmp} (blktx died before recording its "
+                                                 f"UUID); if so: btrfs subvolume delete {tmp}"))
+        return found
 
 
 class Delete(ActionType):

@@ -87,3 +87,74 @@ def test_mixed_group_failing_in_its_last_action_leaves_everything(btrfs_mount: P
     assert world(base) == before_images
     assert snapshots(base / "d0.qcow2") == [] and not marker.exists()
     assert subvolumes(btrfs_mount) == ["data"]
+
+
+def _checked(base: Path, params: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """One bound, checked btrfs.snapshot action, as a run has it before its do."""
+    from blktx.context import RunContext
+    from blktx.executor import Executor as Ex
+    from blktx.spec import bind
+
+    registry = default_registry()
+    actions, options = bind(Transaction([ActionSpec("btrfs.snapshot", params)], base_dir=str(base)), registry)
+    ctx = RunContext("owned", options, str(base), registry.pm.hook)
+    executor = Ex(registry)
+    assert executor.check_actions(actions, ctx, None) == []
+    return executor, actions[0], ctx
+
+
+def test_a_snapshot_made_by_hand_at_dest_survives_a_cancel(btrfs_mount: Path) -> None:
+    """The run died after its do intent, before do; someone snapshots the same source
+    at dest by hand. Recover's cancel must not take it for blktx's (same parent UUID)."""
+    executor, action, ctx = _checked(btrfs_mount, {"source": "data", "dest": "data.nightly"})
+    subprocess.run(["btrfs", "subvolume", "snapshot", str(btrfs_mount / "data"), str(btrfs_mount / "data.nightly")],
+                   check=True, capture_output=True)
+    action.state = "DOING"  # the journal said it began
+    assert executor.step("cancel", [action], ctx) == []
+    assert subvolumes(btrfs_mount) == ["data", "data.nightly"]
+
+
+def test_a_folder_that_appears_at_dest_after_the_check_is_left_alone(btrfs_mount: Path) -> None:
+    """do makes the snapshot privately and never renames it over what appeared at
+    dest (rename(2) would replace an empty folder); cancel removes only its own."""
+    executor, action, ctx = _checked(btrfs_mount, {"source": "data", "dest": "data.nightly"})
+    (btrfs_mount / "data.nightly").mkdir()
+    failures = executor.step("do", [action], ctx)
+    assert failures and "appeared after the check" in failures[0].message
+    assert action.undo["uuid"]
+    assert executor.step("cancel", [action], ctx) == []
+    assert (btrfs_mount / "data.nightly").is_dir() and subvolumes(btrfs_mount) == ["data"]
+    assert sorted(p.name for p in btrfs_mount.iterdir()) == ["data", "data.nightly"], "no private name is left"
+
+
+def test_every_crash_point(btrfs_mount: Path, tmp_path: Path) -> None:
+    """Killed after each journal write (the UUID's remember write included), recover
+    leaves the world as before or after, and never a private name."""
+    import json
+    import signal
+
+    spec = tmp_path / "t.toml"
+    spec.write_text(f'version = 1\n[[action]]\ntype = "btrfs.snapshot"\nsource = "{btrfs_mount / "data"}"\n'
+                    f'dest = "{btrfs_mount / "data.nightly"}"\n')
+
+    def blktx(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "blktx.cli", *args, "--root", str(btrfs_mount)],
+                              capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False)
+
+    tried = 0
+    for n in range(1, 30):
+        journal = tmp_path / f"j{n}.sqlite"
+        out = blktx("run", str(spec), "--journal", str(journal), env={"BLKTX_CRASH_AFTER": str(n)})
+        if out.returncode == 0:
+            break
+        assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr
+        tried += 1
+        rec = subprocess.run([sys.executable, "-m", "blktx.cli", "recover", "--json", "--journal", str(journal)],
+                             capture_output=True, text=True, check=False)
+        assert rec.returncode == 0, rec.stdout + rec.stderr
+        names = sorted(p.name for p in btrfs_mount.iterdir())
+        assert names in (["data"], ["data", "data.nightly"]), f"crash after write {n}: {names} {json.loads(rec.stdout)}"
+        if names == ["data", "data.nightly"]:
+            subprocess.run(["btrfs", "subvolume", "delete", str(btrfs_mount / "data.nightly")], check=True,
+                           capture_output=True)
+    assert tried >= 4
