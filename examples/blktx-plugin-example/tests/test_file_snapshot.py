@@ -41,3 +41,24 @@ def test_existing_dest_is_refused_and_kept(tmp_path: Path) -> None:
     result = Executor().run(Transaction([ActionSpec("file.snapshot", {"path": "a"})], base_dir=str(tmp_path)))
     assert result.outcome == "invalid" and "already exists" in result.problems[0].message
     assert (tmp_path / "a.snap").read_text() == "old"
+
+
+def test_a_file_that_appears_at_dest_after_the_check_survives_the_cancel(tmp_path: Path) -> None:
+    """Someone writes dest between check and do: do fails without replacing it, and
+    cancel (from the journal's facts, as recover runs it) never removes it."""
+    from blktx.context import RunContext
+    from blktx.plugins import default_registry
+    from blktx.spec import bind
+
+    registry = default_registry()
+    (tmp_path / "a").write_text("new")
+    actions, options = bind(Transaction([ActionSpec("file.snapshot", {"path": "a"})], base_dir=str(tmp_path)), registry)
+    ctx = RunContext("race", options, str(tmp_path), registry.pm.hook)
+    executor = Executor(registry)
+    assert executor.check_actions(actions, ctx, None) == []
+    (tmp_path / "a.snap").write_text("theirs")
+    failures = executor.step("do", actions, ctx)
+    assert failures and "appeared after the check" in failures[0].message
+    assert executor.step("cancel", actions, ctx) == []
+    assert (tmp_path / "a.snap").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.snap"]
