@@ -29,11 +29,22 @@ class OptionSpec:
     maximum: float | None = None
     choices: tuple[str, ...] = ()
 
+    def parse(self, value: Any) -> Any:
+        """The option's value from what a spec wrote (a duration in seconds)."""
+        if self.kind == "duration" and isinstance(value, str):
+            return duration(value)
+        return float(value) if self.kind in ("float", "duration") else value
+
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is not acceptable, or None."""
+        if self.kind == "duration" and isinstance(value, str):
+            try:
+                value = duration(value)
+            except ValueError:
+                return f"must be a duration such as \"2s\", \"500ms\" or \"1m\", got {value!r}"
         if self.kind == "int":
             ok = isinstance(value, int) and not isinstance(value, bool)
-        elif self.kind == "float":
+        elif self.kind in ("float", "duration"):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         else:
             ok = isinstance(value, str)
@@ -52,6 +63,14 @@ class OptionSpec:
         out: dict[str, Any] = {"description": self.doc}
         if self.choices:
             out["enum"] = list(self.choices)
+        elif self.kind == "duration":
+            number: dict[str, Any] = {"type": "number"}
+            if self.minimum is not None:
+                number["minimum"] = self.minimum
+            if self.maximum is not None:
+                number["maximum"] = self.maximum
+            out["oneOf"] = [number, {"type": "string", "pattern": _DURATION}]
+            return out
         else:
             out["type"] = {"int": "integer", "float": "number", "str": "string"}[self.kind]
         if self.minimum is not None:
@@ -59,6 +78,21 @@ class OptionSpec:
         if self.maximum is not None:
             out["maximum"] = self.maximum
         return out
+
+
+_DURATION = r"^\s*[0-9]+(\.[0-9]+)?\s*(ms|s|m)?\s*$"
+
+
+def duration(text: str) -> float:
+    """Seconds from ``"2s"``, ``"500ms"``, ``"1.5m"`` or ``"3"``; ValueError otherwise."""
+    import re
+
+    match = re.match(_DURATION, text)
+    if not match:
+        raise ValueError(text)
+    number = float(text.strip().rstrip("msMS").strip() or "x")
+    unit = match.group(2) or "s"
+    return number / 1000 if unit == "ms" else number * 60 if unit == "m" else number
 
 
 def _option(default: Any, kind: str, doc: str, *, minimum: float | None = None, maximum: float | None = None,
@@ -79,6 +113,9 @@ class Options:
     retry_delay: float = _option(0.2, "float", "seconds before the first retry (the n-th waits n times as long)",
                                  minimum=0, maximum=3600)
     cancel_retries: int = _option(1, "int", "retries of a failed cancel during a rollback", minimum=0, maximum=100)
+    max_window: float = _option(30.0, "duration", "the longest a quiesce window may last (\"2s\", \"500ms\"); "
+                                "past it the run rolls back, and if the run is dead or stuck the watchdog "
+                                "resumes every hold", minimum=0.05, maximum=3600)
     #: Whether ``exec`` actions (and any type that runs a command) may run.
     allow_exec: bool = False
     #: Directories that every path in the spec must stay under (defaults to the spec's).
@@ -123,6 +160,9 @@ class RunContext:
         self._lock = threading.Lock()
         #: Set by the executor: makes holds durable in the journal.
         self.on_hold: Callable[[list[Hold]], None] | None = None
+        #: While a quiesce window is open: the ``time.monotonic()`` by which it must
+        #: end (``max_window``). Plugins bound their calls inside the window by it.
+        self.window_deadline: float | None = None
         #: Set by the executor: makes actions' undo facts durable in the journal.
         self.on_remember: Callable[[list[Any]], None] | None = None
 

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS step (
 CREATE TABLE IF NOT EXISTS hold (
     txid TEXT, n INTEGER, kind TEXT, target TEXT, data TEXT, start REAL, resumed INTEGER,
     PRIMARY KEY (txid, n));
+CREATE TABLE IF NOT EXISTS fence (txid TEXT PRIMARY KEY, time REAL, why TEXT);
 CREATE INDEX IF NOT EXISTS tx_status ON tx (status);
 """
 
@@ -54,6 +55,10 @@ BEGINS = frozenset({"do", "finalize"})
 _COMMITTED = frozenset({TxState.COMMITTED, TxState.FINALIZING, TxState.DONE, TxState.FINALIZE_INCOMPLETE})
 UNFINISHED: tuple[TxState, ...] = tuple(s for s in TxState if s not in TX_FINAL
                                         and s not in (TxState.NEW, TxState.LOCKED, TxState.CHECKED))
+
+
+class Fenced(BlktxError):
+    """The watchdog broke this transaction's quiesce window: it can no longer commit."""
 
 
 def _dumps(value: Any) -> str:
@@ -218,13 +223,31 @@ class SqliteJournal:
                              int(resumed and h.end is not None)) for n, h in enumerate(holds)])
 
     def state(self, txid: str, state: TxState, detail: dict[str, Any]) -> None:
-        """The transaction's state, with what the report needs to explain it."""
+        """The transaction's state, with what the report needs to explain it.
+        COMMITTED is refused (:class:`Fenced`) once the watchdog fenced ``txid``:
+        the check and the write are one SQLite write transaction."""
         with self._write() as db:
+            if state is TxState.COMMITTED:
+                fenced = db.execute("SELECT why FROM fence WHERE txid = ?", (txid,)).fetchone()
+                if fenced:
+                    raise Fenced(f"the commit is fenced: {fenced[0]}")
             ended = time.time() if state in TX_FINAL or state in (TxState.ROLLBACK_INCOMPLETE,
                                                                   TxState.FINALIZE_INCOMPLETE) else None
             db.execute("UPDATE tx SET status = ?, ended = COALESCE(?, ended), detail = ?, "
                        "committed = MAX(committed, ?) WHERE txid = ?",
                        (state.value, ended, json.dumps(detail, default=str), int(state in _COMMITTED), txid))
+
+    def fence(self, txid: str, why: str) -> bool:
+        """Forbid ``txid``'s commit from now on, unless it is already committed.
+        Returns whether it was fenced (False: it had committed first)."""
+        with self._write() as db:
+            row = db.execute("SELECT committed FROM tx WHERE txid = ?", (txid,)).fetchone()
+            if row and row[0]:
+                return False
+            db.execute("INSERT OR REPLACE INTO fence VALUES (?, ?, ?)", (txid, time.time(), why))
+            db.execute("INSERT INTO step (txid, time, phase, what, count) VALUES (?, ?, 'watchdog', 'fence', 0)",
+                       (txid, time.time()))
+            return True
 
     # -- reading ----------------------------------------------------------------------
 

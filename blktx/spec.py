@@ -314,7 +314,7 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
                 hint = did_you_mean(value, list(kind.choices)) or f"one of {', '.join(kind.choices)}"
             problem(f"option {key!r} {why}", "options", key, key=key, hint=hint)
             continue
-        setattr(options, key, float(value) if kind.kind == "float" else value)
+        setattr(options, key, kind.parse(value))
 
     if not tx.actions and (raw is None or "action" not in raw or isinstance(raw.get("action"), list)):
         problem("the transaction has no actions", hint="add at least one [[action]] table")

@@ -25,6 +25,7 @@ from blktx.identity import lock_keys
 from blktx.locks import Claim, NullLocker
 from blktx.result import Failure, Result
 from blktx.states import CANCELED, CREATED, DOING, INVALIDATED, LIVE_STATES, START, TX_FINAL, TxLifecycle, TxState
+from blktx.watchdog import Watchdog
 
 
 class Journal(Protocol):
@@ -103,6 +104,8 @@ class TransactionRun:
         self.interrupt = interrupt if interrupt is not None else Interrupt()
         self.observed = observed
         self.claim: Claim | None = None
+        self.watchdog: Watchdog | None = None
+        self.window_opened: float | None = None
         self._remember_lock = threading.Lock()
         self.result = Result(txid, state, actions=actions)
         self.undoable = [a for a in actions if not a.type.finalize]
@@ -201,6 +204,9 @@ class TransactionRun:
         last = "invalidate" if has_invalidate else "do"
         early = [a for a in undoable if a.type.do_before_quiesce] if quiesced else []
         late = [a for a in undoable if not a.type.do_before_quiesce] if early else undoable
+        if quiesced and self.journal.path:
+            # The dead-man switch, started early so that it is ready when the window opens.
+            self.watchdog = Watchdog(self.journal.path, txid, ctx.options.max_window)
         # The do intent (every action may begin, its undo facts) goes before the window:
         # recover cancels an action the journal says began, whether or not its do ran.
         if quiesced:
@@ -219,6 +225,7 @@ class TransactionRun:
         if has_invalidate and not between:
             self._between()
         self._timed("invalidate", undoable)
+        self._within_budget()
         # The commit point: the last phase's results and COMMITTED, one durable write.
         # Only once it has returned is the transaction committed.
         with together(journal):
@@ -239,6 +246,14 @@ class TransactionRun:
         if failures:
             raise PhaseFailed(failures)
         self._raise_if_interrupted()
+        self._within_budget()
+
+    def _within_budget(self) -> None:
+        """A window that outlasted ``max_window`` breaks the point in time: roll back."""
+        budget = self.ctx.options.max_window
+        if self.window_opened is not None and time.monotonic() - self.window_opened > budget:
+            raise PhaseFailed([Failure("quiesce", f"the quiesce window outlasted max_window ({budget:g} s): "
+                                                  "the group would not be one point in time")])
 
     def _raise_if_interrupted(self) -> None:
         if self.interrupt:
@@ -376,6 +391,10 @@ class TransactionRun:
             self.journal.holds(self.txid, holds, resumed=False)
 
         self.ctx.on_hold = announced
+        self.window_opened = time.monotonic()
+        self.ctx.window_deadline = self.window_opened + self.ctx.options.max_window
+        if self.watchdog is not None:
+            self.watchdog.window_opened()
         try:
             returned = self.ctx.hook.blktx_quiesce(ctx=self.ctx, actions=self.actions)  # type: ignore[union-attr]
         except Exception as exc:
@@ -402,6 +421,12 @@ class TransactionRun:
                 runs.append([hold])
         hook = self.ctx.hook
         assert hook is not None
+        self._resume_runs(runs, hook)
+        self.window_opened = None
+        if self.watchdog is not None:  # what this run could not resume is recover's now
+            self.watchdog.window_closed()
+
+    def _resume_runs(self, runs: list[list[Hold]], hook: Any) -> None:
         for run in runs:
             single = run
             if len(run) > 1:
@@ -516,8 +541,11 @@ class TransactionRun:
                                      else TxState.ROLLBACK_INCOMPLETE)
 
     def end(self) -> None:
-        """Release the claim: removed when the transaction is over, kept (only the
-        kernel lock dropped) while it needs recovery."""
+        """Stop the watchdog and release the claim: removed when the transaction is
+        over, kept (only the kernel lock dropped) while it needs recovery."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         if self.claim is not None:
             try:
                 self.locker.release(self.claim, finished=self.state in TX_FINAL)

@@ -260,9 +260,18 @@ class InternalCreate(_QmpType):
             raise Refused(f"drive {action.params['drive']} is {info['format']}, not qcow2: no internal snapshots")
 
     def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
-        self._per_vm_cmd(actions, ctx, lambda group: ("transaction", {"actions": [
-            {"type": "blockdev-snapshot-internal-sync",
-             "data": {"device": a.undo["node"], "name": a.params["name"]}} for a in group]}), record="made")
+        try:
+            self._per_vm_cmd(actions, ctx, lambda group: ("transaction", {"actions": [
+                {"type": "blockdev-snapshot-internal-sync",
+                 "data": {"device": a.undo["node"], "name": a.params["name"]}} for a in group]}), record="made")
+        finally:
+            # What QEMU answered is durable at once (one write for every VM), not at the
+            # end of the phase: a run killed later in do (another type's step) leaves
+            # snapshots that recover can prove are its own. Only a kill between QEMU's
+            # answer and this write leaves one "maybe blktx's", reported.
+            answered = [a for a in actions if "made" in a.undo]
+            if answered:
+                ctx.remember(answered)
 
     def _judge(self, a: Action, snapshots: list[tuple[str, str]]) -> tuple[list[tuple[str, str]],
                                                                           list[tuple[str, str]]]:

@@ -1,0 +1,155 @@
+"""The dead-man switch: a process that ends every quiesce hold when the run that
+took them dies or stops making progress.
+
+A run with a quiesce mode and a journal starts :class:`Watchdog` before anything
+is paused. The watchdog process lives in its own session (a kill of the run's
+process group does not reach it) and listens on a pipe whose write end only the
+run holds:
+
+- ``o``: a quiesce window opened (its budget, ``max_window``, starts now);
+- ``c``: the window closed (every hold resumed by the run itself);
+- ``d``: the run is done with the watchdog; it exits.
+
+End of file before ``d`` means the run died (the kernel closed its end of the
+pipe): the watchdog acts at once. A window open past its budget plus a grace
+period means the run hangs or was stopped: the watchdog kills it (a stopped run
+still holds the VMs' monitor connections, so nothing could resume them while it
+lives) and acts. To act is to *fence* the transaction in the journal — its commit
+write is refused from then on, so the group is never committed with a point in
+time that was not held — unless the commit is already durable, then to resume
+every hold the journal lists as not resumed (newest first, through the plugins'
+own ``blktx_resume`` hooks) and record that. ``blktx recover`` finishes the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import IO
+
+#: Seconds past ``max_window`` before the watchdog takes over a run that is alive
+#: but stuck: the run's own budget check gets the first chance to roll back.
+GRACE = 1.0
+
+
+class Watchdog:
+    """The run's end of the dead-man switch."""
+
+    def __init__(self, journal: str, txid: str, budget: float) -> None:
+        read, self._write = os.pipe()
+        env = {k: v for k, v in os.environ.items() if k != "BLKTX_CRASH_AFTER"}  # drills kill the run, not this
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "blktx.watchdog", "--journal", journal, "--txid", txid, "--budget", str(budget),
+             "--pid", str(os.getpid())],
+            stdin=read, stdout=subprocess.DEVNULL, start_new_session=True, env=env, close_fds=True)
+        os.close(read)
+        os.set_inheritable(self._write, False)
+
+    def _send(self, what: bytes) -> None:
+        try:
+            os.write(self._write, what)
+        except OSError:
+            pass  # the watchdog is gone: it can do no more for this run
+
+    def window_opened(self) -> None:
+        self._send(b"o")
+
+    def window_closed(self) -> None:
+        self._send(b"c")
+
+    def stop(self) -> None:
+        """The run ended normally: the watchdog exits without acting."""
+        self._send(b"d")
+        os.close(self._write)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def watch(stream: IO[bytes], budget: float, pid: int) -> str | None:
+    """Wait on the run; return why the watchdog must act, or None when the run said done."""
+    opened: float | None = None
+    fd = stream.fileno()
+    while True:
+        timeout = None if opened is None else max(0.0, opened + budget + GRACE - time.monotonic())
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if not ready:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return f"the run (pid {pid}) held its quiesce window past {budget:g} s + {GRACE:g} s and was killed"
+        data = os.read(fd, 64)
+        if not data:
+            return f"the run (pid {pid}) died inside its quiesce window"
+        for byte in data:
+            if byte == ord("o"):
+                opened = time.monotonic()
+            elif byte == ord("c"):
+                opened = None
+            elif byte == ord("d"):
+                return None
+
+
+def take_over(journal_path: str, txid: str, why: str) -> list[str]:
+    """Fence ``txid`` and resume every hold the journal lists as not resumed."""
+    from blktx.context import Options, RunContext, spec_options
+    from blktx.events import Hold
+    from blktx.journal import SqliteJournal
+    from blktx.plugins import default_registry
+    from blktx.states import TxState
+    from blktx.transaction import TransactionRun
+
+    journal = SqliteJournal(journal_path)
+    notes = []
+    if journal.fence(txid, why):
+        notes.append(f"fenced: {why}")
+    tx = journal.transaction(txid)
+    if tx is None:
+        return [*notes, "no such transaction in the journal"]
+    registry = default_registry()
+    recorded = {k: v for k, v in tx["options"].items() if k in spec_options()}
+    options = Options(**recorded)
+    ctx = RunContext(txid, options, tx["base_dir"] or "/", registry.pm.hook)
+    holds = [Hold(h["kind"], h["target"], h["data"], h["start"] or 0.0, 0.0 if h["resumed"] else None)
+             for h in tx["holds"]]
+    run = TransactionRun(txid, [], ctx, journal=journal, state=TxState(tx["status"]))
+    run.result.holds = holds
+    try:
+        run.resume_holds()
+        journal.holds(txid, holds, resumed=True)
+    finally:
+        ctx.close()
+    notes += [f"resumed {h.kind} {h.target}" for h in holds if h.end is not None]
+    notes += [str(lo) for lo in run.result.leftovers]
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m blktx.watchdog", description=__doc__)
+    parser.add_argument("--journal", required=True)
+    parser.add_argument("--txid", required=True)
+    parser.add_argument("--budget", type=float, required=True)
+    parser.add_argument("--pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C for the run is not for its watchdog
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    why = watch(sys.stdin.buffer, args.budget, args.pid)
+    if why is None:
+        return 0
+    for note in take_over(args.journal, args.txid, why):
+        try:
+            print(f"blktx watchdog {args.txid}: {note}", file=sys.stderr, flush=True)
+        except OSError:
+            pass  # the run's stderr may have gone with it
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
