@@ -13,6 +13,7 @@ from pathlib import Path
 
 from blktx import hookspecs
 from blktx.states import CORE_TRANSITIONS, TX_TRANSITIONS, Lifecycle, TxLifecycle
+from blktx.context import spec_options
 from blktx.status import STATUS
 
 
@@ -57,8 +58,34 @@ def lifecycle_md() -> str:
     return "\n".join(lines) + "\n"
 
 
+def options_md() -> str:
+    """The table of spec options, from their one declaration (``Options``)."""
+    from dataclasses import fields
+
+    from blktx.context import Options
+
+    defaults = {f.name: f.default for f in fields(Options)}
+    lines = ["| option | kind | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
+    for name, opt in spec_options().items():
+        allowed = ", ".join(f"`{c}`" for c in opt.choices) if opt.choices else " to ".join(
+            f"{v:g}" for v in (opt.minimum, opt.maximum) if v is not None)
+        if opt.minimum is not None and opt.maximum is None:
+            allowed = f"≥ {opt.minimum:g}"
+        lines.append(f"| `{name}` | {opt.kind} | `{defaults[name]!r}` | {allowed} | {opt.doc} |")
+    return "\n".join(lines) + "\n"
+
+
+def _between_markers(text: str, name: str, body: str) -> str:
+    begin = text.index(f"<!-- {name}:begin")
+    begin = text.index("-->", begin) + 3
+    end = text.index(f"<!-- {name}:end -->")
+    return text[:begin] + "\n" + body + text[end:]
+
+
 def outputs(root: Path) -> dict[Path, str]:
-    return {root / "docs" / "hooks.md": hooks_md(), root / "docs" / "lifecycle.md": lifecycle_md()}
+    spec_readme = root / "specs" / "README.md"
+    return {root / "docs" / "hooks.md": hooks_md(), root / "docs" / "lifecycle.md": lifecycle_md(),
+            spec_readme: _between_markers(spec_readme.read_text(), "options", options_md())}
 
 
 def main(argv: list[str] | None = None) -> int:
