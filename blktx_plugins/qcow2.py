@@ -97,7 +97,15 @@ def _micros(s: Snapshot) -> int:
 
 
 def _by_hand(image: str, snaps: list[Snapshot]) -> str:
-    return " && ".join(f"qemu-img snapshot -d {s.id} {shlex.quote(image)}" for s in snaps)
+    """How to delete exactly these snapshots by hand. ``qemu-img snapshot -d`` takes
+    a name: exact only while no other snapshot of the image shares it."""
+    try:
+        names = [s.name for s in read_header(image)[1]]
+    except Refused:
+        names = []
+    return " && ".join(
+        f"qemu-img snapshot -d {shlex.quote(s.name)} {shlex.quote(image)}" if names.count(s.name) == 1 else
+        f"QMP blockdev-snapshot-delete-internal-sync with id {s.id} and name {s.name!r} on {image}" for s in snaps)
 
 
 class InternalCreate(ActionType):

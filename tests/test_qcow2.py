@@ -284,3 +284,168 @@ def test_a_same_named_snapshot_made_by_someone_else_after_the_check_survives_the
     kept = snapshots(tmp_path / "a.qcow2")
     assert [n for _, n in kept] == (["nightly", "nightly"] if replace else ["nightly"])
     assert snapshots(tmp_path / "b.qcow2") == []
+
+
+
+def _bound(images: Path, specs: list[tuple[str, dict[str, Any]]]) -> tuple[Any, list[Any], Any]:
+    """Bound and checked actions, as a run has them before its do."""
+    from blktx.context import RunContext
+    from blktx.executor import Executor as Ex
+    from blktx.spec import bind
+
+    registry = default_registry()
+    actions, options = bind(Transaction([ActionSpec(t, p) for t, p in specs], base_dir=str(images)), registry)
+    ctx = RunContext("20260101T000000-0wned000", options, str(images), registry.pm.hook)
+    executor = Ex(registry)
+    assert executor.check_actions(actions, ctx, None) == []
+    return executor, actions, ctx
+
+
+def test_an_overlay_of_the_same_shape_made_by_someone_else_survives_the_cancel(images: Path) -> None:
+    """The run died after its do intent, before do; someone makes the overlay by hand,
+    backed by the same image (the shape blktx's would have). Recover's cancel keeps it."""
+    executor, actions, ctx = _bound(images, [("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"})])
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "vm.base.qcow2", "-F", "qcow2",
+                    str(images / "vm.new.qcow2")], check=True, capture_output=True)
+    theirs = (images / "vm.new.qcow2").stat().st_ino
+    actions[0].state = "DOING"  # the journal said it began
+    assert executor.step("cancel", actions, ctx) == []
+    assert (images / "vm.new.qcow2").stat().st_ino == theirs
+    assert os.readlink(images / "vm") == "vm.base.qcow2"
+
+
+def test_an_overlay_replaced_after_do_is_not_removed_nor_switched_back_to(images: Path) -> None:
+    """After do and invalidate, someone replaces the overlay file and re-points the
+    device elsewhere: cancel removes neither and leaves the device where they put it."""
+    executor, actions, ctx = _bound(images, [("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"})])
+    assert executor.step("do", actions, ctx) == [] and executor.step("invalidate", actions, ctx) == []
+    assert os.readlink(images / "vm") == "vm.new.qcow2"
+    os.unlink(images / "vm.new.qcow2")
+    (images / "vm.new.qcow2").write_text("theirs")
+    make_image(images / "other.qcow2")
+    os.symlink("other.qcow2", images / "vm.tmp")
+    os.replace(images / "vm.tmp", images / "vm")
+    assert executor.step("cancel", actions, ctx) == []
+    assert (images / "vm.new.qcow2").read_text() == "theirs"
+    assert os.readlink(images / "vm") == "other.qcow2"
+
+
+def test_cancel_re_points_the_device_only_while_it_points_at_this_runs_overlay(images: Path) -> None:
+    """Someone replaced the overlay file (same name, another inode) after invalidate:
+    the device does not point at blktx's overlay any more, so it is left alone."""
+    executor, actions, ctx = _bound(images, [("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"})])
+    assert executor.step("do", actions, ctx) == [] and executor.step("invalidate", actions, ctx) == []
+    os.unlink(images / "vm.new.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "vm.base.qcow2", "-F", "qcow2",
+                    str(images / "vm.new.qcow2")], check=True, capture_output=True)
+    theirs = (images / "vm.new.qcow2").stat().st_ino
+    assert executor.step("cancel", actions, ctx) == []
+    assert (images / "vm.new.qcow2").stat().st_ino == theirs and os.readlink(images / "vm") == "vm.new.qcow2"
+
+
+def test_a_file_at_the_old_switch_name_is_never_touched(images: Path) -> None:
+    """``vm.blktx-switch`` was blktx's fixed temporary name: a file there is somebody's."""
+    for name in ("vm.blktx-switch", "vm.new.qcow2.blktx-switch"):
+        (images / name).write_text("mine")
+    result = run(images, [("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"}),
+                          ("fault", {"phase": "invalidate"})])
+    assert result.outcome == "rolled back", result.summary()
+    result = run(images, [("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"})])
+    assert result.outcome == "committed", result.summary()
+    for name in ("vm.blktx-switch", "vm.new.qcow2.blktx-switch"):
+        assert (images / name).read_text() == "mine"
+    assert not [p.name for p in images.iterdir() if ".blktx-" in p.name and "switch" not in p.name]
+
+
+def test_a_same_named_snapshot_made_by_hand_after_a_crash_before_do_survives(images: Path) -> None:
+    """The run died after its do intent, before do; someone makes "nightly" by hand.
+    Recover's cancel must not take it for blktx's: do never started."""
+    for replace in (False, True):
+        image = images / ("d0.qcow2" if replace else "d1.qcow2")
+        if replace:
+            subprocess.run(["qemu-img", "snapshot", "-c", "nightly", str(image)], check=True)
+        executor, actions, ctx = _bound(images, [("qcow2.internal-create", {"image": image.name, "name": "nightly",
+                                                                          "replace": replace})])
+        subprocess.run(["qemu-img", "snapshot", "-c", "nightly", str(image)], check=True)
+        before = snapshots(image)
+        actions[0].state = "DOING"
+        assert executor.step("cancel", actions, ctx) == []
+        assert snapshots(image) == before
+
+
+def test_a_snapshot_blktx_may_have_made_when_it_died_is_left_and_reported(images: Path) -> None:
+    """do had started (durably) but its result never reached the journal: a new
+    snapshot of the name cannot be proven blktx's. Cancel leaves it and fails,
+    naming it exactly and how to remove it; after that, cancel succeeds."""
+    executor, actions, ctx = _bound(images, [("qcow2.internal-create", {"image": "d1.qcow2", "name": "nightly"})])
+    assert executor.step("do", actions, ctx) == []
+    (made,) = actions[0].undo["made"]
+    del actions[0].undo["made"]  # what the journal holds when blktx died inside do
+    failures = executor.step("cancel", actions, ctx)
+    assert failures, "an unprovable snapshot was deleted"
+    assert f"snapshot 'nightly' (id {made[0]}, made " in failures[0].message
+    assert f"qemu-img snapshot -d nightly {images / 'd1.qcow2'}" in failures[0].message
+    assert [n for _, n in snapshots(images / "d1.qcow2")] == ["nightly"]
+    (left,) = actions[0].type.leftovers(actions[0])
+    assert "maybe blktx's" in left.what and f"id {made[0]}" in left.what
+    subprocess.run(["qemu-img", "snapshot", "-d", "nightly", str(images / "d1.qcow2")], check=True)
+    assert executor.step("cancel", actions, ctx) == []
+
+
+def test_cancel_deletes_only_the_snapshot_whose_id_and_date_do_recorded(images: Path) -> None:
+    """Someone deletes blktx's snapshot and makes another of the name: it gets the same
+    id, but another date. Cancel keeps it."""
+    executor, actions, ctx = _bound(images, [("qcow2.internal-create", {"image": "d1.qcow2", "name": "nightly"})])
+    assert executor.step("do", actions, ctx) == []
+    (sid, _, _), = actions[0].undo["made"]
+    subprocess.run(["qemu-img", "snapshot", "-d", "nightly", str(images / "d1.qcow2")], check=True)
+    time.sleep(0.01)
+    subprocess.run(["qemu-img", "snapshot", "-c", "nightly", str(images / "d1.qcow2")], check=True)
+    assert snapshots(images / "d1.qcow2") == [(sid, "nightly")]
+    assert executor.step("cancel", actions, ctx) == []
+    assert snapshots(images / "d1.qcow2") == [(sid, "nightly")]
+
+
+def test_recover_removes_the_storage_daemon_folders_of_a_killed_run(tmp_path: Path) -> None:
+    """SIGKILL during do leaves qemu-storage-daemon's temporary folder; recover's
+    blktx_cleanup removes the dead run's (and only those: named for its txid)."""
+    import json
+    import signal
+    import sys
+    import tempfile
+
+    # short: the daemon's socket path must stay under 108 bytes
+    tmpdir = Path(tempfile.mkdtemp(prefix="bq", dir="/tmp"))
+    for i in range(2):
+        make_image(tmp_path / f"d{i}.qcow2")
+    (tmp_path / "t.toml").write_text("version = 1\n" + "".join(
+        f'[[action]]\ntype = "qcow2.internal-create"\nimage = "d{i}.qcow2"\nname = "s"\n' for i in range(2)))
+    journal = tmp_path / "j.sqlite"
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    foreign = tmpdir / "blktx-qsd-someone-else"
+    foreign.mkdir()
+    killed = None
+    for n in range(1, 10):  # the first journal write inside do: the daemon has started
+        out = subprocess.run([sys.executable, "-m", "blktx.cli", "run", str(tmp_path / "t.toml"), "--journal",
+                              str(journal), "--json"], capture_output=True, text=True, check=False,
+                             env={**env, "BLKTX_CRASH_AFTER": str(n)})
+        assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr
+        if [p for p in tmpdir.iterdir() if p != foreign]:
+            killed = n
+            break
+        rec = subprocess.run([sys.executable, "-m", "blktx.cli", "recover", "--journal", str(journal)], env=env,
+                             capture_output=True, text=True, check=False)
+        assert rec.returncode == 0, rec.stdout + rec.stderr
+    assert killed is not None, "no run was killed with its daemon's folder there"
+    import sqlite3
+
+    (txid,) = sqlite3.connect(journal).execute("SELECT txid FROM tx ORDER BY rowid DESC LIMIT 1").fetchone()
+    left = [p.name for p in tmpdir.iterdir() if p != foreign]
+    assert left and all(name.startswith(f"blktx-qsd-{txid}-") for name in left), left
+    rec = subprocess.run([sys.executable, "-m", "blktx.cli", "recover", "--json", "--journal", str(journal)],
+                         env=env, capture_output=True, text=True, check=False)
+    assert rec.returncode == 0, rec.stdout + rec.stderr
+    assert json.loads(rec.stdout)["transactions"][0]["outcome"] == "rolled back"
+    assert [p for p in tmpdir.iterdir()] == [foreign], "the dead run's daemon folders are gone; others stay"
+    assert snapshots(tmp_path / "d0.qcow2") == []
+    shutil.rmtree(tmpdir)
