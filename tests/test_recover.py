@@ -156,7 +156,7 @@ def test_qcow2_random_sigkill_from_outside(tmp_path: Path) -> None:
         return str(d / "t.toml")
 
     rng = random.Random(20261126)
-    outcomes = {"before": 0, "after": 0}
+    outcomes = {"before": 0, "after": 0, "left and reported": 0}
     for n in range(10):
         work = tmp_path / f"k{n}"
         spec = setup(work)
@@ -168,7 +168,21 @@ def test_qcow2_random_sigkill_from_outside(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         time.sleep(0.05)  # the daemon's death signal is asynchronous
-        recover(journal)
+        out = blktx("recover", "--json", "--journal", str(journal))
+        if out.returncode == 3:
+            # Killed inside do, after it durably started and before the snapshots' ids
+            # and dates were journaled: they cannot be proven blktx's (one made by hand
+            # since would look the same), so recover leaves and reports each, naming
+            # it and the command that removes it. Do what the report says, then recover.
+            left = [lo for t in json.loads(out.stdout)["transactions"] for lo in t.get("left", [])]
+            assert left and all("maybe blktx's: snapshot 's' (id 1, made " in lo for lo in left), left
+            for lo in left:
+                command = lo.split("if so remove: ", 1)[1].split(" [", 1)[0]
+                subprocess.run(command, shell=True, check=True)
+            outcomes["left and reported"] += 1
+            recover(journal)
+        else:
+            assert out.returncode == 0, out.stdout + out.stderr
         state = world(work)
         if state == before:
             outcomes["before"] += 1
@@ -178,7 +192,7 @@ def test_qcow2_random_sigkill_from_outside(tmp_path: Path) -> None:
             outcomes["after"] += 1
         assert recover(journal) == [] and locks(journal) == []
         shutil.rmtree(work)
-    assert sum(outcomes.values()) == 10
+    assert outcomes["before"] + outcomes["after"] == 10, outcomes
 
 
 @needs_qemu_img
@@ -248,7 +262,9 @@ def test_live_vm_every_crash_point_is_resumed_and_all_or_none(tmp_path: Path) ->
             '[[action]]\ntype = "qcow2.internal-create"\nimage = "off.qcow2"\nname = "s"\n')
         journal = work / "j.sqlite"
         try:
-            out = blktx("run", str(work / "t.toml"), "--journal", str(journal), env={"BLKTX_CRASH_AFTER": str(n)})
+            # BLKTX_WATCHDOG=0: as after a power loss, recover alone must resume the VM
+            out = blktx("run", str(work / "t.toml"), "--journal", str(journal),
+                        env={"BLKTX_CRASH_AFTER": str(n), "BLKTX_WATCHDOG": "0"})
             if out.returncode == 0:
                 assert vm.running() and vm.snapshots(0) == ["s"] and vm.active_file(1) == "ov.qcow2"
                 break
@@ -290,8 +306,8 @@ def test_frozen_and_paused_guest_every_crash_point_is_thawed_and_resumed(tmp_pat
                 f'agent = "{agent.sock}"\nfreeze = ["{btrfs_mount}"]\n')
             journal = work / "j.sqlite"
             try:
-                out = blktx("run", str(work / "t.toml"), "--journal", str(journal),
-                            env={"BLKTX_CRASH_AFTER": str(n)})
+                out = blktx("run", str(work / "t.toml"), "--journal", str(journal), "--vm-root", str(tmp_path),
+                            env={"BLKTX_CRASH_AFTER": str(n), "BLKTX_WATCHDOG": "0"})
                 if out.returncode == 0:
                     assert vm.running() and vm.snapshots(0) == ["s"] and agent.status() == "thawed"
                     break
