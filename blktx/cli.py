@@ -35,6 +35,8 @@ environment:
   BLKTX_LOAD_PLUGINS=a,b    load only these plugins (entry-point names); empty: none
   BLKTX_TRACE_HOOKS=1       print every plugin hook call to stderr
   BLKTX_CRASH_AFTER=N       drills: SIGKILL the run right after its N-th journal write
+  BLKTX_WATCHDOG=0          drills: no dead-man switch (as if a power loss took it too);
+                            holds then wait for `blktx recover`
 """
 
 

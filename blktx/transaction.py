@@ -11,6 +11,7 @@ below this module decides what happens next; nothing above it knows a backend.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -204,7 +205,7 @@ class TransactionRun:
         last = "invalidate" if has_invalidate else "do"
         early = [a for a in undoable if a.type.do_before_quiesce] if quiesced else []
         late = [a for a in undoable if not a.type.do_before_quiesce] if early else undoable
-        if quiesced and self.journal.path:
+        if quiesced and self.journal.path and os.environ.get("BLKTX_WATCHDOG") != "0":
             # The dead-man switch, started early so that it is ready when the window opens.
             self.watchdog = Watchdog(self.journal.path, txid, ctx.options.max_window)
         # The do intent (every action may begin, its undo facts) goes before the window:

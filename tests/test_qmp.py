@@ -200,7 +200,7 @@ def test_a_vm_reached_over_tcp(tmp_path: Path) -> None:
         assert result.outcome == "rolled back", result.summary()
         assert [h.target for h in result.holds] == [f"vm:{address}"]
         result = run(tmp_path, [("qmp.internal-create", {"vm": address, "drive": "drive0", "name": "over-tcp"})],
-                     quiesce="pause")
+                     quiesce="pause", allow_tcp=True)
         assert result.outcome == "committed", result.summary()
         assert result.actions[0].target == f"vm:{address}/drive0"
     finally:

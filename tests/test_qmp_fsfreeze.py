@@ -274,7 +274,8 @@ def test_a_real_guest_killed_inside_the_window_is_continued_then_thawed_by_recov
                         f'vm = "{guest.sock.name}"\ndrive = "drive0"\nname = "kill{n}"\n'
                         f'agent = "{guest.agent.name}"\nfreeze = ["/mnt"]\n')
         journal = base / f"kill{n}.sqlite"
-        env = {**os.environ, "BLKTX_CRASH_AFTER": str(n)}
+        # as after a power loss: no watchdog ends the holds, recover must
+        env = {**os.environ, "BLKTX_CRASH_AFTER": str(n), "BLKTX_WATCHDOG": "0"}
         out = subprocess.run([sys.executable, "-m", "blktx", "run", str(spec), "--journal", str(journal)],
                              capture_output=True, text=True, env=env, timeout=60)
         if out.returncode == 0:
@@ -336,3 +337,39 @@ def test_an_agent_reached_over_tcp(tmp_path: Path, vm: VM, agent: GuestAgent, bt
     finally:
         listener.close()
     assert agent.status() == "thawed"
+
+
+def test_a_real_guest_killed_inside_the_window_is_continued_and_thawed_by_the_watchdog(guest: Any) -> None:
+    """No `blktx recover`: the dead-man switch ends both holds (cont, then thaw)."""
+    import signal
+    import subprocess
+    import sys
+
+    base = guest.sock.parent
+    both_held = 0
+    for n in range(3, 12):
+        spec = base / f"wd{n}.toml"
+        spec.write_text('version = 1\n[options]\nquiesce = "fsfreeze+pause"\n'
+                        '[[action]]\ntype = "qmp.internal-create"\n'
+                        f'vm = "{guest.sock.name}"\ndrive = "drive0"\nname = "wd{n}"\n'
+                        f'agent = "{guest.agent.name}"\nfreeze = ["/mnt"]\n')
+        journal = base / f"wd{n}.sqlite"
+        out = subprocess.run([sys.executable, "-m", "blktx", "run", str(spec), "--journal", str(journal)],
+                             capture_output=True, text=True, env={**os.environ, "BLKTX_CRASH_AFTER": str(n)},
+                             timeout=60)
+        if out.returncode == 0:
+            break
+        assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr
+        killed = time.monotonic()
+        while time.monotonic() - killed < 10 and not (guest.qmp("query-status")["running"]
+                                                       and guest.cmd_agent("guest-fsfreeze-status") == "thawed"):
+            time.sleep(0.05)
+        took = time.monotonic() - killed
+        assert guest.qmp("query-status")["running"], f"kill after write {n}: still paused"
+        assert guest.cmd_agent("guest-fsfreeze-status") == "thawed", f"kill after write {n}: still frozen"
+        both_held += took > 0.05
+        assert took < 5, f"kill after write {n}: the watchdog took {took:.2f} s"
+        rec = subprocess.run([sys.executable, "-m", "blktx", "recover", "--json", "--journal", str(journal)],
+                             capture_output=True, text=True, timeout=120)
+        assert rec.returncode == 0, rec.stdout + rec.stderr
+    assert both_held >= 1, "no kill point left the guest held for the watchdog to end"
