@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from blktx import hookspecs
-from blktx.states import CORE_TRANSITIONS, TX_TRANSITIONS, Lifecycle, TxLifecycle
 from blktx.context import spec_options
+from blktx.states import CORE_TRANSITIONS, TX_TRANSITIONS, Lifecycle, TxLifecycle
 from blktx.status import STATUS
 
 
