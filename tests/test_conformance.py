@@ -75,6 +75,10 @@ class TestQcow2InternalCreate(Qcow2Base):
         make_image(base / "d.qcow2", pattern=0x41, snapshots=("old",))
         return {"image": "d.qcow2", "name": "new"}
 
+    def make_foreign(self, base: Path, action: Any) -> bool:
+        run("qemu-img", "snapshot", "-c", "new", str(base / "d.qcow2"))
+        return True
+
 
 @needs_qemu_img
 class TestQcow2InternalCreateReplace(Qcow2Base):
@@ -83,6 +87,10 @@ class TestQcow2InternalCreateReplace(Qcow2Base):
     def setup_world(self, base: Path) -> dict[str, Any]:
         make_image(base / "d.qcow2", pattern=0x41, snapshots=("nightly",))
         return {"image": "d.qcow2", "name": "nightly", "replace": True}
+
+    def make_foreign(self, base: Path, action: Any) -> bool:
+        run("qemu-img", "snapshot", "-c", "nightly", str(base / "d.qcow2"))
+        return True
 
 
 @needs_qemu_img
@@ -102,6 +110,12 @@ class TestQcow2ExternalCreate(Qcow2Base):
         make_image(base / "vm.base.qcow2", pattern=0x42)
         os.symlink("vm.base.qcow2", base / "vm")
         return {"device": "vm", "overlay": "vm.new.qcow2"}
+
+    def make_foreign(self, base: Path, action: Any) -> bool:
+        # the very shape blktx's overlay has: backed by the current image
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "vm.base.qcow2", "-F", "qcow2",
+            str(base / "vm.new.qcow2"))
+        return True
 
 
 class TestExec(ActionTypeConformance):
@@ -152,6 +166,10 @@ class TestBtrfsSnapshot(BtrfsBase):
         src = self.mnt / f"src-{uuid.uuid4().hex[:8]}"
         run("btrfs", "subvolume", "create", str(src))
         return {"source": str(src), "dest": f"{src}.snap"}
+
+    def make_foreign(self, base: Path, action: Any) -> bool:
+        run("btrfs", "subvolume", "snapshot", action.params["source"], action.params["dest"])
+        return True
 
 
 class TestBtrfsDelete(BtrfsBase):

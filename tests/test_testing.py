@@ -59,10 +59,30 @@ class NotIdempotent(Good):
             os.unlink(action.undo["copy"])  # fails when there is nothing to remove
 
 
+class OwnsByIdentity(Good):
+    """Good, but cancel removes the copy only if it is the inode do recorded."""
+    name = "file.owned"
+
+    def do(self, action, ctx):
+        fd = os.open(action.undo["copy"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        st = os.fstat(fd)
+        action.undo["made"] = [st.st_dev, st.st_ino]
+        os.write(fd, open(action.params["path"], "rb").read())
+        os.close(fd)
+
+    def cancel(self, action, ctx):
+        try:
+            st = os.lstat(action.undo["copy"])
+        except FileNotFoundError:
+            return
+        if [st.st_dev, st.st_ino] == action.undo.get("made"):
+            os.unlink(action.undo["copy"])
+
+
 class Plugin:
     @hookimpl
     def blktx_register_action_types(self, register):
-        for cls in (Good, LeaksOnCancel, CheckWrites, NotIdempotent):
+        for cls in (Good, LeaksOnCancel, CheckWrites, NotIdempotent, OwnsByIdentity):
             register(cls)
 
 
@@ -82,18 +102,35 @@ class Base(ActionTypeConformance):
 '''
 
 
-def run_suite(pytester: pytest.Pytester, type_name: str) -> pytest.RunResult:
+FOREIGN = '''
+    def make_foreign(self, base, action):
+        (base / "data.snap").write_text("somebody else's")
+        return True
+'''
+
+
+def run_suite(pytester: pytest.Pytester, type_name: str, foreign: bool = False) -> pytest.RunResult:
     pytester.makepyfile(test_suite=TYPES + f'''
 
 class TestIt(Base):
     type_name = {type_name!r}
-''')
+''' + (FOREIGN if foreign else ""))
     return pytester.runpytest("-q", "-p", "no:cacheprovider")
 
 
 def test_a_correct_type_passes(pytester: pytest.Pytester) -> None:
     result = run_suite(pytester, "file.good")
-    result.assert_outcomes(passed=9)
+    result.assert_outcomes(passed=9, skipped=1)
+    result = run_suite(pytester, "file.owned", foreign=True)
+    result.assert_outcomes(passed=10)
+
+
+def test_cancel_that_removes_by_name_fails_with_the_property(pytester: pytest.Pytester) -> None:
+    """file.good's cancel removes whatever is at its copy's name: a foreign file too."""
+    result = run_suite(pytester, "file.good", foreign=True)
+    result.assert_outcomes(passed=9, failed=1)
+    result.stdout.fnmatch_lines(["*conformance: cancel never removes what it did not make: an object somebody "
+                                 "else made at the action's name was removed or changed (the run died before do)*"])
 
 
 def test_cancel_that_leaves_a_file_behind_fails_with_the_property(pytester: pytest.Pytester) -> None:

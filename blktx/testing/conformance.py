@@ -66,6 +66,15 @@ class ActionTypeConformance:
         """Everything the action could change under ``base``, comparable with ==."""
         raise NotImplementedError
 
+    def make_foreign(self, base: Path, action: Action) -> bool:
+        """Make, as somebody else would, an object at the name the checked ``action``
+        will create (a file at its dest, a snapshot of its name); return True.
+
+        Called between check and do. The default makes none and returns False:
+        the property "cancel never removes what it did not make" is then skipped.
+        """
+        return False
+
     def registry(self) -> Registry:
         return default_registry()
 
@@ -223,3 +232,31 @@ class ActionTypeConformance:
             _require(action.state == state, "the declared machine matches behaviour",
                      f"after {step} the action is {action.state}, not {state}")
         ctx.close()
+
+    def test_cancel_never_removes_what_it_did_not_make(self, tmp_path: Path) -> None:
+        """Somebody makes an object at the action's name after the check. Whether the
+        run died before do (cancel from DOING) or do failed on it, cancel from the
+        journal's facts must leave it: "made" is proven by identity, never by name."""
+        for crash_before_do in (True, False):
+            base = Path(tempfile.mkdtemp(dir=tmp_path))
+            executor, action, ctx, _ = self._checked(base)
+            if action.type.finalize:
+                return
+            if not self.make_foreign(base, action):
+                pytest.skip(f"{type(self).__name__}.make_foreign makes no foreign object: override it to check "
+                            "that cancel never removes what it did not make")
+            with_foreign = self.observe(base)
+            if crash_before_do:
+                action.state = "DOING"  # the journal said it began; do never ran
+            else:
+                executor.step("do", [action], ctx)  # may fail: the name is taken
+            ctx.close()
+            reborn = Action(action.index, action.type, json.loads(json.dumps(action.params)), action.target)
+            reborn.undo, reborn.state = json.loads(json.dumps(action.undo)), "DOING"
+            ctx2 = RunContext("conformance-recover", ctx.options, str(base), ctx.hook)
+            self._contexts.append(ctx2)
+            executor.step("cancel", [reborn], ctx2)
+            ctx2.close()
+            when = "the run died before do" if crash_before_do else "do met it"
+            _require(self.observe(base) == with_foreign, "cancel never removes what it did not make",
+                     f"an object somebody else made at the action's name was removed or changed ({when})")

@@ -19,6 +19,10 @@ class TestFileSnapshotConformance(ActionTypeConformance):
     def observe(self, base: Path) -> Any:
         return sorted((p.name, p.read_bytes()) for p in base.iterdir() if p.is_file())
 
+    def make_foreign(self, base: Path, action: Any) -> bool:
+        (base / "disk.raw.snap").write_bytes(b"somebody else's")
+        return True
+
 
 def test_group_with_a_qcow2_image(tmp_path: Path, qcow2_image: Any) -> None:
     from blktx.testing.fixtures import snapshots
