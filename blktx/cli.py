@@ -14,7 +14,7 @@ from blktx import plugins
 from blktx.context import QUIESCE_MODES
 from blktx.errors import EXIT_INVALID, BlktxError, InvalidTransaction
 from blktx.executor import Executor
-from blktx.report import Progress, console, print_json, print_result, print_types, types_json
+from blktx.report import Progress, console, print_json, print_result, print_shown, print_types, types_json
 from blktx.result import Result
 from blktx.spec import Transaction, load_spec
 from blktx.states import TxLifecycle, TxState
@@ -26,6 +26,21 @@ EXIT_HELP = """exit status:
   3  needs recovery: a cancel or finalize step failed, or a run was killed;
      `blktx recover` finishes it
 """
+
+EXAMPLES = {
+    "run": ["blktx run nightly.toml", "blktx run --json --wait 30 --root /srv/images nightly.toml",
+            "generate-spec | blktx run -          # a spec on stdin; paths relative to the current folder"],
+    "check": ["blktx check nightly.toml            # validate and run every check; touches nothing"],
+    "types": ["blktx types", "blktx types --json | jq '.types[].name'"],
+    "graph": ["blktx graph qcow2.internal-create   # an action type's machine (Mermaid)",
+              "blktx graph transaction            # the transaction's own machine"],
+    "demo": ["blktx demo --dir /tmp/blktx-demo"],
+    "recover": ["blktx recover                       # every unfinished transaction of the journal",
+                "blktx recover 20261127T0512 --allow-exec   # one, whose cancels run commands"],
+    "log": ["blktx log --limit 50", "blktx log --json"],
+    "show": ["blktx show 20261127T0512            # a unique prefix is enough"],
+    "schema": ["blktx schema -o blktx.schema.json  # for editors: #:schema ./blktx.schema.json"],
+}
 
 ENV_HELP = """
 environment:
@@ -127,10 +142,16 @@ def cmd_graph(args: argparse.Namespace) -> int:
         print(f"blktx graph: unknown action type {args.type!r} ({hint})", file=sys.stderr)
         return EXIT_INVALID
     lifecycle = entry.cls.lifecycle
+    if entry.cls.finalize:  # runs only after the commit point: never cancelled
+        from dataclasses import replace
+
+        lifecycle = replace(lifecycle, transitions=tuple(t for t in lifecycle.transitions
+                                                         if t.trigger not in ("cancel", "cancel_failed")))
     if args.json:
         print_json({"type": args.type, "finalize": entry.cls.finalize, **lifecycle.as_dict()})
     else:
-        sys.stdout.write(lifecycle.mermaid(title=args.type))
+        sys.stdout.write(lifecycle.mermaid(title=args.type + (" (finalize: runs after the commit point, never "
+                                                              "cancelled)" if entry.cls.finalize else "")))
     return 0
 
 
@@ -212,7 +233,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
             out.print(f"nothing to recover in {_journal(args).path}")
         for item in report:
             extra = "".join(f"\n    left: {x}" for x in item.get("left", []))
-            out.print(f"{item['txid']}: {item['outcome']} ({item['message']}){extra}", markup=False)
+            how = f" ({item['message']})" if item["message"] != item["outcome"] else ""
+            out.print(f"{item['txid']}: {item['outcome']}{how}{extra}", markup=False)
             for warning in item.get("warnings", []):
                 out.print(f"    warning: {warning}", markup=False)
     return 3 if any(i["outcome"] in ("needs recovery", "running") for i in report) else 0
@@ -228,13 +250,13 @@ def cmd_log(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(show_edge=False, pad_edge=False)
-    for col in ("txid", "started", "outcome", "state", "actions", "seconds", "spec"):
-        table.add_column(col)
+    for col in ("txid", "started", "outcome", "state", "actions", "seconds", "spec", "description"):
+        table.add_column(col, no_wrap=col in ("txid", "started", "outcome", "state"))
     for t in txs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["started"]))
         secs = f"{t['seconds']:.3f}" if t["seconds"] is not None else "-"
         table.add_row(t["txid"], started, t["outcome"], t["status"], str(t["actions"]), secs,
-                      escape(t["file"] or "(python)"))
+                      escape(t["file"] or "(python)"), escape(t["description"] or ""))
     console().print(table)
     return 0
 
@@ -248,28 +270,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print_json(tx)
         return 0
-    from rich.table import Table
-
-    out = console()
-    out.print(f"{tx['txid']}  {tx['outcome']} ({tx['status']}: {tx['words']})  {tx['file'] or '(python)'}  "
-              f"{len(tx['actions'])} action(s)", markup=False)
-    table = Table(show_edge=False, pad_edge=False)
-    for col in ("#", "type", "target", "state", "ms", "error"):
-        table.add_column(col, overflow="fold")
-    for a in tx["actions"]:
-        ms = sum((a["durations"] or {}).values()) * 1000
-        table.add_row(str(a["index"]), a["type"], escape(a["target"]), a["state"], f"{ms:.1f}", escape(a["error"] or ""))
-    out.print(table)
-    for h in tx["holds"]:
-        state = "resumed" if h["resumed"] else "NOT resumed: `blktx recover` resumes it"
-        out.print(f"quiesced {h['target']} ({h['kind']}): {state}", markup=False)
-    for key, value in tx["detail"].items():
-        out.print(f"{key}: {value}", markup=False)
+    print_shown(tx, console())
     return 0
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", help="the transaction's TOML file (see specs/README.md)")
+    p.add_argument("spec", help="the transaction's TOML file (see specs/README.md); - reads it from stdin")
     p.add_argument("--allow-exec", action="store_true",
                    help="allow actions that run external commands (exec); off by default")
     p.add_argument("--root", action="append", metavar="DIR",
@@ -304,8 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     ]
     subs: dict[str, argparse.ArgumentParser] = {}
     for name, help_text, func in commands:
+        epilog = "example:\n" + "".join(f"  {line}\n" for line in EXAMPLES[name])
+        if name in ("run", "check", "recover", "demo"):
+            epilog += "\n" + EXIT_HELP
         p = sub.add_parser(name, help=help_text, description=help_text.capitalize() + ".",
-                           epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=func)
         p.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
         subs[name] = p

@@ -91,15 +91,16 @@ class Executor:
                                     **trust)
         except InvalidTransaction as exc:
             return Result(txid, TxState.INVALID, problems=exc.problems)
-        return self.run_actions(actions, options, base_dir=tx.base_dir, file=tx.file, txid=txid)
+        return self.run_actions(actions, options, base_dir=tx.base_dir, file=tx.file, txid=txid,
+                                description=tx.description)
 
     def run_actions(self, actions: list[Action], options: Options, *, base_dir: str,
-                    file: str | None = None, txid: str | None = None) -> Result:
+                    file: str | None = None, txid: str | None = None, description: str = "") -> Result:
         txid = txid or new_txid()
         started = time.perf_counter()
         ctx = RunContext(txid, options, base_dir, self.registry.pm.hook)
         run = TransactionRun(txid, actions, ctx, journal=self.journal, locker=self.locker, file=file,
-                             interrupt=self._interrupt, observed=self._observed)
+                             interrupt=self._interrupt, observed=self._observed, description=description)
         result = run.result
         try:
             with no_gc_rescans(actions), self._signals():

@@ -109,7 +109,8 @@ class SqliteJournal:
 
     def _migrate(self) -> None:
         """Add the columns that journals written by earlier versions lack."""
-        for table, column, decl in (("tx", "committed", "INTEGER DEFAULT 0"), ("action", "output", "TEXT")):
+        for table, column, decl in (("tx", "committed", "INTEGER DEFAULT 0"), ("action", "output", "TEXT"),
+                                    ("tx", "description", "TEXT")):
             columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in columns:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
@@ -158,9 +159,10 @@ class SqliteJournal:
     def begin(self, txid: str, info: dict[str, Any], actions: Sequence[Action]) -> None:
         self._undo = {a.index: _dumps(a.undo) for a in actions}
         with self._write() as db:
-            db.execute("INSERT INTO tx VALUES (?, ?, NULL, ?, ?, ?, ?, ?, NULL, ?, 0)",
+            db.execute("INSERT INTO tx (txid, started, ended, status, pid, file, base_dir, options, detail, actions, "
+                       "committed, description) VALUES (?, ?, NULL, ?, ?, ?, ?, ?, NULL, ?, 0, ?)",
                        (txid, time.time(), TxState.RUNNING.value, os.getpid(), info.get("file"), info.get("base_dir"),
-                        json.dumps(info.get("options", {}), default=str), len(actions)))
+                        json.dumps(info.get("options", {}), default=str), len(actions), info.get("description") or None))
             db.executemany("INSERT INTO action VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, NULL, NULL, NULL)",
                            [(txid, a.index, a.type.name, a.target, json.dumps(a.params), self._undo[a.index], a.state)
                             for a in actions])
@@ -254,7 +256,8 @@ class SqliteJournal:
     def transactions(self, limit: int = 20, statuses: Sequence[str] | None = None,
                      txid: str | None = None) -> list[dict[str, Any]]:
         """The newest transactions, optionally only those in ``statuses`` or the one ``txid``."""
-        sql = "SELECT txid, started, ended, status, pid, file, actions, detail, committed, base_dir, options FROM tx"
+        sql = ("SELECT txid, started, ended, status, pid, file, actions, detail, committed, base_dir, options, "
+               "description FROM tx")
         args: list[Any] = []
         if statuses:
             sql += f" WHERE status IN ({','.join('?' * len(statuses))})"
@@ -265,7 +268,7 @@ class SqliteJournal:
         sql += " ORDER BY started DESC LIMIT ?"
         args.append(limit)
         keys = ("txid", "started", "ended", "status", "pid", "file", "actions", "detail", "committed", "base_dir",
-                "options")
+                "options", "description")
         out = []
         for row in self._db.execute(sql, args):
             item = dict(zip(keys, row, strict=True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -19,11 +20,20 @@ from blktx.result import COMMITTED, Result
 _STYLE = {"INVALIDATED": "green", "CANCELED": "yellow", "START": "dim", "CREATED": "cyan"}
 
 
+#: The width of output that is not a terminal and has no ``$COLUMNS``: wide enough
+#: that a record is never folded (a log holds one record per line).
+LOG_WIDTH = 100_000
+
+
 def console(stream: TextIO | None = None) -> Console:
+    """A console for people: on a terminal, its width (``$COLUMNS`` when set); piped
+    to a file, journald or cron mail, ``$COLUMNS`` or no folding at all."""
     stream = stream or sys.stdout
-    # Piped output is read by people in logs and pagers: don't fold it to 80 columns.
-    width = None if stream.isatty() else 160
-    return Console(file=stream, highlight=False, width=width)
+    width = None
+    if not stream.isatty():
+        columns = os.environ.get("COLUMNS", "")
+        width = int(columns) if columns.isdigit() and int(columns) > 0 else LOG_WIDTH
+    return Console(file=stream, highlight=False, width=width, soft_wrap=width == LOG_WIDTH)
 
 
 def print_json(data: Any, stream: TextIO | None = None) -> None:
@@ -37,7 +47,7 @@ def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
     if result.actions and not result.problems:
         table = Table(title=None, show_edge=False, pad_edge=False)
         for col in ("#", "type", "target", "state", "time", "error"):
-            table.add_column(col, overflow="fold")
+            table.add_column(col, overflow="fold", no_wrap=col in ("#", "type", "state", "time"))
         for a in result.actions[:limit]:
             took = sum((a.durations or {}).values())
             state = a.state if not result.checked_only else "checked"
@@ -72,6 +82,39 @@ def types_json(registry: Registry) -> list[dict[str, Any]]:
         }
         for name, entry in sorted(registry.types.items())
     ]
+
+
+def print_shown(tx: dict[str, Any], out: Console) -> None:
+    """One transaction from the journal (``blktx show``), in the words ``run`` uses."""
+    from blktx.result import Failure
+
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(tx["started"])) if tx.get("started") else "-"
+    took = f", {tx['seconds']:.3f}s" if tx.get("seconds") is not None else ""
+    out.print(f"transaction {tx['txid']}: {tx['outcome']} ({tx['words']}; state {tx['status']})", markup=False)
+    out.print(f"spec: {tx.get('file') or '(python)'}" + (f" - {tx['description']}" if tx.get("description") else ""),
+              markup=False)
+    out.print(f"started {started}{took}; {len(tx['actions'])} action(s)", markup=False)
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("#", "type", "target", "state", "time", "error"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("#", "type", "state", "time"))
+    for a in tx["actions"]:
+        ms = sum((a["durations"] or {}).values()) * 1000
+        table.add_row(str(a["index"]), escape(a["type"]), escape(a["target"]),
+                      f"[{_STYLE.get(a['state'], '')}]{a['state']}[/]", f"{ms:.1f} ms" if ms else "",
+                      escape(a["error"] or ""))
+    out.print(table)
+    for h in tx["holds"]:
+        state = "resumed" if h["resumed"] else "NOT resumed: `blktx recover` resumes it"
+        out.print(f"quiesced {h['target']} ({h['kind']}): {state}", markup=False)
+    detail = tx.get("detail") or {}
+    if detail.get("failure"):
+        out.print(f"failure: {Failure(**detail['failure'])}", markup=False)
+    for left in detail.get("leftovers") or []:
+        out.print(f"[red]left behind[/red]: {escape(str(left))}")
+    for p in detail.get("pending") or []:
+        out.print(f"[yellow]pending finalize[/yellow]: {escape(str(Failure(**p)) if isinstance(p, dict) else str(p))}")
+    if detail.get("recovered"):
+        out.print(f"finished by blktx recover: {detail['recovered']}", markup=False)
 
 
 def print_types(registry: Registry, out: Console) -> None:

@@ -55,6 +55,7 @@ class Result:
     phases: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     checked_only: bool = False
+    description: str = ""
 
     @property
     def outcome(self) -> str:
@@ -95,6 +96,7 @@ class Result:
             "exit_status": self.exit_status,
             "committed": self.committed,
             "checked_only": self.checked_only,
+            "description": self.description,
             "summary": self.summary(),
             "seconds": round(self.seconds, 6),
             "phases": {k: round(v, 6) for k, v in self.phases.items()},

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,6 +206,9 @@ def from_document(doc: dict[str, Any], file: str | None = None, base_dir: str | 
 
 def load_spec(path: str) -> Transaction:
     """Read and parse a spec file. Raises :class:`InvalidTransaction` naming the file."""
+    if path == "-":  # the spec on stdin: relative paths resolve against the current folder
+        data = sys.stdin.buffer.read(MAX_SPEC_BYTES + 1)
+        return parse_spec(_decode(data, "<stdin>"), file="<stdin>", base_dir=os.getcwd())
     try:
         # O_NONBLOCK: a FIFO in place of the spec must not hang the run
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -216,6 +220,11 @@ def load_spec(path: str) -> Transaction:
             raise InvalidTransaction([Problem("the spec is not a regular file", file=path,
                                               hint="give the path of a TOML file")])
         data = fh.read(MAX_SPEC_BYTES + 1)
+    return parse_spec(_decode(data, path), file=path)
+
+
+def _decode(data: bytes, path: str) -> str:
+    """The spec's text: at most :data:`MAX_SPEC_BYTES` of UTF-8 (a BOM is dropped)."""
     if len(data) > MAX_SPEC_BYTES:
         raise InvalidTransaction([Problem(f"the spec is larger than {MAX_SPEC_BYTES >> 20} MiB", file=path,
                                           hint="a spec lists actions; split a huge one into several")])
@@ -227,9 +236,7 @@ def load_spec(path: str) -> Transaction:
         raise InvalidTransaction([Problem(f"the spec is not UTF-8 text (byte 0x{data[exc.start]:02x})", file=path,
                                           line=line, column=column,
                                           hint="save it as UTF-8 (TOML files are UTF-8 by definition)")]) from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    return parse_spec(text, file=path)
+    return text[1:] if text.startswith("\ufeff") else text
 
 
 def confinement(kind: str, value: Any, options: Options) -> tuple[str, str] | None:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from blktx.actiontype import Action, ActionType, Leftover
 from blktx.context import RunContext
 from blktx.dispatch import dispatch
-from blktx.errors import ActionFailures, InvalidTransaction, Problem, Refused
+from blktx.errors import ActionFailures, BlktxError, InvalidTransaction, Problem, Refused
 from blktx.events import Event, Hold
 from blktx.identity import lock_keys
 from blktx.locks import Claim, NullLocker
@@ -95,20 +95,21 @@ class TransactionRun:
 
     def __init__(self, txid: str, actions: list[Action], ctx: RunContext, *, journal: Journal | None = None,
                  locker: Locker | None = None, file: str | None = None, state: TxState = TxState.NEW,
-                 interrupt: Interrupt | None = None, observed: bool = False) -> None:
+                 interrupt: Interrupt | None = None, observed: bool = False, description: str = "") -> None:
         self.txid = txid
         self.actions = actions
         self.ctx = ctx
         self.journal: Journal = journal or NullJournal()
         self.locker: Locker = locker or NullLocker()
         self.file = file
+        self.description = description
         self.interrupt = interrupt if interrupt is not None else Interrupt()
         self.observed = observed
         self.claim: Claim | None = None
         self.watchdog: Watchdog | None = None
         self.window_opened: float | None = None
         self._remember_lock = threading.Lock()
-        self.result = Result(txid, state, actions=actions)
+        self.result = Result(txid, state, actions=actions, description=description)
         self.undoable = [a for a in actions if not a.type.finalize]
         self.finals = [a for a in actions if a.type.finalize]
         ctx.on_remember = self._remember
@@ -135,8 +136,16 @@ class TransactionRun:
             return False
         try:
             self.claim = self.locker.acquire(self.txid, self.journal.path, [t for a in self.actions for t in a.claims()])
-        except InvalidTransaction as exc:
-            return self._refuse(exc.problems)
+        except InvalidTransaction as exc:  # name the spec and the action, as a check's refusal does
+            first: dict[str, Action] = {}
+            for a in self.actions:
+                first.setdefault(a.target, a)
+            return self._refuse([Problem(p.message, p.file or self.file, first[p.target].line if p.target in first
+                                         else p.line, p.column, first[p.target].index if p.target in first
+                                         else p.action, p.key, p.target, p.hint) for p in exc.problems])
+        except (OSError, BlktxError) as exc:
+            return self._refuse([Problem(f"cannot lock the targets: {exc}", self.file,
+                                         hint="check the lock folder ($BLKTX_LOCK_DIR)")])
         self._to("lock")
         return True
 
@@ -156,7 +165,7 @@ class TransactionRun:
         """CHECKED -> RUNNING: BEGIN is durable; False (INVALID) when the journal refused it."""
         ctx = self.ctx
         try:
-            self.journal.begin(self.txid, {"file": self.file, "base_dir": ctx.base_dir,
+            self.journal.begin(self.txid, {"file": self.file, "base_dir": ctx.base_dir, "description": self.description,
                                            "options": ctx.options.__dict__}, self.actions)
         except Exception as exc:  # noqa: BLE001 - nothing was touched: an invalid run, not one to recover
             return self._refuse([Problem(f"the journal refused BEGIN: {type(exc).__name__}: {exc}", self.file,

@@ -93,7 +93,9 @@ def test_log_and_show_read_the_journal(examples: Path, tmp_path: Path, capsys: p
     assert status == 0 and tx["status"] == "ABORTED" and tx["file"] == str(examples / "sim-fault.toml")
     assert main(["show", tx["txid"][:14], "--journal", journal]) == 0
     text = capsys.readouterr().out
-    assert f"{tx['txid']}  rolled back (ABORTED" in text and "sim:" in text and "CANCELED" in text and "drill" in text
+    assert f"transaction {tx['txid']}: rolled back" in text and "state ABORTED" in text
+    assert "failure: action #3 (fault) on fault:#3 failed in invalidate: drill" in text
+    assert "{" not in text and "pending: []" not in text and text.endswith("\n"), "people's words, no reprs" and "sim:" in text and "CANCELED" in text and "drill" in text
     status, shown = run_json(capsys, "show", tx["txid"], "--journal", journal)
     states = {a["type"]: a["state"] for a in shown["actions"]}
     assert status == 0 and states["fault"] == "CANCELED" and not {"CREATED", "INVALIDATED"} & set(states.values())
@@ -169,3 +171,73 @@ def test_a_fifo_in_place_of_the_spec_is_refused_not_waited_for(tmp_path: Path,
     os.mkfifo(tmp_path / "t.toml")
     assert main(["check", str(tmp_path / "t.toml")]) == 2
     assert "not a regular file" in capsys.readouterr().out
+
+
+def blktx_cli(*args: str, stdin: str | None = None, cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "blktx", *args], input=stdin, capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, check=False)
+
+
+def test_piped_output_keeps_one_record_per_line_and_columns_is_respected(tmp_path: Path) -> None:
+    long_name = "n" * 150
+    (tmp_path / "t.toml").write_text(f'version = 1\n[[action]]\ntype = "fault"\nphase = "check"\n'
+                                     f'message = "the array refused {long_name} because of a long reason"\n')
+    out = blktx_cli("check", str(tmp_path / "t.toml"), env={"COLUMNS": ""})
+    assert out.returncode == 2
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("error:")]
+    assert long_name in line and "long reason" in line, "one problem, one line"
+    narrow = blktx_cli("check", str(tmp_path / "t.toml"), env={"COLUMNS": "60"})
+    assert all(len(x) <= 60 for x in narrow.stdout.splitlines())
+
+
+def test_a_spec_on_stdin_resolves_paths_against_the_current_folder(tmp_path: Path) -> None:
+    from blktx_plugins.sim import make_world
+
+    make_world(str(tmp_path / "sim-world.json"), ["a"])
+    spec = 'version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = "n"\n'
+    out = blktx_cli("run", "--json", "-", stdin=spec, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert str(tmp_path) in json.loads(out.stdout)["actions"][0]["target"]
+
+
+def test_description_is_stored_and_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    journal = str(tmp_path / "j.sqlite")
+    (tmp_path / "t.toml").write_text('version = 1\ndescription = "nightly of the shop"\n'
+                                     '[[action]]\ntype = "sim.noop"\nkey = "a"\n')
+    assert main(["run", str(tmp_path / "t.toml"), "--journal", journal]) == 0
+    capsys.readouterr()
+    status, data = run_json(capsys, "log", "--journal", journal)
+    assert data["transactions"][0]["description"] == "nightly of the shop"
+    assert main(["log", "--journal", journal]) == 0
+    assert "nightly of the shop" in capsys.readouterr().out
+
+
+def test_graph_of_a_finalize_type_has_no_cancel_and_help_is_per_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["graph", "qcow2.internal-delete"]) == 0
+    text = capsys.readouterr().out
+    assert "cancel" not in text.split("---")[-1] and "finalize" in text
+    assert main(["graph", "qcow2.internal-create"]) == 0
+    assert "CANCELED: cancel" in capsys.readouterr().out
+    assert "exit status" not in blktx_cli("types", "--help").stdout
+    assert "exit status" in blktx_cli("run", "--help").stdout and "example:" in blktx_cli("show", "--help").stdout
+    assert main(["graph", "qcow2.internal-creat"]) == 2
+    assert "did you mean 'qcow2.internal-create'" in capsys.readouterr().err
+
+
+def test_a_lock_refusal_names_the_spec_file_and_action(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from blktx.locks import Locker
+
+    (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "sim.noop"\nkey = "a"\n')
+    holder = Locker().acquire("tx-holder", str(tmp_path / "other.sqlite"), ["sim:noop/a"])
+    try:
+        status, data = run_json(capsys, "run", str(tmp_path / "t.toml"), "--journal", str(tmp_path / "j.sqlite"))
+    finally:
+        Locker().release(holder, finished=True)
+    (problem,) = data["problems"]
+    assert status == 2 and problem["file"] == str(tmp_path / "t.toml") and problem["action"] == 0
+    assert problem["line"] == 2
