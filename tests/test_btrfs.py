@@ -77,7 +77,8 @@ def test_mixed_group_failing_in_its_last_action_leaves_everything(btrfs_mount: P
     actions[3:3] = [("qmp.internal-create", {"vm": str(vm.sock), "drive": "drive0", "name": "nightly"}),
                     ("qmp.external-create", {"vm": str(vm.sock), "drive": "drive1", "overlay": str(base / "vm1.ov.qcow2")})]
     try:
-        result = run(base, actions, allow_exec=True, roots=[str(btrfs_mount)], overrides={"quiesce": "pause"})
+        result = run(base, actions, allow_exec=True, roots=[str(btrfs_mount)], overrides={"quiesce": "pause"},
+                     vm_roots=[str(tmp_path)])  # the VM socket lives outside the btrfs
         assert result.outcome == "rolled back", result.summary()
         assert vm.snapshots(0) == [] and vm.active_file(1) == "vm1-d1.qcow2" and vm.running()
         assert len(result.holds) == 1 and result.holds[0].window is not None

@@ -154,7 +154,7 @@ def test_full_filesystem_rolls_back(tmp_path: Path) -> None:
         pytest.skip("mounting a small tmpfs needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mnt)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M,mode=0700", "tmpfs", str(mnt)], check=True)
     try:
         for i in range(3):
             make_image(mnt / f"d{i}.qcow2", size="1M", pattern=i + 1)
