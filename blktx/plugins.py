@@ -104,11 +104,21 @@ def load(extra: list[tuple[str, object]] | None = None) -> Registry:
     pm.add_hookspecs(hookspecs)
     registry = Registry(pm)
     allowed = _allowed()
-    seen: set[str] = set()
-    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        if ep.name in seen or (allowed is not None and ep.name not in allowed):
+    by_name: dict[str, list[metadata.EntryPoint]] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if allowed is None or ep.name in allowed:
+            group = by_name.setdefault(ep.name, [])
+            if not any(e.value == ep.value for e in group):  # one distribution seen twice on sys.path
+                group.append(ep)
+    for name in sorted(by_name):
+        eps = by_name[name]
+        if len(eps) > 1:
+            # Loading either would silently drop the other's types: load neither, say who.
+            who = ", ".join(f"{_dist(ep)} ({ep.value})" for ep in eps)
+            registry.problems.append(PluginProblem(name, f"entry point name {name!r} is claimed by {who}; "
+                                                         "none of them was loaded: rename one entry point"))
             continue
-        seen.add(ep.name)
+        ep = eps[0]
         try:
             module = ep.load()
         except Exception as exc:  # noqa: BLE001 - reported; the other plugins still load
@@ -121,6 +131,11 @@ def load(extra: list[tuple[str, object]] | None = None) -> Registry:
         pm.trace.root.setwriter(sys.stderr.write)
         pm.enable_tracing()
     return registry
+
+
+def _dist(ep: metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{dist.name} {dist.version}" if dist is not None else "an unknown distribution"
 
 
 def _add(registry: Registry, name: str, plugin: object) -> None:

@@ -102,3 +102,22 @@ def test_hook_tracing_writes_calls(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     registry = load()
     registry.pm.hook.blktx_event(event=None)
     assert "blktx_event" in capsys.readouterr().err
+
+
+def test_two_distributions_claiming_one_entry_point_name_is_an_error_naming_both(tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    dist = tmp_path / "clash-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: clash\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[blktx]\nqcow2 = clash_plugin\n")
+    (tmp_path / "clash_plugin.py").write_text("")
+    out = subprocess.run([sys.executable, "-m", "blktx", "types", "--json"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)}, check=False)
+    data = json.loads(out.stdout)
+    (problem,) = [p for p in data["problems"] if p["plugin"] == "qcow2"]
+    assert "clash 1.0" in problem["message"] and "blktx " in problem["message"], problem
+    assert not any(t["name"].startswith("qcow2.") for t in data["types"]), "neither silently wins"
