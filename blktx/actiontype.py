@@ -20,9 +20,11 @@ class Leftover:
 
     target: str
     what: str
+    #: Why it is left (the failed cancel's own message), when known.
+    why: str = ""
 
     def __str__(self) -> str:
-        return f"{self.target}: {self.what}"
+        return f"{self.target}: {self.what}" + (f" [{self.why}]" if self.why else "")
 
 
 class Action:

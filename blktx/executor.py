@@ -16,6 +16,7 @@ from types import FrameType
 from typing import Any
 
 from blktx.actiontype import Action
+from blktx.checks import check_actions
 from blktx.context import Options, RunContext
 from blktx.errors import InvalidTransaction, Problem
 from blktx.locks import NullLocker
@@ -29,7 +30,6 @@ from blktx.transaction import (
     Locker,
     NullJournal,
     TransactionRun,
-    check_actions,
     no_gc_rescans,
 )
 

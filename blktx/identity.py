@@ -44,29 +44,34 @@ def untrusted_folders(path: str) -> str | None:
     """Why others than root and the caller could swap or add files at ``path``'s
     folder, or None. As sshd's StrictModes: the folder and each of its ancestors
     must be owned by root or the caller; the folder itself must not be writable
-    by group or others, an ancestor only when it has the sticky bit (``/tmp``)."""
-    me = os.geteuid()
+    by group or others, an ancestor only when it has the sticky bit (``/tmp``).
+    Both the path as written and the path its symlinks lead to are judged; a
+    symlink itself can only be replaced by whoever can write its folder."""
     folder = os.path.dirname(os.path.abspath(path))
+    return _untrusted_chain(folder) or _untrusted_chain(os.path.realpath(folder))
+
+
+def _untrusted_chain(folder: str) -> str | None:
+    me = os.geteuid()
     first = True
     while True:
         try:
             st = os.lstat(folder)
         except FileNotFoundError:  # judged by the nearest folder that exists (whoever can write it can make it)
-            folder = os.path.dirname(folder)
-            continue
+            st = None
         except OSError as exc:
             return f"{folder}: {exc.strerror}"
-        if stat.S_ISLNK(st.st_mode):
-            return f"{folder} is a symlink"
-        if st.st_uid not in (0, me):
-            return f"{folder} is owned by uid {st.st_uid}"
-        writable = st.st_mode & 0o022
-        if writable and (first or not st.st_mode & stat.S_ISVTX):
-            who = "group and others" if writable == 0o022 else "group" if writable & 0o020 else "others"
-            return f"{folder} is writable by {who}"
+        if st is not None and not stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in (0, me):
+                return f"{folder} is owned by uid {st.st_uid}"
+            writable = st.st_mode & 0o022
+            if writable and (first or not st.st_mode & stat.S_ISVTX):
+                who = "group and others" if writable == 0o022 else "group" if writable & 0o020 else "others"
+                return f"{folder} is writable by {who}"
+            first = False
         if folder == "/":
             return None
-        folder, first = os.path.dirname(folder), False
+        folder = os.path.dirname(folder)
 
 
 def untrusted_file(path: str) -> str | None:

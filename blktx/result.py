@@ -103,7 +103,7 @@ class Result:
             "problems": [p.to_json() for p in self.problems],
             "failure": self.failure.to_json() if self.failure else None,
             "failures": [f.to_json() for f in self.failures],
-            "leftovers": [{"target": lo.target, "what": lo.what} for lo in self.leftovers],
+            "leftovers": [{"target": lo.target, "what": lo.what, "why": lo.why} for lo in self.leftovers],
             "pending": [f.to_json() for f in self.pending],
             "holds": [
                 {"kind": h.kind, "target": h.target, "window": h.window} for h in self.holds

@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from blktx.actiontype import Action, ActionType, Leftover
+from blktx.checks import check_actions
 from blktx.context import RunContext
 from blktx.dispatch import dispatch
-from blktx.errors import ActionFailures, BlktxError, InvalidTransaction, Problem, Refused
+from blktx.errors import ActionFailures, BlktxError, InvalidTransaction, Problem
 from blktx.events import Event, Hold
-from blktx.identity import lock_keys
 from blktx.locks import Claim, NullLocker
 from blktx.result import Failure, Result
 from blktx.states import CANCELED, CREATED, DOING, INVALIDATED, LIVE_STATES, START, TX_FINAL, TxLifecycle, TxState
@@ -380,7 +380,7 @@ class TransactionRun:
         for a in sorted(remaining, key=lambda a: -a.index):
             try:
                 # each names what is left; the cancel's own error says why
-                self.result.leftovers.extend(Leftover(lo.target, f"{lo.what} [{a.error}]" if a.error else lo.what)
+                self.result.leftovers.extend(Leftover(lo.target, lo.what, lo.why or a.error or "")
                                              for lo in a.type.leftovers(a))
             except Exception as exc:  # noqa: BLE001 - still name the action that left something
                 self.result.leftovers.append(Leftover(a.target, f"{a.type.name} action #{a.index}: {exc}"))
@@ -619,67 +619,6 @@ def begin_all(actions: Sequence[Action]) -> None:
             a.state = a.type.lifecycle.next("begin", START)
 
 
-def check_actions(actions: list[Action], ctx: RunContext, file: str | None) -> list[Problem]:
-    """Every check and every conflict; all refusals at once. Touches nothing."""
-    problems: list[Problem] = []
-
-    def refuse(a: Action, exc: BaseException) -> None:
-        hint = exc.hint if isinstance(exc, Refused) else None
-        problems.append(Problem(str(exc) or type(exc).__name__, file, a.line, None, a.index, None, a.target, hint))
-
-    by_index = {a.index: a for a in actions}
-    for atype, group in _by_type(actions):
-        if atype.batched:
-            try:
-                atype.check_many(group, ctx)
-            except ActionFailures as exc:
-                for index, err in exc.failures.items():
-                    refuse(by_index[index], err)
-                for index in exc.not_started:  # a check that did not run is no pass
-                    refuse(by_index[index], RuntimeError(f"not checked: {atype.name} gave up on its batch"))
-            except Exception as exc:  # noqa: BLE001 - a failed batch check refuses the whole batch
-                for a in group:
-                    refuse(a, exc)
-        else:
-            for a in group:
-                try:
-                    atype.check(a, ctx)
-                except Exception as exc:  # noqa: BLE001 - every check error is a refusal
-                    refuse(a, exc)
-    problems += conflicts(actions, file)
-    problems.sort(key=lambda p: (p.action if p.action is not None else -1))
-    return problems
-
-
-def conflicts(actions: list[Action], file: str | None) -> list[Problem]:
-    """Two actions on one target (by identity, not spelling) that their types cannot share."""
-    problems: list[Problem] = []
-    first: dict[str, Action] = {}
-    made: dict[str, Action] = {}
-    for a in actions:
-        claims = a.claims()
-        for path in claims[1:]:  # two actions creating one file never both succeed
-            for key in lock_keys(path):
-                other = made.setdefault(key, a)
-                if other is not a:
-                    problems.append(Problem(
-                        f"creates {path}, as action #{other.index} ({other.type.name}) does", file, a.line, None,
-                        a.index, None, a.target, "give each action its own file"))
-                    break
-        keys = [a.target] if not a.target.startswith("/") else lock_keys(a.target)
-        for key in keys:
-            other = first.setdefault(key, a)
-            if other is a or (a.type.shares_target and other.type.shares_target):
-                continue
-            problems.append(Problem(
-                f"conflicts with action #{other.index} ({other.type.name}) on the same target", file, a.line,
-                None, a.index, None, a.target,
-                "a target can be changed by several actions only when every one of their types allows it; "
-                "split the transaction"))
-            break
-    return problems
-
-
 @contextlib.contextmanager
 def no_gc_rescans(actions: Sequence[Action]) -> Iterator[None]:
     """The actions live for the whole run: keep the cyclic GC from rescanning them on
@@ -700,13 +639,6 @@ def _implements(atype: ActionType, step: str) -> bool:
     cls = type(atype)
     return getattr(cls, step) is not getattr(ActionType, step) or (
         getattr(cls, step + "_many") is not getattr(ActionType, step + "_many"))
-
-
-def _by_type(actions: Sequence[Action]) -> list[tuple[ActionType, list[Action]]]:
-    groups: dict[int, tuple[ActionType, list[Action]]] = {}
-    for a in actions:
-        groups.setdefault(id(a.type), (a.type, []))[1].append(a)
-    return list(groups.values())
 
 
 def _units(actions: Sequence[Action], reverse: bool, parallel: bool = False) -> list[list[Action]]:

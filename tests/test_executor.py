@@ -314,4 +314,5 @@ def test_cli_reports_an_unusable_journal_without_a_traceback(tmp_path: Any, caps
     status = main(["run", str(spec), "--journal", str(tmp_path / "dir")])
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err
-    assert f"blktx run: cannot open the journal {tmp_path / 'dir'}" in err and "--journal PATH" in err
+    assert f"blktx run: refusing the journal {tmp_path / 'dir'}: {tmp_path / 'dir'} is not a regular file" in err
+    assert "keep it in a folder only you can write" in err
