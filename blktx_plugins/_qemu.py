@@ -357,12 +357,75 @@ def remove_daemon_folders(txid: str) -> list[str]:
     return removed
 
 
+#: How often a live daemon's heartbeat file is touched, and how late a touch may be
+#: (a busy machine, the filesystem's clock) before a kill's moment is mis-bounded.
+HEARTBEAT_INTERVAL = 0.1
+HEARTBEAT_MARGIN = 0.5
+
+
+class Heartbeat:
+    """A file whose mtime blktx sets to the wall-clock time every
+    :data:`HEARTBEAT_INTERVAL` seconds while ``alive()`` says so, from a thread.
+
+    Its last mtime bounds from above the moment a killed run's daemon released its
+    image locks: a run alive at that mtime would have touched it again an interval
+    later, and the daemon dies with the run (``PR_SET_PDEATHSIG``). :meth:`stop` is
+    called after the daemon has exited and stamps that moment last.
+    """
+
+    def __init__(self, path: str, alive: Any) -> None:
+        self.path = path
+        self._alive = alive
+        self._stop = threading.Event()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="blktx-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        now = time.time_ns()  # exact: the filesystem's own clock is coarse (a tick behind)
+        with contextlib.suppress(OSError):
+            os.utime(self.path, ns=(now, now), follow_symlinks=False)
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_INTERVAL):
+            if self._alive():
+                self._beat()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._beat()
+
+
+def heartbeat_bound(path: str) -> float | None:
+    """The latest wall-clock time a killed run's daemon can have held its images'
+    locks, from its heartbeat file ``path`` (as journaled); None when that cannot be
+    known: the file is gone (``/tmp`` cleared at boot) or not provably blktx's (its
+    folder must be a real ``blktx-qsd-*`` folder owned by this user and writable by
+    nobody else, the file a regular file of this user)."""
+    folder = os.path.dirname(path)
+    if not os.path.basename(folder).startswith(qsd_prefix("")):
+        return None
+    try:
+        dst, fst = os.lstat(folder), os.lstat(path)
+    except OSError:
+        return None
+    if not (stat.S_ISDIR(dst.st_mode) and dst.st_uid == os.getuid() and not dst.st_mode & 0o022):
+        return None
+    if not (stat.S_ISREG(fst.st_mode) and fst.st_uid == os.getuid()):
+        return None
+    return fst.st_mtime_ns / 1e9 + HEARTBEAT_INTERVAL + HEARTBEAT_MARGIN
+
+
 class StorageDaemon:
     """One ``qemu-storage-daemon`` with every image of a batch open, driven over QMP.
 
     Images are opened on the command line (faster than one ``blockdev-add`` each);
     ``node[image]`` is an image's node name. :meth:`close` quits the daemon, which
-    flushes and unlocks the images.
+    flushes and unlocks the images. ``heartbeat`` is the file touched while it runs
+    (:class:`Heartbeat`).
     """
 
     def __init__(self, images: list[str], txid: str = "") -> None:
@@ -373,6 +436,7 @@ class StorageDaemon:
         # Named after the transaction: a SIGKILLed run cannot remove it, and blktx
         # recover's blktx_cleanup finds the dead run's folders by that name.
         self._dir = tempfile.mkdtemp(prefix=qsd_prefix(txid))
+        self.heartbeat = os.path.join(self._dir, "heartbeat")
         sock = os.path.join(self._dir, "qmp.sock")
         argv = [exe, "--chardev", f"socket,path={sock},server=on,wait=off,id=qmp0", "--monitor", "chardev=qmp0"]
         for i, image in enumerate(images):
@@ -401,6 +465,8 @@ class StorageDaemon:
                     self._proc.kill()
                     raise ActionFailed(f"qemu-storage-daemon: {exc}") from None
                 time.sleep(0.002)
+        # Beating from before any caller records its start until after the daemon exits.
+        self._beat = Heartbeat(self.heartbeat, lambda: self._proc.poll() is None)
 
     def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
         try:
@@ -419,6 +485,7 @@ class StorageDaemon:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        self._beat.stop()  # its last stamp is after the locks were released
         if self._proc.stdout:
             self._proc.stdout.close()
         shutil.rmtree(self._dir, ignore_errors=True)

@@ -15,6 +15,7 @@ stack's own configuration instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shlex
@@ -30,6 +31,7 @@ from blktx_plugins._qemu import (
     VmGone,
     check_writable_image,
     create_overlay,
+    heartbeat_bound,
     holder,
     qemu_img,
     read_header,
@@ -117,8 +119,11 @@ class InternalCreate(ActionType):
     durable before the image is touched: without it, ``do`` never ran and any
     snapshot of the name is somebody else's. With it but without ``made`` (blktx
     died inside ``do``), a new snapshot of the name cannot be told from one made by
-    hand after the crash: cancel leaves it and fails, naming it exactly (id, date)
-    and how to remove it, so ``blktx recover`` reports it instead of guessing.
+    hand after the crash, unless its date proves it: the daemon held the image's
+    lock from ``started`` until it died with blktx, a moment its heartbeat file
+    bounds (``undo["heartbeat"]``). One new snapshot of the name dated in between is
+    ours; otherwise cancel leaves it and fails, naming it exactly (id, date) and how
+    to remove it, so ``blktx recover`` reports it instead of guessing.
     """
 
     name = "qcow2.internal-create"
@@ -163,11 +168,14 @@ class InternalCreate(ActionType):
         if replacing:
             self._do_replace(replacing, ctx)
 
-    def _started(self, actions: list[Action], ctx: RunContext) -> None:
-        """Durable before anything changes an image: do has begun, and the ids there now."""
+    def _started(self, actions: list[Action], ctx: RunContext, heartbeat: str | None = None) -> None:
+        """Durable before anything changes an image: do has begun, the ids there now,
+        and (daemon) the heartbeat file that will bound when its locks were released."""
         for a in actions:
             a.undo["present"] = [s.id for s in read_header(a.params["image"])[1]]
             a.undo["started"] = time.time()
+            if heartbeat:
+                a.undo["heartbeat"] = heartbeat
         ctx.remember(actions)
 
     def _do_fresh(self, fresh: list[Action], ctx: RunContext) -> None:
@@ -175,7 +183,7 @@ class InternalCreate(ActionType):
         # From here until close the daemon holds every image's lock: nobody else can
         # add a snapshot, so the new one of each name is QEMU's, made for us.
         try:
-            self._started(fresh, ctx)
+            self._started(fresh, ctx, daemon.heartbeat)
             try:
                 daemon.cmd("transaction", {"actions": [
                     {"type": "blockdev-snapshot-internal-sync",
@@ -190,6 +198,14 @@ class InternalCreate(ActionType):
             ctx.remember(fresh)  # before close releases the locks
         finally:
             daemon.close()
+            unknown = [a for a in fresh if "made" not in a.undo]
+            if unknown:
+                # The daemon died under us (close has reaped it): its locks are gone by
+                # now, which bounds what it can have made, once its folder is removed.
+                for a in unknown:
+                    a.undo["released"] = time.time()
+                with contextlib.suppress(Exception):  # without it cancel stays conservative
+                    ctx.remember(unknown)
 
     def _do_replace(self, replacing: list[Action], ctx: RunContext) -> None:
         self._started(replacing, ctx)
@@ -231,7 +247,23 @@ class InternalCreate(ActionType):
             return [s for s in self._new(a) if tuple(_ident(s)) in made], []
         if "started" not in a.undo:
             return [], []  # do never touched the image: one of this name is somebody else's
-        return [], self._new(a)
+        new = self._new(a)
+        # blktx died inside do. From "started" until its daemon's locks were released
+        # no other QEMU tool could add a snapshot to the image, and the daemon makes
+        # at most one of the name: the one new snapshot dated in that span is ours.
+        until = a.undo.get("released")
+        if not isinstance(until, (int, float)) and isinstance(a.undo.get("heartbeat"), str):
+            until = heartbeat_bound(a.undo["heartbeat"])
+        if not isinstance(until, (int, float)):
+            return [], new  # the release cannot be bounded (no heartbeat): not provable
+        start = a.undo["started"]
+        inside = [s for s in new if start - 1e-6 <= _micros(s) / 1e6 <= until]  # QEMU keeps micros
+        if len(inside) != 1:
+            # None inside: any new one is dated after the bound, so the daemon did not
+            # make it unless the heartbeat thread was starved; reported, not guessed.
+            return [], new
+        # Any other new one is dated after the locks were released: somebody else's.
+        return inside, []
 
     def cancel_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         failures: dict[int, BaseException] = {}

@@ -290,7 +290,10 @@ class InternalCreate(_QmpType):
 
     def _unsure(self, a: Action, unsure: list[tuple[str, str]]) -> ActionFailed:
         listed = ", ".join(f"snapshot {n!r} (id {i})" for i, n in unsure)
-        return ActionFailed(f"left {listed} of {a.undo.get('file')}: blktx died during do, and it cannot be proven "
+        # The VM's own QEMU holds the image's lock all along, so unlike qcow2.* no lock
+        # and heartbeat can date who made it: only QEMU's journaled answer proves it.
+        return ActionFailed(f"left {listed} of {a.undo.get('file')}: QEMU's answer to the snapshot transaction never "
+                            f"reached the journal (the VM or blktx died during do), and it cannot be proven "
                             f"to be blktx's rather than made since. If it is blktx's, delete it by hand (QMP "
                             f"blockdev-snapshot-delete-internal-sync, or qemu-img snapshot -d ID with the VM off) "
                             f"and run blktx recover again")

@@ -449,3 +449,41 @@ def test_recover_removes_the_storage_daemon_folders_of_a_killed_run(tmp_path: Pa
     assert [p for p in tmpdir.iterdir()] == [foreign], "the dead run's daemon folders are gone; others stay"
     assert snapshots(tmp_path / "d0.qcow2") == []
     shutil.rmtree(tmpdir)
+
+
+@pytest.mark.parametrize("case", ["inside", "after", "foreign folder", "gone"])
+def test_a_snapshot_made_while_blktx_died_is_judged_by_the_daemons_heartbeat(images: Path, case: str) -> None:
+    """do started (durably), the result never reached the journal. With the daemon's
+    heartbeat file there, a new snapshot of the name dated before its last stamp (+
+    interval and margin) is provably blktx's: cancel deletes it. Dated after it, or
+    with no trustworthy heartbeat (gone, or a folder others can write), it is left
+    and reported."""
+    import tempfile
+
+    from blktx_plugins._qemu import HEARTBEAT_INTERVAL, HEARTBEAT_MARGIN, qsd_prefix
+
+    executor, actions, ctx = _bound(images, [("qcow2.internal-create", {"image": "d1.qcow2", "name": "nightly"})])
+    assert executor.step("do", actions, ctx) == []
+    undo = actions[0].undo
+    (made,) = undo.pop("made")  # what the journal holds when blktx died inside do
+    assert not os.path.exists(undo["heartbeat"]), "close removed the daemon's folder"
+    folder = tempfile.mkdtemp(prefix=qsd_prefix(ctx.txid))
+    try:
+        undo["heartbeat"] = beat = os.path.join(folder, "heartbeat")
+        Path(beat).touch()
+        stamp = made[1] + made[2] / 1e9 + 0.05  # the last stamp just after QEMU dated the snapshot
+        if case == "after":
+            stamp -= 1.0 + HEARTBEAT_INTERVAL + HEARTBEAT_MARGIN
+        os.utime(beat, (stamp, stamp))
+        if case == "foreign folder":
+            os.chmod(folder, 0o777)
+        if case == "gone":
+            os.unlink(beat)
+        failures = executor.step("cancel", actions, ctx)
+        if case == "inside":
+            assert failures == [] and snapshots(images / "d1.qcow2") == []
+        else:
+            assert failures and "cannot be proven" in failures[0].message, failures
+            assert snapshots(images / "d1.qcow2") == [(made[0], "nightly")]
+    finally:
+        shutil.rmtree(folder)
