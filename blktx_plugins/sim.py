@@ -117,29 +117,34 @@ class Snapshot(_SimType):
         with _world(action.params["world"]) as world:
             dev = self._device(world, action)
             new_id = max([0, *map(int, dev["snapshots"]), *action.undo.get("before", [])]) + 1
-            dev["snapshots"][str(new_id)] = action.params["name"]
+            # The id is durable before the snapshot exists: cancel removes that id only,
+            # never another snapshot of the same name.
             action.undo["id"] = new_id
+            ctx.remember([action])
+            dev["snapshots"][str(new_id)] = action.params["name"]
         self._maybe_fail(action, "do")
 
     def invalidate(self, action: Action, ctx: RunContext) -> None:
         self._maybe_fail(action, "invalidate")
 
+    def _ours(self, action: Action, dev: dict[str, Any]) -> list[str]:
+        made = action.undo.get("id")
+        before = {str(i) for i in action.undo.get("before", [])}
+        return [sid for sid, name in sorted(dev["snapshots"].items())
+                if made is not None and sid == str(made) and sid not in before and name == action.params["name"]]
+
     def cancel(self, action: Action, ctx: RunContext) -> None:
         self._cancel_guard(action)
-        before = {str(i) for i in action.undo.get("before", [])}
         with _world(action.params["world"]) as world:
             dev = self._device(world, action)
-            for sid, name in list(dev["snapshots"].items()):
-                if name == action.params["name"] and sid not in before:
-                    del dev["snapshots"][sid]
+            for sid in self._ours(action, dev):
+                del dev["snapshots"][sid]
 
     def leftovers(self, action: Action) -> list[Leftover]:
-        before = {str(i) for i in action.undo.get("before", [])}
         with _world(action.params["world"], write=False) as world:
             dev = self._device(world, action)
-            return [Leftover(action.target, f"snapshot {name!r} (id {sid})")
-                    for sid, name in sorted(dev["snapshots"].items())
-                    if name == action.params["name"] and sid not in before]
+            return [Leftover(action.target, f"snapshot {dev['snapshots'][sid]!r} (id {sid})")
+                    for sid in self._ours(action, dev)]
 
 
 class Overlay(_SimType):
@@ -156,8 +161,12 @@ class Overlay(_SimType):
     def do(self, action: Action, ctx: RunContext) -> None:
         with _world(action.params["world"]) as world:
             dev = self._device(world, action)
-            if action.params["layer"] not in dev["layers"]:
-                dev["layers"].append(action.params["layer"])
+            if action.params["layer"] in dev["layers"]:
+                raise ActionFailed(f"layer {action.params['layer']!r} appeared after the check; it was left alone")
+            # Ours from here on, durably, before it exists: cancel removes only a layer it made.
+            action.undo["made"] = True
+            ctx.remember([action])
+            dev["layers"].append(action.params["layer"])
         self._maybe_fail(action, "do")
 
     def invalidate(self, action: Action, ctx: RunContext) -> None:
@@ -168,6 +177,8 @@ class Overlay(_SimType):
     def cancel(self, action: Action, ctx: RunContext) -> None:
         self._cancel_guard(action)
         layer = action.params["layer"]
+        if not action.undo.get("made"):
+            return  # do never made it: a layer of that name is somebody else's
         with _world(action.params["world"]) as world:
             dev = self._device(world, action)
             if dev["active"] == layer:
@@ -177,6 +188,8 @@ class Overlay(_SimType):
 
     def leftovers(self, action: Action) -> list[Leftover]:
         layer = action.params["layer"]
+        if not action.undo.get("made"):
+            return []
         with _world(action.params["world"], write=False) as world:
             dev = self._device(world, action)
             found = []

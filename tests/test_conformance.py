@@ -36,12 +36,28 @@ class TestSimSnapshot(SimBase):
     def params(self) -> dict[str, Any]:
         return {"device": "a", "name": "n"}
 
+    def make_foreign(self, base: Path, action: Any) -> bool:
+        from blktx_plugins.sim import _write
+
+        data = read_world(str(base / "sim-world.json"))
+        data["devices"]["a"]["snapshots"]["9"] = "n"  # somebody else's snapshot of the same name
+        _write(str(base / "sim-world.json"), data)
+        return True
+
 
 class TestSimOverlay(SimBase):
     type_name = "sim.overlay"
 
     def params(self) -> dict[str, Any]:
         return {"device": "a", "layer": "a1"}
+
+    def make_foreign(self, base: Path, action: Any) -> bool:
+        from blktx_plugins.sim import _write
+
+        data = read_world(str(base / "sim-world.json"))
+        data["devices"]["a"]["layers"].append("a1")  # somebody else's layer of the same name
+        _write(str(base / "sim-world.json"), data)
+        return True
 
 
 class TestSimDelete(SimBase):
@@ -121,6 +137,7 @@ class TestQcow2ExternalCreate(Qcow2Base):
 class TestExec(ActionTypeConformance):
     type_name = "exec"
     allow_exec = True
+    foreign = False  # what its commands make is the spec's business, not the plugin's
 
     def setup_world(self, base: Path) -> dict[str, Any]:
         made = str(base / "lv")
@@ -192,6 +209,13 @@ class QmpBase(ActionTypeConformance):
         if self.vm is not None:
             self.vm.quit()
 
+    def fresh(self, base: Path) -> None:
+        """One VM per world: a property that makes several worlds gets a clean VM for each."""
+        if self.vm is not None and self.dir != base:
+            self.vm.quit()
+            self.vm = None
+        self.dir = base
+
     def started(self, snapshots: tuple[str, ...] = ()) -> VM:
         if self.vm is None:
             self.vm = VM(self.dir, "vm", drives=1)
@@ -213,7 +237,12 @@ class TestQmpInternalCreate(QmpBase):
     type_name = "qmp.internal-create"
 
     def setup_world(self, base: Path) -> dict[str, Any]:
+        self.fresh(base)
         return {"vm": str(self.started().sock), "drive": "drive0", "name": "nightly"}
+
+    def make_foreign(self, base: Path, action: Any) -> bool:
+        self.started().qmp("blockdev-snapshot-internal-sync", {"device": "drive0", "name": "nightly"})
+        return True
 
 
 @needs_qemu_system
@@ -222,6 +251,7 @@ class TestQmpInternalDelete(QmpBase):
     type_name = "qmp.internal-delete"
 
     def setup_world(self, base: Path) -> dict[str, Any]:
+        self.fresh(base)
         return {"vm": str(self.started(("old",)).sock), "drive": "drive0", "name": "old"}
 
 
@@ -231,4 +261,9 @@ class TestQmpExternalCreate(QmpBase):
     type_name = "qmp.external-create"
 
     def setup_world(self, base: Path) -> dict[str, Any]:
+        self.fresh(base)
         return {"vm": str(self.started().sock), "drive": "drive0", "overlay": str(self.dir / "ov.qcow2")}
+
+    def make_foreign(self, base: Path, action: Any) -> bool:
+        make_image(self.dir / "ov.qcow2", size="1M")  # somebody else's file at the overlay's name
+        return True

@@ -20,6 +20,25 @@ import pytest
 from blktx.testing.fixtures import VM, btrfs_mount, make_image  # noqa: F401 - btrfs_mount is a fixture
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Properties that do not apply to a type (cancel of a finalize type, foreign
+    objects of a type that makes none) are not collected, rather than passing empty."""
+    from blktx.testing.conformance import ActionTypeConformance
+
+    keep, dropped = [], []
+    for item in items:
+        cls = getattr(item, "cls", None)
+        name = getattr(item, "originalname", None) or item.name
+        if cls is not None and issubclass(cls, ActionTypeConformance) and cls.type_name and \
+                cls.not_applicable(name) is not None:
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
 @pytest.fixture
 def blktx_registry() -> Any:
     from blktx.plugins import default_registry
