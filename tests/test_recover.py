@@ -500,7 +500,7 @@ def test_the_cancel_intent_is_durable_before_any_cancel(tmp_path: Path) -> None:
     (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = "n"\n'
                                      '[[action]]\ntype = "fault"\nphase = "do"\n')
     journal = tmp_path / "j.sqlite"
-    out = blktx("run", str(tmp_path / "t.toml"), "--journal", str(journal), env={"BLKTX_CRASH_AFTER": "3"})
+    out = blktx("run", str(tmp_path / "t.toml"), "--journal", str(journal), env={"BLKTX_CRASH_AFTER": "4"})
     assert out.returncode == -signal.SIGKILL
     import sqlite3
 
