@@ -140,6 +140,10 @@ class ActionType:
     ``leftovers(action) -> list[Leftover]``
         What would stay behind if ``cancel`` failed now, named exactly (which file,
         which snapshot id). Reported when a cancel fails.
+    ``member_exists(action) -> bool | None``
+        Optional. For ``blktx list --verify``: whether what a committed action made
+        is still there, judged by the identity in ``action.undo`` (a snapshot's id
+        and date, an overlay's inode, a subvolume's UUID), never by name alone.
 
     **Batches**: ``check_many``/``do_many``/``invalidate_many``/``cancel_many``
     receive every action of this type in a phase, in order (reverse order for
@@ -193,6 +197,11 @@ class ActionType:
 
     def leftovers(self, action: Action) -> list[Leftover]:
         return [Leftover(action.target, f"whatever {self.name} action #{action.index} made")]
+
+    def member_exists(self, action: Action) -> bool | None:
+        """Whether what this committed action made is still there, by the identity in
+        ``action.undo`` (``blktx list --verify``); None when the type cannot tell."""
+        return None
 
     # -- batches -----------------------------------------------------------------
 

@@ -39,6 +39,7 @@ EXAMPLES = {
                 "blktx recover 20261127T0512 --allow-exec   # one, whose cancels run commands"],
     "log": ["blktx log --limit 50", "blktx log --json"],
     "show": ["blktx show 20261127T0512            # a unique prefix is enough"],
+    "list": ["blktx list web --verify", "blktx list --max-age 25h web        # exit 1 when the newest is older (monitoring)"],
     "schema": ["blktx schema -o blktx.schema.json  # for editors: #:schema ./blktx.schema.json"],
 }
 
@@ -274,6 +275,67 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list(args: argparse.Namespace) -> int:
+    import time
+
+    from blktx.catalog import verify
+    from blktx.context import duration
+
+    journal = _journal(args)
+    entries = journal.group_snapshots(args.group)
+    registry = _registry(args) if args.verify else None
+    now = time.time()
+    for e in entries:
+        e["age_seconds"] = round(now - e["time"], 3)
+        if registry is not None:
+            e["members"] = verify(e, registry)
+            known = [m["present"] for m in e["members"]]
+            e["state"] = "incomplete" if False in known else "complete" if all(known) else "unverified"
+        else:
+            e["state"] = "recorded"
+    status = 0
+    stale = ""
+    if args.max_age is not None:
+        limit = duration(args.max_age)
+        fresh = [e for e in entries if e["state"] in ("complete", "recorded")]
+        newest = max((e["time"] for e in fresh), default=None)
+        if newest is None or now - newest > limit:
+            status = 1
+            stale = (f"no complete group snapshot{' of ' + args.group if args.group else ''} is newer than "
+                     f"{args.max_age}" + (f" (newest {now - newest:.0f} s old)" if newest else ""))
+    if args.json:
+        print_json({"journal": journal.path, "group_snapshots": entries, **({"stale": stale} if stale else {})})
+        return status
+    from rich.table import Table
+
+    out = console()
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("group", "name", "taken", "age", "members", "state", "txid"):
+        table.add_column(col, no_wrap=col in ("taken", "age", "state", "txid"))
+    for e in entries:
+        taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
+        missing = [m for m in e["members"] if m.get("present") is False]
+        state = e["state"] + (f" ({len(missing)} missing)" if missing else "")
+        table.add_row(escape(e["group"]), escape(e["name"]), taken, _age(e["age_seconds"]),
+                      str(len(e["members"])), state, e["txid"])
+    out.print(table)
+    for e in entries:
+        for m in e["members"]:
+            if m.get("present") is False:
+                out.print(f"{e['group']}@{e['name']}: member #{m['index']} {m['type']} on {m['target']} is gone"
+                          + (f" ({m['why']})" if m.get("why") else ""), markup=False)
+    if stale:
+        print(f"blktx list: {stale}", file=sys.stderr)
+    return status
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="the transaction's TOML file (see specs/README.md); - reads it from stdin")
     p.add_argument("--allow-exec", action="store_true",
@@ -306,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("recover", "roll back or forward every transaction a dead run left unfinished", cmd_recover),
         ("log", "list recent transactions from the journal", cmd_log),
         ("show", "show one transaction from the journal: every action, state, timing, error", cmd_show),
+        ("list", "list group snapshots: members, age, and with --verify whether each member is still there",
+         cmd_list),
         ("schema", "print a JSON Schema of the spec format with every installed type's parameters", cmd_schema),
     ]
     subs: dict[str, argparse.ArgumentParser] = {}
@@ -320,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         subs[name] = p
     for name in ("run", "check"):
         _add_spec_args(subs[name])
-    for name in ("run", "demo", "recover", "log", "show"):
+    for name in ("run", "demo", "recover", "log", "show", "list"):
         subs[name].add_argument("--journal", metavar="PATH",
                                 help="the journal file (default $BLKTX_JOURNAL or ~/.local/state/blktx/journal.sqlite)")
     for name in ("run", "demo"):
@@ -334,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="allow cancel commands of exec actions to run (never taken from the journal)")
     subs["log"].add_argument("--limit", type=int, default=20, help="how many transactions (default 20)")
     subs["show"].add_argument("txid", help="the transaction id (a unique prefix is enough); see `blktx log`")
+    subs["list"].add_argument("group", nargs="?", help="only this group")
+    subs["list"].add_argument("--verify", action="store_true",
+                              help="check each member is still there, by its identity (snapshot id and date, inode, UUID)")
+    subs["list"].add_argument("--max-age", metavar="DURATION",
+                              help="exit 1 when the newest complete group snapshot is older (e.g. 25h, 90m)")
     subs["run"].add_argument("--jobs", type=int, metavar="N", help="run up to N steps at once (overrides the spec)")
     for name in ("run", "check"):
         subs[name].add_argument("--quiesce", choices=QUIESCE_MODES, metavar="MODE",

@@ -80,7 +80,7 @@ class OptionSpec:
         return out
 
 
-_DURATION = r"^\s*[0-9]+(\.[0-9]+)?\s*(ms|s|m)?\s*$"
+_DURATION = r"^\s*[0-9]+(\.[0-9]+)?\s*(ms|s|m|h|d)?\s*$"
 
 
 def duration(text: str) -> float:
@@ -90,9 +90,9 @@ def duration(text: str) -> float:
     match = re.match(_DURATION, text)
     if not match:
         raise ValueError(text)
-    number = float(text.strip().rstrip("msMS").strip() or "x")
+    number = float(match.group(0).strip().rstrip("msdh").strip() or "x")
     unit = match.group(2) or "s"
-    return number / 1000 if unit == "ms" else number * 60 if unit == "m" else number
+    return number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 
 
 def _option(default: Any, kind: str, doc: str, *, minimum: float | None = None, maximum: float | None = None,
@@ -126,6 +126,9 @@ class Options:
     allow_tcp: bool = False
     #: Whether paths in folders that others can write are allowed (``--allow-shared-folders``).
     shared_folders: bool = False
+    #: The group snapshot this run makes (``blktx.catalog``): its group and expanded name.
+    group: str = ""
+    snapshot: str = ""
     #: Per-type settings from the spec's ``[options.<plugin>]`` tables.
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -63,7 +63,7 @@ class Executor:
         txid = new_txid()
         try:
             actions, options = bind(tx, self.registry, allow_exec=allow_exec, roots=roots, overrides=overrides,
-                                    **trust)
+                                    txid=txid, **trust)
         except InvalidTransaction as exc:
             return Result(txid, TxState.INVALID, problems=exc.problems, checked_only=True)
         ctx = RunContext(txid, options, tx.base_dir, self.registry.pm.hook)
@@ -88,7 +88,7 @@ class Executor:
         txid = new_txid()
         try:
             actions, options = bind(tx, self.registry, allow_exec=allow_exec, roots=roots, overrides=overrides,
-                                    **trust)
+                                    txid=txid, **trust)
         except InvalidTransaction as exc:
             return Result(txid, TxState.INVALID, problems=exc.problems)
         return self.run_actions(actions, options, base_dir=tx.base_dir, file=tx.file, txid=txid,

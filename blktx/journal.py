@@ -45,6 +45,8 @@ CREATE TABLE IF NOT EXISTS hold (
     txid TEXT, n INTEGER, kind TEXT, target TEXT, data TEXT, start REAL, resumed INTEGER,
     PRIMARY KEY (txid, n));
 CREATE TABLE IF NOT EXISTS fence (txid TEXT PRIMARY KEY, time REAL, why TEXT);
+CREATE TABLE IF NOT EXISTS groupsnap (
+    txid TEXT PRIMARY KEY, grp TEXT, name TEXT, time REAL, members TEXT, UNIQUE (grp, name));
 CREATE INDEX IF NOT EXISTS tx_status ON tx (status);
 """
 
@@ -238,6 +240,25 @@ class SqliteJournal:
             db.execute("UPDATE tx SET status = ?, ended = COALESCE(?, ended), detail = ?, "
                        "committed = MAX(committed, ?) WHERE txid = ?",
                        (state.value, ended, json.dumps(detail, default=str), int(state in _COMMITTED), txid))
+
+    def catalog(self, txid: str, group: str, name: str, members: list[dict[str, Any]]) -> None:
+        """Record the group snapshot a transaction makes; called inside the commit's
+        durable write (``together``), so it exists exactly when the commit does."""
+        with self._write() as db:
+            db.execute("INSERT INTO groupsnap VALUES (?, ?, ?, ?, ?)",
+                       (txid, group, name, time.time(), json.dumps(members, default=str)))
+
+    def group_snapshots(self, group: str | None = None) -> list[dict[str, Any]]:
+        """Every recorded group snapshot (of ``group``), oldest first."""
+        sql = "SELECT txid, grp, name, time, members FROM groupsnap"
+        args: tuple[Any, ...] = ()
+        if group is not None:
+            sql, args = sql + " WHERE grp = ?", (group,)
+        return [{"txid": t, "group": g, "name": n, "time": when, "members": json.loads(m)}
+                for t, g, n, when, m in self._db.execute(sql + " ORDER BY time", args)]
+
+    def has_group_snapshot(self, group: str, name: str) -> bool:
+        return self._db.execute("SELECT 1 FROM groupsnap WHERE grp = ? AND name = ?", (group, name)).fetchone() is not None
 
     def fence(self, txid: str, why: str) -> bool:
         """Forbid ``txid``'s commit from now on, unless it is already committed.

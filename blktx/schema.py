@@ -58,6 +58,9 @@ def schema(registry: Registry) -> dict[str, Any]:
         "properties": {
             "version": {"const": VERSION, "description": "the spec format's version"},
             "description": {"type": "string"},
+            "group": {"type": "string", "description": "the group its group snapshot belongs to (default: the file's name)"},
+            "snapshot": {"type": "string", "description": "the group snapshot's name; templates {now:%Y%m%d}, {host}, "
+                                                          "{group}, {txid}"},
             "options": {
                 "type": "object",
                 "properties": {name: opt.json_schema() for name, opt in spec_options().items()},

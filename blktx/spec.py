@@ -16,6 +16,7 @@ from typing import Any
 import tomli
 
 from blktx.actiontype import Action
+from blktx.catalog import Naming, check_name, expand
 from blktx.context import Options, spec_options
 from blktx.errors import InvalidTransaction, Problem
 from blktx.identity import untrusted_folders
@@ -23,7 +24,7 @@ from blktx.params import ParamError, did_you_mean, within_roots
 from blktx.plugins import Registry
 
 VERSION = 1
-TOP_KEYS = ["version", "description", "options", "action"]
+TOP_KEYS = ["version", "description", "group", "snapshot", "options", "action"]
 OPTION_KEYS = spec_options()
 
 
@@ -48,6 +49,9 @@ class Transaction:
     file: str | None = None
     base_dir: str = field(default_factory=os.getcwd)
     description: str = ""
+    #: The group snapshot's group and name template (``blktx.catalog``); empty: defaults.
+    group: str = ""
+    snapshot: str = ""
     #: The parsed TOML document, when the transaction came from one.
     raw: dict[str, Any] | None = field(default=None, repr=False)
     _positions: dict[tuple[Any, ...], tuple[int, int]] = field(default_factory=dict, repr=False)
@@ -191,6 +195,8 @@ def from_document(doc: dict[str, Any], file: str | None = None, base_dir: str | 
     tx._positions = positions
     tx.options = doc.get("options", {}) if isinstance(doc.get("options", {}), dict) else {"__bad__": doc["options"]}
     tx.description = str(doc.get("description", ""))
+    tx.group = doc["group"] if isinstance(doc.get("group"), str) else ""
+    tx.snapshot = doc["snapshot"] if isinstance(doc.get("snapshot"), str) else ""
     raw_actions = doc.get("action", [])
     tx.raw = doc
     if isinstance(raw_actions, list):
@@ -266,7 +272,7 @@ def confinement(kind: str, value: Any, options: Options) -> tuple[str, str] | No
 def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
          roots: list[str] | None = None, overrides: dict[str, Any] | None = None,
          vm_roots: list[str] | None = None, allow_tcp: bool = False,
-         shared_folders: bool = False) -> tuple[list[Action], Options]:
+         shared_folders: bool = False, txid: str | None = None) -> tuple[list[Action], Options]:
     """Validate ``tx`` against the registered types; return its actions and options.
 
     ``roots`` are the directories paths may lie under (default: the spec's
@@ -287,8 +293,9 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
         elif isinstance(raw["version"], bool) or raw["version"] != VERSION:
             problem(f"unsupported spec version {raw['version']!r}", "version", key="version",
                     hint=f"this blktx reads version {VERSION}")
-        if not isinstance(raw.get("description", ""), str):
-            problem("'description' must be a string", "description", key="description")
+        for key in ("description", "group", "snapshot"):
+            if not isinstance(raw.get(key, ""), str):
+                problem(f"'{key}' must be a string", key, key=key)
         for key in raw:
             if key not in TOP_KEYS:
                 problem(f"unknown top-level key {key!r}", key, key=key,
@@ -296,6 +303,18 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
         if "action" in raw and not isinstance(raw["action"], list):
             problem("'action' must be an array of tables", "action", key="action", hint="write each action as [[action]]")
 
+    naming = None
+    if txid is not None:
+        group = tx.group or (os.path.splitext(os.path.basename(tx.file))[0] if tx.file and tx.file != "<stdin>"
+                             else "default")
+        why = check_name(group, "group")
+        if why:
+            problem(why, "group", key="group", hint="name the group in the spec: group = \"web\"")
+        try:
+            naming = Naming(group, expand(tx.snapshot, group=group, txid=txid) if tx.snapshot else txid)
+        except ValueError as exc:
+            problem(f"snapshot name template {tx.snapshot!r}: {exc}", "snapshot", key="snapshot",
+                    hint='e.g. snapshot = "nightly-{now:%Y%m%d-%H%M}"')
     options = Options(roots=list(roots) if roots else [tx.base_dir], allow_exec=allow_exec,
                       vm_roots=list(vm_roots or []), allow_tcp=allow_tcp, shared_folders=shared_folders)
     given = dict(tx.options)
@@ -364,6 +383,11 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
         for name, param in declared.items():
             if name in values or name in spec.params:
                 continue
+            if name == "name" and tx.snapshot and not atype.finalize and param.kind == "str":
+                # the group snapshot's name, for every type that takes one (its template's
+                # own problem is reported once, at the snapshot key)
+                values[name] = naming.name if naming is not None else ""
+                continue
             if param.required:
                 bad = True
                 problem(f"{spec.type} needs parameter {name!r} ({param.describe()})", "action", i,
@@ -383,4 +407,6 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
     if problems:
         problems.sort(key=lambda p: (p.line or 0, p.column or 0))
         raise InvalidTransaction(problems)
+    if naming is not None:
+        options.group, options.snapshot = naming.group, naming.name
     return actions, options

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from blktx.actiontype import Action, ActionType, Leftover
+from blktx.catalog import members
 from blktx.checks import check_actions
 from blktx.context import RunContext
 from blktx.dispatch import dispatch
@@ -153,6 +154,12 @@ class TransactionRun:
         """LOCKED -> CHECKED: every check and conflict, under the locks; False (INVALID) when refused."""
         t = time.perf_counter()
         problems = check_actions(self.actions, self.ctx, self.file)
+        taken = getattr(self.journal, "has_group_snapshot", None)
+        opts = self.ctx.options
+        if taken is not None and opts.group and self.undoable and taken(opts.group, opts.snapshot):
+            problems.append(Problem(f"group {opts.group!r} already has a group snapshot named {opts.snapshot!r}",
+                                    self.file, key="snapshot", hint="name each one apart, e.g. "
+                                    'snapshot = "nightly-{now:%Y%m%d-%H%M}"'))
         self.result.phases["check"] = time.perf_counter() - t
         if problems:
             return self._refuse(problems)
@@ -241,6 +248,9 @@ class TransactionRun:
         with together(journal):
             journal.done(txid, last, undoable)
             journal.state(txid, TxState.COMMITTED, {})
+            record = getattr(journal, "catalog", None)
+            if record is not None and ctx.options.group and undoable:
+                record(txid, ctx.options.group, ctx.options.snapshot, members(self.actions))
         self._to("commit")
 
     def _between(self) -> None:

@@ -108,6 +108,11 @@ class Snapshot(ActionType):
         for path in self._ours(action):
             btrfs("subvolume", "delete", path)
 
+    def member_exists(self, action: Action) -> bool | None:
+        """The snapshot is still at its dest, as the very subvolume this run made."""
+        info = subvolume_info(action.params["dest"])
+        return info is not None and bool(action.undo.get("uuid")) and info.get("UUID") == action.undo["uuid"]
+
     def leftovers(self, action: Action) -> list[Leftover]:
         found = [Leftover(action.target, f"btrfs snapshot {p} (UUID {action.undo['uuid']})") for p in self._ours(action)]
         tmp = action.undo.get("tmp", "")

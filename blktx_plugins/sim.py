@@ -140,6 +140,10 @@ class Snapshot(_SimType):
             for sid in self._ours(action, dev):
                 del dev["snapshots"][sid]
 
+    def member_exists(self, action: Action) -> bool | None:
+        with _world(action.params["world"], write=False) as world:
+            return bool(self._ours(action, self._device(world, action)))
+
     def leftovers(self, action: Action) -> list[Leftover]:
         with _world(action.params["world"], write=False) as world:
             dev = self._device(world, action)
