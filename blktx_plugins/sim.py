@@ -250,7 +250,7 @@ class Noop(ActionType):
     params = (Param("key", "str", required=True, doc="makes the target sim:noop/<key>"),)
 
     def target(self, action: Action) -> str:
-        return "sim:noop/" + action.params["key"]
+        return "sim:noop/" + str(action.params["key"])
 
     def do(self, action: Action, ctx: RunContext) -> None:
         return None
