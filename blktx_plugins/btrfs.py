@@ -52,7 +52,7 @@ class Snapshot(ActionType):
     name = "btrfs.snapshot"
     params = (
         Param("source", "path", required=True, doc="the subvolume to snapshot"),
-        Param("dest", "path", required=True, doc="where the snapshot appears; must not exist"),
+        Param("dest", "path", required=True, doc="where the snapshot appears; must not exist", creates=True),
         Param("readonly", "bool", default=True, doc="make a read-only snapshot"),
     )
 

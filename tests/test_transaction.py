@@ -367,3 +367,47 @@ def test_sighup_rolls_back_like_sigterm(tmp_path: Path) -> None:
     assert proc.returncode == 1, out
     assert json.loads(out)["failure"]["message"].startswith("interrupted by SIGHUP")
     assert read_world(path) == before
+
+
+class MakesAFile:
+    """A plugin whose action creates the file at ``out`` (a path declared ``creates``)."""
+
+    from blktx import hookimpl as _hookimpl
+
+    @_hookimpl
+    def blktx_register_action_types(self, register: Any) -> None:
+        from blktx import Action, ActionType, Param
+
+        class Make(ActionType):
+            name = "make.file"
+            params = (Param("key", "str", required=True), Param("out", "path", required=True, creates=True))
+
+            def target(self, action: Action) -> str:
+                return "make:" + str(action.params["key"])
+
+            def do(self, action: Action, ctx: Any) -> None:
+                Path(action.params["out"]).write_text("x")
+
+            def cancel(self, action: Action, ctx: Any) -> None:
+                return None
+
+        register(Make)
+
+
+def test_two_actions_creating_one_file_are_refused_and_created_paths_are_locked(tmp_path: Path) -> None:
+    from blktx.plugins import load
+
+    registry = load(extra=[("make", MakesAFile())])
+    twice = Transaction([ActionSpec("make.file", {"key": "a", "out": "o.txt"}),
+                         ActionSpec("make.file", {"key": "b", "out": "./o.txt"})], base_dir=str(tmp_path))
+    result = Executor(registry).run(twice)
+    assert result.outcome == "invalid" and not (tmp_path / "o.txt").exists()
+    (problem,) = result.problems
+    assert problem.action == 1 and f"creates {tmp_path / 'o.txt'}, as action #0 (make.file) does" in problem.message
+    holder = Locker().acquire("tx-other", str(tmp_path / "o.sqlite"), [str(tmp_path / "o.txt")])
+    try:
+        once = Transaction([ActionSpec("make.file", {"key": "c", "out": "o.txt"})], base_dir=str(tmp_path))
+        result = Executor(registry, journal=SqliteJournal(str(tmp_path / "j.sqlite")), locker=Locker()).run(once)
+        assert result.outcome == "invalid" and "tx-other" in result.problems[0].message
+    finally:
+        Locker().release(holder, finished=True)
