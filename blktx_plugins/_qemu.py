@@ -23,13 +23,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from blktx import ActionFailed, Refused
 from blktx_plugins._fs import Private
+from blktx_plugins._image import QCOW2_MAGIC, Header, check_chain, open_image, open_verified, read_image
 
-QCOW2_MAGIC = b"QFI\xfb"
 # QEMU's image locking takes OFD locks on bytes 100.. (permissions held) and
 # 200.. (permissions not shared) of an image it has open.
 _LOCK_START, _LOCK_LEN = 100, 200
@@ -37,64 +36,11 @@ _LOCK_START, _LOCK_LEN = 100, 200
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """An internal snapshot. ``date`` (seconds, nanoseconds, set by QEMU when it
-    made it) is not part of equality; :meth:`same` compares the whole identity."""
-
-    id: str
-    name: str
-    date: tuple[int, int] = field(default=(0, 0), compare=False)
-
-    def same(self, other: Snapshot) -> bool:
-        """The same point in time: id, name and date (an id is reused after a delete)."""
-        return (self.id, self.name, self.date) == (other.id, other.name, other.date)
-
-    def describe(self) -> str:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.date[0]))
-        return f"snapshot {self.name!r} (id {self.id}, made {when}.{self.date[1] // 1000:06d})"
-
-
-def read_header(path: str) -> tuple[int, list[Snapshot], str | None]:
-    """The qcow2 version, internal snapshots and backing file of ``path``.
-
-    Raises :class:`Refused` naming the file when it is missing or not qcow2.
-    """
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(72)
-            if len(head) < 72 or head[:4] != QCOW2_MAGIC:
-                raise Refused(f"{path} is not a qcow2 image", hint="check the path; `qemu-img info` shows its format")
-            version, backing_off, backing_len = struct.unpack(">IQI", head[4:20])
-            nb, snap_off = struct.unpack(">IQ", head[60:72])
-            backing = None
-            if backing_off:
-                fh.seek(backing_off)
-                backing = fh.read(backing_len).decode("utf-8", "replace")
-            snaps = []
-            fh.seek(snap_off)
-            for _ in range(nb):
-                fixed = fh.read(40)
-                (_l1, _l1size, id_len, name_len, dsec, dnsec, _vm, _vmsize, extra) = struct.unpack(">QIHHIIQII", fixed)
-                fh.read(extra)
-                sid = fh.read(id_len).decode()
-                name = fh.read(name_len).decode()
-                used = 40 + extra + id_len + name_len
-                fh.read((8 - used % 8) % 8)
-                snaps.append(Snapshot(sid, name, (dsec, dnsec)))
-            return version, snaps, backing
-    except FileNotFoundError:
-        raise Refused(f"{path} does not exist", hint="check the path") from None
-    except IsADirectoryError:
-        raise Refused(f"{path} is a directory, not an image") from None
-    except PermissionError:
-        raise Refused(f"{path} is not readable by this user") from None
-
-
 def holder(path: str) -> str | None:
     """Who has ``path`` open under QEMU's image locking, or None when nobody does."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # non-blocking: a FIFO put in place of an image must not hang the check
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError:
         return None
     try:
@@ -126,40 +72,57 @@ def _process_with(path: str) -> str | None:
     return None
 
 
-def check_writable_image(path: str) -> list[Snapshot]:
-    """Refuse an image that is missing, not qcow2, read-only or in use; return its snapshots."""
-    _, snaps, _ = read_header(path)
+def check_writable_image(path: str, roots: list[str]) -> Header:
+    """Refuse an image that is missing, not qcow2, read-only, in use, or whose chain
+    leaves the roots (:func:`~blktx_plugins._image.check_chain`); return its header."""
+    header = check_chain(path, roots)
     if not os.access(path, os.W_OK):
         raise Refused(f"{path} is not writable", hint="check its permissions")
     who = holder(path)
     if who:
         raise Refused(f"{path} is in use by {who}",
                       hint="snapshot a running VM's drives with the qmp.* actions, or shut it down first")
-    return snaps
+    return header
 
 
-def image_size(path: str, fmt: str) -> int:
-    """The virtual size of ``path`` (the size a new overlay of it gets)."""
-    info = json.loads(qemu_img("info", "--output=json", "-f", fmt, path))
-    return int(info["virtual-size"])
+def image_format(path: str) -> tuple[str, int, list[int]]:
+    """``path``'s format as QEMU would probe it (``qcow2`` or ``raw``: a caller has
+    refused the rest with ``check_chain``), its virtual size and identity, read by
+    blktx itself rather than by ``qemu-img info``."""
+    fd = open_image(path)
+    try:
+        st = os.fstat(fd)
+        if os.pread(fd, 4, 0) != QCOW2_MAGIC:
+            return "raw", st.st_size, [st.st_dev, st.st_ino]
+    finally:
+        os.close(fd)
+    header = read_image(path)
+    return "qcow2", header.size, header.ident
 
 
-def create_overlay(private: Private, overlay: str, backing: str, fmt: str, size: int | None = None,
+def backing_name(overlay: str, backing: str) -> str:
+    """How an overlay names its backing file: relative to the overlay's folder (a
+    folder of images stays movable) and starting with ``./`` or ``/``, so that no
+    folder name (``json:{...}``, ``nbd:...``) can be read by QEMU as a protocol."""
+    rel = os.path.relpath(backing, os.path.dirname(overlay))
+    return rel if rel.startswith("/") else "./" + rel
+
+
+def create_overlay(private: Private, overlay: str, backing: str, fmt: str, size: int,
                    relative: bool = True) -> None:
     """Write a qcow2 overlay of ``backing`` into the unpublished file ``private``.
 
     The caller records ``private.ident`` (journaled with ``ctx.remember``) and then
     publishes it at ``overlay`` (:func:`~blktx_plugins._fs.publish`), so that a
     cancel removes the overlay only when it is that very file. The backing file is
-    not opened (``-u``): the overlay is written through its descriptor, and a
-    running VM holds the backing file's lock anyway. ``relative``: record the
-    backing file relative to the overlay (a folder of images stays movable); a
-    running VM's node needs the name it opened.
+    not opened (``-u``; its format ``-F`` and ``size`` are given): the overlay is
+    written through its descriptor. ``relative``: name the backing file by
+    :func:`backing_name`; a running VM's node needs the absolute name it opened.
     """
-    rel = os.path.relpath(backing, os.path.dirname(overlay)) if relative else backing
-    if size is None:
-        size = image_size(backing, fmt)
-    qemu_img("create", "-q", "-f", "qcow2", "-b", rel, "-F", fmt, "-u", private.path, str(size),
+    name = backing_name(overlay, backing) if relative else backing
+    if not name.startswith(("/", "./")):
+        raise ActionFailed(f"{overlay}: backing name {name!r} is neither absolute nor ./-relative")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", name, "-F", fmt, "-u", private.path, str(size),
              pass_fds=(private.fd,))
 
 
@@ -319,12 +282,13 @@ class Agent(Qmp):
             raise VmGone(f"guest agent {self.address} answered guest-sync with {got!r}, not {token}")
 
 
-def gather(calls: list[tuple[Qmp, str, dict[str, Any] | None]]) -> list[Any]:
+def gather(calls: list[tuple[Qmp, str, dict[str, Any] | None]], timeout: float = 120.0) -> list[Any]:
     """Send one command to each of many connections at once; each call's reply, or
-    its exception (:class:`ActionFailed` or :class:`VmGone`) in its place."""
+    its exception (:class:`ActionFailed` or :class:`VmGone`, also when it took more
+    than ``timeout`` seconds) in its place."""
 
     async def all_of() -> list[Any]:
-        return await asyncio.gather(*(c.execute(n, a) for c, n, a in calls), return_exceptions=True)
+        return await asyncio.gather(*(c.execute(n, a, timeout) for c, n, a in calls), return_exceptions=True)
 
     return run_async(all_of()) if calls else []
 
@@ -428,27 +392,45 @@ class StorageDaemon:
     (:class:`Heartbeat`).
     """
 
-    def __init__(self, images: list[str], txid: str = "") -> None:
+    def __init__(self, images: list[str], txid: str = "", idents: dict[str, list[int]] | None = None) -> None:
         self.node = {image: f"n{i}" for i, image in enumerate(images)}
         exe = shutil.which("qemu-storage-daemon")
         if exe is None:
             raise ActionFailed("qemu-storage-daemon is not installed (Debian package qemu-system-common)")
+        # The daemon opens each image through a descriptor blktx opened and checked
+        # (the identity the check recorded, never a symlink or a FIFO), not by its
+        # path: a folder swapped since the check cannot redirect it. Its backing
+        # chain is not opened at all (backing: null): internal snapshots need none.
+        fds: list[int] = []
+        try:
+            for image in images:
+                fds.append(open_verified(image, (idents or {}).get(image)))
+        except Exception:
+            for fd in fds:
+                os.close(fd)
+            raise
         # Named after the transaction: a SIGKILLed run cannot remove it, and blktx
         # recover's blktx_cleanup finds the dead run's folders by that name.
         self._dir = tempfile.mkdtemp(prefix=qsd_prefix(txid))
         self.heartbeat = os.path.join(self._dir, "heartbeat")
         sock = os.path.join(self._dir, "qmp.sock")
         argv = [exe, "--chardev", f"socket,path={sock},server=on,wait=off,id=qmp0", "--monitor", "chardev=qmp0"]
-        for i, image in enumerate(images):
-            esc = image.replace(",", ",,")
-            argv += ["--blockdev", f"driver=file,node-name=f{i},filename={esc}",
-                     "--blockdev", f"driver=qcow2,node-name=n{i},file=f{i}"]
-        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent(os.getpid()))
+        for i, fd in enumerate(fds):
+            argv += ["--blockdev", json.dumps({"driver": "qcow2", "node-name": f"n{i}", "backing": None,
+                                               "file": {"driver": "file", "filename": f"/proc/self/fd/{fd}"}})]
+        try:
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True, pass_fds=fds,
+                                          preexec_fn=die_with_parent(os.getpid()))
+        finally:
+            for fd in fds:
+                os.close(fd)
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):
             if self._proc.poll() is not None:
                 msg = (self._proc.stdout.read() if self._proc.stdout else "").strip()
+                for fd, image in zip(fds, images, strict=True):  # name the images, not their descriptors
+                    msg = msg.replace(f"/proc/self/fd/{fd}", image)
                 shutil.rmtree(self._dir, ignore_errors=True)
                 raise ActionFailed(f"qemu-storage-daemon: {msg}")
             if time.monotonic() > deadline:

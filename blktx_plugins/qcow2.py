@@ -25,16 +25,26 @@ from typing import Any
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Param, Refused, RunContext, hookimpl
 from blktx_plugins._fs import fsync_dir, is_ours, private_file, publish, remove_if_ours
-from blktx_plugins._qemu import (
+from blktx_plugins._image import (
     Snapshot,
+    bare,
+    check_chain,
+    is_utf8,
+    name_problem,
+    open_verified,
+    read_header,
+    read_image,
+    shown,
+)
+from blktx_plugins._qemu import (
     StorageDaemon,
     VmGone,
     check_writable_image,
     create_overlay,
     heartbeat_bound,
     holder,
+    image_format,
     qemu_img,
-    read_header,
     remove_daemon_folders,
 )
 
@@ -51,6 +61,25 @@ def _per_action(actions: Sequence[Action], step: Any) -> None:
         raise ActionFailures(failures)
 
 
+def _image(a: Action) -> str:
+    """The image file the check resolved (every symlink followed), else the parameter."""
+    return str(a.undo.get("real") or a.params["image"])
+
+
+def _idents(actions: Sequence[Action]) -> dict[str, list[int]]:
+    """Each checked image's identity (device, inode), by resolved path."""
+    return {_image(a): list(a.undo["ident"]) for a in actions if isinstance(a.undo.get("ident"), list)}
+
+
+def _checked(a: Action, ctx: RunContext) -> list[Snapshot]:
+    """Check ``a``'s image (and its chain) as a writable, unused qcow2 image under the
+    roots; record what it resolved to and its identity; return its snapshots."""
+    real = os.path.realpath(a.params["image"])
+    header = check_writable_image(real, ctx.options.roots)
+    a.undo["real"], a.undo["ident"] = real, header.ident
+    return header.snapshots
+
+
 def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequence[Action], txid: str) -> None:
     """Delete exactly the listed snapshots in one daemon: each is re-read under the
     daemon's lock and deleted only while its id, name (and date, when known) are
@@ -58,9 +87,10 @@ def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequ
     images = sorted({image for todo in plan.values() for image, _ in todo})
     if not images:
         return
+    idents = _idents(actions)
     for attempt in range(10):
         try:
-            daemon = StorageDaemon(images, txid)
+            daemon = StorageDaemon(images, txid, idents)
             break
         except ActionFailed as exc:
             # A killed run's daemon may hold an image's lock for a moment more.
@@ -69,14 +99,19 @@ def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequ
             time.sleep(0.3)
     failures: dict[int, BaseException] = {}
     try:
-        now = {image: read_header(image)[1] for image in images}
+        headers = {image: read_image(image) for image in images}
         for a in actions:
             for image, snap in plan.get(a.index, []):
-                if not any(_same(snap, s) for s in now[image]):
+                if image in idents and headers[image].ident != idents[image]:
+                    failures[a.index] = ActionFailed(f"{image} was replaced since the check; left alone")
+                    continue
+                if not any(_same(snap, s) for s in headers[image].snapshots):
                     continue  # gone already, or its id now names another point in time
+                # Under the daemon's lock the id names this very snapshot (just read);
+                # QMP carries UTF-8 only, so a name that is not is left out.
+                which = {"id": snap.id, "name": snap.name} if is_utf8(snap.name) else {"id": snap.id}
                 try:
-                    daemon.cmd("blockdev-snapshot-delete-internal-sync",
-                               {"device": daemon.node[image], "id": snap.id, "name": snap.name})
+                    daemon.cmd("blockdev-snapshot-delete-internal-sync", {"device": daemon.node[image], **which})
                 except ActionFailed as exc:
                     failures[a.index] = ActionFailed(f"{image}: {exc}")
     finally:
@@ -106,8 +141,9 @@ def _by_hand(image: str, snaps: list[Snapshot]) -> str:
     except Refused:
         names = []
     return " && ".join(
-        f"qemu-img snapshot -d {shlex.quote(s.name)} {shlex.quote(image)}" if names.count(s.name) == 1 else
-        f"QMP blockdev-snapshot-delete-internal-sync with id {s.id} and name {s.name!r} on {image}" for s in snaps)
+        f"qemu-img snapshot -d {shlex.quote(s.name)} {shlex.quote(image)}"
+        if names.count(s.name) == 1 and s.name.isprintable() and is_utf8(s.name) else
+        f"QMP blockdev-snapshot-delete-internal-sync with id {bare(s.id)} on {image}" for s in snaps)
 
 
 class InternalCreate(ActionType):
@@ -145,10 +181,18 @@ class InternalCreate(ActionType):
 
         def check(a: Action) -> None:
             image, name = a.params["image"], a.params["name"]
-            snaps = check_writable_image(image)
+            problem = name_problem(name)
+            if problem:
+                raise Refused(f"{self.name} action #{a.index} on {image}: the snapshot name {shown(name)} {problem}",
+                              hint="give a non-empty UTF-8 name of at most 255 bytes")
+            snaps = _checked(a, ctx)
+            if read_image(_image(a)).data_file is not None:
+                raise Refused(f"{image} keeps its data in an external data file: QEMU makes no internal "
+                              "snapshots of such an image")
             same = [s for s in snaps if s.name == name]
             if same and not a.params["replace"]:
-                raise Refused(f"{image} already has a snapshot named {name!r} (id {', '.join(s.id for s in same)})",
+                raise Refused(f"{image} already has a snapshot named {shown(name)} "
+                              f"(id {', '.join(bare(s.id) for s in same)})",
                               hint="set replace = true to replace it; the old one is deleted after the commit point")
             if (image, name) in names:
                 raise Refused(f"action #{names[image, name]} already creates {name!r} in {image}")
@@ -172,14 +216,14 @@ class InternalCreate(ActionType):
         """Durable before anything changes an image: do has begun, the ids there now,
         and (daemon) the heartbeat file that will bound when its locks were released."""
         for a in actions:
-            a.undo["present"] = [s.id for s in read_header(a.params["image"])[1]]
+            a.undo["present"] = [s.id for s in read_header(_image(a))[1]]
             a.undo["started"] = time.time()
             if heartbeat:
                 a.undo["heartbeat"] = heartbeat
         ctx.remember(actions)
 
     def _do_fresh(self, fresh: list[Action], ctx: RunContext) -> None:
-        daemon = StorageDaemon(sorted({a.params["image"] for a in fresh}), ctx.txid)
+        daemon = StorageDaemon(sorted({_image(a) for a in fresh}), ctx.txid, _idents(fresh))
         # From here until close the daemon holds every image's lock: nobody else can
         # add a snapshot, so the new one of each name is QEMU's, made for us.
         try:
@@ -187,7 +231,7 @@ class InternalCreate(ActionType):
             try:
                 daemon.cmd("transaction", {"actions": [
                     {"type": "blockdev-snapshot-internal-sync",
-                     "data": {"device": daemon.node[a.params["image"]], "name": a.params["name"]}} for a in fresh]})
+                     "data": {"device": daemon.node[_image(a)], "name": a.params["name"]}} for a in fresh]})
             except ActionFailed as exc:
                 if not isinstance(exc, VmGone):  # refused (all or nothing), not died half-way
                     for a in fresh:
@@ -211,14 +255,18 @@ class InternalCreate(ActionType):
         self._started(replacing, ctx)
         try:
             for a in replacing:
-                image, name = a.params["image"], a.params["name"]
+                image, name = _image(a), a.params["name"]
                 present = {s.id for s in read_header(image)[1]}
+                # qemu-img opens the checked file through a descriptor, not the path
+                fd = open_verified(image, a.undo.get("ident"))
                 t0 = time.time_ns() // 1000
                 try:
-                    qemu_img("snapshot", "-c", name, image)
-                except ActionFailed:
+                    qemu_img("snapshot", "-c", name, f"/proc/self/fd/{fd}", pass_fds=(fd,))
+                except ActionFailed as exc:
                     a.undo["made"] = []
-                    raise
+                    raise ActionFailed(str(exc).replace(f"/proc/self/fd/{fd}", image)) from None
+                finally:
+                    os.close(fd)
                 t1 = time.time_ns() // 1000 + 1
                 # qemu-img held the image's lock while it ran, inside [t0, t1]: a new
                 # snapshot of this name dated in there can only be the one it made.
@@ -235,7 +283,7 @@ class InternalCreate(ActionType):
         """Snapshots of this action's name that were not there when do started."""
         known = set(a.undo.get("present", a.undo.get("before", [])))
         try:
-            _, snaps, _ = read_header(a.params["image"])
+            _, snaps, _ = read_header(_image(a))
         except Refused:
             return []
         return [s for s in snaps if s.name == a.params["name"] and s.id not in known]
@@ -270,12 +318,12 @@ class InternalCreate(ActionType):
         plan: dict[int, list[tuple[str, Snapshot]]] = {}
         for a in actions:
             ours, unsure = self._judge(a)
-            plan[a.index] = [(a.params["image"], s) for s in ours]
+            plan[a.index] = [(_image(a), s) for s in ours]
             if unsure:
                 failures[a.index] = ActionFailed(
                     f"{a.params['image']}: left {', '.join(s.describe() for s in unsure)}: blktx died while making "
                     f"its snapshot, and this one cannot be proven to be it rather than one made since. If it is "
-                    f"blktx's, remove it by hand ({_by_hand(a.params['image'], unsure)}) and run blktx recover again")
+                    f"blktx's, remove it by hand ({_by_hand(_image(a), unsure)}) and run blktx recover again")
         try:
             _delete_snapshots(plan, actions, ctx.txid)
         except ActionFailures as exc:
@@ -287,11 +335,11 @@ class InternalCreate(ActionType):
         old = [Snapshot(o[0], action.params["name"], (o[1], o[2])) if isinstance(o, list)
                else Snapshot(o, action.params["name"]) for o in action.undo.get("old", [])]
         if old:
-            _delete_snapshots({action.index: [(action.params["image"], s) for s in old]}, [action], ctx.txid)
+            _delete_snapshots({action.index: [(_image(action), s) for s in old]}, [action], ctx.txid)
 
     def leftovers(self, action: Action) -> list[Leftover]:
         ours, unsure = self._judge(action)
-        image = action.params["image"]
+        image = _image(action)
         return ([Leftover(action.target, f"{s.describe()}; remove: {_by_hand(image, [s])}") for s in ours]
                 + [Leftover(action.target, f"maybe blktx's: {s.describe()}; if so remove: {_by_hand(image, [s])}")
                    for s in unsure])
@@ -317,17 +365,18 @@ class InternalDelete(ActionType):
             image, name, sid = a.params["image"], a.params["name"], a.params["id"]
             if not name and not sid:
                 raise Refused("give the snapshot's name or id", hint='name = "..." or id = "..."')
-            snaps = check_writable_image(image)
+            snaps = _checked(a, ctx)
             found = [s for s in snaps if (not name or s.name == name) and (not sid or s.id == sid)]
             if not found:
-                listed = ", ".join(f"{s.id}:{s.name}" for s in snaps) or "none"
+                listed = ", ".join(f"{bare(s.id)}:{shown(s.name)}" for s in snaps) or "none"
                 raise Refused(f"{image} has no snapshot {name or ''}{' id ' + sid if sid else ''} (it has: {listed})")
             if len(found) > 1:
-                raise Refused(f"{image} has {len(found)} snapshots named {name!r} (ids {', '.join(s.id for s in found)})",
+                raise Refused(f"{image} has {len(found)} snapshots named {shown(name)} "
+                              f"(ids {', '.join(bare(s.id) for s in found)})",
                               hint="give id = \"...\" to say which")
             if (image, found[0].id) in claimed:
                 raise Refused(f"conflicts with action #{claimed[image, found[0].id]}: both delete snapshot "
-                              f"{found[0].name!r} (id {found[0].id}) of {image}")
+                              f"{shown(found[0].name)} (id {bare(found[0].id)}) of {image}")
             claimed[image, found[0].id] = a.index
             a.undo["id"], a.undo["name"], a.undo["date"] = found[0].id, found[0].name, list(found[0].date)
 
@@ -337,17 +386,12 @@ class InternalDelete(ActionType):
     def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         plan: dict[int, list[tuple[str, Snapshot]]] = {}
         for a in actions:
-            _, snaps, _ = read_header(a.params["image"])
+            _, snaps, _ = read_header(_image(a))
             date = a.undo.get("date", [0, 0])
             target = Snapshot(a.undo["id"], a.undo["name"], (date[0], date[1]))
             # gone already (a retry): done; never another point in time that took its id
-            plan[a.index] = [(a.params["image"], target)] if any(_same(target, s) for s in snaps) else []
+            plan[a.index] = [(_image(a), target)] if any(_same(target, s) for s in snaps) else []
         _delete_snapshots(plan, actions, ctx.txid)
-
-
-def _format(path: str) -> str:
-    with open(path, "rb") as fh:
-        return "qcow2" if fh.read(4) == b"QFI\xfb" else "raw"
 
 
 class ExternalCreate(ActionType):
@@ -376,9 +420,9 @@ class ExternalCreate(ActionType):
         current = os.path.realpath(device)
         if not os.path.exists(current):
             raise Refused(f"device {device} points to {current}, which does not exist")
-        fmt = _format(current)
+        fmt, size, ident = image_format(current)
         if fmt == "qcow2":
-            read_header(current)
+            check_chain(current, ctx.options.roots)
         who = holder(current)
         if who:
             raise Refused(f"{current} is in use by {who}", hint="use qmp.external-create for a running VM")
@@ -388,15 +432,17 @@ class ExternalCreate(ActionType):
         if exists and not action.params["reuse"]:
             raise Refused(f"overlay {overlay} already exists", hint="choose a new name, or set reuse = true to use it")
         if exists:
-            _, _, backing = read_header(overlay)
+            backing = check_chain(overlay, ctx.options.roots).backing
             if backing is None or os.path.realpath(os.path.join(os.path.dirname(overlay), backing)) != current:
-                raise Refused(f"overlay {overlay} is backed by {backing!r}, not by the current image {current}")
+                raise Refused(f"overlay {overlay} is backed by {shown(backing or '')}, not by the current image "
+                              f"{current}")
         elif not os.access(os.path.dirname(overlay), os.W_OK):
             raise Refused(f"cannot create files in {os.path.dirname(overlay)}")
         # Private names, unique to this action and recorded before they are created:
         # the overlay when the filesystem has no unnamed files, and the symlink swap.
         token = f"blktx-{ctx.txid}-{secrets.token_hex(4)}"
         action.undo.update({"link": os.readlink(device), "old": current, "format": fmt, "preexisting": exists,
+                            "size": size, "ident": ident,
                             "tmp": f"{overlay}.{token}", "swap": f"{device}.{token}"})
 
     def do(self, action: Action, ctx: RunContext) -> None:
@@ -409,7 +455,13 @@ class ExternalCreate(ActionType):
             # cancel removes the file at that name only if it is this very inode.
             action.undo["made"] = private.ident
             ctx.remember([action])
-            create_overlay(private, overlay, action.undo["old"], action.undo["format"])
+            # The overlay will name the current image by path: it must still be the
+            # file the check read (and whose chain it confined).
+            os.close(open_verified(action.undo["old"], action.undo.get("ident")))
+            size = action.undo.get("size")
+            if not isinstance(size, int):  # journaled by an older version
+                size = image_format(action.undo["old"])[1]
+            create_overlay(private, overlay, action.undo["old"], action.undo["format"], size)
             try:
                 publish(private, overlay)
             except FileExistsError:

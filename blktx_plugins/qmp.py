@@ -16,75 +16,27 @@ gone.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import Any
 
-from blktx import Action, ActionFailed, ActionFailures, ActionType, Hold, Leftover, Param, Refused, RunContext, hookimpl
+from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Param, Refused, RunContext, hookimpl
 from blktx_plugins._fs import Private, is_ours, private_file, publish, remove_if_ours
-from blktx_plugins._qemu import (
-    Agent,
-    Qmp,
-    StorageDaemon,
-    VmGone,
-    create_overlay,
-    gather,
-    holder,
-    read_header,
-    run_async,
+from blktx_plugins._image import has_protocol, name_problem, open_image, read_header, shown, within
+from blktx_plugins._qemu import Agent, Qmp, StorageDaemon, VmGone, create_overlay, gather, holder
+from blktx_plugins._qmp_window import (  # the hooks are re-exported: pluggy finds them here
+    _budget,
+    _connections,
+    blktx_quiesce,
+    blktx_resume,
+    blktx_resume_many,
+    connection,
 )
 
-
-class _Connections:
-    """A run's connections of one kind (QMP monitors, or guest agents), one per
-    address, opened together when first needed."""
-
-    def __init__(self, kind: type[Qmp]) -> None:
-        self._kind = kind
-        self._lock = threading.Lock()
-        self.open: dict[str, Qmp] = {}
-
-    def many(self, addresses: Sequence[str]) -> dict[str, Qmp | VmGone]:
-        failed: dict[str, VmGone] = {}
-        with self._lock:
-            missing = [a for a in dict.fromkeys(addresses) if a not in self.open]
-            for address, got in (self._kind.open_many(missing) if missing else {}).items():
-                if isinstance(got, Qmp):
-                    self.open[address] = got
-                else:
-                    failed[address] = got
-        return {a: self.open.get(a) or failed[a] for a in addresses}
-
-    def close(self) -> None:
-        for conn in self.open.values():
-            conn.close()
-
-
-def _connections(ctx: RunContext, kind: type[Qmp] = Qmp) -> _Connections:
-    def make() -> _Connections:
-        conns = _Connections(kind)
-        ctx.on_close(conns.close)
-        return conns
-
-    return ctx.resource(f"qmp:{kind.__name__}", make)
-
-
-def _open_all(ctx: RunContext, addresses: Sequence[str], kind: type[Qmp] = Qmp) -> list[Qmp]:
-    """The run's connections to ``addresses`` (made together if new); raises if one fails."""
-    got = _connections(ctx, kind).many(addresses)
-    for conn in got.values():
-        if isinstance(conn, VmGone):
-            raise conn
-    return [cast(Qmp, got[a]) for a in addresses]
-
-
-def connection(ctx: RunContext, address: str) -> Qmp:
-    return _open_all(ctx, [address])[0]
+__all__ = ["blktx_quiesce", "blktx_register_action_types", "blktx_resume", "blktx_resume_many"]
 
 
 def _node_info(node: str, inserted: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +45,7 @@ def _node_info(node: str, inserted: dict[str, Any]) -> dict[str, Any]:
             "snapshots": [(s["id"], s["name"]) for s in inserted["image"].get("snapshots", [])]}
 
 
-def resolve(conn: Qmp, drive: str, blocks: list[Any] | None = None) -> dict[str, Any]:
+def resolve(conn: Qmp, drive: str, blocks: list[Any] | None = None, timeout: float = 120.0) -> dict[str, Any]:
     """The node behind ``drive``: its node name, image file, format and snapshots,
     and ``key``: the drive's id when it is a drive's active node (whatever name
     the spec used for it), else the node name.
@@ -101,11 +53,11 @@ def resolve(conn: Qmp, drive: str, blocks: list[Any] | None = None) -> dict[str,
     ``blocks`` is the VM's ``query-block`` reply, when the caller already has it; a
     drive's active node is found there, any other node in ``query-named-block-nodes``.
     """
-    for dev in conn.cmd("query-block") if blocks is None else blocks:
+    for dev in conn.cmd("query-block", timeout=timeout) if blocks is None else blocks:
         inserted = dev.get("inserted")
         if inserted and drive in (dev.get("device"), dev.get("qdev"), inserted.get("node-name")):
             return {**_node_info(inserted["node-name"], inserted), "key": dev.get("device") or inserted["node-name"]}
-    for info in conn.cmd("query-named-block-nodes", {"flat": True}):
+    for info in conn.cmd("query-named-block-nodes", {"flat": True}, timeout=timeout):
         if info["node-name"] == drive:
             return {**_node_info(drive, info), "key": drive}
     raise Refused(f"VM {conn.address} has no drive or node {drive!r}",
@@ -120,6 +72,35 @@ _COMMON = (
     Param("freeze", "list[str]", doc="with fsfreeze: the guest's mountpoints to freeze (default: every "
                                      "filesystem the agent can freeze)"),
 )
+
+
+def _file_facts(file: str, ctx: RunContext) -> dict[str, Any]:
+    """What blktx may later do with the image file a VM reports (``query-block``): a
+    VM's word is not a checked path. Only a plain file under the roots is recorded
+    (resolved, with its identity) for an offline undo after the VM died."""
+    if has_protocol(file) or not file.startswith("/") or not within(file, ctx.options.roots):
+        return {"file_real": None}
+    real = os.path.realpath(file)
+    try:
+        fd = open_image(real)
+    except Refused:
+        return {"file_real": None}
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return {"file_real": real, "file_ident": [st.st_dev, st.st_ino]}
+
+
+def _offline_image(a: Action, ctx: RunContext) -> str:
+    """The image a dead VM's undo may act on: the file its check recorded under the
+    roots, or :class:`ActionFailed` (left and reported)."""
+    real = a.undo.get("file_real", os.path.realpath(a.undo["file"]))  # an older journal: confined below
+    if not real or not within(real, ctx.options.roots):
+        raise ActionFailed(f"the VM's image {shown(a.undo['file'])} (as the VM reported it) is not a file under the "
+                           f"allowed roots ({', '.join(ctx.options.roots)}) [rule confined-paths]: blktx does not act "
+                           "on it offline; check it by hand, or widen with --root DIR and run blktx recover again")
+    return str(real)
 
 
 class _QmpType(ActionType):
@@ -161,6 +142,7 @@ class _QmpType(ActionType):
                     a.target = f"vm:{a.params['vm']}/{info['key']}"
                     a.undo.update({"node": info["node"], "file": info["file"], "format": info["format"],
                                    "size": info["size"], "before": [i for i, _ in info["snapshots"]]})
+                    a.undo.update(_file_facts(info["file"], ctx))
                     self._check(a, info)
                 except Exception as exc:  # noqa: BLE001 - a refusal of this action
                     failures[a.index] = exc
@@ -234,7 +216,7 @@ class _QmpType(ActionType):
         for conn, group in vms:
             if isinstance(conn, VmGone):
                 failures.update({a.index: conn for a in group})
-        replies = gather([(c, *build(g)) for c, g in live])
+        replies = gather([(c, *build(g)) for c, g in live], _budget(ctx))
         for (_, group), reply in zip(live, replies, strict=True):
             if isinstance(reply, BaseException):
                 failures.update({a.index: reply for a in group})
@@ -252,6 +234,11 @@ class InternalCreate(_QmpType):
     params = (*_COMMON, Param("name", "str", required=True, doc="the snapshot's name"))
 
     def _check(self, action: Action, info: dict[str, Any]) -> None:
+        problem = name_problem(action.params["name"])
+        if problem:
+            raise Refused(f"{self.name} action #{action.index} on drive {action.params['drive']} of VM "
+                          f"{action.params['vm']}: the snapshot name {shown(action.params['name'])} {problem}",
+                          hint="give a non-empty UTF-8 name of at most 255 bytes")
         same = [i for i, n in info["snapshots"] if n == action.params["name"]]
         if same:
             raise Refused(f"drive {action.params['drive']} of VM {action.params['vm']} already has a snapshot named "
@@ -302,9 +289,10 @@ class InternalCreate(_QmpType):
         def send(conn: Qmp, group: list[Action]) -> None:
             unsure: dict[int, BaseException] = {}
             for a in group:
-                ours, maybe = self._judge(a, resolve(conn, a.undo["node"])["snapshots"])
+                ours, maybe = self._judge(a, resolve(conn, a.undo["node"], timeout=_budget(ctx))["snapshots"])
                 for sid, name in ours:
-                    conn.cmd("blockdev-snapshot-delete-internal-sync", {"device": a.undo["node"], "id": sid, "name": name})
+                    conn.cmd("blockdev-snapshot-delete-internal-sync", {"device": a.undo["node"], "id": sid, "name": name},
+                             timeout=_budget(ctx))
                 if maybe:
                     unsure[a.index] = self._unsure(a, maybe)
             if unsure:
@@ -326,7 +314,7 @@ class InternalCreate(_QmpType):
             raise ActionFailures(failures)
 
     def _cancel_offline(self, a: Action, ctx: RunContext) -> None:
-        image = a.undo["file"]
+        image = _offline_image(a, ctx)
         for _ in range(50):
             if not holder(image):
                 break
@@ -334,7 +322,8 @@ class InternalCreate(_QmpType):
         _, snaps, _ = read_header(image)
         made, maybe = self._judge(a, [(s.id, s.name) for s in snaps])
         if made:
-            daemon = StorageDaemon([image], ctx.txid)
+            ident = a.undo.get("file_ident")
+            daemon = StorageDaemon([image], ctx.txid, {image: ident} if isinstance(ident, list) else None)
             try:
                 for sid, name in made:
                     daemon.cmd("blockdev-snapshot-delete-internal-sync",
@@ -346,7 +335,9 @@ class InternalCreate(_QmpType):
 
     def leftovers(self, action: Action) -> list[Leftover]:
         try:
-            _, snaps, _ = read_header(action.undo["file"])
+            if not action.undo.get("file_real"):
+                raise Refused("outside the roots")
+            _, snaps, _ = read_header(action.undo["file_real"])
         except Exception:  # noqa: BLE001 - name what we know
             return [Leftover(action.target, f"maybe snapshot {action.params['name']!r} in {action.undo.get('file')}")]
         ours, maybe = self._judge(action, [(s.id, s.name) for s in snaps])
@@ -388,6 +379,10 @@ class ExternalCreate(_QmpType):
     def _check(self, action: Action, info: dict[str, Any]) -> None:
         if os.path.lexists(action.params["overlay"]):
             raise Refused(f"overlay {action.params['overlay']} already exists", hint="choose a new name")
+        if has_protocol(info["file"]) or not info["file"].startswith("/"):
+            # the overlay names its backing file by what the VM opened: it must be a file
+            raise Refused(f"drive {action.params['drive']} of VM {action.params['vm']} is opened as "
+                          f"{shown(info['file'])}, not a file path [rule confined-paths]: an overlay cannot name it")
         action.undo["overlay_node"] = f"blktx{action.index}-{secrets.token_hex(4)}"
         action.undo["tmp"] = f"{action.params['overlay']}.blktx-{secrets.token_hex(6)}"
 
@@ -496,153 +491,3 @@ def blktx_register_action_types(register: Any) -> None:
     for cls in (InternalCreate, InternalDelete, ExternalCreate):
         register(cls)
 
-
-QUIESCE_PAUSE = ("pause", "fsfreeze+pause")
-QUIESCE_FREEZE = ("fsfreeze", "fsfreeze+pause")
-#: How long a guest may take to flush and freeze its filesystems.
-FREEZE_TIMEOUT = 60.0
-
-
-def _raise_first(replies: list[Any]) -> None:
-    for reply in replies:
-        if isinstance(reply, BaseException):
-            raise reply
-
-
-def _stamped(holds: list[Hold], conns: list[Qmp], commands: list[tuple[str, dict[str, Any] | None]],
-             timeout: float = 120.0) -> list[Any]:
-    """Send each connection its command, all at once from the one loop, setting each
-    hold's start just before its command leaves; the replies or exceptions."""
-
-    async def one(hold: Hold, conn: Qmp, command: tuple[str, dict[str, Any] | None]) -> Any:
-        hold.start = time.monotonic()
-        return await conn.execute(*command, timeout=timeout)
-
-    async def all_of() -> list[Any]:
-        return await asyncio.gather(*(one(*x) for x in zip(holds, conns, commands, strict=True)),
-                                    return_exceptions=True)
-
-    return run_async(all_of())
-
-
-@hookimpl
-def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> list[Hold]:
-    """Freeze the guests' filesystems (``fsfreeze``), then stop the VMs (``pause``).
-
-    Only running VMs are stopped, and only thawed guests frozen: a VM that was
-    already paused stays paused, a guest already frozen stays frozen. Every hold is
-    journaled before its VM is touched.
-    """
-    mode = ctx.options.quiesce
-    if mode not in QUIESCE_PAUSE + QUIESCE_FREEZE:
-        return []
-    ours = [a for a in actions if a.type.name.startswith("qmp.")]
-    addresses = sorted({a.params["vm"] for a in ours})
-    conns = _open_all(ctx, addresses)  # connect first: outside every window
-    statuses = gather([(c, "query-status", None) for c in conns])
-    _raise_first(statuses)
-    running = [c for c, status in zip(conns, statuses, strict=True) if status["running"]]
-    holds: list[Hold] = []
-    if mode in QUIESCE_FREEZE:
-        holds += _freeze(ctx, ours, {c.address for c in running})
-    if mode in QUIESCE_PAUSE:
-        holds += _pause(ctx, running)
-    return holds
-
-
-def _freeze(ctx: RunContext, actions: list[Action], running: set[str]) -> list[Hold]:
-    """Freeze each running guest's filesystems through its agent (a paused guest
-    cannot answer its agent, and its disks do not change)."""
-    plan: dict[str, tuple[str, list[str]]] = {}  # agent -> (VM, mountpoints)
-    for a in actions:
-        vm = a.params["vm"]
-        if vm in running and a.params.get("agent"):
-            plan[a.params["agent"]] = (vm, list(a.params.get("freeze") or []))
-    agents = _open_all(ctx, sorted(plan), Agent)
-    statuses = gather([(ag, "guest-fsfreeze-status", None) for ag in agents])
-    _raise_first(statuses)
-    thawed = [ag for ag, status in zip(agents, statuses, strict=True) if status != "frozen"]
-    holds = [Hold("qga.freeze", f"vm:{plan[ag.address][0]}", {"agent": ag.address, "vm": plan[ag.address][0]})
-             for ag in thawed]
-    ctx.holding(holds)  # journaled before any guest is frozen
-    mounts = [plan[ag.address][1] for ag in thawed]
-    commands: list[tuple[str, dict[str, Any] | None]] = [
-        ("guest-fsfreeze-freeze-list", {"mountpoints": m}) if m else ("guest-fsfreeze-freeze", None) for m in mounts]
-    replies = _stamped(holds, thawed, commands, FREEZE_TIMEOUT)
-    for ag, wanted, reply in zip(thawed, mounts, replies, strict=True):
-        if isinstance(reply, BaseException):
-            raise ActionFailed(f"VM {plan[ag.address][0]}: {reply}")
-        if wanted and reply < len(wanted):
-            raise ActionFailed(f"VM {plan[ag.address][0]}: the guest agent froze {reply} of the {len(wanted)} "
-                               f"filesystems {', '.join(wanted)}; is each a mountpoint in the guest?")
-    return holds
-
-
-def _pause(ctx: RunContext, running: list[Qmp]) -> list[Hold]:
-    holds = [Hold("qmp.pause", f"vm:{c.address}", {"address": c.address}) for c in running]
-    ctx.holding(holds)  # journaled before any VM is stopped
-    _raise_first(_stamped(holds, running, [("stop", None)] * len(running)))  # the executor resumes every hold
-    return holds
-
-
-def _resume_cmd(hold: Hold) -> tuple[type[Qmp], str, str]:
-    """How to end a hold: the connection kind, its address and the command."""
-    if hold.kind == "qga.freeze":
-        return Agent, hold.data["agent"], "guest-fsfreeze-thaw"
-    return Qmp, hold.data["address"], "cont"
-
-
-async def _end(ctx: RunContext, hold: Hold, conn: Qmp | VmGone) -> None:
-    """``cont`` a VM (on a running VM it changes nothing) or thaw a guest. A dead VM
-    has nothing left to resume; a live VM whose agent does not answer is still
-    frozen, and that is raised."""
-    try:
-        if isinstance(conn, VmGone):
-            raise conn
-        await conn.execute(_resume_cmd(hold)[2], timeout=FREEZE_TIMEOUT)
-    except VmGone:
-        if hold.kind == "qga.freeze" and await _vm_alive(ctx, hold.data["vm"]):
-            raise
-    hold.end = time.monotonic()
-
-
-async def _vm_alive(ctx: RunContext, address: str) -> bool:
-    """Whether the VM at ``address`` answers QMP (on the loop: no blocking calls)."""
-    conn = _connections(ctx).open.get(address)
-    mine = conn is None
-    try:
-        if conn is None:
-            conn = Qmp(address, connect=False)
-            await conn.open()
-        await conn.execute("query-status", timeout=5)
-        return True
-    except VmGone:
-        return False
-    finally:
-        if mine and conn is not None and conn.connected:
-            await conn.disconnect()
-
-
-@hookimpl
-def blktx_resume(ctx: RunContext, hold: Hold) -> bool | None:
-    if hold.kind not in ("qmp.pause", "qga.freeze"):
-        return None
-    kind, address, _ = _resume_cmd(hold)
-    run_async(_end(ctx, hold, _connections(ctx, kind).many([address])[address]))
-    return True
-
-
-@hookimpl
-def blktx_resume_many(ctx: RunContext, holds: list[Hold]) -> list[Hold] | None:
-    """End every window of a kind at once: all ``cont`` (or thaw) commands leave one
-    loop together. Any that failed is left to blktx_resume, which reports it."""
-    ours = [h for h in holds if h.kind in ("qmp.pause", "qga.freeze")]
-    if not ours:
-        return None
-    kind = _resume_cmd(ours[0])[0]
-    got = _connections(ctx, kind).many([_resume_cmd(h)[1] for h in ours])
-
-    async def all_of() -> list[Any]:
-        return await asyncio.gather(*(_end(ctx, h, got[_resume_cmd(h)[1]]) for h in ours), return_exceptions=True)
-
-    return [h for h, failed in zip(ours, run_async(all_of()), strict=True) if failed is None]

@@ -71,7 +71,7 @@ def test_external_snapshot_switches_the_device_atomically(images: Path) -> None:
     assert os.readlink(images / "vm") == "vm.new.qcow2"
     assert chain(images / "vm") == ["vm", "vm.base.qcow2"] or chain(images / "vm")[-1] == "vm.base.qcow2"
     info = subprocess.run(["qemu-img", "info", str(images / "vm.new.qcow2")], capture_output=True, text=True).stdout
-    assert "backing file: vm.base.qcow2" in info and "backing file format: qcow2" in info
+    assert "backing file: ./vm.base.qcow2" in info and "backing file format: qcow2" in info
     assert same_data(images / "vm", images / "vm.base.qcow2")
 
 
@@ -487,3 +487,162 @@ def test_a_snapshot_made_while_blktx_died_is_judged_by_the_daemons_heartbeat(ima
             assert snapshots(images / "d1.qcow2") == [(made[0], "nightly")]
     finally:
         shutil.rmtree(folder)
+
+
+# -- hostile images (docs/security.md) -----------------------------------------------------
+
+
+def _patch(path: Path, offset: int, fmt: str, value: int) -> None:
+    import struct
+
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(struct.pack(fmt, value))
+
+
+def _snap_table(path: Path) -> int:
+    import struct
+
+    with open(path, "rb") as fh:
+        fh.seek(64)
+        return int(struct.unpack(">Q", fh.read(8))[0])
+
+
+@pytest.mark.parametrize("craft", ["snapshots", "backing name", "extra data", "l1 table", "refcount table",
+                                   "cluster bits"])
+def test_a_crafted_header_beyond_qemus_limits_is_refused_at_check(tmp_path: Path, craft: str) -> None:
+    """A header QEMU would refuse is refused at check, naming the file and the limit,
+    and blktx neither allocates nor reads without bound."""
+    image = make_image(tmp_path / "d0.qcow2", snapshots=("weekly",))
+    if craft == "snapshots":
+        _patch(image, 60, ">I", 70_000)
+    elif craft == "backing name":
+        _patch(image, 8, ">Q", 0x200)
+        _patch(image, 16, ">I", 5000)
+    elif craft == "extra data":
+        _patch(image, _snap_table(image) + 36, ">I", 1 << 30)
+    elif craft == "l1 table":
+        _patch(image, 36, ">I", 0xFFFFFFFF)
+    elif craft == "refcount table":
+        _patch(image, 56, ">I", 0xFFFFFFFF)
+    else:
+        _patch(image, 20, ">I", 40)
+    t0 = time.monotonic()
+    result = run(tmp_path, [("qcow2.internal-create", {"image": "d0.qcow2", "name": "nightly"})])
+    assert time.monotonic() - t0 < 10
+    assert result.outcome == "invalid", result.summary()
+    message = result.problems[0].message
+    assert str(image) in message and "QEMU refuses such an image" in message, message
+
+
+def test_a_fifo_in_place_of_an_image_is_refused_not_waited_for(tmp_path: Path) -> None:
+    import sys
+
+    os.mkfifo(tmp_path / "d0.qcow2")
+    (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "qcow2.internal-create"\n'
+                                     'image = "d0.qcow2"\nname = "s"\n')
+    out = subprocess.run([sys.executable, "-m", "blktx.cli", "check", str(tmp_path / "t.toml")],
+                         capture_output=True, text=True, timeout=30, check=False, env={**os.environ, "COLUMNS": "500"})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "is not a regular file (a FIFO" in out.stdout + out.stderr, out.stdout
+
+
+def test_a_snapshot_name_that_is_not_utf8_is_data_not_a_crash(images: Path) -> None:
+    """QEMU allows any bytes in a name: checks, runs, deletes by id and messages keep
+    working, and the name is shown escaped."""
+    image = images / "d1.qcow2"
+    subprocess.run([b"qemu-img", b"snapshot", b"-c", b"caf\xe9", os.fsencode(image)], check=True)
+    result = run(images, [("qcow2.internal-create", {"image": "d1.qcow2", "name": "nightly"}),
+                          ("fault", {"phase": "invalidate"})])
+    assert result.outcome == "rolled back", result.summary()
+    result = run(images, [("qcow2.internal-create", {"image": "d1.qcow2", "name": "nightly"})])
+    assert result.outcome == "committed", result.summary()
+    result = run(images, [("qcow2.internal-delete", {"image": "d1.qcow2", "name": "missing"})])
+    assert result.outcome == "invalid" and "1:'caf\\xe9'" in result.problems[0].message, result.problems
+    result = run(images, [("qcow2.internal-delete", {"image": "d1.qcow2", "id": "1"})])
+    assert result.outcome == "committed", result.summary()
+    assert [n for _, n in snapshots(image)] == ["nightly"]
+
+
+@pytest.mark.parametrize("name", ["", "a\0b", "x" * 256, "caf\udce9"])
+def test_a_snapshot_name_qemu_would_refuse_or_cut_is_refused_at_check(images: Path, name: str) -> None:
+    result = run(images, [("qcow2.internal-create", {"image": "d1.qcow2", "name": name})])
+    assert result.outcome == "invalid", result.summary()
+    message = result.problems[0].message
+    assert f"qcow2.internal-create action #0 on {images / 'd1.qcow2'}: the snapshot name" in message, message
+    assert snapshots(images / "d1.qcow2") == []
+
+
+@pytest.mark.parametrize("backing", ["nbd:127.0.0.1:10809", 'json:{"driver": "raw", "file": {"driver": "file", '
+                                     '"filename": "/etc/shadow"}}', "/etc/hostname", "outside", "deep"])
+@pytest.mark.parametrize("kind", ["qcow2.internal-create", "qcow2.external-create"])
+def test_a_backing_chain_through_a_protocol_or_outside_the_roots_is_refused_at_check(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, backing: str, kind: str) -> None:
+    """Each backing name of the whole chain is read by blktx and must be a file under
+    the roots: QEMU is never asked to open it."""
+    spec = tmp_path / "spec"
+    spec.mkdir()
+    fmt = "raw"
+    if backing in ("outside", "deep"):
+        elsewhere = tmp_path_factory.mktemp("elsewhere")
+        make_image(elsewhere / "base.qcow2")
+        deep = backing == "deep"
+        backing, fmt = str(elsewhere / "base.qcow2"), "qcow2"
+    else:
+        deep = False
+    top = spec / "d0.qcow2"
+    if deep:
+        # the first link is inside the roots; the next one leaves them
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", fmt,
+                        str(spec / "mid.qcow2"), "16M"], check=True)
+        backing, fmt = "./mid.qcow2", "qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", fmt, str(top), "16M"],
+                   check=True)
+    if kind == "qcow2.internal-create":
+        result = run(spec, [(kind, {"image": "d0.qcow2", "name": "nightly"})])
+    else:
+        os.symlink("d0.qcow2", spec / "vm")
+        result = run(spec, [(kind, {"device": "vm", "overlay": "vm.new.qcow2"})])
+    assert result.outcome == "invalid", result.summary()
+    assert "[rule confined-paths]" in result.problems[0].message, result.problems[0].message
+    from blktx_plugins._image import read_header  # qemu-img itself would open the chain to list them
+
+    assert read_header(str(top))[1] == [] and not (spec / "vm.new.qcow2").exists()
+
+
+def test_an_overlay_names_its_backing_file_so_that_no_folder_reads_as_a_protocol(tmp_path: Path) -> None:
+    """The current image lies in a folder named like a protocol (``nbd:x``): the
+    overlay's backing name starts with ``./`` and carries its format, so QEMU opens
+    the file rather than connecting anywhere."""
+    folder = tmp_path / "nbd:x"
+    folder.mkdir()
+    make_image(folder / "base.qcow2", pattern=0x42)
+    os.symlink("nbd:x/base.qcow2", tmp_path / "vm")
+    result = run(tmp_path, [("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"})])
+    assert result.outcome == "committed", result.summary()
+    info = subprocess.run(["qemu-img", "info", "-U", str(tmp_path / "vm.new.qcow2")], capture_output=True,
+                          text=True, check=True).stdout
+    assert "backing file: ./nbd:x/base.qcow2" in info and "backing file format: qcow2" in info, info
+    assert same_data(tmp_path / "vm", folder / "base.qcow2")
+
+
+def test_an_image_swapped_after_the_check_is_not_touched(images: Path) -> None:
+    """Between the check and do, someone renames another image over the checked one:
+    blktx re-verifies the identity before QEMU opens anything and acts on neither."""
+    from blktx import Event, hookimpl
+    from blktx.plugins import load
+
+    make_image(images / "other.qcow2", pattern=0x55)
+
+    class Swap:
+        @hookimpl
+        def blktx_event(self, event: Event) -> None:
+            if event.kind == "phase-start" and event.phase == "do":
+                os.replace(images / "other.qcow2", images / "d1.qcow2")
+
+    actions = [ActionSpec("qcow2.internal-create", {"image": "d1.qcow2", "name": "nightly"}),
+               ActionSpec("qcow2.internal-create", {"image": "d2.qcow2", "name": "nightly"})]
+    result = Executor(load(extra=[("swap", Swap())])).run(Transaction(actions, base_dir=str(images)))
+    assert result.outcome == "rolled back", result.summary()
+    assert result.failure is not None and "replaced by another file since the check" in result.failure.message
+    assert snapshots(images / "d1.qcow2") == [] and snapshots(images / "d2.qcow2") == []

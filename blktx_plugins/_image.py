@@ -1,0 +1,348 @@
+"""Reading qcow2 headers as hostile bytes, within QEMU's own limits.
+
+An image may be written by a tenant or a guest: its header is data, never trusted.
+Checks read it directly (no process, read-only, no lock taken) and enforce the
+limits QEMU itself enforces when it opens an image, so that a crafted header can
+neither make blktx allocate or read without bound nor describe something QEMU
+would refuse. A FIFO or device in place of an image is refused, not waited on.
+
+Backing files and external data files are names QEMU would open: each is refused
+when QEMU would read it as a protocol (``nbd:``, ``json:``...), followed (within
+these limits, by blktx itself) and refused when it resolves outside the allowed
+roots. QEMU is never asked to open a chain to find out.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from blktx import Refused
+
+QCOW2_MAGIC = b"QFI\xfb"
+# QEMU's limits (block/qcow2.h): a header that breaks one is refused by QEMU too.
+MAX_SNAPSHOTS = 65536  # QCOW_MAX_SNAPSHOTS
+MAX_SNAPSHOTS_SIZE = 1024 * MAX_SNAPSHOTS  # QCOW_MAX_SNAPSHOTS_SIZE: the whole table, in bytes
+MAX_SNAPSHOT_EXTRA = 1024  # QCOW_MAX_SNAPSHOT_EXTRA_DATA
+MAX_BACKING_NAME = 1023  # the header's backing_file_size
+MAX_L1_BYTES = 32 << 20  # QCOW_MAX_L1_SIZE
+MAX_REFTABLE_BYTES = 8 << 20  # QCOW_MAX_REFTABLE_SIZE
+MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21
+#: QEMU copies a snapshot's name into a 256-byte buffer (QEMUSnapshotInfo.name):
+#: a longer name is silently cut, so blktx refuses it.
+MAX_SNAPSHOT_NAME = 255
+#: A longer chain is refused: it is not an image a person made, and it bounds the walk.
+MAX_CHAIN = 64
+
+_EXT_BACKING_FORMAT = 0xE2792ACA
+_EXT_DATA_FILE = 0x44415441
+# Formats QEMU could probe a backing file as that have backing files of their own
+# and that blktx does not read: refused rather than followed blind.
+_OTHER_MAGICS = (b"QED\0", b"KDMV", b"COWD", b"# Disk DescriptorFile", b"conectix", b"vhdxfile")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An internal snapshot. ``date`` (seconds, nanoseconds, set by QEMU when it
+    made it) is not part of equality; :meth:`same` compares the whole identity.
+    ``id`` and ``name`` are QEMU's bytes decoded as UTF-8 with ``surrogateescape``:
+    QEMU allows any bytes, and :func:`shown` prints them escaped."""
+
+    id: str
+    name: str
+    date: tuple[int, int] = field(default=(0, 0), compare=False)
+
+    def same(self, other: Snapshot) -> bool:
+        """The same point in time: id, name and date (an id is reused after a delete)."""
+        return (self.id, self.name, self.date) == (other.id, other.name, other.date)
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.date[0]))
+        return f"snapshot {shown(self.name)} (id {bare(self.id)}, made {when}.{self.date[1] // 1000:06d})"
+
+
+def shown(text: str) -> str:
+    """``text`` quoted for a message: bytes that are not UTF-8 and control characters
+    escaped (``'caf\\xe9'``), so a crafted name can neither break the output's
+    encoding nor act on a terminal."""
+    raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in raw)
+    return "'" + out.replace("'", "\\'") + "'"
+
+
+def bare(text: str) -> str:
+    """:func:`shown` without the quotes (a snapshot id)."""
+    return shown(text)[1:-1]
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def name_problem(name: str) -> str | None:
+    """Why QEMU would refuse or mangle ``name`` as a snapshot name, or None."""
+    if not name:
+        return "is empty"
+    if "\0" in name:
+        return "contains a NUL character (QEMU would cut it there)"
+    if not is_utf8(name):
+        return "is not valid UTF-8 (QMP carries UTF-8 only)"
+    if len(name.encode()) > MAX_SNAPSHOT_NAME:
+        return f"is {len(name.encode())} bytes long; QEMU keeps at most {MAX_SNAPSHOT_NAME} and cuts the rest"
+    return None
+
+
+@dataclass(frozen=True)
+class Header:
+    """What blktx reads of a qcow2 header."""
+
+    version: int
+    size: int
+    snapshots: list[Snapshot]
+    backing: str | None
+    backing_format: str | None
+    data_file: str | None
+    ident: list[int]
+
+
+def open_image(path: str) -> int:
+    """A read-only descriptor of the regular file ``path`` (never a symlink at the
+    last component, never a FIFO or device: opened non-blocking, then checked)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise Refused(f"{path} does not exist", hint="check the path") from None
+    except IsADirectoryError:
+        raise Refused(f"{path} is a directory, not an image") from None
+    except PermissionError:
+        raise Refused(f"{path} is not readable by this user") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Refused(f"{path} is a symlink; give the image itself",
+                          hint=f"the link points to {os.path.realpath(path)}") from None
+        raise Refused(f"{path} cannot be opened: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Refused(f"{path} is not a regular file (a FIFO, socket or device is never read as an image)")
+    return fd
+
+
+def _read(fd: int, offset: int, length: int, path: str) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise Refused(f"{path}: qcow2 header points past the end of the file (offset {offset})")
+    return data
+
+
+def read_image(path: str) -> Header:
+    """The header of the qcow2 image ``path`` (see :func:`open_image`), within QEMU's limits.
+
+    Raises :class:`Refused` naming the file when it is missing, not a regular file,
+    not qcow2, or breaks a limit.
+    """
+    fd = open_image(path)
+    try:
+        return _parse(fd, path)
+    finally:
+        os.close(fd)
+
+
+def read_header(path: str) -> tuple[int, list[Snapshot], str | None]:
+    """The qcow2 version, internal snapshots and backing file name of ``path``."""
+    h = read_image(path)
+    return h.version, h.snapshots, h.backing
+
+
+def _parse(fd: int, path: str) -> Header:
+    st = os.fstat(fd)
+    head = os.pread(fd, 104, 0)
+    if len(head) < 72 or head[:4] != QCOW2_MAGIC:
+        raise Refused(f"{path} is not a qcow2 image", hint="check the path; `qemu-img info` shows its format")
+    version, backing_off, backing_len, cluster_bits, size = struct.unpack(">IQIIQ", head[4:32])
+    l1_size, _l1_off, _rt_off, rt_clusters, nb, snap_off = struct.unpack(">IQQIIQ", head[36:72])
+
+    def bad(what: str) -> Refused:
+        return Refused(f"{path}: {what}; QEMU refuses such an image", hint="`qemu-img check` examines it")
+
+    if version not in (2, 3):
+        raise bad(f"qcow2 version {version}")
+    if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+        raise bad(f"cluster_bits {cluster_bits}")
+    cluster = 1 << cluster_bits
+    if l1_size * 8 > MAX_L1_BYTES:
+        raise bad(f"an L1 table of {l1_size} entries")
+    if rt_clusters * cluster > MAX_REFTABLE_BYTES:
+        raise bad(f"a refcount table of {rt_clusters} clusters")
+    if nb > MAX_SNAPSHOTS:
+        raise bad(f"{nb} snapshots (at most {MAX_SNAPSHOTS})")
+    if backing_len > MAX_BACKING_NAME:
+        raise bad(f"a backing file name of {backing_len} bytes (at most {MAX_BACKING_NAME})")
+    backing = None
+    if backing_off:
+        if backing_off + backing_len > cluster:
+            raise bad("a backing file name outside the first cluster")
+        backing = _read(fd, backing_off, backing_len, path).decode("utf-8", "surrogateescape")
+    header_len = 72
+    if version == 3:
+        if len(head) < 104:
+            raise bad("a truncated version 3 header")
+        header_len = struct.unpack(">I", head[100:104])[0]
+        if not 104 <= header_len <= cluster:
+            raise bad(f"header_length {header_len}")
+    backing_format, data_file = _extensions(fd, path, header_len, backing_off or cluster, bad)
+    snaps = _snapshots(fd, path, nb, snap_off, st.st_size, bad) if nb else []
+    return Header(version, size, snaps, backing, backing_format, data_file, [st.st_dev, st.st_ino])
+
+
+def _extensions(fd: int, path: str, start: int, end: int, bad: Callable[[str], Refused]) -> tuple[str | None, str | None]:
+    """The backing format and external data file name, from the header extensions
+    (which QEMU requires to lie between the header and the backing name)."""
+    area = os.pread(fd, max(0, end - start), start)
+    backing_format = data_file = None
+    pos = 0
+    while pos + 8 <= len(area):
+        kind, length = struct.unpack(">II", area[pos:pos + 8])
+        if kind == 0:
+            break
+        data = area[pos + 8:pos + 8 + length]
+        if len(data) != length:
+            raise bad("a header extension past the first cluster")
+        if kind == _EXT_BACKING_FORMAT:
+            backing_format = data.decode("utf-8", "surrogateescape")
+        elif kind == _EXT_DATA_FILE:
+            data_file = data.decode("utf-8", "surrogateescape")
+        pos += 8 + (length + 7) // 8 * 8
+    return backing_format, data_file
+
+
+def _snapshots(fd: int, path: str, nb: int, offset: int, file_size: int, bad: Callable[[str], Refused]) -> list[Snapshot]:
+    # The whole table is read at once, bounded by QEMU's limit and the file's size.
+    table = os.pread(fd, min(MAX_SNAPSHOTS_SIZE, max(0, file_size - offset)), offset)
+    snaps, pos = [], 0
+    for _ in range(nb):
+        fixed = table[pos:pos + 40]
+        if len(fixed) != 40:
+            raise bad("a snapshot table past the end of the file or larger than 64 MiB")
+        (_l1, _l1size, id_len, name_len, dsec, dnsec, _vm, _vmsize, extra) = struct.unpack(">QIHHIIQII", fixed)
+        if extra > MAX_SNAPSHOT_EXTRA:
+            raise bad(f"snapshot extra data of {extra} bytes")
+        start = pos + 40 + extra
+        end = start + id_len + name_len
+        if end > len(table):
+            raise bad("a snapshot table past the end of the file or larger than 64 MiB")
+        sid = table[start:start + id_len].decode("utf-8", "surrogateescape")
+        name = table[start + id_len:end].decode("utf-8", "surrogateescape")
+        pos = end + (8 - (end - pos) % 8) % 8
+        snaps.append(Snapshot(sid, name, (dsec, dnsec)))
+    return snaps
+
+
+def has_protocol(name: str) -> bool:
+    """Whether QEMU would read ``name`` as ``protocol:...`` rather than a file name:
+    a ``:`` before any ``/`` (QEMU's ``path_has_protocol``), ``json:`` included."""
+    head = name.split("/", 1)[0]
+    return ":" in head
+
+
+def within(path: str, roots: list[str]) -> bool:
+    """Whether ``path`` (every symlink resolved) lies under one of ``roots``."""
+    real = os.path.realpath(path)
+    for root in roots:
+        top = os.path.realpath(root)
+        if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def _other_format(path: str) -> bytes | None:
+    """The magic of a format QEMU could probe ``path`` as that has its own backing
+    files and that blktx does not read; None for qcow2 or raw."""
+    fd = open_image(path)
+    try:
+        head = os.pread(fd, 32, 0)
+    finally:
+        os.close(fd)
+    return next((m for m in _OTHER_MAGICS if head.startswith(m)), None)
+
+
+def check_chain(path: str, roots: list[str], header: Header | None = None) -> Header:
+    """Refuse an image whose backing chain or data file QEMU would reach outside
+    ``roots`` or through a protocol; return ``path``'s own header.
+
+    Each name is resolved as QEMU resolves it (relative to the folder of the image
+    that names it), refused if it has a protocol prefix, confined to ``roots``, and
+    read by blktx within the limits above. A chain that loops or is longer than
+    :data:`MAX_CHAIN` is refused.
+    """
+    top = header or read_image(path)
+    current, h = os.path.realpath(path), top
+    seen = {tuple(top.ident)}
+    for _ in range(MAX_CHAIN):
+        for what, name in (("external data file", h.data_file), ("backing file", h.backing)):
+            if name is None:
+                continue
+            if not name or "\0" in name:
+                raise Refused(f"{current}: its {what} name {shown(name)} is empty or holds a NUL character "
+                              "[rule confined-paths]")
+            if has_protocol(name):
+                raise Refused(f"{current}: its {what} {shown(name)} names a protocol, not a file "
+                              "[rule confined-paths]: QEMU would connect to or parse it",
+                              hint="rebase the image onto a file: qemu-img rebase -u -F FMT -b ./FILE IMAGE")
+            resolved = os.path.join(os.path.dirname(current), name)
+            if not within(resolved, roots):
+                raise Refused(f"{current}: its {what} {shown(name)} resolves to {os.path.realpath(resolved)}, "
+                              f"outside the allowed roots ({', '.join(roots)}) [rule confined-paths]",
+                              hint="widen with --root DIR if that chain is yours")
+        if h.data_file is not None:
+            data_real = os.path.realpath(os.path.join(os.path.dirname(current), h.data_file))
+            fd = open_image(data_real)
+            os.close(fd)
+        if h.backing is None:
+            return top
+        nxt = os.path.realpath(os.path.join(os.path.dirname(current), h.backing))
+        fmt = h.backing_format
+        if fmt not in (None, "qcow2", "raw"):
+            raise Refused(f"{current}: its backing file {shown(h.backing)} is recorded as {shown(fmt or '')}, "
+                          "which blktx does not read [rule confined-paths]")
+        other = _other_format(nxt) if fmt is None else None
+        if other is not None:
+            raise Refused(f"{current}: its backing file {nxt} has no recorded format and looks like "
+                          f"{other!r} (QEMU would probe it), which blktx does not read [rule confined-paths]",
+                          hint="record the format: qemu-img rebase -u -F FMT -b NAME IMAGE")
+        if fmt == "raw":
+            return top
+        fd = open_image(nxt)
+        try:
+            if os.pread(fd, 4, 0) != QCOW2_MAGIC:
+                if fmt == "qcow2":
+                    raise Refused(f"{current}: its backing file {nxt} is recorded as qcow2 but is not")
+                return top  # raw: the chain ends
+            h = _parse(fd, nxt)
+        finally:
+            os.close(fd)
+        if tuple(h.ident) in seen:
+            raise Refused(f"{path}: its backing chain loops at {nxt} [rule confined-paths]")
+        seen.add(tuple(h.ident))
+        current = nxt
+    raise Refused(f"{path}: its backing chain is longer than {MAX_CHAIN} images [rule confined-paths]")
+
+
+def open_verified(path: str, ident: list[int] | None) -> int:
+    """A descriptor of ``path`` that is the file checked as ``ident`` (device,
+    inode), or :class:`Refused`: the path was swapped since the check. QEMU is then
+    given ``/proc/self/fd/N`` rather than the path, so it opens that very file."""
+    fd = open_image(path)
+    st = os.fstat(fd)
+    if ident and [st.st_dev, st.st_ino] != list(ident):
+        os.close(fd)
+        raise Refused(f"{path} was replaced by another file since the check [rule confined-paths]; left alone")
+    return fd
