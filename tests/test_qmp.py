@@ -291,3 +291,153 @@ def test_quiesce_from_the_command_line(tmp_path: Path, vms: list[VM], capsys: py
     with pytest.raises(SystemExit):
         main(["run", str(spec), "--quiesce", "freeze"])
     assert "invalid choice: 'freeze'" in capsys.readouterr().err
+
+
+class SilentOnStop:
+    """A fake VM: a unix socket that greets like QEMU, answers qmp_capabilities and
+    queries (one qcow2 drive, running), and never answers ``stop``."""
+
+    def __init__(self, sock: Path, image: Path) -> None:
+        import socket
+        import threading
+
+        self.sock, self.image = sock, image
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(sock))
+        self.server.listen(4)
+        self.stops = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+
+    def _reply(self, name: str) -> Any:
+        if name == "query-status":
+            return {"running": True, "status": "running"}
+        if name == "query-block":
+            return [{"device": "drive0", "qdev": "", "inserted": {
+                "node-name": "n0", "file": str(self.image), "drv": "qcow2",
+                "image": {"virtual-size": 16 << 20, "snapshots": []}}}]
+        if name == "query-named-block-nodes":
+            return []
+        return {}
+
+    def _client(self, conn: Any) -> None:
+        import json
+
+        decoder, buf = json.JSONDecoder(), ""
+        conn.sendall(json.dumps({"QMP": {"version": {"qemu": {"major": 8, "minor": 0, "micro": 0},
+                                                     "package": ""}, "capabilities": []}}).encode() + b"\r\n")
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data.decode()
+                while buf.strip():
+                    try:
+                        msg, end = decoder.raw_decode(buf.lstrip())
+                    except ValueError:
+                        break
+                    buf = buf.lstrip()[end:]
+                    if msg.get("execute") == "stop":
+                        self.stops += 1
+                        continue  # never answered
+                    out = {"return": self._reply(msg.get("execute", ""))}
+                    if "id" in msg:
+                        out["id"] = msg["id"]
+                    conn.sendall(json.dumps(out).encode() + b"\r\n")
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_vm_that_never_answers_stop_does_not_keep_the_others_paused(tmp_path: Path) -> None:
+    """One VM of the group hangs on ``stop``: the real VM runs again within the window
+    budget (+1 s), and the group rolls back with the hung VM named."""
+    import threading
+    import time
+
+    real = VM(tmp_path, "real")
+    fake = SilentOnStop(tmp_path / "hung.qmp", make_image(tmp_path / "hung.qcow2"))
+    paused_for: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        since = None
+        while not stop.is_set():
+            running = real.running()
+            now = time.monotonic()
+            if not running and since is None:
+                since = now
+            if running and since is not None:
+                paused_for.append(now - since)
+                since = None
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    results: list[Any] = []
+    try:
+        actions = [("qmp.internal-create", {"vm": "real.qmp", "drive": "drive0", "name": "nightly"}),
+                   ("qmp.internal-create", {"vm": "hung.qmp", "drive": "drive0", "name": "nightly"})]
+        runner = threading.Thread(target=lambda: results.append(run(tmp_path, actions, quiesce="pause",
+                                                                    max_window=2.0)), daemon=True)
+        runner.start()
+        runner.join(timeout=30)
+        assert not runner.is_alive(), "the run waited for the VM that never answers"
+        time.sleep(0.1)
+        stop.set()
+        watcher.join()
+        (result,) = results
+        assert result.outcome == "rolled back", result.summary()
+        assert fake.stops == 1 and result.failure is not None and "hung.qmp" in result.failure.message
+        assert real.running() and real.snapshots(0) == []
+        assert paused_for and max(paused_for) <= 2.0 + 1.0, paused_for
+    finally:
+        stop.set()
+        fake.close()
+        real.quit()
+
+
+@pytest.mark.parametrize("confined", [True, False])
+def test_a_dead_vms_image_is_undone_offline_only_under_the_roots(tmp_path: Path, confined: bool) -> None:
+    """The VM dies after its snapshot was made; the rollback undoes it offline on the
+    image file the VM reported. Under the roots: removed. Outside them (the VM's
+    folder is only a --vm-root): blktx does not act on it, and says so."""
+    from blktx.plugins import load
+
+    spec, vms_dir = tmp_path / "spec", tmp_path / ("spec" if confined else "vms")
+    spec.mkdir(exist_ok=True)
+    vms_dir.mkdir(exist_ok=True)
+    vm = VM(vms_dir, "vm0")
+
+    class KillAtInvalidate:
+        @hookimpl
+        def blktx_event(self, event: Event) -> None:
+            if event.kind == "phase-start" and event.phase == "invalidate":
+                vm.kill()
+
+    try:
+        actions = [ActionSpec("qmp.internal-create", {"vm": str(vm.sock), "drive": "drive0", "name": "nightly"}),
+                   ActionSpec("fault", {"phase": "invalidate"})]
+        result = Executor(load(extra=[("kill", KillAtInvalidate())])).run(
+            Transaction(actions, base_dir=str(spec)), vm_roots=[str(vms_dir)])
+        if confined:
+            assert result.outcome == "rolled back", result.summary()
+            assert snapshots(vm.images[0]) == []
+        else:
+            assert result.outcome == "needs recovery", result.summary()
+            assert any("[rule confined-paths]" in str(lo) for lo in result.leftovers) or \
+                "[rule confined-paths]" in result.summary(), result.summary()
+            assert [n for _, n in snapshots(vm.images[0])] == ["nightly"]
+    finally:
+        if vm.proc.poll() is None:
+            vm.quit()

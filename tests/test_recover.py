@@ -198,7 +198,7 @@ def test_qcow2_kill_inside_the_storage_daemons_transaction_is_rolled_back_by_rec
     snapshot: the journal says do started but not what it made. The daemon holds every
     image's lock until it dies with blktx, and the heartbeat in its folder bounds that
     moment; so recover proves the new snapshots blktx's, removes them and exits 0."""
-    from blktx_plugins._qemu import read_header
+    from blktx_plugins._image import read_header
 
     images = 48
     for attempt in range(8):
