@@ -302,25 +302,27 @@ def check_chain(path: str, roots: list[str], header: Header | None = None) -> He
                 raise Refused(f"{current}: its {what} {shown(name)} resolves to {os.path.realpath(resolved)}, "
                               f"outside the allowed roots ({', '.join(roots)}) [rule confined-paths]",
                               hint="widen with --root DIR if that chain is yours")
-        if h.data_file is not None:
-            data_real = os.path.realpath(os.path.join(os.path.dirname(current), h.data_file))
-            fd = open_image(data_real)
-            os.close(fd)
-        if h.backing is None:
-            return top
-        nxt = os.path.realpath(os.path.join(os.path.dirname(current), h.backing))
-        fmt = h.backing_format
-        if fmt not in (None, "qcow2", "raw"):
-            raise Refused(f"{current}: its backing file {shown(h.backing)} is recorded as {shown(fmt or '')}, "
-                          "which blktx does not read [rule confined-paths]")
-        other = _other_format(nxt) if fmt is None else None
-        if other is not None:
-            raise Refused(f"{current}: its backing file {nxt} has no recorded format and looks like "
-                          f"{other!r} (QEMU would probe it), which blktx does not read [rule confined-paths]",
-                          hint="record the format: qemu-img rebase -u -F FMT -b NAME IMAGE")
-        if fmt == "raw":
-            return top
-        fd = open_image(nxt)
+        try:
+            if h.data_file is not None:
+                os.close(open_image(os.path.realpath(os.path.join(os.path.dirname(current), h.data_file))))
+            if h.backing is None:
+                return top
+            nxt = os.path.realpath(os.path.join(os.path.dirname(current), h.backing))
+            fmt = h.backing_format
+            if fmt not in (None, "qcow2", "raw"):
+                raise Refused(f"its backing file {shown(h.backing)} is recorded as {shown(fmt or '')}, "
+                              "which blktx does not read [rule confined-paths]")
+            other = _other_format(nxt) if fmt is None else None
+            if other is not None:
+                raise Refused(f"its backing file {nxt} has no recorded format and looks like {other!r} (QEMU "
+                              "would probe it), which blktx does not read [rule confined-paths]",
+                              hint="record the format: qemu-img rebase -u -F FMT -b NAME IMAGE")
+            if fmt == "raw":
+                return top
+            fd = open_image(nxt)
+        except Refused as exc:  # say which image of the chain names it
+            raise Refused(f"{current}: {exc}" if not str(exc).startswith(current + ":") else str(exc),
+                          hint=exc.hint) from None
         try:
             if os.pread(fd, 4, 0) != QCOW2_MAGIC:
                 if fmt == "qcow2":
