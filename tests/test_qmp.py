@@ -297,7 +297,7 @@ class SilentOnStop:
     """A fake VM: a unix socket that greets like QEMU, answers qmp_capabilities and
     queries (one qcow2 drive, running), and never answers ``stop``."""
 
-    def __init__(self, sock: Path, image: Path) -> None:
+    def __init__(self, sock: Path, image: Path | str) -> None:
         import socket
         import threading
 
@@ -441,3 +441,26 @@ def test_a_dead_vms_image_is_undone_offline_only_under_the_roots(tmp_path: Path,
     finally:
         if vm.proc.poll() is None:
             vm.quit()
+
+
+@pytest.mark.parametrize("name", ["", "a\0b", "x" * 256])
+def test_a_snapshot_name_qemu_would_refuse_or_cut_is_refused_at_check(tmp_path: Path, vms: list[VM],
+                                                                      name: str) -> None:
+    result = run(tmp_path, [("qmp.internal-create", {"vm": "vm0.qmp", "drive": "drive0", "name": name})])
+    assert result.outcome == "invalid", result.summary()
+    assert "qmp.internal-create action #0 on drive drive0 of VM" in result.problems[0].message
+    assert vms[0].snapshots(0) == []
+
+
+def test_an_overlay_is_not_made_for_a_drive_the_vm_opened_through_a_protocol(tmp_path: Path) -> None:
+    """The VM reports its drive as ``json:{...}``: an overlay would name that as its
+    backing file, so the action is refused at check."""
+    fake = SilentOnStop(tmp_path / "odd.qmp", 'json:{"driver": "nbd", "server": {"type": "inet", "host": "x"}}')
+    try:
+        result = run(tmp_path, [("qmp.external-create", {"vm": "odd.qmp", "drive": "drive0",
+                                                         "overlay": "ov.qcow2"})])
+        assert result.outcome == "invalid", result.summary()
+        assert "not a file path [rule confined-paths]" in result.problems[0].message
+        assert not (tmp_path / "ov.qcow2").exists()
+    finally:
+        fake.close()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from qemu_helpers import make_image, needs_qemu_img, world
 
-from blktx import Hold, hookimpl
+from blktx import Hold, Refused, hookimpl
 from blktx_plugins.sim import make_world, read_world
 
 SIM_SPEC = """\
@@ -214,7 +214,14 @@ def test_qcow2_kill_inside_the_storage_daemons_transaction_is_rolled_back_by_rec
         proc = subprocess.Popen([sys.executable, "-m", "blktx.cli", "run", str(work / "t.toml"), "--journal",
                                  str(journal)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         first = str(work / "d0.qcow2")
-        while proc.poll() is None and not read_header(first)[1]:
+
+        def made(first: str = first) -> bool:
+            try:
+                return bool(read_header(first)[1])
+            except Refused:  # read while QEMU was writing it: look again
+                return False
+
+        while proc.poll() is None and not made():
             pass  # spin: the window between QEMU's write and blktx's journal write is short
         proc.send_signal(signal.SIGKILL)
         proc.wait()
