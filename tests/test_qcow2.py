@@ -646,3 +646,24 @@ def test_an_image_swapped_after_the_check_is_not_touched(images: Path) -> None:
     assert result.outcome == "rolled back", result.summary()
     assert result.failure is not None and "replaced by another file since the check" in result.failure.message
     assert snapshots(images / "d1.qcow2") == [] and snapshots(images / "d2.qcow2") == []
+
+
+def test_the_storage_daemon_does_not_open_the_backing_chain(tmp_path: Path) -> None:
+    """Internal snapshots need no backing chain: the daemon opens the image with
+    ``backing: null``. Here a running QEMU writes to the backing file (holding its
+    write lock); opening the chain would fail on that lock."""
+    from qemu_helpers import VM
+
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("needs qemu-system-x86_64")
+    vm = VM(tmp_path, "vm", drives=1)
+    try:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "./vm-d0.qcow2", "-F", "qcow2",
+                        str(tmp_path / "top.qcow2"), "16M"], check=True)
+        result = run(tmp_path, [("qcow2.internal-create", {"image": "top.qcow2", "name": "nightly"})])
+        assert result.outcome == "committed", result.summary()
+        from blktx_plugins._image import read_header
+
+        assert [s.name for s in read_header(str(tmp_path / "top.qcow2"))[1]] == ["nightly"]
+    finally:
+        vm.quit()
