@@ -16,6 +16,7 @@ can be found again by identity, not by name.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import string
@@ -55,6 +56,15 @@ def check_name(name: str, what: str) -> str | None:
     """Why ``name`` cannot be a group or snapshot name, or None."""
     return None if _NAME.match(name) else (f"{what} {name!r} is not a usable name: letters, digits and "
                                            "_ . : @ + = - only, at most 128")
+
+
+def default_group(spec_file: str | None) -> str:
+    """The group of a spec that names none: its file's name, made usable (``my spec.toml``
+    -> ``my-spec``), else ``default``."""
+    if not spec_file or spec_file == "<stdin>":
+        return "default"
+    stem = re.sub(r"[^A-Za-z0-9_.:@+=-]+", "-", os.path.splitext(os.path.basename(spec_file))[0]).strip("-._")
+    return stem[:128] if _NAME.match(stem[:128] or "-") else "default"
 
 
 @dataclass(frozen=True)

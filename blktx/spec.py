@@ -16,7 +16,7 @@ from typing import Any
 import tomli
 
 from blktx.actiontype import Action
-from blktx.catalog import Naming, check_name, expand
+from blktx.catalog import Naming, check_name, default_group, expand
 from blktx.context import Options, spec_options
 from blktx.errors import InvalidTransaction, Problem
 from blktx.identity import untrusted_folders
@@ -305,8 +305,7 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
 
     naming = None
     if txid is not None:
-        group = tx.group or (os.path.splitext(os.path.basename(tx.file))[0] if tx.file and tx.file != "<stdin>"
-                             else "default")
+        group = tx.group or default_group(tx.file)
         why = check_name(group, "group")
         if why:
             problem(why, "group", key="group", hint="name the group in the spec: group = \"web\"")

@@ -97,6 +97,9 @@ class ActionTypeConformance:
             return f"{cls.type_name} is a finalize type: never cancelled"
         if test == "test_cancel_never_removes_what_it_did_not_make" and (not cls.foreign or not cls.changes_world):
             return f"{cls.type_name} makes no object of its own"
+        if test == "test_every_crash_point_is_recovered_in_a_fresh_process" and \
+                default_registry().types.get(cls.type_name) is None:
+            return f"{cls.type_name} is not installed as an entry point: a child process cannot load it"
         return None
 
     def roots(self, base: Path) -> list[str]:
@@ -281,3 +284,101 @@ class ActionTypeConformance:
             when = "the run died before do" if crash_before_do else "do met it"
             _require(self.observe(base) == with_foreign, "cancel never removes what it did not make",
                      f"an object somebody else made at the action's name was removed or changed ({when})")
+
+    def test_every_crash_point_is_recovered_in_a_fresh_process(self, tmp_path: Path) -> None:
+        """A real ``blktx run`` in a child process, killed after each journal write in
+        turn, then ``blktx recover`` in a fresh process: the world is as before, or as
+        after a clean run. A cancel that reads anything but ``action.params`` and
+        ``action.undo`` (a class attribute, a module global) fails here."""
+        from blktx.plugins import default_registry as installed
+
+        if installed().types.get(self.type_name) is None:
+            pytest.skip(f"{self.type_name} is not installed as an entry point: a child process cannot load it")
+        for fault in (None, "invalidate"):
+            ref = Path(tempfile.mkdtemp(dir=tmp_path))
+            params = self.setup_world(ref)
+            before = _seen(self.observe(ref), ref)
+            code, _ = _child_run(ref, self, params, fault, crash_after=None)
+            _require(code == (1 if fault else 0), "a real run commits (or rolls back at the fault)", f"exit {code}")
+            after = _seen(self.observe(ref), ref)
+            for n in range(1, 40):
+                base = Path(tempfile.mkdtemp(dir=tmp_path))
+                params = self.setup_world(base)
+                if _seen(self.observe(base), base) != before:
+                    pytest.skip(f"{type(self).__name__}.observe(base) differs between two fresh worlds: "
+                                "they cannot be compared")
+                code, journal = _child_run(base, self, params, fault, crash_after=n)
+                if code in (0, 1):
+                    break
+                _require(code == -9, "a run killed at a journal write dies there", f"exit {code}")
+                recovered = _child_recover(base, self, journal)
+                _require(recovered.returncode == 0, "blktx recover finishes a killed run",
+                         f"kill after write {n}: recover exited {recovered.returncode}: {recovered.stdout.strip()}")
+                world = _seen(self.observe(base), base)
+                _require(world in (before, after), "after a crash and recover the world is as before or after",
+                         f"kill after write {n}{' (fault in ' + fault + ')' if fault else ''}: {world}, "
+                         f"not {before} nor {after}")
+
+
+def _seen(world: Any, base: Path) -> str:
+    """A world as text, with its folder's path written ``{base}``: worlds made in two
+    folders compare equal when they are alike."""
+    return repr(world).replace(str(base), "{base}")
+
+
+def _toml(value: Any) -> str:
+    """A parameter's value as TOML (strings, numbers, booleans, lists, tables)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _aside(base: Path) -> Path:
+    """Where a child run keeps its journal and claims: beside the world, not in it."""
+    aside = base.parent / (base.name + ".run")
+    aside.mkdir(mode=0o700, exist_ok=True)
+    return aside
+
+
+def _child_env(base: Path) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "BLKTX_CRASH_AFTER"}
+    env["BLKTX_LOCK_DIR"] = str(_aside(base) / "locks")
+    return env
+
+
+def _child_run(base: Path, suite: ActionTypeConformance, action_params: dict[str, Any], fault: str | None,
+               crash_after: int | None) -> tuple[int, Path]:
+    import subprocess
+    import sys
+
+    lines = ["version = 1", "[[action]]", f"type = {json.dumps(suite.type_name)}"]
+    lines += [f"{k} = {_toml(v)}" for k, v in action_params.items() if v is not None]
+    if fault:
+        lines += ["[[action]]", 'type = "fault"', f"phase = {json.dumps(fault)}"]
+    journal = _aside(base) / "journal.sqlite"
+    env = _child_env(base)
+    if crash_after is not None:
+        env["BLKTX_CRASH_AFTER"] = str(crash_after)
+    # the spec on stdin: its relative paths resolve against the world's folder, and no file lands in it
+    args = [sys.executable, "-m", "blktx", "run", "-", "--journal", str(journal)]
+    args += [a for root in suite.roots(base) for a in ("--root", root, "--vm-root", root)]
+    args += ["--allow-exec"] if suite.allow_exec else []
+    out = subprocess.run(args, input="\n".join(lines) + "\n", capture_output=True, text=True, env=env, cwd=base,
+                         check=False)
+    if crash_after is None and out.returncode not in (0, 1):
+        raise ConformanceError(f"conformance: a real run of {suite.type_name} in a child process exited "
+                               f"{out.returncode}: {(out.stdout + out.stderr).strip()[-2000:]}")
+    return out.returncode, journal
+
+
+def _child_recover(base: Path, suite: ActionTypeConformance, journal: Path) -> Any:
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "blktx", "recover", "--journal", str(journal)]
+    args += ["--allow-exec"] if suite.allow_exec else []
+    return subprocess.run(args, capture_output=True, text=True, env=_child_env(base), cwd=base, check=False)
