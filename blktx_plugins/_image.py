@@ -225,22 +225,32 @@ def _extensions(fd: int, path: str, start: int, end: int, bad: Callable[[str], R
 
 
 def _snapshots(fd: int, path: str, nb: int, offset: int, file_size: int, bad: Callable[[str], Refused]) -> list[Snapshot]:
-    # The whole table is read at once, bounded by QEMU's limit and the file's size.
-    table = os.pread(fd, min(MAX_SNAPSHOTS_SIZE, max(0, file_size - offset)), offset)
+    # Read as the entries need it, 64 KiB at a time, never past QEMU's limit on the
+    # whole table nor the end of the file.
+    limit = min(MAX_SNAPSHOTS_SIZE, max(0, file_size - offset))
+    table = bytearray()
+
+    def upto(end: int) -> None:
+        if end > limit:
+            raise bad("a snapshot table past the end of the file or larger than 64 MiB")
+        while len(table) < end:
+            chunk = os.pread(fd, min(limit, max(end, len(table) + 65536)) - len(table), offset + len(table))
+            if not chunk:
+                raise bad("a snapshot table past the end of the file")
+            table.extend(chunk)
+
     snaps, pos = [], 0
     for _ in range(nb):
-        fixed = table[pos:pos + 40]
-        if len(fixed) != 40:
-            raise bad("a snapshot table past the end of the file or larger than 64 MiB")
-        (_l1, _l1size, id_len, name_len, dsec, dnsec, _vm, _vmsize, extra) = struct.unpack(">QIHHIIQII", fixed)
+        upto(pos + 40)
+        (_l1, _l1size, id_len, name_len, dsec, dnsec, _vm, _vmsize, extra) = struct.unpack_from(
+            ">QIHHIIQII", table, pos)
         if extra > MAX_SNAPSHOT_EXTRA:
             raise bad(f"snapshot extra data of {extra} bytes")
         start = pos + 40 + extra
         end = start + id_len + name_len
-        if end > len(table):
-            raise bad("a snapshot table past the end of the file or larger than 64 MiB")
-        sid = table[start:start + id_len].decode("utf-8", "surrogateescape")
-        name = table[start + id_len:end].decode("utf-8", "surrogateescape")
+        upto(end)
+        sid = bytes(table[start:start + id_len]).decode("utf-8", "surrogateescape")
+        name = bytes(table[start + id_len:end]).decode("utf-8", "surrogateescape")
         pos = end + (8 - (end - pos) % 8) % 8
         snaps.append(Snapshot(sid, name, (dsec, dnsec)))
     return snaps
