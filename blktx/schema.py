@@ -36,19 +36,26 @@ def _param(p: Param) -> dict[str, Any]:
 
 
 def schema(registry: Registry) -> dict[str, Any]:
-    variants = []
+    """The spec format as JSON Schema (2020-12). Actions are discriminated on
+    ``type`` (an enum, then one ``if``/``then`` per type) rather than ``oneOf``, so
+    that an editor names the real mistake: an unknown type, an unknown key, a
+    value of the wrong kind, never "not valid under any of the schemas"."""
+    branches = []
     for name, entry in sorted(registry.types.items()):
         cls = entry.cls
         props: dict[str, Any] = {"type": {"const": name}}
         props.update({p.name: _param(p) for p in cls.params})
-        variants.append({
-            "title": name,
-            "description": f"{cls.summary()} (plugin {entry.plugin})",
-            "type": "object",
-            "properties": props,
-            "required": ["type", *[p.name for p in cls.params if p.required]],
-            "additionalProperties": False,
+        branches.append({
+            "if": {"properties": {"type": {"const": name}}, "required": ["type"]},
+            "then": {
+                "title": name,
+                "description": f"{cls.summary()} (plugin {entry.plugin})",
+                "properties": props,
+                "required": ["type", *[p.name for p in cls.params if p.required]],
+                "additionalProperties": False,
+            },
         })
+    plugins = sorted({entry.plugin for entry in registry.types.values()})
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "blktx transaction spec, version 1",
@@ -63,13 +70,23 @@ def schema(registry: Registry) -> dict[str, Any]:
                                                           "{group}, {txid}"},
             "options": {
                 "type": "object",
-                "properties": {name: opt.json_schema() for name, opt in spec_options().items()},
-                "additionalProperties": {"type": "object", "description": "settings of one plugin"},
+                "properties": {
+                    **{name: opt.json_schema() for name, opt in spec_options().items()},
+                    **{plugin: {"type": "object", "description": f"settings of the {plugin} plugin"}
+                       for plugin in plugins if plugin not in spec_options()},
+                },
+                "additionalProperties": False,
             },
             "action": {
                 "type": "array",
                 "minItems": 1,
-                "items": {"type": "object", "required": ["type"], "oneOf": variants},
+                "items": {
+                    "type": "object",
+                    "required": ["type"],
+                    "properties": {"type": {"enum": sorted(registry.types),
+                                            "description": "the action type (`blktx types` lists them)"}},
+                    "allOf": branches,
+                },
             },
         },
     }

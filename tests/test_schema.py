@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,45 @@ def test_schema_accepts_the_examples() -> None:
 def test_schema_cli_lists_every_installed_type(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["schema", "-o", str(tmp_path / "s.json")]) == 0
     written = json.loads((tmp_path / "s.json").read_text())
-    titles = {v["title"] for v in written["properties"]["action"]["items"]["oneOf"]}
-    assert titles == set(REGISTRY.types)
+    items = written["properties"]["action"]["items"]
+    assert {b["then"]["title"] for b in items["allOf"]} == set(REGISTRY.types) == set(items["properties"]["type"]["enum"])
     assert parse_spec("version = 1\n").raw == {"version": 1}
+
+
+# -- what an editor says: one mistake, one message naming it ---------------------------------
+
+ONE_MISTAKE = [
+    ('version = 1\n[options]\njbos = 4\n[[action]]\ntype = "sim.noop"\nkey = "a"\n', "'jbos' was unexpected"),
+    ('version = 1\n[[action]]\ntype = "sim.snapshto"\ndevice = "a"\nname = "n"\n', "is not one of"),
+    ('version = 1\n[[action]]\ntype = "qcow2.internal-create"\nimgae = "d.qcow2"\nname = "n"\n',
+     "'imgae' was unexpected|'image' is a required property"),
+    ('version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = 7\n', "7 is not of type"),
+    ('version = 1\n[[action]]\ntype = "fault"\nphase = "later"\n', "'later' is not one of"),
+]
+
+
+@pytest.mark.parametrize("text, expected", ONE_MISTAKE)
+def test_one_mistake_gets_one_message_that_names_it(text: str, expected: str) -> None:
+    import tomli
+
+    errors = sorted(VALIDATOR.iter_errors(tomli.loads(text)), key=lambda e: e.path)
+    assert errors, "the schema refuses it"
+    messages = [e.message for e in errors]
+    assert any(x in m for m in messages for x in expected.split("|")), messages
+    assert not any("any of the schemas" in m or "is not valid under" in m for m in messages), messages
+
+
+@pytest.mark.skipif(shutil.which("taplo") is None, reason="needs taplo (npm @taplo/cli), Even Better TOML's engine")
+@pytest.mark.parametrize("text, expected", ONE_MISTAKE)
+def test_taplo_names_the_mistake(tmp_path: Path, text: str, expected: str) -> None:
+    import subprocess
+
+    assert main(["schema", "-o", str(tmp_path / "s.json")]) == 0
+    (tmp_path / "t.toml").write_text(text)
+    out = subprocess.run(["taplo", "check", "--schema", f"file://{tmp_path / 's.json'}", str(tmp_path / "t.toml")],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode != 0
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("error:")]
+    # every message (taplo repeats one per span) names the key and the mistake
+    accepted = [x for e in expected.split("|") for x in (e, e.replace("'", '"'))]
+    assert errors and all(any(x in e for x in accepted) for e in errors), errors
