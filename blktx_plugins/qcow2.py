@@ -471,7 +471,7 @@ class ExternalCreate(ActionType):
 
     def _link_text(self, action: Action) -> str:
         """What invalidate makes the device symlink say."""
-        return os.path.relpath(action.params["overlay"], os.path.dirname(action.params["device"]))
+        return os.path.relpath(str(action.params["overlay"]), os.path.dirname(str(action.params["device"])))
 
     def _points_to_ours(self, action: Action) -> bool:
         """Whether the device still points where invalidate put it: at this run's overlay."""
