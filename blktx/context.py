@@ -163,6 +163,8 @@ class RunContext:
         self._lock = threading.Lock()
         #: Set by the executor: makes holds durable in the journal.
         self.on_hold: Callable[[list[Hold]], None] | None = None
+        #: The run's journal file ("" without one): a plugin keeps what it freezes off it.
+        self.journal_path = ""
         #: While a quiesce window is open: the ``time.monotonic()`` by which it must
         #: end (``max_window``). Plugins bound their calls inside the window by it.
         self.window_deadline: float | None = None

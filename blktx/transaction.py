@@ -114,6 +114,7 @@ class TransactionRun:
         self.undoable = [a for a in actions if not a.type.finalize]
         self.finals = [a for a in actions if a.type.finalize]
         ctx.on_remember = self._remember
+        ctx.journal_path = self.journal.path
 
     def _remember(self, actions: list[Action]) -> None:
         """``ctx.remember``: what a step learnt about its own objects, durable before it goes on."""

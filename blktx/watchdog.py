@@ -108,11 +108,11 @@ def take_over(journal_path: str, txid: str, why: str) -> list[str]:
 
     journal = SqliteJournal(journal_path)
     notes = []
-    if journal.fence(txid, why):
-        notes.append(f"fenced: {why}")
+    # Resume first, then write: the run is dead (or killed) already, so it cannot
+    # commit in between, and a frozen filesystem must thaw before anything waits on it.
     tx = journal.transaction(txid)
     if tx is None:
-        return [*notes, "no such transaction in the journal"]
+        return ["no such transaction in the journal"]
     registry = default_registry()
     recorded = {k: v for k, v in tx["options"].items() if k in spec_options()}
     options = Options(**recorded)
@@ -126,6 +126,8 @@ def take_over(journal_path: str, txid: str, why: str) -> list[str]:
         journal.holds(txid, holds, resumed=True)
     finally:
         ctx.close()
+    if journal.fence(txid, why):
+        notes.append(f"fenced: {why}")
     notes += [f"resumed {h.kind} {h.target}" for h in holds if h.end is not None]
     notes += [str(lo) for lo in run.result.leftovers]
     return notes
