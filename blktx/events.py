@@ -44,3 +44,29 @@ class Hold:
     @property
     def window(self) -> float | None:
         return None if self.end is None else self.end - self.start
+
+
+def proof_of_cut(holds: list[Hold], actions: list[Any], cut: dict[int, tuple[str, float, float]]) -> dict[str, Any] | None:
+    """Whether every member's point-in-time step (``cut``: action index -> step, its
+    ``perf_counter`` start and end) ran inside the window that all ``holds`` shared,
+    from the last hold taken to the first one ended. None without holds."""
+    import time
+
+    held = [h for h in holds if h.start and h.end is not None]
+    if not held:
+        return None
+    # holds are stamped with time.monotonic(), steps with perf_counter(): one clock here
+    shift = time.monotonic() - time.perf_counter()
+    first, last = max(h.start for h in held), min(h.end for h in held if h.end is not None)
+    members: list[dict[str, Any]] = []
+    for a in actions:
+        if a.index in cut:
+            step, began, ended = cut[a.index]
+            began, ended = began + shift, ended + shift
+            members.append({"action": a.index, "step": step, "began_ms": round((began - first) * 1000, 3),
+                            "ended_ms": round((ended - first) * 1000, 3), "inside": first <= began and ended <= last})
+        else:
+            members.append({"action": a.index, "inside": None,
+                            "why": "taken before the window: its type declares that nothing held writes to it"})
+    return {"common_window_ms": round((last - first) * 1000, 3), "holds": len(held),
+            "inside": all(m["inside"] is not False for m in members), "members": members}

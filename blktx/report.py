@@ -59,6 +59,8 @@ def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
     for hold in result.holds:
         window = f"{hold.window * 1000:.1f} ms" if hold.window is not None else "not resumed"
         out.print(f"quiesced {hold.target} ({hold.kind}): {window}", markup=False)
+    if result.cut is not None:
+        out.print(_cut_line(result.cut), markup=False)
     for lo in result.leftovers:
         out.print(f"[red]left behind[/red]: {escape(str(lo))}")
     for f in result.pending:
@@ -107,6 +109,8 @@ def print_shown(tx: dict[str, Any], out: Console) -> None:
         state = "resumed" if h["resumed"] else "NOT resumed: `blktx recover` resumes it"
         out.print(f"quiesced {h['target']} ({h['kind']}): {state}", markup=False)
     detail = tx.get("detail") or {}
+    if detail.get("cut"):
+        out.print(_cut_line(detail["cut"]), markup=False)
     if detail.get("failure"):
         out.print(f"failure: {Failure(**detail['failure'])}", markup=False)
     for left in detail.get("leftovers") or []:
@@ -115,6 +119,15 @@ def print_shown(tx: dict[str, Any], out: Console) -> None:
         out.print(f"[yellow]pending finalize[/yellow]: {escape(str(Failure(**p)) if isinstance(p, dict) else str(p))}")
     if detail.get("recovered"):
         out.print(f"finished by blktx recover: {detail['recovered']}", markup=False)
+
+
+def _cut_line(cut: dict[str, Any]) -> str:
+    taken = [m for m in cut["members"] if m["inside"] is not None]
+    if cut["inside"]:
+        return (f"point in time: {len(taken)} member(s) taken inside the common window of {cut['holds']} hold(s) "
+                f"({cut['common_window_ms']:.1f} ms)")
+    outside = [str(m["action"]) for m in cut["members"] if m["inside"] is False]
+    return f"point in time NOT shown: action(s) #{', #'.join(outside)} ran outside the common window"
 
 
 def print_types(registry: Registry, out: Console) -> None:

@@ -56,6 +56,8 @@ class Result:
     warnings: list[str] = field(default_factory=list)
     checked_only: bool = False
     description: str = ""
+    #: The proof of the cut: whether every member was taken inside the common quiesce window.
+    cut: dict[str, Any] | None = None
 
     @property
     def outcome(self) -> str:
@@ -97,6 +99,7 @@ class Result:
             "committed": self.committed,
             "checked_only": self.checked_only,
             "description": self.description,
+            "cut": self.cut,
             "summary": self.summary(),
             "seconds": round(self.seconds, 6),
             "phases": {k: round(v, 6) for k, v in self.phases.items()},

@@ -23,7 +23,7 @@ from blktx.checks import check_actions
 from blktx.context import RunContext
 from blktx.dispatch import dispatch
 from blktx.errors import ActionFailures, BlktxError, InvalidTransaction, Problem
-from blktx.events import Event, Hold
+from blktx.events import Event, Hold, proof_of_cut
 from blktx.locks import Claim, NullLocker
 from blktx.result import Failure, Result
 from blktx.states import CANCELED, CREATED, DOING, INVALIDATED, LIVE_STATES, START, TX_FINAL, TxLifecycle, TxState
@@ -108,6 +108,8 @@ class TransactionRun:
         self.observed = observed
         self.claim: Claim | None = None
         self.watchdog: Watchdog | None = None
+        #: While a window is open: each action's point-in-time step (perf_counter start, end).
+        self.cut: dict[int, tuple[str, float, float]] = {}
         self.window_opened: float | None = None
         self._remember_lock = threading.Lock()
         self.result = Result(txid, state, actions=actions, description=description)
@@ -336,6 +338,8 @@ class TransactionRun:
                 if err is None:
                     a.state = lifecycle.next(step, a.state)
                     self._emit_action(step, a)
+                    if self.window_opened is not None and step == _point_step(atype):
+                        self.cut[a.index] = (step, t, time.perf_counter())
                 else:
                     failures.append(self._fail(a, step, err))
             return failures
@@ -354,6 +358,8 @@ class TransactionRun:
             a.state = lifecycle.next(step, a.state)
             if self.observed:
                 self._emit_action(step, a)
+            if self.window_opened is not None and step == _point_step(atype):
+                self.cut[a.index] = (step, t, time.perf_counter())
         return failures
 
     def _fail(self, a: Action, step: str, exc: BaseException) -> Failure:
@@ -548,6 +554,10 @@ class TransactionRun:
 
     def _record_end(self, detail: dict[str, Any]) -> None:
         detail["leftovers"] = [str(lo) for lo in self.result.leftovers]
+        cut = proof_of_cut(self.result.holds, self.undoable, self.cut)
+        if cut is not None:
+            self.result.cut = cut
+            detail["cut"] = cut
         try:
             with together(self.journal):
                 if self.result.holds:
@@ -644,6 +654,12 @@ def no_gc_rescans(actions: Sequence[Action]) -> Iterator[None]:
     finally:
         if frozen:
             gc.unfreeze()
+
+
+def _point_step(atype: ActionType) -> str:
+    """The step that takes a type's point in time: the switch when it has one (an
+    overlay made earlier becomes the drive), else the snapshot itself."""
+    return "invalidate" if _implements(atype, "invalidate") else "do"
 
 
 def _implements(atype: ActionType, step: str) -> bool:

@@ -157,3 +157,18 @@ def test_a_fenced_transaction_cannot_commit(tmp_path: Path) -> None:
         Transaction([ActionSpec("sim.snapshot", {"device": "a", "name": "m"})], base_dir=str(tmp_path)))
     assert committed.outcome == "committed"
     assert journal.fence(committed.txid, "too late") is False, "a durable commit is never fenced"
+
+
+def test_the_cut_is_proven_inside_the_common_window(tmp_path: Path, vms: list[VM]) -> None:
+    journal = tmp_path / "j.sqlite"
+    proc = start(spec(tmp_path, 0.0), journal)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out + err
+    cut = json.loads(out)["cut"]
+    assert cut["inside"] is True and cut["holds"] == 3
+    snaps = [m for m in cut["members"] if m["action"] < 3]
+    assert len(snaps) == 3 and all(m["inside"] and m["step"] == "do" for m in snaps)
+    assert all(0 <= m["began_ms"] <= m["ended_ms"] <= cut["common_window_ms"] for m in snaps)
+    shown = subprocess.run([sys.executable, "-m", "blktx", "show", json.loads(out)["txid"], "--journal", str(journal)],
+                           capture_output=True, text=True, check=False)
+    assert "point in time: 4 member(s) taken inside the common window of 3 hold(s)" in shown.stdout
