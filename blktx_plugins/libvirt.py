@@ -1,0 +1,532 @@
+"""``libvirt``: disk-only snapshots of libvirt domains, local or on other hosts,
+made through libvirt (so the domain XML and ``virsh snapshot-list`` follow them)
+and made one all-or-none group with every other action of the transaction.
+
+A domain is named by name or UUID on a connection URI (``qemu:///system`` by
+default, ``qemu+ssh://host/system`` for another host, ``qemu:///embed?root=DIR``
+in a process of its own). ``libvirt.snapshot`` makes an external disk-only
+snapshot (``virDomainSnapshotCreateXML`` with ``DISK_ONLY|ATOMIC``) of all or
+the listed disks of a domain, running or shut off; libvirt creates the overlays
+and switches the domain to them. Its undo deletes that snapshot through libvirt
+(libvirt >= 9.0 merges the overlays back and restores the domain XML).
+
+Ownership: the snapshot carries a random token in its ``<description>``, which
+check journals before the snapshot exists; a cancel deletes a snapshot of the
+name only when it carries that token, so one made by somebody else is never
+touched.
+
+Quiesce: with ``quiesce = "fsfreeze"`` each running domain's guest filesystems
+are frozen through libvirt (``virDomainFSFreeze``; the domain needs a connected
+guest agent), with ``"pause"`` every running domain is suspended; both are ended
+(resume, then thaw) after the commit point or the rollback, in every outcome,
+and by ``blktx recover``. Domains already paused stay paused.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from functools import partial
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from xml.sax.saxutils import escape, quoteattr
+
+from blktx import Action, ActionFailed, ActionFailures, ActionType, Hold, Leftover, Param, Refused, RunContext, hookimpl
+
+try:
+    import libvirt
+except ImportError:  # pragma: no cover - reported at check
+    libvirt = None
+
+__all__ = ["blktx_quiesce", "blktx_register_action_types", "blktx_resume", "blktx_resume_many", "open_connection"]
+
+T = TypeVar("T")
+
+DEFAULT_URI = "qemu:///system"
+#: libvirt deletes (merges back) external snapshots from 9.0 on: the undo needs it.
+DELETE_EXTERNAL = 9_000_000
+#: libvirt reverts to external snapshots from 9.9 on.
+REVERT_EXTERNAL = 9_009_000
+#: URI parameters that choose how to reach a host, not which host or driver it is.
+_TRANSPORT_PARAMS = {"keyfile", "no_verify", "no_tty", "known_hosts", "known_hosts_verify", "sshauth", "pkipath",
+                     "command", "netcat", "proxy", "mode", "tls_priority", "name"}
+PAUSE, FREEZE = "libvirt.pause", "libvirt.freeze"
+#: Seconds kept free at the end of a quiesce window for the rollback and the resumes.
+RESERVE = 0.5
+#: The longest an ordinary libvirt call (outside a window) may take.
+CALL_TIMEOUT = 300.0
+
+_loop_lock = threading.Lock()
+_loop_ready = False
+
+
+def version_text(number: int) -> str:
+    return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+def _need_libvirt() -> Any:
+    if libvirt is None:
+        raise Refused("the libvirt action types need the Python module libvirt (libvirt-python)",
+                      hint="pip install 'blktx[libvirt]' (it builds against libvirt-dev and pkg-config)")
+    return libvirt
+
+
+def event_loop() -> None:
+    """libvirt's default event loop, registered once per process and run in a daemon
+    thread: the embedded driver and connection keepalives need one. Also silences
+    libvirt's own printing of errors (blktx reports them)."""
+    global _loop_ready
+    lv = _need_libvirt()
+    with _loop_lock:
+        if _loop_ready:
+            return
+        lv.registerErrorHandler(lambda _ctx, _err: None, None)
+        lv.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                lv.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="blktx-libvirt-events", daemon=True).start()
+        _loop_ready = True
+
+
+def open_connection(uri: str) -> Any:
+    """A read-write connection to ``uri`` (with libvirt's event loop running)."""
+    event_loop()
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise ActionFailed(f"cannot connect to libvirt at {uri}: {_msg(exc)}") from None
+
+
+def _msg(exc: BaseException) -> str:
+    if libvirt is not None and isinstance(exc, libvirt.libvirtError):
+        return str(exc.get_error_message() or exc)
+    return str(exc)
+
+
+def uri_key(uri: str) -> str:
+    """``uri`` without the parameters that only say how to reach the host: one
+    domain reached with two key files is one target."""
+    parts = urlsplit(uri)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in _TRANSPORT_PARAMS]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def connection(ctx: RunContext, uri: str) -> Any:
+    """The run's one connection to ``uri``, closed when the run ends."""
+
+    def make() -> Any:
+        conn = open_connection(uri)
+        ctx.on_close(lambda: conn.close())
+        return conn
+
+    return ctx.resource(f"libvirt:{uri}", make)
+
+
+def lookup(conn: Any, ref: str) -> Any:
+    """The domain named ``ref`` (a UUID or a name) on ``conn``."""
+    try:
+        uuid.UUID(ref)
+    except ValueError:
+        return conn.lookupByName(ref)
+    try:
+        return conn.lookupByUUIDString(ref)
+    except libvirt.libvirtError:
+        return conn.lookupByName(ref)
+
+
+def _budget(ctx: RunContext, default: float = CALL_TIMEOUT) -> float:
+    """How long a libvirt call may take: inside a quiesce window, what is left of its
+    budget less a reserve, so a domain that hangs fails in time."""
+    if ctx.window_deadline is None:
+        return default
+    left = ctx.window_deadline - time.monotonic() - min(RESERVE, ctx.options.max_window / 4)
+    return max(0.05, min(default, left))
+
+
+def _all_at_once(calls: Sequence[Callable[[], T]], timeout: float,
+                 pending: dict[int, Future[Any]] | None = None, keys: Sequence[int] = ()) -> list[T | BaseException]:
+    """Run every call in its own thread at once; each result or exception, in order.
+    A call still running after ``timeout`` gives a :class:`TimeoutError` (it goes on
+    in its thread: ``pending`` keeps its future under its key, for a cancel to wait)."""
+    if not calls:
+        return []
+    pool = ThreadPoolExecutor(max_workers=min(len(calls), 32), thread_name_prefix="blktx-libvirt")
+    futures = [pool.submit(c) for c in calls]
+    pool.shutdown(wait=False)
+    wait_futures(futures, timeout=timeout)
+    out: list[T | BaseException] = []
+    for n, fut in enumerate(futures):
+        if not fut.done():
+            if pending is not None and keys:
+                pending[keys[n]] = fut
+            out.append(TimeoutError(f"libvirt did not answer within {timeout:.2f} s"))
+        elif fut.exception() is not None:
+            out.append(fut.exception())  # type: ignore[arg-type]
+        else:
+            out.append(fut.result())
+    return out
+
+
+def _pending(ctx: RunContext) -> dict[int, Future[Any]]:
+    """Snapshot creations still running in a thread after their step gave up on them."""
+    return ctx.resource("libvirt:pending", dict)
+
+
+def _domain_state(dom: Any) -> str:
+    state = dom.state()[0]
+    if state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
+        return "running"
+    if state == libvirt.VIR_DOMAIN_PAUSED:
+        return "paused"
+    if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+        return "shutoff"
+    return {libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down", libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended"}.get(
+        state, f"state {state}")
+
+
+def disks(dom: Any) -> dict[str, str]:
+    """Each writable disk of the domain (target dev -> its active image, or ``""``)."""
+    root = ET.fromstring(dom.XMLDesc(0))
+    out = {}
+    for disk in root.findall("./devices/disk"):
+        target = disk.find("target")
+        if disk.get("device", "disk") != "disk" or target is None or disk.find("readonly") is not None:
+            continue
+        source = disk.find("source")
+        out[str(target.get("dev"))] = "" if source is None else (source.get("file") or source.get("dev") or "")
+    return out
+
+
+def agent_state(dom: Any) -> str | None:
+    """The guest agent channel's state (``connected``, ``disconnected``), or None
+    when the domain has no guest agent channel."""
+    for target in ET.fromstring(dom.XMLDesc(0)).findall("./devices/channel/target"):
+        if target.get("name") == "org.qemu.guest_agent.0":
+            return target.get("state") or "unknown"
+    return None
+
+
+def _ours(snap: Any, token: str) -> bool:
+    desc = ET.fromstring(snap.getXMLDesc(0)).findtext("description") or ""
+    return token in desc.split()
+
+
+def _find(dom: Any, name: str) -> Any | None:
+    try:
+        return dom.snapshotLookupByName(name, 0)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+            return None
+        raise
+
+
+_DOMAIN = (
+    Param("domain", "str", required=True, doc="the domain's name or UUID"),
+    Param("uri", "str", default=DEFAULT_URI, doc="the libvirt connection URI (qemu:///system, qemu+ssh://host/system, …)"),
+)
+
+
+class _LibvirtType(ActionType):
+    def target(self, action: Action) -> str:
+        return f"libvirt:{uri_key(action.params['uri'])}/{action.params['domain']}"
+
+    def _open(self, action: Action, ctx: RunContext) -> tuple[Any, Any]:
+        conn = connection(ctx, action.params["uri"])
+        ref = action.undo.get("uuid") or action.params["domain"]
+        try:
+            return conn, lookup(conn, ref)
+        except libvirt.libvirtError as exc:
+            raise Refused(f"no domain {ref!r} at {action.params['uri']}: {_msg(exc)}",
+                          hint="`virsh -c URI list --all` lists the domains") from None
+
+    def _identify(self, action: Action, ctx: RunContext) -> tuple[Any, Any]:
+        _need_libvirt()
+        conn, dom = self._open(action, ctx)
+        action.undo.update({"uuid": dom.UUIDString(), "domain_name": dom.name()})
+        # one domain named by name or UUID, or through two key files, is one target
+        action.target = f"libvirt:{uri_key(action.params['uri'])}/{dom.UUIDString()}"
+        return conn, dom
+
+
+class Snapshot(_LibvirtType):
+    """An external disk-only snapshot of a libvirt domain's disks, made and undone through libvirt."""
+
+    name = "libvirt.snapshot"
+    params = (
+        *_DOMAIN,
+        Param("name", "str", required=True, doc="the snapshot's name (libvirt's snapshot list shows it)"),
+        Param("disks", "list[str]", doc="the disks to snapshot, by target dev (vda); default: every writable disk"),
+    )
+
+    def check(self, action: Action, ctx: RunContext) -> None:
+        conn, dom = self._identify(action, ctx)
+        p, where = action.params, f"domain {action.params['domain']} at {action.params['uri']}"
+        name = p["name"]
+        if not name or "/" in name or name.startswith(".") or len(name.encode()) > 255 or not name.isprintable():
+            raise Refused(f"{where}: {name!r} is not a usable snapshot name",
+                          hint="a printable name without '/', not starting with '.'")
+        version = conn.getLibVersion()
+        if version < DELETE_EXTERNAL:
+            raise Refused(f"{where}: undoing an external snapshot deletes it through libvirt, which needs libvirt "
+                          f">= {version_text(DELETE_EXTERNAL)}; this host runs {version_text(version)}")
+        if _find(dom, name) is not None:
+            raise Refused(f"{where} already has a snapshot named {name!r}", hint="choose another name")
+        have = disks(dom)
+        chosen = list(p.get("disks") or have)
+        unknown = [d for d in chosen if d not in have]
+        if unknown or not chosen:
+            raise Refused(f"{where} has no writable disk {', '.join(unknown) or '(none at all)'}",
+                          hint=f"its disks: {', '.join(have) or 'none'}")
+        state = _domain_state(dom)
+        if state not in ("running", "paused", "shutoff"):
+            raise Refused(f"{where} is {state}", hint="snapshot it running, paused or shut off")
+        if "fsfreeze" in ctx.options.quiesce and state == "running" and agent_state(dom) != "connected":
+            raise Refused(f'quiesce = "{ctx.options.quiesce}" freezes the guest filesystems of {where} through its '
+                          f"guest agent, which is {agent_state(dom) or 'not configured'}",
+                          hint="add an org.qemu.guest_agent.0 channel and run qemu-ga in the guest")
+        action.undo.update({
+            "uri_key": uri_key(p["uri"]), "token": f"blktx-{ctx.txid}-{secrets.token_hex(8)}", "state": state,
+            "disks": {d: have[d] for d in chosen}, "overlays": {d: f"{os.path.splitext(have[d])[0]}.{name}"
+                                                                  for d in chosen if have[d]},
+            "before": sorted(s.getName() for s in dom.listAllSnapshots(0)),
+        })
+
+    def _xml(self, action: Action, ctx: RunContext, dom: Any) -> str:
+        chosen = action.undo["disks"]
+        lines = [f"<domainsnapshot><name>{escape(action.params['name'])}</name>",
+                 f"<description>made by blktx transaction {escape(ctx.txid)} {escape(action.undo['token'])}"
+                 "</description><disks>"]
+        for dev in disks(dom):
+            if dev not in chosen:
+                lines.append(f"<disk name={quoteattr(dev)} snapshot='no'/>")
+                continue
+            overlay = action.undo["overlays"].get(dev)
+            source = f"<source file={quoteattr(overlay)}/>" if overlay else ""
+            lines.append(f"<disk name={quoteattr(dev)} snapshot='external'><driver type='qcow2'/>{source}</disk>")
+        return "".join(lines) + "</disks></domainsnapshot>"
+
+    def _create(self, action: Action, ctx: RunContext) -> None:
+        _, dom = self._open(action, ctx)
+        flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        try:
+            snap = dom.snapshotCreateXML(self._xml(action, ctx, dom), flags)
+        except libvirt.libvirtError as exc:
+            action.undo["made"] = False  # ATOMIC: libvirt made nothing
+            raise ActionFailed(f"domain {action.params['domain']} at {action.params['uri']}: {_msg(exc)}") from None
+        action.undo["made"] = True
+        action.undo["created"] = ET.fromstring(snap.getXMLDesc(0)).findtext("creationTime")
+
+    def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
+        """Every domain's snapshot at once, each in its own thread, bounded by the window."""
+        results = _all_at_once([partial(self._create, a, ctx) for a in actions], _budget(ctx), _pending(ctx),
+                               [a.index for a in actions])
+        answered = [a for a in actions if "made" in a.undo]
+        if answered:
+            ctx.remember(answered)  # libvirt's answer is durable at once
+        failures = {a.index: r for a, r in zip(actions, results, strict=True) if isinstance(r, BaseException)}
+        if failures:
+            raise ActionFailures(failures)
+
+    def cancel_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
+        results = _all_at_once([partial(self.cancel, a, ctx) for a in actions], CALL_TIMEOUT)
+        failures = {a.index: r for a, r in zip(actions, results, strict=True) if isinstance(r, BaseException)}
+        if failures:
+            raise ActionFailures(failures)
+
+    def cancel(self, action: Action, ctx: RunContext) -> None:
+        """Delete the snapshot of the name that carries this action's token (libvirt
+        merges its overlays back into the images the domain used before)."""
+        if "token" not in action.undo:
+            return  # never checked: nothing was made
+        late = _pending(ctx).pop(action.index, None)
+        if late is not None:  # a create that outlived its step: let it end first
+            wait_futures([late], timeout=CALL_TIMEOUT)
+        try:
+            _, dom = self._open(action, ctx)
+            snap = _find(dom, action.params["name"])
+        except Exception as exc:  # noqa: BLE001 - judged below
+            if action.undo.get("made") is False:
+                return  # libvirt refused the atomic create: nothing was made
+            raise ActionFailed(f"{exc}: its snapshot {action.params['name']!r} cannot be looked for") from None
+        if snap is None or not _ours(snap, action.undo["token"]):
+            return  # not made, already deleted, or somebody else's
+        try:
+            snap.delete(0)
+        except libvirt.libvirtError as exc:
+            raise ActionFailed(f"domain {action.params['domain']} at {action.params['uri']}: deleting snapshot "
+                               f"{action.params['name']!r}: {_msg(exc)}") from None
+
+    def leftovers(self, action: Action) -> list[Leftover]:
+        files = ", ".join(action.undo.get("overlays", {}).values())
+        what = f"maybe snapshot {action.params['name']!r} of domain {action.params['domain']}"
+        try:
+            present = self.member_exists(action)
+        except Exception:  # noqa: BLE001 - name what we know
+            present = None
+        if present is False:
+            return []
+        if present:
+            what = f"snapshot {action.params['name']!r} of domain {action.params['domain']}"
+        return [Leftover(action.target, what + (f" (overlays {files})" if files else ""))]
+
+    def member_exists(self, action: Action) -> bool | None:
+        if libvirt is None or "token" not in action.undo:
+            return None
+        conn = open_connection(action.params["uri"])
+        try:
+            try:
+                dom = lookup(conn, action.undo.get("uuid") or action.params["domain"])
+            except libvirt.libvirtError:
+                return False
+            snap = _find(dom, action.params["name"])
+            return snap is not None and _ours(snap, action.undo["token"])
+        finally:
+            conn.close()
+
+
+class SnapshotDelete(_LibvirtType):
+    """Delete a domain's snapshot through libvirt (finalize: after the commit point)."""
+
+    name = "libvirt.snapshot-delete"
+    finalize = True
+    params = (*_DOMAIN, Param("name", "str", required=True, doc="the snapshot to delete"))
+
+    def check(self, action: Action, ctx: RunContext) -> None:
+        conn, dom = self._identify(action, ctx)
+        where = f"domain {action.params['domain']} at {action.params['uri']}"
+        snap = _find(dom, action.params["name"])
+        if snap is None:
+            raise Refused(f"{where} has no snapshot named {action.params['name']!r}")
+        root = ET.fromstring(snap.getXMLDesc(0))
+        external = any(d.get("snapshot") == "external" for d in root.findall("./disks/disk"))
+        version = conn.getLibVersion()
+        if external and version < DELETE_EXTERNAL:
+            raise Refused(f"{where}: deleting external snapshot {action.params['name']!r} needs libvirt >= "
+                          f"{version_text(DELETE_EXTERNAL)}; this host runs {version_text(version)}")
+        if snap.numChildren(0):
+            raise Refused(f"{where}: snapshot {action.params['name']!r} has newer snapshots based on it",
+                          hint="delete those first")
+        action.undo["created"] = root.findtext("creationTime")
+
+    def do(self, action: Action, ctx: RunContext) -> None:
+        _, dom = self._open(action, ctx)
+        snap = _find(dom, action.params["name"])
+        if snap is None:
+            return  # already deleted (a retry)
+        if ET.fromstring(snap.getXMLDesc(0)).findtext("creationTime") != action.undo.get("created"):
+            raise ActionFailed(f"snapshot {action.params['name']!r} of domain {action.params['domain']} is not the "
+                               "one checked (another of the name was made since): it was left alone")
+        try:
+            snap.delete(0)
+        except libvirt.libvirtError as exc:
+            raise ActionFailed(f"domain {action.params['domain']}: deleting snapshot {action.params['name']!r}: "
+                               f"{_msg(exc)}") from None
+
+
+# -- quiesce ---------------------------------------------------------------------------
+
+
+def _hold_domain(ctx: RunContext, hold: Hold) -> Any | None:
+    conn = connection(ctx, hold.data["uri"])
+    try:
+        return conn.lookupByUUIDString(hold.data["uuid"])
+    except libvirt.libvirtError:
+        return None  # undefined since: nothing left to resume
+
+
+def _stamp(hold: Hold, call: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        hold.start = time.monotonic()
+        return call()
+
+    return run
+
+
+@hookimpl
+def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> list[Hold]:
+    """Freeze the running domains' guests (``fsfreeze``), then suspend the running
+    domains (``pause``), all at once. Every hold is journaled before its domain is
+    touched; a domain already paused is left as it is."""
+    mode = ctx.options.quiesce
+    ours = [a for a in actions if a.type.name == Snapshot.name and "uuid" in a.undo]
+    if mode == "none" or not ours:
+        return []
+    domains: dict[str, tuple[str, Any]] = {}
+    for a in ours:
+        if a.target not in domains:
+            domains[a.target] = (a.params["uri"], lookup(connection(ctx, a.params["uri"]), a.undo["uuid"]))
+    states = _all_at_once([partial(_domain_state, d) for _, d in domains.values()], _budget(ctx))
+    running = [(t, u, d) for (t, (u, d)), s in zip(domains.items(), states, strict=True) if s == "running"]
+    holds: list[Hold] = []
+    steps = [(FREEZE, "fsFreeze")] if "fsfreeze" in mode else []
+    steps += [(PAUSE, "suspend")] if "pause" in mode else []
+    for kind, method in steps:
+        new = [Hold(kind, t, {"uri": u, "uuid": d.UUIDString(), "domain": d.name()}) for t, u, d in running]
+        ctx.holding(new)  # journaled before any domain is touched
+        holds += new
+        results = _all_at_once([_stamp(h, getattr(d, method)) for h, (_, _, d) in zip(new, running, strict=True)],
+                               _budget(ctx))
+        for h, r in zip(new, results, strict=True):
+            if isinstance(r, BaseException):
+                raise ActionFailed(f"domain {h.data['domain']} at {h.data['uri']}: {method}: {_msg(r)}")
+    return holds
+
+
+def _end(ctx: RunContext, hold: Hold) -> None:
+    """Resume a suspended domain or thaw a frozen guest; nothing for a domain that is
+    gone or shut off, or was never suspended (a run killed before it did)."""
+    dom = _hold_domain(ctx, hold)
+    if dom is not None:
+        state = _domain_state(dom)
+        try:
+            if hold.kind == PAUSE and state == "paused":
+                dom.resume()
+            elif hold.kind == FREEZE and state == "running":
+                dom.fsThaw()
+        except libvirt.libvirtError as exc:
+            raise ActionFailed(f"domain {hold.data['domain']} at {hold.data['uri']}: "
+                               f"{'resume' if hold.kind == PAUSE else 'thaw'}: {_msg(exc)}") from None
+    hold.end = time.monotonic()
+
+
+def _resume_budget(ctx: RunContext) -> float:
+    if ctx.window_deadline is None:
+        return 60.0
+    return max(0.25, min(60.0, ctx.window_deadline + RESERVE - time.monotonic()))
+
+
+@hookimpl
+def blktx_resume(ctx: RunContext, hold: Hold) -> bool | None:
+    if hold.kind not in (PAUSE, FREEZE):
+        return None
+    _need_libvirt()
+    result = _all_at_once([partial(_end, ctx, hold)], _resume_budget(ctx))[0]
+    if isinstance(result, BaseException):
+        raise result
+    return True
+
+
+@hookimpl
+def blktx_resume_many(ctx: RunContext, holds: list[Hold]) -> list[Hold] | None:
+    """Resume (or thaw) every domain of a run of holds at once, one thread each."""
+    ours = [h for h in holds if h.kind in (PAUSE, FREEZE)]
+    if not ours or libvirt is None:
+        return None
+    results = _all_at_once([partial(_end, ctx, h) for h in ours], _resume_budget(ctx))
+    return [h for h, r in zip(ours, results, strict=True) if not isinstance(r, BaseException)]
+
+
+@hookimpl
+def blktx_register_action_types(register: Any) -> None:
+    for cls in (Snapshot, SnapshotDelete):
+        register(cls)
