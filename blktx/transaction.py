@@ -450,6 +450,7 @@ class TransactionRun:
         assert hook is not None
         self._resume_runs(runs, hook)
         self.window_opened = None
+        self.ctx.window_deadline = None  # no window: plugins' calls are no longer bounded by it
         if self.watchdog is not None:  # what this run could not resume is recover's now
             self.watchdog.window_closed()
 

@@ -33,7 +33,8 @@ import time
 from typing import IO
 
 #: Seconds past ``max_window`` before the watchdog takes over a run that is alive
-#: but stuck: the run's own budget check gets the first chance to roll back.
+#: but stuck: the run's own budget check gets the first chance to roll back. Public:
+#: a plugin bounding its resumes by ``ctx.window_deadline`` keeps under it.
 GRACE = 1.0
 
 
