@@ -37,7 +37,7 @@ class FsFreeze(ActionType):
     params = (Param("path", "path", required=True, doc="the filesystem's mountpoint"),)
 
     def target(self, action: Action) -> str:
-        return "hostfs:" + os.path.realpath(action.params["path"])
+        return "hostfs:" + os.path.realpath(str(action.params["path"]))
 
     def check(self, action: Action, ctx: RunContext) -> None:
         path = os.path.realpath(action.params["path"])

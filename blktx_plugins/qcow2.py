@@ -403,7 +403,7 @@ class ExternalCreate(ActionType):
     params = (
         Param("device", "path", required=True,
               doc="the stable symlink that users open; it points to the current image"),
-        Param("overlay", "path", required=True, doc="the new overlay file to create"),
+        Param("overlay", "path", required=True, doc="the new overlay file to create", creates=True),
         Param("reuse", "bool", default=False,
               doc="use an existing overlay file whose backing file is the current image"),
     )

@@ -374,7 +374,7 @@ class ExternalCreate(_QmpType):
     do_before_quiesce = True
 
     name = "qmp.external-create"
-    params = (*_COMMON, Param("overlay", "path", required=True, doc="the new overlay file; must not exist"))
+    params = (*_COMMON, Param("overlay", "path", required=True, doc="the new overlay file; must not exist", creates=True))
 
     def _check(self, action: Action, info: dict[str, Any]) -> None:
         if os.path.lexists(action.params["overlay"]):

@@ -667,3 +667,17 @@ def test_the_storage_daemon_does_not_open_the_backing_chain(tmp_path: Path) -> N
         assert [s.name for s in read_header(str(tmp_path / "top.qcow2"))[1]] == ["nightly"]
     finally:
         vm.quit()
+
+
+@needs_qemu_img
+def test_two_devices_writing_one_overlay_are_refused_at_check(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        make_image(tmp_path / f"{name}.base.qcow2", size="1M")
+        os.symlink(f"{name}.base.qcow2", tmp_path / name)
+    before = world(tmp_path)
+    result = run(tmp_path, [("qcow2.external-create", {"device": "a", "overlay": "new.qcow2"}),
+                            ("qcow2.external-create", {"device": "b", "overlay": "./new.qcow2"})])
+    assert result.outcome == "invalid"
+    (problem,) = result.problems
+    assert problem.action == 1 and f"creates {tmp_path / 'new.qcow2'}, as action #0" in problem.message
+    assert world(tmp_path) == before
