@@ -12,11 +12,9 @@ import subprocess
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from qemu_helpers import make_image
 
 QEMU_CONF = """user = "root"
@@ -131,7 +129,7 @@ class Daemon:
             if self.ssh_ready else ""
         script = (f"mount --make-rprivate / && {binds} && {sshd}"
                   "exec libvirtd --config /etc/libvirt/libvirtd.conf --pid-file /run/libvirt/libvirtd.pid")
-        self.log = open(directory / "daemon.log", "wb")  # noqa: SIM115 - closed in stop
+        self.log = open(directory / "daemon.log", "wb")
         self.proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script], stdout=self.log, stderr=self.log,
                                      start_new_session=True)
         deadline = time.monotonic() + 60
@@ -156,39 +154,6 @@ class Daemon:
             self.proc.terminate()
             self.proc.wait(timeout=30)
             self.log.close()
-
-
-@pytest.fixture(scope="session")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    why = libvirt_missing()
-    if why:
-        pytest.skip(why)
-    if shutil.which("libvirtd") is None or shutil.which("unshare") is None:
-        pytest.skip("needs libvirtd (Debian libvirt-daemon) and unshare (util-linux)")
-    d = Daemon(tmp_path_factory.mktemp("libvirtd"))
-    yield d
-    d.stop()
-
-
-@pytest.fixture(scope="session")
-def embed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
-    """The embedded QEMU driver in this process (one root per process): its URI and
-    a connection to it."""
-    why = libvirt_missing()
-    if why:
-        pytest.skip(why)
-    from blktx_plugins.libvirt import open_connection
-
-    root = tmp_path_factory.mktemp("embed")
-    (root / "etc").mkdir()
-    (root / "etc" / "qemu.conf").write_text(QEMU_CONF)
-    uri = f"qemu:///embed?root={root}"
-    conn = open_connection(uri)
-    yield uri, conn
-    for dom in conn.listAllDomains(0):
-        if dom.isActive():
-            dom.destroy()
-    conn.close()
 
 
 def unique(prefix: str) -> str:

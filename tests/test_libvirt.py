@@ -4,6 +4,8 @@ ssh as a second host; mixed with qcow2 images and btrfs in one group."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,14 +13,46 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from libvirt_helpers import Daemon, daemon, define, embed, files, seen, unique  # noqa: F401 - fixtures
+from libvirt_helpers import QEMU_CONF, Daemon, define, files, libvirt_missing, seen, unique
 from qemu_helpers import make_image, snapshots, subvolumes
 
 from blktx import ActionSpec, Executor, Transaction
 from blktx.testing import ActionTypeConformance
-from blktx.testing.fixtures import btrfs_mount  # noqa: F401 - fixture
 
 SNAP = "libvirt.snapshot"
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    why = libvirt_missing()
+    if why:
+        pytest.skip(why)
+    if shutil.which("libvirtd") is None or shutil.which("unshare") is None:
+        pytest.skip("needs libvirtd (Debian libvirt-daemon) and unshare (util-linux)")
+    d = Daemon(tmp_path_factory.mktemp("libvirtd"))
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="session")
+def embed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+    """The embedded QEMU driver in this process (one root per process): its URI and
+    a connection to it."""
+    why = libvirt_missing()
+    if why:
+        pytest.skip(why)
+    from blktx_plugins.libvirt import open_connection
+
+    root = tmp_path_factory.mktemp("embed")
+    (root / "etc").mkdir()
+    (root / "etc" / "qemu.conf").write_text(QEMU_CONF)
+    uri = f"qemu:///embed?root={root}"
+    conn = open_connection(uri)
+    yield uri, conn
+    for dom in conn.listAllDomains(0):
+        if dom.isActive():
+            dom.destroy()
+    conn.close()
 
 
 def run(base: Path, actions: list[tuple[str, dict[str, Any]]], **options: Any) -> Any:
@@ -44,7 +78,7 @@ def group(uri: str, doms: list[Any], name: str = "nightly") -> list[tuple[str, d
 
 
 def test_three_domains_images_and_btrfs_commit(tmp_path: Path, embed: tuple[str, Any], domains: list[Any],
-                                              btrfs_mount: Path) -> None:  # noqa: F811
+                                              btrfs_mount: Path) -> None:
     uri, _ = embed
     for n in range(2):
         make_image(tmp_path / f"offline{n}.qcow2")
@@ -71,7 +105,7 @@ def test_three_domains_images_and_btrfs_commit(tmp_path: Path, embed: tuple[str,
 
 @pytest.mark.parametrize("phase", ["do", "invalidate"])
 def test_the_group_failing_in_its_last_action_restores_every_domain(tmp_path: Path, embed: tuple[str, Any],
-                                                                    domains: list[Any], btrfs_mount: Path,  # noqa: F811
+                                                                    domains: list[Any], btrfs_mount: Path,
                                                                     phase: str) -> None:
     uri, _ = embed
     make_image(tmp_path / "offline.qcow2")
@@ -143,10 +177,9 @@ def test_a_snapshot_of_the_name_made_by_somebody_else_survives_the_rollback(tmp_
                                                                              domains: list[Any]) -> None:
     """The token journaled at check is what cancel looks for: a snapshot of the same
     name made after the check is not blktx's (do fails on it, cancel leaves it)."""
+    from blktx import RunContext
     from blktx.plugins import default_registry
     from blktx.spec import bind
-
-    from blktx import RunContext
 
     uri, _ = embed
     dom = domains[0]
@@ -202,6 +235,7 @@ def test_recover_resumes_the_domains_of_a_killed_run(tmp_path: Path, daemon: Dae
     conn = open_connection(daemon.uri)
     doms = [define(conn, tmp_path, unique(f"k{i}")) for i in range(2)]
     spec = tmp_path / "spec.toml"
+    kills = 0
     try:
         lines = ['version = 1', '[options]', 'quiesce = "pause"']
         for dom in doms:
@@ -211,11 +245,12 @@ def test_recover_resumes_the_domains_of_a_killed_run(tmp_path: Path, daemon: Dae
             name = f"s{n}"
             spec.write_text("\n".join(lines).replace("NAME", name) + "\n")
             journal = tmp_path / f"j{n}.sqlite"
-            env = {**__import__("os").environ, "BLKTX_CRASH_AFTER": str(n)}
+            env = {**os.environ, "BLKTX_CRASH_AFTER": str(n)}
             out = subprocess.run([sys.executable, "-m", "blktx", "run", str(spec), "--journal", str(journal)],
                                  capture_output=True, text=True, env=env, check=False)
             if out.returncode == 0:
                 break
+            kills = n
             assert out.returncode == -9, out.stdout + out.stderr
             rec = subprocess.run([sys.executable, "-m", "blktx", "recover", "--journal", str(journal)],
                                  capture_output=True, text=True, check=False)
@@ -224,6 +259,7 @@ def test_recover_resumes_the_domains_of_a_killed_run(tmp_path: Path, daemon: Dae
             assert states == [1, 1], f"kill after write {n}: domains {states}"
             made = [name in seen(dom)["snapshots"] for dom in doms]
             assert made in ([True, True], [False, False]), f"kill after write {n}: {made}"
+        assert kills >= 4, f"only {kills} kills: the run never reached the quiesce window"
     finally:
         for dom in doms:
             dom.destroy()
