@@ -47,7 +47,10 @@ def untrusted_folders(path: str) -> str | None:
     by group or others, an ancestor only when it has the sticky bit (``/tmp``).
     Both the path as written and the path its symlinks lead to are judged; a
     symlink itself can only be replaced by whoever can write its folder."""
-    folder = os.path.dirname(os.path.abspath(path))
+    path = os.path.abspath(path)
+    # A folder given as such (a command's cwd, a mountpoint) is judged itself; its
+    # parent only as an ancestor (a sticky /tmp keeps others from renaming it).
+    folder = path if os.path.isdir(path) and not os.path.islink(path) else os.path.dirname(path)
     return _untrusted_chain(folder) or _untrusted_chain(os.path.realpath(folder))
 
 

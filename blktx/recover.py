@@ -47,8 +47,7 @@ def rebuild(tx: dict[str, Any], registry: Registry, allow_exec: bool) -> tuple[l
     :class:`InvalidTransaction` when the journal's record does not validate."""
     recorded = tx["options"]
     overrides = {k: v for k, v in recorded.items() if k in spec_options()}
-    # None stands for a default the type fills in again
-    spec = Transaction([ActionSpec(row["type"], {k: v for k, v in (row["params"] or {}).items() if v is not None})
+    spec = Transaction([ActionSpec(row["type"], _given(registry, row["type"], row["params"] or {}))
                         for row in tx["actions"]],
                        base_dir=tx["base_dir"] or "/")
     actions, options = bind(spec, registry, allow_exec=allow_exec, roots=list(recorded.get("roots") or []) or None,
@@ -58,6 +57,15 @@ def rebuild(tx: dict[str, Any], registry: Registry, allow_exec: bool) -> tuple[l
         a.index, a.state, a.undo = row["index"], row["state"], row["undo"] or {}
         a.target = row["target"]  # as refined by its check; locked with what bind resolved
     return actions, options
+
+
+def _given(registry: Registry, type_name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The journaled parameters less those at their declared default (None, "", a
+    default path): the type fills those in again exactly as the run did."""
+    atype = registry.get(type_name)
+    defaults = {p.name: p.default for p in atype.params} if atype is not None else {}
+    return {k: v for k, v in params.items()
+            if v is not None and not (k in defaults and (v == defaults[k] or (not defaults[k] and not v)))}
 
 
 def recover_one(journal: SqliteJournal, registry: Registry, locker: Locker, txid: str, *,
