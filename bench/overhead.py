@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def child_blktx(n: int, mode: str) -> dict[str, Any]:
 
         from blktx.journal import SqliteJournal
 
-        journal = SqliteJournal(tempfile.mktemp(suffix=".sqlite"))
+        journal = SqliteJournal(os.path.join(tempfile.mkdtemp(), "journal.sqlite"))  # a private folder
     executor = Executor(journal=journal)
     t = time.perf_counter()
     result = executor.run(Transaction(specs, base_dir="/tmp"))

@@ -73,11 +73,12 @@ def raw_daemon(paths: list[str]) -> float:
 def blktx_run(paths: list[str]) -> float:
     from blktx import ActionSpec, Executor, Transaction
     from blktx.journal import SqliteJournal
+    from blktx.locks import Locker
 
     d = os.path.dirname(paths[0])
     journal = SqliteJournal(os.path.join(d, "journal.sqlite"))
     tx = Transaction([ActionSpec("qcow2.internal-create", {"image": p, "name": "nightly"}) for p in paths], base_dir=d)
-    executor = Executor(journal=journal, locker=journal)
+    executor = Executor(journal=journal, locker=Locker(os.path.join(d, "locks")))
     t = time.perf_counter()
     result = executor.run(tx)
     seconds = time.perf_counter() - t

@@ -139,11 +139,12 @@ def hand_group(vms: list[Any], name: str) -> tuple[float, float]:
 def blktx_group(d: str, vms: list[Any], name: str) -> tuple[float, list[float]]:
     from blktx import Executor, Transaction
     from blktx.journal import SqliteJournal
+    from blktx.locks import Locker
 
     journal = SqliteJournal(os.path.join(d, "journal.sqlite"))
     tx = Transaction([a for vm in vms for a in blktx_actions(vm, name)], options={"quiesce": "pause"}, base_dir=d)
     t = time.perf_counter()
-    result = Executor(journal=journal, locker=journal).run(tx)
+    result = Executor(journal=journal, locker=Locker(os.path.join(d, "locks"))).run(tx)
     total = time.perf_counter() - t
     assert result.outcome == "committed", result.summary()
     return total, [h.window for h in result.holds if h.window is not None]
