@@ -48,15 +48,18 @@ def untrusted_folders(path: str) -> str | None:
     Both the path as written and the path its symlinks lead to are judged; a
     symlink itself can only be replaced by whoever can write its folder."""
     path = os.path.abspath(path)
-    # A folder given as such (a command's cwd, a mountpoint) is judged itself; its
-    # parent only as an ancestor (a sticky /tmp keeps others from renaming it).
-    folder = path if os.path.isdir(path) and not os.path.islink(path) else os.path.dirname(path)
-    return _untrusted_chain(folder) or _untrusted_chain(os.path.realpath(folder))
+    # An existing folder given as such (a command's cwd, a subvolume, a mountpoint):
+    # what is in it is its owner's business, and only the writers of the folders
+    # above could swap it, so those are judged as ancestors (a sticky /tmp keeps
+    # others from renaming it). A file, or a path still to be made: its folder too.
+    whole = os.path.isdir(path) and not os.path.islink(path)
+    folder = os.path.dirname(path)
+    return _untrusted_chain(folder, strict=not whole) or _untrusted_chain(os.path.realpath(folder), strict=not whole)
 
 
-def _untrusted_chain(folder: str) -> str | None:
+def _untrusted_chain(folder: str, strict: bool = True) -> str | None:
     me = os.geteuid()
-    first = True
+    first = strict
     while True:
         try:
             st = os.lstat(folder)

@@ -55,7 +55,7 @@ def schema(registry: Registry) -> dict[str, Any]:
                 "additionalProperties": False,
             },
         })
-    plugins = sorted({entry.plugin for entry in registry.types.values()})
+    plugins = sorted(name for name, _ in registry.pm.list_name_plugin() if name)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "blktx transaction spec, version 1",

@@ -324,8 +324,13 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
             continue
         kind = OPTION_KEYS.get(key)
         if kind is None:
-            if isinstance(value, dict):
+            plugins = sorted(name for name, _ in registry.pm.list_name_plugin() if name)
+            if isinstance(value, dict) and key in plugins:
                 options.extra[key] = value
+                continue
+            if isinstance(value, dict):  # a typo would otherwise be ignored in silence
+                problem(f"no installed plugin {key!r} for the table [options.{key}]", "options", key, key=key,
+                        hint=did_you_mean(key, plugins) or f"installed plugins: {', '.join(plugins)}")
                 continue
             problem(f"unknown option {key!r}", "options", key, key=key,
                     hint=did_you_mean(key, list(OPTION_KEYS)) or f"known options: {', '.join(OPTION_KEYS)}")
