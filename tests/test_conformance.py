@@ -168,12 +168,17 @@ class BtrfsBase(ActionTypeConformance):
     @pytest.fixture(autouse=True)
     def _mounted(self, shared_btrfs: Path) -> None:
         self.mnt = shared_btrfs
+        self.worlds: dict[Path, str] = {}
 
     def roots(self, base: Path) -> list[str]:
         return [str(self.mnt)]
 
     def observe(self, base: Path) -> Any:
-        return subvolumes(self.mnt)
+        """This world's subvolumes on the shared mount, its random name written {world}:
+        two fresh worlds compare equal."""
+        name = self.worlds.get(base)
+        subs = subvolumes(self.mnt)
+        return subs if name is None else [repr(s).replace(name, "{world}") for s in subs if name in repr(s)]
 
 
 class TestBtrfsSnapshot(BtrfsBase):
@@ -181,6 +186,7 @@ class TestBtrfsSnapshot(BtrfsBase):
 
     def setup_world(self, base: Path) -> dict[str, Any]:
         src = self.mnt / f"src-{uuid.uuid4().hex[:8]}"
+        self.worlds[base] = src.name
         run("btrfs", "subvolume", "create", str(src))
         return {"source": str(src), "dest": f"{src}.snap"}
 
@@ -194,6 +200,7 @@ class TestBtrfsDelete(BtrfsBase):
 
     def setup_world(self, base: Path) -> dict[str, Any]:
         sub = self.mnt / f"old-{uuid.uuid4().hex[:8]}"
+        self.worlds[base] = sub.name
         run("btrfs", "subvolume", "create", str(sub))
         return {"path": str(sub)}
 
