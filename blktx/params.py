@@ -24,8 +24,9 @@ class Param:
     :param name: the key in a spec's ``[[action]]`` table (lowercase, ``-`` or ``_``).
     :param kind: one of ``str``, ``int``, ``float``, ``bool``, ``path`` (resolved
         against the spec's directory and confined to the allowed roots),
-        ``address`` (a unix socket path, resolved like a path but not confined
-        to the roots, or ``tcp:HOST:PORT``), ``list[str]`` and ``table[str]``
+        ``address`` (a unix socket path, resolved like a path and confined to
+        the roots or ``--vm-root`` folders, or ``tcp:HOST:PORT``, only with
+        ``--allow-tcp``), ``list[str]`` and ``table[str]``
         (a table of strings).
     :param required: whether the spec must give it.
     :param default: the value when it is not given (ignored when required).
