@@ -36,7 +36,8 @@ EXAMPLES = {
               "blktx graph transaction            # the transaction's own machine"],
     "demo": ["blktx demo --dir /tmp/blktx-demo"],
     "recover": ["blktx recover                       # every unfinished transaction of the journal",
-                "blktx recover 20261127T0512 --allow-exec   # one, whose cancels run commands"],
+                "blktx recover 20261127T0512 --allow-exec   # one, whose cancels run commands",
+                "blktx recover --forget 20261127T0512     # what it left is settled by hand: release it"],
     "log": ["blktx log --limit 50", "blktx log --json"],
     "show": ["blktx show 20261127T0512            # a unique prefix is enough"],
     "list": ["blktx list web --verify", "blktx list --max-age 25h web        # exit 1 when the newest is older (monitoring)"],
@@ -225,7 +226,15 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from blktx.recover import recover
 
     registry = _registry(args)
-    report = recover(_journal(args), registry, _locker(args), args.txid, allow_exec=args.allow_exec)
+    if args.forget:
+        from blktx.recover import forget
+
+        if not args.txid:
+            print("blktx recover: --forget needs the transaction id (`blktx log` lists them)", file=sys.stderr)
+            return EXIT_INVALID
+        report = [forget(_journal(args), _locker(args), args.txid)]
+    else:
+        report = recover(_journal(args), registry, _locker(args), args.txid, allow_exec=args.allow_exec)
     if args.json:
         print_json({"journal": _journal(args).path, "transactions": report})
     else:
@@ -238,6 +247,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
             out.print(f"{item['txid']}: {item['outcome']}{how}{extra}", markup=False)
             for warning in item.get("warnings", []):
                 out.print(f"    warning: {warning}", markup=False)
+    if any(i["outcome"] == "invalid" for i in report):
+        return EXIT_INVALID
     return 3 if any(i["outcome"] in ("needs recovery", "running") for i in report) else 0
 
 
@@ -394,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="wait up to SECONDS for targets locked by another run (default: refuse at once)")
     subs["schema"].add_argument("--output", "-o", metavar="FILE", help="write it to FILE instead of stdout")
     subs["recover"].add_argument("txid", nargs="?", help="only this transaction (a prefix is enough)")
+    subs["recover"].add_argument("--forget", action="store_true",
+                                 help="with TXID: what it left is settled by hand; end it and release its targets")
     subs["recover"].add_argument("--allow-exec", action="store_true",
                                  help="allow cancel commands of exec actions to run (never taken from the journal)")
     subs["log"].add_argument("--limit", type=int, default=20, help="how many transactions (default 20)")

@@ -208,9 +208,12 @@ class Locker:
                     self._unlink(name)
                     continue
                 why = state if isinstance(state, str) else None
+            hint = f"run `blktx recover --journal {journal}`"
+            if why is not None:
+                hint += f"; if that journal is lost, check the targets by hand, then `blktx recover --forget {other}`"
             for key in wanted & keys:
                 dead = True
-                by_key[key] = (f"unfinished transaction {other}", f"run `blktx recover --journal {journal}`", why)
+                by_key[key] = (f"unfinished transaction {other}", hint, why)
         problems: list[Problem] = []
         seen: set[tuple[str, str]] = set()
         for key in sorted(by_key):
@@ -266,6 +269,13 @@ class Locker:
             claim = Claim(txid, os.path.abspath(journal), sorted(owners), owners)
             self._write(claim)
             return claim
+
+    def forget_claim(self, txid: str) -> None:
+        """Remove a dead run's claim (``blktx recover --forget``: its journal is lost)."""
+        with self._mutex():
+            if not self.live(txid):
+                self._unlink(_name(txid))
+                os.fsync(self._dirfd)
 
     def release(self, claim: Claim, *, finished: bool) -> None:
         """Drop the kernel lock; remove the claim only when the transaction ``finished``

@@ -110,3 +110,34 @@ def recover_one(journal: SqliteJournal, registry: Registry, locker: Locker, txid
     if result.warnings:
         out["warnings"] = result.warnings
     return out
+
+
+def forget(journal: SqliteJournal, locker: Locker, txid: str) -> dict[str, Any]:
+    """``blktx recover --forget TXID``: a person says what a transaction left behind
+    is settled (removed by hand, or kept on purpose). Only a transaction that
+    recover already tried (ROLLBACK_INCOMPLETE or FINALIZE_INCOMPLETE) can be
+    forgotten, or a dead run's claim whose journal has no such transaction (a lost
+    journal). Its claim is released; the journal keeps the record."""
+    from blktx.states import TxLifecycle
+
+    tx = journal.transaction(txid)
+    if tx is None:
+        for found in locker.claims():
+            if found.get("txid") == txid and not found.get("live"):
+                locker.forget_claim(txid)
+                return {"txid": txid, "outcome": "forgotten", "message": "its claim was released (no journal record)"}
+        return {"txid": txid, "outcome": "invalid", "message": "no such transaction, and no dead claim of it"}
+    state = TxState(tx["status"])
+    if not TxLifecycle.allowed("forget", state):
+        return {"txid": tx["txid"], "outcome": "invalid", "state": state.value,
+                "message": f"a transaction in {state.value} cannot be forgotten: run `blktx recover` first"}
+    claim = locker.take_over(tx["txid"], journal.path, [a["target"] for a in tx["actions"]])
+    if claim is None:
+        return {"txid": tx["txid"], "outcome": "running", "state": state.value, "message": "a live process holds it"}
+    after = TxLifecycle.next("forget", state)
+    detail = dict(tx["detail"] or {})
+    detail["forgotten"] = {"from": state.value, "left": detail.get("leftovers") or detail.get("pending") or []}
+    journal.state(tx["txid"], after, detail)
+    locker.release(claim, finished=True)
+    return {"txid": tx["txid"], "outcome": status(after).outcome, "state": after.value,
+            "message": f"forgotten: {state.value} -> {after.value}; what it left is yours to keep or remove"}

@@ -196,6 +196,8 @@ TX_TRANSITIONS: tuple[Transition, ...] = (
     Transition("recover", _T.COMMITTED, _T.FINALIZING, "blktx recover: the run died after its commit point"),
     Transition("recover", _T.FINALIZING, _T.FINALIZING, "blktx recover: the run died while finalizing"),
     Transition("recover", _T.FINALIZE_INCOMPLETE, _T.FINALIZING, "blktx recover retries what is pending"),
+    Transition("forget", _T.ROLLBACK_INCOMPLETE, _T.ABORTED, "blktx recover --forget: a person settled what was left"),
+    Transition("forget", _T.FINALIZE_INCOMPLETE, _T.DONE, "blktx recover --forget: a person finished what was pending"),
 )
 del _T
 

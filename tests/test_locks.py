@@ -130,3 +130,17 @@ def test_a_lock_folder_others_can_write_is_refused(tmp_path: Path) -> None:
     os.chmod(folder / "claims", 0o777)
     with pytest.raises(BlktxError, match="others can write"):
         Locker(str(folder))
+
+
+def test_a_claim_whose_journal_is_lost_can_be_forgotten_by_a_person(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-c", f"""
+from blktx.locks import Locker
+Locker().acquire("tx-lost", {str(tmp_path / "gone.sqlite")!r}, ["sim:noop/a"])
+"""], check=True)
+    with pytest.raises(InvalidTransaction) as info:
+        Locker().acquire("tx-new", str(tmp_path / "j.sqlite"), ["sim:noop/a"])
+    assert "blktx recover --forget tx-lost" in (info.value.problems[0].hint or "")
+    out = subprocess.run([sys.executable, "-m", "blktx", "recover", "--forget", "--journal",
+                          str(tmp_path / "j.sqlite"), "tx-lost"], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    Locker().release(Locker().acquire("tx-new", str(tmp_path / "j.sqlite"), ["sim:noop/a"]), finished=True)

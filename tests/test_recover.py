@@ -519,3 +519,29 @@ def test_the_cancel_intent_is_durable_before_any_cancel(tmp_path: Path) -> None:
     (done,) = recover(journal)
     assert done["outcome"] == "rolled back"
     assert read_world(str(tmp_path / "sim-world.json"))["devices"]["a"]["snapshots"] == {}
+
+
+def test_forget_ends_what_recover_cannot_finish_and_releases_its_targets(tmp_path: Path) -> None:
+    """A cancel command that keeps failing: recover says needs recovery again and
+    again; a person settles it by hand and says so with --forget."""
+    from blktx.locks import Locker
+
+    make_world(str(tmp_path / "sim-world.json"), ["a"])
+    (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = "n"\n'
+                                     '[[action]]\ntype = "exec"\ntarget = "x"\ndo = ["true"]\ncancel = ["false"]\n'
+                                     '[[action]]\ntype = "fault"\nphase = "invalidate"\n')
+    journal = tmp_path / "j.sqlite"
+    first = blktx("run", "--allow-exec", "--json", "--journal", str(journal), str(tmp_path / "t.toml"))
+    assert first.returncode == 3, first.stdout
+    txid = json.loads(first.stdout)["txid"]
+    again = blktx("recover", "--allow-exec", "--json", "--journal", str(journal))
+    assert again.returncode == 3 and [c["txid"] for c in Locker().claims()] == [txid]
+    early = blktx("recover", "--forget", "--json", "--journal", str(journal), "nosuch")
+    assert early.returncode == 2
+    done = blktx("recover", "--forget", "--json", "--journal", str(journal), txid[:12])
+    assert done.returncode == 0, done.stdout
+    (item,) = json.loads(done.stdout)["transactions"]
+    assert (item["state"], item["outcome"]) == ("ABORTED", "rolled back")
+    assert Locker().claims() == [] and recover(journal) == []
+    shown = blktx("show", "--json", "--journal", str(journal), txid)
+    assert json.loads(shown.stdout)["detail"]["forgotten"]["from"] == "ROLLBACK_INCOMPLETE"
