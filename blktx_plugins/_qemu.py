@@ -137,18 +137,48 @@ def qemu_img(*args: str, timeout: float = 120, pass_fds: tuple[int, ...] = ()) -
     return out.stdout
 
 
-def die_with_parent(parent: int) -> Any:
+def die_with_parent(parent: int, nofile: int | None = None) -> Any:
     """A ``preexec_fn``: the child gets SIGKILL when blktx dies, so that a killed run
-    never leaves a daemon holding the images' locks (``blktx recover`` needs them)."""
+    never leaves a daemon holding the images' locks (``blktx recover`` needs them).
+    ``nofile``: the child's soft limit of open files is raised to it (at most the
+    hard limit: always allowed), as a daemon opens two descriptors per image.
+
+    Everything the child calls is looked up here, in the parent: between fork and
+    exec the child must not load a library or import a module (another thread of
+    blktx may have held the loader's or the import lock at the fork)."""
     import ctypes
+    import resource
+
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    pr_set_pdeathsig, sigkill, getppid, exit_now = 1, signal.SIGKILL, os.getppid, os._exit
+    setrlimit, getrlimit, rlimit_nofile = resource.setrlimit, resource.getrlimit, resource.RLIMIT_NOFILE
 
     def arm() -> None:
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-        if os.getppid() != parent:  # blktx died between fork and prctl
-            os._exit(1)
+        prctl(pr_set_pdeathsig, sigkill)
+        if getppid() != parent:  # blktx died between fork and prctl
+            exit_now(1)
+        if nofile is not None:
+            try:
+                setrlimit(rlimit_nofile, (nofile, getrlimit(rlimit_nofile)[1]))
+            except (OSError, ValueError):
+                pass  # the daemon keeps the parent's limit; batches were sized for the raised one
 
     return arm
+
+
+def child_nofile() -> int:
+    """The soft limit of open files a storage daemon gets: the hard limit, capped by
+    the kernel's ``fs.nr_open`` (a soft limit may always be raised that far)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/nr_open") as fh:
+            nr_open = int(fh.read())
+    except (OSError, ValueError):
+        nr_open = 1 << 20
+    top = nr_open if hard == resource.RLIM_INFINITY else min(hard, nr_open)
+    return max(soft, top)
 
 
 # qemu.qmp logs every refused connection at ERROR; blktx reports them itself.
@@ -389,52 +419,52 @@ class StorageDaemon:
     Images are opened on the command line (faster than one ``blockdev-add`` each);
     ``node[image]`` is an image's node name. :meth:`close` quits the daemon, which
     flushes and unlocks the images. ``heartbeat`` is the file touched while it runs
-    (:class:`Heartbeat`).
+    (:class:`Heartbeat`). Several may be started at once from threads
+    (:mod:`blktx_plugins._daemons`): blktx holds a batch's descriptors only while
+    that daemon is spawned, one spawn at a time. The daemon's output goes to a file
+    in its folder; when it dies, the error says what it printed.
     """
 
-    def __init__(self, images: list[str], txid: str = "", idents: dict[str, list[int]] | None = None) -> None:
+    _spawn = threading.Lock()
+
+    def __init__(self, images: list[str], txid: str = "", idents: dict[str, list[int]] | None = None,
+                 *, wait: bool = True) -> None:
+        """Spawn the daemon and (``wait``) :meth:`ready` it. It dies with the thread
+        that spawned it (``PR_SET_PDEATHSIG`` follows the thread): spawn from one that
+        outlives it."""
         self.node = {image: f"n{i}" for i, image in enumerate(images)}
         exe = shutil.which("qemu-storage-daemon")
         if exe is None:
             raise ActionFailed("qemu-storage-daemon is not installed (Debian package qemu-system-common)")
-        # The daemon opens each image through a descriptor blktx opened and checked
-        # (the identity the check recorded, never a symlink or a FIFO), not by its
-        # path: a folder swapped since the check cannot redirect it. Its backing
-        # chain is not opened at all (backing: null): internal snapshots need none.
-        fds: list[int] = []
-        try:
-            for image in images:
-                fds.append(open_verified(image, (idents or {}).get(image)))
-        except Exception:
-            for fd in fds:
-                os.close(fd)
-            raise
         # Named after the transaction: a SIGKILLed run cannot remove it, and blktx
         # recover's blktx_cleanup finds the dead run's folders by that name.
         self._dir = tempfile.mkdtemp(prefix=qsd_prefix(txid))
         self.heartbeat = os.path.join(self._dir, "heartbeat")
-        sock = os.path.join(self._dir, "qmp.sock")
-        argv = [exe, "--chardev", f"socket,path={sock},server=on,wait=off,id=qmp0", "--monitor", "chardev=qmp0"]
-        for i, fd in enumerate(fds):
-            argv += ["--blockdev", json.dumps({"driver": "qcow2", "node-name": f"n{i}", "backing": None,
-                                               "file": {"driver": "file", "filename": f"/proc/self/fd/{fd}"}})]
+        self._log = os.path.join(self._dir, "output")
+        self._fds: dict[int, str] = {}
+        self._sock = os.path.join(self._dir, "qmp.sock")
         try:
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True, pass_fds=fds,
-                                          preexec_fn=die_with_parent(os.getpid()))
-        finally:
-            for fd in fds:
-                os.close(fd)
+            self._proc = self._start(exe, self._sock, images, idents or {})
+        except BaseException:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+        if wait:
+            self.ready()
+
+    def ready(self) -> None:
+        """Wait until the daemon listens and connect to it; if it exits first, raise
+        :class:`ActionFailed` with what it printed."""
+        sock = self._sock
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):
             if self._proc.poll() is not None:
-                msg = (self._proc.stdout.read() if self._proc.stdout else "").strip()
-                for fd, image in zip(fds, images, strict=True):  # name the images, not their descriptors
-                    msg = msg.replace(f"/proc/self/fd/{fd}", image)
+                msg = self.output()
                 shutil.rmtree(self._dir, ignore_errors=True)
-                raise ActionFailed(f"qemu-storage-daemon: {msg}")
+                raise ActionFailed(f"qemu-storage-daemon exited at start: {msg or 'it printed nothing'}")
             if time.monotonic() > deadline:
                 self._proc.kill()
+                self._proc.wait()
+                shutil.rmtree(self._dir, ignore_errors=True)
                 raise ActionFailed("qemu-storage-daemon did not start in 30 s")
             time.sleep(0.001)
         # The socket file appears at bind(), a moment before listen(): retry refusals.
@@ -445,16 +475,77 @@ class StorageDaemon:
             except VmGone as exc:
                 if self._proc.poll() is not None or time.monotonic() > deadline:
                     self._proc.kill()
-                    raise ActionFailed(f"qemu-storage-daemon: {exc}") from None
+                    self._proc.wait()
+                    why = self.output()
+                    shutil.rmtree(self._dir, ignore_errors=True)
+                    raise ActionFailed(f"qemu-storage-daemon exited at start: {why}" if why else
+                                       f"qemu-storage-daemon: {exc}") from None
                 time.sleep(0.002)
         # Beating from before any caller records its start until after the daemon exits.
         self._beat = Heartbeat(self.heartbeat, lambda: self._proc.poll() is None)
 
+    def _start(self, exe: str, sock: str, images: list[str], idents: dict[str, list[int]]) -> subprocess.Popen[bytes]:
+        # The daemon opens each image through a descriptor blktx opened and checked
+        # (the identity the check recorded, never a symlink or a FIFO), not by its
+        # path: a folder swapped since the check cannot redirect it. Its backing
+        # chain is not opened at all (backing: null): internal snapshots need none.
+        argv = [exe, "--chardev", f"socket,path={sock},server=on,wait=off,id=qmp0", "--monitor", "chardev=qmp0"]
+        with self._spawn:  # a batch's descriptors are open in blktx only while it is spawned
+            fds: list[int] = []
+            try:
+                for image in images:
+                    fds.append(open_verified(image, idents.get(image)))
+                for i, fd in enumerate(fds):
+                    argv += ["--blockdev", json.dumps({"driver": "qcow2", "node-name": f"n{i}", "backing": None,
+                                                       "file": {"driver": "file", "filename": f"/proc/self/fd/{fd}"}})]
+                self._fds = dict(zip(fds, images, strict=True))
+                log = os.open(self._log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=fds,
+                                            preexec_fn=die_with_parent(os.getpid(), child_nofile()))
+                finally:
+                    os.close(log)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def output(self, wait: float = 1.0) -> str:
+        """What the daemon printed (its last 2,000 characters), images named by path,
+        once it has exited (waiting up to ``wait`` s); "" while it runs."""
+        try:
+            self._proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            return ""
+        try:
+            with open(self._log, errors="replace") as fh:
+                msg = fh.read()[-2000:].strip()
+        except OSError:
+            return ""
+        for fd, image in self._fds.items():  # name the images, not their descriptors
+            msg = msg.replace(f"/proc/self/fd/{fd}", image)
+        return msg
+
+    def named(self, exc: ActionFailed) -> ActionFailed:
+        """``exc`` from this daemon's connection, named as the daemon (the same kind:
+        :class:`VmGone` when it died), with what it printed if it died."""
+        msg = str(exc).replace(f"VM {self._qmp.address}", "qemu-storage-daemon", 1)
+        if isinstance(exc, VmGone):
+            why = self.output()
+            code = self._proc.returncode
+            if code is not None:
+                msg += f" (it exited with status {code}{': ' + why if why else ''})"
+        return type(exc)(msg)
+
+    async def execute(self, name: str, args: dict[str, Any] | None = None, timeout: float = 120.0) -> Any:
+        """One command, as a coroutine on the shared QMP loop (errors as QMP's: pass
+        them through :meth:`named` outside the loop)."""
+        return await self._qmp.execute(name, args, timeout)
+
     def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
         try:
             return self._qmp.cmd(name, args)
-        except ActionFailed as exc:  # the same kind (VmGone: the daemon died), named as the daemon
-            raise type(exc)(str(exc).replace(f"VM {self._qmp.address}", "qemu-storage-daemon", 1)) from None
+        except ActionFailed as exc:
+            raise self.named(exc) from None
 
     def close(self) -> None:
         try:
@@ -468,6 +559,4 @@ class StorageDaemon:
             self._proc.kill()
             self._proc.wait()
         self._beat.stop()  # its last stamp is after the locks were released
-        if self._proc.stdout:
-            self._proc.stdout.close()
         shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,9 +1,10 @@
 """``qcow2``: internal and external snapshots of qcow2 image files, offline.
 
-Internal snapshots of a whole group are made by one ``qemu-storage-daemon`` that
-opens every image of the transaction and runs one QMP ``transaction`` over them, so
-QEMU itself makes them atomically; blktx keeps the all-or-none guarantee across
-that and every other action. Checks read the qcow2 headers directly (no process,
+Internal snapshots of a whole group are made by ``qemu-storage-daemon``: the images
+are split into batches (``jobs``, else one per core up to four, and as many more as
+the limit of open files needs), one daemon and one QMP ``transaction`` per batch,
+all daemons at once; blktx's journal and cancel keep the all-or-none guarantee
+across the batches and every other action. Checks read the qcow2 headers directly (no process,
 read-only) and refuse an image that QEMU's image locking says is in use.
 
 External snapshots keep the layout documented in docs/backends.md: ``device`` is a
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Param, Refused, RunContext, hookimpl
+from blktx_plugins._daemons import Daemons, batches, fd_problem
 from blktx_plugins._fs import fsync_dir, is_ours, private_file, publish, remove_if_ours
 from blktx_plugins._image import (
     Snapshot,
@@ -37,7 +39,6 @@ from blktx_plugins._image import (
     shown,
 )
 from blktx_plugins._qemu import (
-    StorageDaemon,
     VmGone,
     check_writable_image,
     create_overlay,
@@ -71,6 +72,14 @@ def _idents(actions: Sequence[Action]) -> dict[str, list[int]]:
     return {_image(a): list(a.undo["ident"]) for a in actions if isinstance(a.undo.get("ident"), list)}
 
 
+def _fds_allow(actions: Sequence[Action], ctx: RunContext) -> None:
+    """Refuse, naming the limit, a group whose storage daemons could not open its
+    images within the limit of open files (rather than fail at do)."""
+    problem = fd_problem(len({a.params["image"] for a in actions}), ctx.options.jobs)
+    if problem:
+        raise Refused(problem, hint="raise the limit: ulimit -n N in the shell, LimitNOFILE= for a service")
+
+
 def _checked(a: Action, ctx: RunContext) -> list[Snapshot]:
     """Check ``a``'s image (and its chain) as a writable, unused qcow2 image under the
     roots; record what it resolved to and its identity; return its snapshots."""
@@ -80,17 +89,19 @@ def _checked(a: Action, ctx: RunContext) -> list[Snapshot]:
     return header.snapshots
 
 
-def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequence[Action], txid: str) -> None:
-    """Delete exactly the listed snapshots in one daemon: each is re-read under the
-    daemon's lock and deleted only while its id, name (and date, when known) are
-    still the listed ones."""
+def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequence[Action], txid: str,
+                      jobs: int = 1) -> None:
+    """Delete exactly the listed snapshots, the images spread over storage daemons
+    that work at once (:mod:`~blktx_plugins._daemons`): each snapshot is re-read
+    under its daemon's lock and deleted only while its id, name (and date, when
+    known) are still the listed ones."""
     images = sorted({image for todo in plan.values() for image, _ in todo})
     if not images:
         return
     idents = _idents(actions)
     for attempt in range(10):
         try:
-            daemon = StorageDaemon(images, txid, idents)
+            daemons = Daemons(batches(images, jobs), txid, idents)
             break
         except ActionFailed as exc:
             # A killed run's daemon may hold an image's lock for a moment more.
@@ -100,6 +111,7 @@ def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequ
     failures: dict[int, BaseException] = {}
     try:
         headers = {image: read_image(image) for image in images}
+        calls: dict[Any, list[tuple[Any, str, dict[str, Any]]]] = {}
         for a in actions:
             for image, snap in plan.get(a.index, []):
                 if image in idents and headers[image].ident != idents[image]:
@@ -110,12 +122,14 @@ def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequ
                 # Under the daemon's lock the id names this very snapshot (just read);
                 # QMP carries UTF-8 only, so a name that is not is left out.
                 which = {"id": snap.id, "name": snap.name} if is_utf8(snap.name) else {"id": snap.id}
-                try:
-                    daemon.cmd("blockdev-snapshot-delete-internal-sync", {"device": daemon.node[image], **which})
-                except ActionFailed as exc:
-                    failures[a.index] = ActionFailed(f"{image}: {exc}")
+                calls.setdefault(daemons.of[image], []).append(
+                    ((a.index, image, snap.id), "blockdev-snapshot-delete-internal-sync",
+                     {"device": daemons.node(image), **which}))
+        for (index, image, _), reply in daemons.each(calls).items():
+            if isinstance(reply, ActionFailed) and index not in failures:
+                failures[index] = ActionFailed(f"{image}: {reply}")
     finally:
-        daemon.close()
+        daemons.close()
     if failures:
         raise ActionFailures(failures)
 
@@ -147,7 +161,7 @@ def _by_hand(image: str, snaps: list[Snapshot]) -> str:
 
 
 class InternalCreate(ActionType):
-    """Create a named internal snapshot in a qcow2 image (all images in one QEMU transaction).
+    """Create a named internal snapshot in a qcow2 image (one QEMU transaction per storage daemon, daemons at once).
 
     Ownership: a cancel deletes only a snapshot whose id *and* date ``do`` recorded
     (``undo["made"]``, journaled with ``ctx.remember`` while the image's lock was
@@ -177,6 +191,7 @@ class InternalCreate(ActionType):
         return str(action.params["image"])
 
     def check_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
+        _fds_allow(actions, ctx)
         names: dict[tuple[str, str], int] = {}
 
         def check(a: Action) -> None:
@@ -212,39 +227,51 @@ class InternalCreate(ActionType):
         if replacing:
             self._do_replace(replacing, ctx)
 
-    def _started(self, actions: list[Action], ctx: RunContext, heartbeat: str | None = None) -> None:
+    def _started(self, actions: list[Action], ctx: RunContext, heartbeat: dict[str, str] | None = None) -> None:
         """Durable before anything changes an image: do has begun, the ids there now,
-        and (daemon) the heartbeat file that will bound when its locks were released."""
+        and (daemon) the heartbeat file, by image, that will bound when its daemon's
+        locks were released."""
         for a in actions:
             a.undo["present"] = [s.id for s in read_header(_image(a))[1]]
             a.undo["started"] = time.time()
             if heartbeat:
-                a.undo["heartbeat"] = heartbeat
+                a.undo["heartbeat"] = heartbeat[_image(a)]
         ctx.remember(actions)
 
     def _do_fresh(self, fresh: list[Action], ctx: RunContext) -> None:
-        daemon = StorageDaemon(sorted({_image(a) for a in fresh}), ctx.txid, _idents(fresh))
-        # From here until close the daemon holds every image's lock: nobody else can
+        # Several daemons, each with a batch of the images and one QMP transaction,
+        # all at once; one journal write before and one after, for all of them.
+        daemons = Daemons(batches(sorted({_image(a) for a in fresh}), ctx.options.jobs), ctx.txid, _idents(fresh))
+        # From here until close each daemon holds its images' locks: nobody else can
         # add a snapshot, so the new one of each name is QEMU's, made for us.
         try:
-            self._started(fresh, ctx, daemon.heartbeat)
-            try:
-                daemon.cmd("transaction", {"actions": [
-                    {"type": "blockdev-snapshot-internal-sync",
-                     "data": {"device": daemon.node[_image(a)], "name": a.params["name"]}} for a in fresh]})
-            except ActionFailed as exc:
-                if not isinstance(exc, VmGone):  # refused (all or nothing), not died half-way
-                    for a in fresh:
-                        a.undo["made"] = []
-                raise
+            self._started(fresh, ctx, {image: d.heartbeat for image, d in daemons.of.items()})
+            mine: dict[Any, list[Action]] = {}
             for a in fresh:
-                a.undo["made"] = [_ident(s) for s in self._new(a)]
+                mine.setdefault(daemons.of[_image(a)], []).append(a)
+            replies = daemons.each({d: [(d, "transaction", {"actions": [
+                {"type": "blockdev-snapshot-internal-sync",
+                 "data": {"device": daemons.node(_image(a)), "name": a.params["name"]}} for a in acts]})]
+                for d, acts in mine.items()})
+            failures: dict[int, BaseException] = {}
+            for d, acts in mine.items():
+                reply = replies[d]
+                if isinstance(reply, ActionFailed):
+                    for a in acts:
+                        failures[a.index] = reply
+                        if not isinstance(reply, VmGone):  # refused (all or nothing), not died half-way
+                            a.undo["made"] = []
+                else:
+                    for a in acts:
+                        a.undo["made"] = [_ident(s) for s in self._new(a)]
             ctx.remember(fresh)  # before close releases the locks
+            if failures:
+                raise ActionFailures(failures)
         finally:
-            daemon.close()
+            daemons.close()
             unknown = [a for a in fresh if "made" not in a.undo]
             if unknown:
-                # The daemon died under us (close has reaped it): its locks are gone by
+                # A daemon died under us (close has reaped it): its locks are gone by
                 # now, which bounds what it can have made, once its folder is removed.
                 for a in unknown:
                     a.undo["released"] = time.time()
@@ -325,7 +352,7 @@ class InternalCreate(ActionType):
                     f"its snapshot, and this one cannot be proven to be it rather than one made since. If it is "
                     f"blktx's, remove it by hand ({_by_hand(_image(a), unsure)}) and run blktx recover again")
         try:
-            _delete_snapshots(plan, actions, ctx.txid)
+            _delete_snapshots(plan, actions, ctx.txid, ctx.options.jobs)
         except ActionFailures as exc:
             failures.update(exc.failures)
         if failures:
@@ -335,7 +362,8 @@ class InternalCreate(ActionType):
         old = [Snapshot(o[0], action.params["name"], (o[1], o[2])) if isinstance(o, list)
                else Snapshot(o, action.params["name"]) for o in action.undo.get("old", [])]
         if old:
-            _delete_snapshots({action.index: [(_image(action), s) for s in old]}, [action], ctx.txid)
+            _delete_snapshots({action.index: [(_image(action), s) for s in old]}, [action], ctx.txid,
+                              ctx.options.jobs)
 
     def leftovers(self, action: Action) -> list[Leftover]:
         ours, unsure = self._judge(action)
@@ -361,6 +389,8 @@ class InternalDelete(ActionType):
         return str(action.params["image"])
 
     def check_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
+        _fds_allow(actions, ctx)
+
         def check(a: Action) -> None:
             image, name, sid = a.params["image"], a.params["name"], a.params["id"]
             if not name and not sid:
@@ -391,7 +421,7 @@ class InternalDelete(ActionType):
             target = Snapshot(a.undo["id"], a.undo["name"], (date[0], date[1]))
             # gone already (a retry): done; never another point in time that took its id
             plan[a.index] = [(_image(a), target)] if any(_same(target, s) for s in snaps) else []
-        _delete_snapshots(plan, actions, ctx.txid)
+        _delete_snapshots(plan, actions, ctx.txid, ctx.options.jobs)
 
 
 class ExternalCreate(ActionType):
