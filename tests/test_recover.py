@@ -193,11 +193,14 @@ def _undo(journal: Path) -> list[dict[str, Any]]:
 
 
 @needs_qemu_img
-def test_qcow2_kill_inside_the_storage_daemons_transaction_is_rolled_back_by_recover(tmp_path: Path) -> None:
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_qcow2_kill_inside_the_storage_daemons_transaction_is_rolled_back_by_recover(tmp_path: Path,
+                                                                                     jobs: int) -> None:
     """SIGKILL blktx the moment the daemon's transaction has written the first image's
     snapshot: the journal says do started but not what it made. The daemon holds every
     image's lock until it dies with blktx, and the heartbeat in its folder bounds that
-    moment; so recover proves the new snapshots blktx's, removes them and exits 0."""
+    moment; so recover proves the new snapshots blktx's, removes them and exits 0.
+    ``jobs = 3``: three daemons at once, each bounded by its own heartbeat."""
     from blktx_plugins._image import read_header
 
     images = 48
@@ -212,7 +215,8 @@ def test_qcow2_kill_inside_the_storage_daemons_transaction_is_rolled_back_by_rec
         before = world(work)
         journal = tmp_path / f"a{attempt}.sqlite"
         proc = subprocess.Popen([sys.executable, "-m", "blktx.cli", "run", str(work / "t.toml"), "--journal",
-                                 str(journal)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                 str(journal), "--jobs", str(jobs)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         first = str(work / "d0.qcow2")
 
         def made(first: str = first) -> bool:
@@ -229,6 +233,8 @@ def test_qcow2_kill_inside_the_storage_daemons_transaction_is_rolled_back_by_rec
         if not all("started" in u and "made" not in u for u in undo):
             shutil.rmtree(work)
             continue  # the kill landed outside the transaction; try again
+        if jobs > 1:
+            assert len({u["heartbeat"] for u in undo}) == jobs, "one daemon (and heartbeat) per batch"
         time.sleep(0.05)  # the daemon's death signal is asynchronous
         assert any(state[1] for name, state in world(work).items() if name.endswith(".qcow2")), \
             "the transaction had made snapshots when blktx died"
