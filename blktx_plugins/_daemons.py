@@ -38,8 +38,10 @@ FDS_PER_DAEMON = 4
 
 
 def default_daemons() -> int:
-    """Daemons when ``jobs`` is not set: one per core, at most four."""
-    return max(1, min(4, os.cpu_count() or 1))
+    """Daemons when ``jobs`` is not set: two per core, at least two, at most eight.
+    A daemon mostly waits for ``fdatasync``, not for a core: on 2 cores, 500 images
+    took 0.74 s in one daemon, 0.55 s in two, 0.46 s in four, 0.41 s in eight."""
+    return max(2, min(8, 2 * (os.cpu_count() or 1)))
 
 
 def open_fds() -> int:

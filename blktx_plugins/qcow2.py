@@ -1,11 +1,12 @@
 """``qcow2``: internal and external snapshots of qcow2 image files, offline.
 
-Internal snapshots of a whole group are made by ``qemu-storage-daemon``: the images
-are split into batches (``jobs``, else one per core up to four, and as many more as
-the limit of open files needs), one daemon and one QMP ``transaction`` per batch,
-all daemons at once; blktx's journal and cancel keep the all-or-none guarantee
-across the batches and every other action. Checks read the qcow2 headers directly (no process,
-read-only) and refuse an image that QEMU's image locking says is in use.
+Internal snapshots of a whole group are made by ``qemu-storage-daemon``: the
+images are split into batches (``jobs``, else two per core from two to eight, and
+more when the limit of open files needs it), one daemon and one QMP
+``transaction`` per batch, all daemons at once; blktx's journal and cancel keep
+the all-or-none guarantee across the batches and every other action. Checks read
+the qcow2 headers directly (no process, read-only) and refuse an image that QEMU's
+image locking says is in use.
 
 External snapshots keep the layout documented in docs/backends.md: ``device`` is a
 stable symlink that users open; the new overlay's backing file is the image the
