@@ -4,7 +4,8 @@ baselines, every method timed the same way, in the same run.
 Each method is one whole process, timed from outside (start to exit):
 
 - ``blktx``: ``python -m blktx run spec.toml --journal J`` as a user runs it
-  (journal and locks on, its report printed to a pipe);
+  (journal and locks on, its report printed to a pipe); ``blktx-json`` (optional,
+  ``--methods``): the same with ``--json``, the report a script reads;
 - ``shell-loop``: ``bash -c 'for f; do qemu-img snapshot -c nightly "$f"; done'``;
 - ``one-daemon``: a hand-written Python script (stdlib only, raw QMP on a socket):
   one ``qemu-storage-daemon`` with every image, one ``transaction``, ``quit``;
@@ -36,6 +37,7 @@ import tempfile
 import time
 from typing import Any
 
+METHODS = ["blktx", "shell-loop", "one-daemon", "split-daemons"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAME = "nightly"
 
@@ -122,9 +124,9 @@ def fresh(n: int, template: str) -> tuple[str, list[str]]:
 
 
 def argv_of(method: str, d: str, paths: list[str], daemons: int, script: str) -> list[str]:
-    if method == "blktx":
+    if method in ("blktx", "blktx-json"):
         return [sys.executable, "-m", "blktx", "run", os.path.join(d, "t.toml"), "--journal",
-                os.path.join(d, "journal.sqlite")]
+                os.path.join(d, "journal.sqlite"), *(["--json"] if method == "blktx-json" else [])]
     if method == "shell-loop":
         return ["bash", "-c", f'for f; do qemu-img snapshot -c {NAME} "$f" || exit 1; done', "loop", *paths]
     count = 1 if method == "one-daemon" else daemons
@@ -176,12 +178,17 @@ def main() -> int:
     parser.add_argument("--daemons", type=int, default=0,
                         help="daemons of the split-daemons floor (default: as many as blktx uses by default)")
     parser.add_argument("--dir", default=None, help="where the images are made (default: $TMPDIR)")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=[*METHODS, "blktx-json"],
+                        help="which methods to run (default: %(default)s)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.repeat < 5:
         parser.error("--repeat must be at least 5 (a median of fewer is not trusted here)")
     daemons = args.daemons or default_daemons()
-    methods = ["blktx", "shell-loop", "one-daemon", "split-daemons"]
+    methods = list(args.methods)
+    for needed in METHODS:
+        if needed not in methods:
+            parser.error(f"--methods must include {needed} (the ratios are taken against it)")
     report: dict[str, Any] = {"cpus": os.cpu_count(), "daemons": daemons, "load_before": os.getloadavg(), "rows": []}
     workdir = tempfile.mkdtemp(prefix="blktx-bench-", dir=args.dir)
     try:
