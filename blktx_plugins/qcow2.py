@@ -222,9 +222,12 @@ class InternalCreate(ActionType):
         # QMP refuses a second snapshot of the same name, so a replacement is made with
         # qemu-img (which allows it); everything else in one daemon transaction.
         fresh = [a for a in actions if not a.undo.get("old")]
-        if fresh:
-            self._do_fresh(fresh, ctx)
         replacing = [a for a in actions if a.undo.get("old")]
+        if fresh:
+            try:
+                self._do_fresh(fresh, ctx)
+            except ActionFailures as exc:  # some daemons' batches failed: the replacements never began
+                raise ActionFailures(exc.failures, [a.index for a in replacing]) from None
         if replacing:
             self._do_replace(replacing, ctx)
 
@@ -253,7 +256,7 @@ class InternalCreate(ActionType):
             replies = daemons.each({d: [(d, "transaction", {"actions": [
                 {"type": "blockdev-snapshot-internal-sync",
                  "data": {"device": daemons.node(_image(a)), "name": a.params["name"]}} for a in acts]})]
-                for d, acts in mine.items()})
+                for d, acts in mine.items()}, timeout=120 + 0.5 * max(map(len, mine.values())))
             failures: dict[int, BaseException] = {}
             for d, acts in mine.items():
                 reply = replies[d]

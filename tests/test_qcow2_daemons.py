@@ -117,10 +117,12 @@ def _fault_in(monkeypatch: pytest.MonkeyPatch, image: str, how: str) -> None:
 def test_a_failure_in_one_daemons_transaction_rolls_back_the_others(
         tmp_path: Path, spy: list[list[list[str]]], how: str, monkeypatch: pytest.MonkeyPatch) -> None:
     fill(tmp_path, N)
+    make_image(tmp_path / "r.qcow2", snapshots=("nightly",))  # replaced after the fresh ones: never begun
     before = lists(tmp_path)
     victim = str(tmp_path / f"d{N - 1}.qcow2")
     _fault_in(monkeypatch, victim, how)
-    result = run(tmp_path, group(N), jobs=4)
+    replace = ("qcow2.internal-create", {"image": "r.qcow2", "name": "nightly", "replace": True})
+    result = run(tmp_path, [*group(N), replace], jobs=4)
     assert result.outcome == "rolled back", result.summary()
     assert len(spy[0]) == 4
     failed = " ".join(str(f) for f in result.failures)
