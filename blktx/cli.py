@@ -214,9 +214,9 @@ def _journal(args: argparse.Namespace) -> Any:
 
 
 def _locker(args: argparse.Namespace) -> Any:
-    """The locker of every run with a journal: claims in the one well-known folder."""
-    if getattr(args, "no_journal", False):
-        return None
+    """The locker of every run: claims in the one well-known folder. A run without a
+    journal claims too (it must never act on another transaction's targets); its
+    claim is stale once it is dead, since nothing could recover it."""
     from blktx.locks import Locker
 
     return Locker(wait=getattr(args, "wait", 0.0) or 0.0)
@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="the journal file (default $BLKTX_JOURNAL or ~/.local/state/blktx/journal.sqlite)")
     for name in ("run", "demo"):
         subs[name].add_argument("--no-journal", action="store_true",
-                                help="keep no journal: no crash recovery and no locks across processes")
+                                help="keep no journal: no crash recovery (targets are still claimed while it runs)")
     subs["run"].add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                              help="wait up to SECONDS for targets locked by another run (default: refuse at once)")
     subs["schema"].add_argument("--output", "-o", metavar="FILE", help="write it to FILE instead of stdout")

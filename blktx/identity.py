@@ -27,7 +27,9 @@ def lock_keys(target: str) -> list[str]:
             keys.append(f"inode:{st.st_dev}:{st.st_ino}")
         return keys
     if target.startswith("vm:"):
-        return ["vm:" + target[3:].rsplit("/", 1)[0]]
+        address = target[3:].rsplit("/", 1)[0]
+        # one VM reached through a symlinked folder is one VM: key its socket by real path
+        return ["vm:" + (os.path.realpath(address) if address.startswith("/") else address)]
     return [target]
 
 

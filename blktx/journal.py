@@ -82,6 +82,10 @@ class SqliteJournal:
 
     def __init__(self, path: str | None = None) -> None:
         self.path = os.path.abspath(path or default_path())
+        early = untrusted_folders(self.path)
+        if early and not os.path.isdir(os.path.dirname(self.path)):  # never make folders through it
+            raise BlktxError(f"refusing the journal {self.path}: {early}; keep it in a folder only you can write "
+                             "(default ~/.local/state/blktx), mode 0600")
         try:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         except OSError as exc:

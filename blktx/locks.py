@@ -106,6 +106,10 @@ class Locker:
     def __init__(self, directory: str | None = None, *, wait: float = 0.0) -> None:
         self.dir = directory or default_dir()
         self.wait = wait
+        early = untrusted_folders(os.path.join(self.dir, "claims", "x"))
+        if early and not os.path.isdir(os.path.join(self.dir, "claims")):  # never make folders through it
+            raise BlktxError(f"the lock folder {self.dir} would be made where others can write ({early}); "
+                             "give another with $BLKTX_LOCK_DIR")
         try:
             os.makedirs(os.path.join(self.dir, "claims"), mode=0o700, exist_ok=True)
             self._dirfd = os.open(os.path.join(self.dir, "claims"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -202,12 +206,15 @@ class Locker:
                 for key in wanted & keys:
                     by_key.setdefault(key, (holder, "wait for it, or give --wait SECONDS", None))
                 continue
+            if why is None and journal in ("", "None"):  # a run without a journal: nothing to recover
+                self._unlink(name)
+                continue
             if why is None:
                 state = journal_state(journal, other)
                 if _over(state):
                     self._unlink(name)
                     continue
-                why = state if isinstance(state, str) else None
+                why = state if isinstance(state, str) and not isinstance(state, TxState) else None
             hint = f"run `blktx recover --journal {journal}`"
             if why is not None:
                 hint += f"; if that journal is lost, check the targets by hand, then `blktx recover --forget {other}`"
@@ -245,16 +252,23 @@ class Locker:
         return removed
 
     def _write(self, claim: Claim) -> None:
+        """Write the claim whole, then rename it into place (under the mutex): a claim
+        file is complete or absent, whatever kills the process or fills the disk."""
         name = _name(claim.txid)
-        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._dirfd)
+        tmp = f".{name}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._dirfd)
         try:
-            if not _try_lock(fd):
+            if not _try_lock(fd):  # the lock goes with the file through the rename
                 raise BlktxError(f"the claim of {claim.txid} is held by another process")
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(claim.to_json()).encode())
+            data = json.dumps(claim.to_json()).encode()
+            if os.write(fd, data) != len(data):
+                raise OSError(f"short write of the claim {name}")
             os.fsync(fd)
+            os.rename(tmp, name, src_dir_fd=self._dirfd, dst_dir_fd=self._dirfd)
             os.fsync(self._dirfd)
         except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=self._dirfd)
             os.close(fd)
             raise
         claim.path, claim.fd = os.path.join(self.dir, "claims", name), fd

@@ -87,6 +87,17 @@ def recover_one(journal: SqliteJournal, registry: Registry, locker: Locker, txid
     if claim is None:
         return {"txid": txid, "outcome": "running", "state": tx["status"],
                 "message": "its run (or another recover) is still alive: the kernel lock on its claim is held"}
+    # Read again under the claim: the run may have finished between the first read
+    # and the take-over (recover must never act on a copy older than the claim).
+    fresh = journal.transaction(txid)
+    if fresh is None or TxState(fresh["status"]) in TX_FINAL:
+        locker.release(claim, finished=fresh is not None and TxState(fresh["status"]) in TX_FINAL)
+        return {"txid": txid, "outcome": status(fresh["status"]).outcome if fresh else "invalid",
+                "state": fresh["status"] if fresh else None,
+                "message": "its run finished while recover started: nothing to do"}
+    tx = fresh
+    for a, row in zip(actions, tx["actions"], strict=True):
+        a.state, a.undo = row["state"], row["undo"] or {}
     ctx = RunContext(txid, options, tx["base_dir"] or "/", registry.pm.hook)
     run = TransactionRun(txid, actions, ctx, journal=journal, locker=locker, state=TxState(tx["status"]))
     run.claim = claim
@@ -122,10 +133,19 @@ def forget(journal: SqliteJournal, locker: Locker, txid: str) -> dict[str, Any]:
 
     tx = journal.transaction(txid)
     if tx is None:
+        from blktx.locks import journal_state
+
         for found in locker.claims():
-            if found.get("txid") == txid and not found.get("live"):
-                locker.forget_claim(txid)
-                return {"txid": txid, "outcome": "forgotten", "message": "its claim was released (no journal record)"}
+            if found.get("txid") != txid or found.get("live"):
+                continue
+            own = str(found.get("journal") or "")
+            if own and isinstance(journal_state(own, txid), TxState):
+                return {"txid": txid, "outcome": "invalid",
+                        "message": f"its own journal {own} knows it: run `blktx recover --journal {own}` "
+                                   "(and --forget with that journal, if recover cannot finish it)"}
+            locker.forget_claim(txid)
+            return {"txid": txid, "outcome": "forgotten",
+                    "message": f"its claim was released (its journal {own or '(none)'} is lost)"}
         return {"txid": txid, "outcome": "invalid", "message": "no such transaction, and no dead claim of it"}
     state = TxState(tx["status"])
     if not TxLifecycle.allowed("forget", state):

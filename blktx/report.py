@@ -17,7 +17,15 @@ from blktx.hookspecs import hookimpl
 from blktx.plugins import Registry
 from blktx.result import COMMITTED, Result
 
-_STYLE = {"INVALIDATED": "green", "CANCELED": "yellow", "START": "dim", "CREATED": "cyan"}
+_STYLE = {"INVALIDATED": "green", "CANCELED": "yellow", "START": "dim", "CREATED": "cyan", "DOING": "magenta",
+          "CANCEL_FAILED": "bold red"}
+
+
+def _state(state: str, shown: str | None = None) -> str:
+    """A state for a table cell, coloured when it has a colour; never broken markup."""
+    style = _STYLE.get(state)
+    text = escape(shown or state)
+    return f"[{style}]{text}[/]" if style else text
 
 
 #: The width of output that is not a terminal and has no ``$COLUMNS``: wide enough
@@ -51,7 +59,7 @@ def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
         for a in result.actions[:limit]:
             took = sum((a.durations or {}).values())
             state = a.state if not result.checked_only else "checked"
-            table.add_row(str(a.index), escape(a.type.name), escape(a.target), f"[{_STYLE.get(a.state, '')}]{state}[/]",
+            table.add_row(str(a.index), escape(a.type.name), escape(a.target), _state(a.state, state),
                           f"{took * 1000:.1f} ms" if took else "", escape(a.error or ""))
         out.print(table)
         if len(result.actions) > limit:
@@ -102,7 +110,7 @@ def print_shown(tx: dict[str, Any], out: Console) -> None:
     for a in tx["actions"]:
         ms = sum((a["durations"] or {}).values()) * 1000
         table.add_row(str(a["index"]), escape(a["type"]), escape(a["target"]),
-                      f"[{_STYLE.get(a['state'], '')}]{a['state']}[/]", f"{ms:.1f} ms" if ms else "",
+                      _state(a["state"]), f"{ms:.1f} ms" if ms else "",
                       escape(a["error"] or ""))
     out.print(table)
     for h in tx["holds"]:

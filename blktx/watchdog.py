@@ -45,8 +45,8 @@ class Watchdog:
         read, self._write = os.pipe()
         env = {k: v for k, v in os.environ.items() if k != "BLKTX_CRASH_AFTER"}  # drills kill the run, not this
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "blktx.watchdog", "--journal", journal, "--txid", txid, "--budget", str(budget),
-             "--pid", str(os.getpid())],
+            [sys.executable, "-c", "import sys; from blktx.watchdog import main; sys.exit(main())",
+             "--journal", journal, "--txid", txid, "--budget", str(budget), "--pid", str(os.getpid())],
             stdin=read, stdout=subprocess.DEVNULL, start_new_session=True, env=env, close_fds=True)
         os.close(read)
         os.set_inheritable(self._write, False)
@@ -141,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, required=True)
     parser.add_argument("--pid", type=int, required=True)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C for the run is not for its watchdog
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A ^C, a hang-up or a service stop (SIGTERM to the whole cgroup) is for the run:
+    # the watchdog stays until the run is gone or overran, then ends the holds.
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     why = watch(sys.stdin.buffer, args.budget, args.pid)
     if why is None:
         return 0

@@ -20,6 +20,7 @@ and from START (the ``do`` command may have failed half-way).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from typing import Any
 from blktx import Action, ActionFailed, ActionType, Param, Refused, RunContext, hookimpl
 
 TAIL = 4096
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class Exec(ActionType):
@@ -58,6 +60,13 @@ class Exec(ActionType):
             argv = action.params[key]
             if argv is not None and not argv:
                 raise Refused(f"'{key}' is an empty command")
+        for name in action.params["env"] or {}:
+            if not _ENV_NAME.match(name):
+                raise Refused(f"env: {name!r} is not an environment variable name", hint="letters, digits and _")
+        timeout = action.params["timeout"]
+        if not 0 < timeout <= 86400:  # written so that NaN fails too
+            raise Refused(f"timeout must be more than 0 and at most 86400 seconds, got {timeout!r}",
+                          hint="every command gets a deadline")
         if action.params["check"]:
             try:
                 self._run(action, ctx, "check")

@@ -243,3 +243,14 @@ def test_a_lock_refusal_names_the_spec_file_and_action(tmp_path: Path, capsys: p
     (problem,) = data["problems"]
     assert status == 2 and problem["file"] == str(tmp_path / "t.toml") and problem["action"] == 0
     assert problem["line"] == 2
+
+
+def test_a_failed_cancel_is_reported_in_text_with_its_state(tmp_path: Path) -> None:
+    from blktx_plugins.sim import make_world
+
+    make_world(str(tmp_path / "sim-world.json"), ["vda"])
+    (tmp_path / "c.toml").write_text('version = 1\n[[action]]\ntype = "sim.overlay"\ndevice = "vda"\nlayer = "ov1"\n'
+                                     'fail = "invalidate"\nfail_cancel = true\n')
+    out = blktx_cli("run", "--journal", str(tmp_path / "j.sqlite"), str(tmp_path / "c.toml"))
+    assert out.returncode == 3 and "CANCEL_FAILED" in out.stdout and "left behind" in out.stdout, out.stderr
+    assert "MarkupError" not in out.stderr

@@ -155,3 +155,9 @@ def test_recover_runs_an_exec_cancel_only_with_allow_exec(tmp_path: Path) -> Non
                              capture_output=True, text=True, check=False)
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
     assert pwned.exists()
+
+
+def test_bad_env_names_and_timeouts_are_refused_at_check(tmp_path: Path) -> None:
+    for extra in ({"env": {"A=B": "c"}}, {"timeout": -1.0}, {"timeout": float("nan")}, {"timeout": float("inf")}):
+        result = run(tmp_path, [{"target": "a", "do": ["true"], "cancel": ["true"], **extra}])
+        assert result.outcome == "invalid", (extra, result.summary())

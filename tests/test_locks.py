@@ -144,3 +144,12 @@ Locker().acquire("tx-lost", {str(tmp_path / "gone.sqlite")!r}, ["sim:noop/a"])
                           str(tmp_path / "j.sqlite"), "tx-lost"], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     Locker().release(Locker().acquire("tx-new", str(tmp_path / "j.sqlite"), ["sim:noop/a"]), finished=True)
+
+
+def test_a_half_written_claim_never_blocks_and_a_vm_socket_is_keyed_by_real_path(tmp_path: Path) -> None:
+    claims = Path(Locker().dir) / "claims"
+    (claims / ".tx-cut.json.999.tmp").write_bytes(b"")  # what a kill in the middle of a claim write leaves
+    Locker().release(Locker().acquire("tx-new", str(tmp_path / "j.sqlite"), ["sim:noop/a"]), finished=True)
+    (tmp_path / "vms").mkdir()
+    os.symlink(tmp_path / "vms", tmp_path / "alias")
+    assert lock_keys(f"vm:{tmp_path / 'vms' / 'vm.qmp'}/drive0") == lock_keys(f"vm:{tmp_path / 'alias' / 'vm.qmp'}/d1")

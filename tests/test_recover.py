@@ -551,3 +551,48 @@ def test_forget_ends_what_recover_cannot_finish_and_releases_its_targets(tmp_pat
     assert Locker().claims() == [] and recover(journal) == []
     shown = blktx("show", "--json", "--journal", str(journal), txid)
     assert json.loads(shown.stdout)["detail"]["forgotten"]["from"] == "ROLLBACK_INCOMPLETE"
+
+
+def test_recover_never_acts_on_a_copy_older_than_its_claim(tmp_path: Path) -> None:
+    """The run commits (DONE) between recover's first read and its take-over of the
+    claim: recover must read again under the claim and leave the committed world."""
+    from blktx.journal import SqliteJournal
+    from blktx.locks import Locker
+    from blktx.plugins import default_registry
+    from blktx.recover import recover_one
+    from blktx.states import TxState
+
+    make_world(str(tmp_path / "sim-world.json"), ["a"])
+    (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = "n"\n')
+    journal_path = tmp_path / "j.sqlite"
+    out = blktx("run", str(tmp_path / "t.toml"), "--journal", str(journal_path), env={"BLKTX_CRASH_AFTER": "4"})
+    assert out.returncode == -signal.SIGKILL
+    journal = SqliteJournal(str(journal_path))
+    (tx,) = journal.transactions()
+    assert tx["status"] in ("RUNNING", "COMMITTED")
+    world_after = read_world(str(tmp_path / "sim-world.json"))
+
+    class Racing(Locker):
+        def take_over(self, txid: str, journal_file: str, targets: Any) -> Any:
+            journal.state(txid, TxState.DONE, {})  # the run finished meanwhile
+            return super().take_over(txid, journal_file, targets)
+
+    done = recover_one(journal, default_registry(), Racing(), tx["txid"])
+    assert done["state"] == "DONE" and "finished while recover started" in done["message"]
+    assert read_world(str(tmp_path / "sim-world.json")) == world_after and Locker().claims() == []
+
+
+def test_forget_refuses_a_claim_whose_own_journal_knows_the_transaction(tmp_path: Path) -> None:
+    from blktx.locks import Locker
+
+    make_world(str(tmp_path / "sim-world.json"), ["a"])
+    (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = "n"\n')
+    out = blktx("run", "--json", str(tmp_path / "t.toml"), "--journal", str(tmp_path / "j1.sqlite"),
+                env={"BLKTX_CRASH_AFTER": "2"})
+    assert out.returncode == -signal.SIGKILL
+    (claim,) = Locker().claims()
+    wrong = blktx("recover", "--forget", "--json", "--journal", str(tmp_path / "j2.sqlite"), claim["txid"])
+    assert wrong.returncode == 2 and f"recover --journal {tmp_path / 'j1.sqlite'}" in wrong.stdout
+    assert [c["txid"] for c in Locker().claims()] == [claim["txid"]], "the claim stays"
+    nojournal = blktx("run", "--no-journal", str(tmp_path / "t.toml"))
+    assert nojournal.returncode == 2 and "unfinished transaction" in nojournal.stdout, "a run without a journal too"

@@ -125,7 +125,7 @@ def test_a_run_that_ends_normally_leaves_no_watchdog(tmp_path: Path, vms: list[V
     assert proc.returncode == 0, out + err
     assert all(vm.snapshots(0) == ["nightly"] and vm.running() for vm in vms)
     time.sleep(0.2)
-    left = subprocess.run(["pgrep", "-f", f"blktx.watchdog --journal {journal}"], capture_output=True, text=True)
+    left = subprocess.run(["pgrep", "-f", f"--journal {journal} --txid"], capture_output=True, text=True)
     assert left.stdout.strip() == "", "the watchdog exited with the run"
 
 
