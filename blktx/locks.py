@@ -31,7 +31,7 @@ import os
 import sqlite3
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,7 +170,8 @@ class Locker:
 
     # -- taking and releasing ---------------------------------------------------------
 
-    def acquire(self, txid: str, journal: str, targets: Sequence[str]) -> Claim:
+    def acquire(self, txid: str, journal: str, targets: Sequence[str],
+                stop: Callable[[], bool] = lambda: False) -> Claim:
         """Claim every target of ``txid`` (by its lock keys), or raise
         :class:`InvalidTransaction` naming each holder. A key held by a live run is
         waited for up to ``wait`` seconds; a key claimed by an unfinished
@@ -184,7 +185,7 @@ class Locker:
                 if not problems:
                     self._write(claim)
                     return claim
-            if dead or time.monotonic() >= deadline:
+            if dead or time.monotonic() >= deadline or stop():  # an interrupt ends the wait too
                 raise InvalidTransaction(problems)
             time.sleep(0.05)
 
@@ -324,7 +325,8 @@ def _name(txid: str) -> str:
 class NullLocker:
     """Locks nothing: for library use without a journal."""
 
-    def acquire(self, txid: str, journal: str, targets: Sequence[str]) -> Claim:
+    def acquire(self, txid: str, journal: str, targets: Sequence[str],
+                stop: Callable[[], bool] = lambda: False) -> Claim:
         return Claim(txid, journal, [])
 
     def release(self, claim: Claim, *, finished: bool) -> None:

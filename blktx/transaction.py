@@ -45,7 +45,8 @@ class Journal(Protocol):
 class Locker(Protocol):
     """Claims targets across processes (see :mod:`blktx.locks`)."""
 
-    def acquire(self, txid: str, journal: str, targets: Sequence[str]) -> Claim: ...
+    def acquire(self, txid: str, journal: str, targets: Sequence[str],
+                stop: Callable[[], bool] = ...) -> Claim: ...
     def release(self, claim: Claim, *, finished: bool) -> None: ...
 
 
@@ -139,8 +140,11 @@ class TransactionRun:
         if self._interrupted_before_touching():
             return False
         try:
-            self.claim = self.locker.acquire(self.txid, self.journal.path, [t for a in self.actions for t in a.claims()])
+            self.claim = self.locker.acquire(self.txid, self.journal.path, [t for a in self.actions for t in a.claims()],
+                                             stop=lambda: bool(self.interrupt))
         except InvalidTransaction as exc:  # name the spec and the action, as a check's refusal does
+            if self._interrupted_before_touching():  # a signal while waiting for the locks
+                return False
             first: dict[str, Action] = {}
             for a in self.actions:
                 first.setdefault(a.target, a)

@@ -153,3 +153,22 @@ def test_a_half_written_claim_never_blocks_and_a_vm_socket_is_keyed_by_real_path
     (tmp_path / "vms").mkdir()
     os.symlink(tmp_path / "vms", tmp_path / "alias")
     assert lock_keys(f"vm:{tmp_path / 'vms' / 'vm.qmp'}/drive0") == lock_keys(f"vm:{tmp_path / 'alias' / 'vm.qmp'}/d1")
+
+
+def test_sigterm_ends_a_wait_for_locks_at_once(tmp_path: Path) -> None:
+    import signal
+
+    holder = Locker().acquire("tx-holder", str(tmp_path / "h.sqlite"), ["sim:noop/a"])
+    try:
+        (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "sim.noop"\nkey = "a"\n')
+        proc = subprocess.Popen([sys.executable, "-m", "blktx", "run", "--wait", "30", "--json", "--journal",
+                                 str(tmp_path / "j.sqlite"), str(tmp_path / "t.toml")], stdout=subprocess.PIPE,
+                                text=True)
+        time.sleep(1.0)
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        assert time.monotonic() - t < 2, "the wait ended with the signal"
+        assert proc.returncode == 1 and "interrupted by SIGTERM before anything was touched" in out
+    finally:
+        Locker().release(holder, finished=True)
