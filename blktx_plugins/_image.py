@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blktx import Refused
+from blktx.params import within_roots
 
 QCOW2_MAGIC = b"QFI\xfb"
 # QEMU's limits (block/qcow2.h): a header that breaks one is refused by QEMU too.
@@ -264,13 +265,9 @@ def has_protocol(name: str) -> bool:
 
 
 def within(path: str, roots: list[str]) -> bool:
-    """Whether ``path`` (every symlink resolved) lies under one of ``roots``."""
-    real = os.path.realpath(path)
-    for root in roots:
-        top = os.path.realpath(root)
-        if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
-            return True
-    return False
+    """Whether ``path`` (every symlink resolved) lies under one of ``roots``: the
+    same rule the core confines spec paths with."""
+    return within_roots(path, roots)
 
 
 def _other_format(path: str) -> bytes | None:
