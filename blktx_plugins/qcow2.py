@@ -369,6 +369,12 @@ class InternalCreate(ActionType):
             _delete_snapshots({action.index: [(_image(action), s) for s in old]}, [action], ctx.txid,
                               ctx.options.jobs)
 
+    def member_exists(self, action: Action) -> bool | None:
+        """The snapshot this committed action made (its id and date, as journaled) is
+        still in the image; a same-named one made since is not it."""
+        made = {tuple(m) for m in action.undo.get("made", []) if isinstance(m, list)}
+        return bool(made) and any(tuple(_ident(s)) in made for s in self._new(action))
+
     def leftovers(self, action: Action) -> list[Leftover]:
         ours, unsure = self._judge(action)
         image = _image(action)
@@ -565,6 +571,10 @@ class ExternalCreate(ActionType):
         if not action.undo.get("preexisting"):
             remove_if_ours(overlay, made)
             remove_if_ours(action.undo.get("tmp", ""), made)
+
+    def member_exists(self, action: Action) -> bool | None:
+        """The overlay this committed action made is still the file at its name (by inode)."""
+        return is_ours(action.params["overlay"], action.undo.get("made"))
 
     def leftovers(self, action: Action) -> list[Leftover]:
         found = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -126,3 +127,29 @@ def test_expand() -> None:
     assert expand("{now:%Y}", group="g", txid="t", now=0) == time.strftime("%Y", time.localtime(0))
     with pytest.raises(ValueError):
         expand("x y", group="g", txid="t")
+
+
+def test_verify_qcow2_members_by_snapshot_id_and_date_and_overlay_inode(tmp_path: Path) -> None:
+    from qemu_helpers import make_image
+
+    if shutil.which("qemu-img") is None:
+        pytest.skip("needs qemu-img (Debian qemu-utils)")
+    make_image(tmp_path / "d.qcow2", size="1M")
+    make_image(tmp_path / "v.base.qcow2", size="1M")
+    os.symlink("v.base.qcow2", tmp_path / "v")
+    (tmp_path / "t.toml").write_text(
+        'version = 1\ngroup = "shop"\nsnapshot = "n1"\n'
+        '[[action]]\ntype = "qcow2.internal-create"\nimage = "d.qcow2"\n'
+        '[[action]]\ntype = "qcow2.external-create"\ndevice = "v"\noverlay = "v.n1.qcow2"\n')
+    assert blktx("run", str(tmp_path / "t.toml")).returncode == 0
+    status, data = listing("shop", "--verify", "--max-age", "1h")
+    assert status == 0 and data["group_snapshots"][0]["state"] == "complete"
+    # the snapshot deleted and made again by hand under the same name; the overlay replaced by a copy
+    subprocess.run(["qemu-img", "snapshot", "-d", "n1", str(tmp_path / "d.qcow2")], check=True)
+    time.sleep(1.1)  # a new date (QEMU keeps seconds and nanoseconds)
+    subprocess.run(["qemu-img", "snapshot", "-c", "n1", str(tmp_path / "d.qcow2")], check=True)
+    shutil.copy(tmp_path / "v.n1.qcow2", tmp_path / "copy.qcow2")
+    os.replace(tmp_path / "copy.qcow2", tmp_path / "v.n1.qcow2")
+    status, data = listing("shop", "--verify", "--max-age", "1h")
+    (entry,) = data["group_snapshots"]
+    assert status == 1 and entry["state"] == "incomplete" and [m["present"] for m in entry["members"]] == [False, False]
