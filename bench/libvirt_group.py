@@ -65,8 +65,11 @@ def with_blktx(base: Path, uri: str, doms: list[Any], name: str) -> tuple[list[f
     from blktx.journal import SqliteJournal
     from blktx.locks import Locker
 
-    spec = Transaction([ActionSpec("libvirt.snapshot", {"uri": uri, "domain": d.name(), "name": name}) for d in doms],
-                       options={"quiesce": "pause"}, base_dir=str(base))
+    spec = Transaction(
+        [ActionSpec("libvirt.snapshot", {"uri": uri, "domain": d.name(), "name": name}) for d in doms],
+        options={"quiesce": "pause"},
+        base_dir=str(base),
+    )
     t0 = time.perf_counter()
     journal = SqliteJournal(str(base / "journal.sqlite"))
     result = Executor(journal=journal, locker=Locker(str(base / "locks"))).run(spec, roots=[str(base)])
@@ -99,8 +102,13 @@ def main() -> None:
         for n in args.domains:
             base = Path(tempfile.mkdtemp(dir=tmp))
             doms = [define(conn, base, f"b{n}-{i}") for i in range(n)]
-            got: dict[str, list[float]] = {"blktx_window": [], "hand_window": [], "blktx_wall": [], "hand_wall": [],
-                                           "loop_wall": []}
+            got: dict[str, list[float]] = {
+                "blktx_window": [],
+                "hand_window": [],
+                "blktx_wall": [],
+                "hand_wall": [],
+                "loop_wall": [],
+            }
             for r in range(args.repeat):
                 w, t = with_blktx(base, uri, doms, f"x{r}")
                 got["blktx_window"].append(max(w))
@@ -125,9 +133,11 @@ def main() -> None:
         return
     print(f"{'N':>3} {'blktx window':>13} {'by hand':>9} {'ratio':>6} {'blktx wall':>11} {'loop wall':>10} {'ratio':>6}")
     for r in rows:
-        print(f"{r['domains']:>3} {r['blktx_window'] * 1000:>11.1f}ms {r['hand_window'] * 1000:>7.1f}ms "
-              f"{r['window_ratio']:>6.2f} {r['blktx_wall'] * 1000:>9.1f}ms {r['loop_wall'] * 1000:>8.1f}ms "
-              f"{r['wall_ratio_vs_loop']:>6.2f}")
+        print(
+            f"{r['domains']:>3} {r['blktx_window'] * 1000:>11.1f}ms {r['hand_window'] * 1000:>7.1f}ms "
+            f"{r['window_ratio']:>6.2f} {r['blktx_wall'] * 1000:>9.1f}ms {r['loop_wall'] * 1000:>8.1f}ms "
+            f"{r['wall_ratio_vs_loop']:>6.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,7 @@ def child_taskflow(n: int) -> dict[str, Any]:
 
 
 def measure(kind: str, n: int, mode: str = "commit") -> dict[str, Any]:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, str(n), mode],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, __file__, "--child", kind, str(n), mode], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{kind} N={n} {mode} failed:\n{out.stderr}")
     data: dict[str, Any] = json.loads(out.stdout)
@@ -84,8 +83,11 @@ def main() -> int:
     for n in args.sizes:
         for mode in ("commit", "rollback"):
             rows.append({"runner": "blktx", "n": n, "mode": mode, **measure("blktx", n, mode)})
-            print(f"blktx    N={n:>7} {mode:<9} {rows[-1]['seconds']:8.3f} s  "
-                  f"{rows[-1]['seconds'] / n * 1e6:7.1f} us/action  peak {rows[-1]['peak_mb']:6.1f} MB", file=sys.stderr)
+            print(
+                f"blktx    N={n:>7} {mode:<9} {rows[-1]['seconds']:8.3f} s  "
+                f"{rows[-1]['seconds'] / n * 1e6:7.1f} us/action  peak {rows[-1]['peak_mb']:6.1f} MB",
+                file=sys.stderr,
+            )
     report: dict[str, Any] = {"rows": rows}
     by = {(r["n"], r["mode"]): r for r in rows}
     if (10_000, "commit") in by and (100_000, "commit") in by:

@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NAME = "nightly"
 
 #: The hand-written floors: stdlib only, QMP spoken directly on the daemons' sockets.
-SCRIPT = r'''
+SCRIPT = r"""
 import json, os, socket, subprocess, sys, time
 
 def start(paths, sock):
@@ -99,7 +99,7 @@ for f in conns:
 for p in procs:
     if p.wait() != 0:
         sys.exit("a daemon failed")
-'''
+"""
 
 
 def default_daemons() -> int:
@@ -125,8 +125,16 @@ def fresh(n: int, template: str) -> tuple[str, list[str]]:
 
 def argv_of(method: str, d: str, paths: list[str], daemons: int, script: str) -> list[str]:
     if method in ("blktx", "blktx-json"):
-        return [sys.executable, "-m", "blktx", "run", os.path.join(d, "t.toml"), "--journal",
-                os.path.join(d, "journal.sqlite"), *(["--json"] if method == "blktx-json" else [])]
+        return [
+            sys.executable,
+            "-m",
+            "blktx",
+            "run",
+            os.path.join(d, "t.toml"),
+            "--journal",
+            os.path.join(d, "journal.sqlite"),
+            *(["--json"] if method == "blktx-json" else []),
+        ]
     if method == "shell-loop":
         return ["bash", "-c", f'for f; do qemu-img snapshot -c {NAME} "$f" || exit 1; done', "loop", *paths]
     count = 1 if method == "one-daemon" else daemons
@@ -157,7 +165,7 @@ def measure(n: int, repeat: int, daemons: int, methods: list[str], workdir: str)
         fh.write(SCRIPT)
     times: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(repeat):
-        order = methods[r % len(methods):] + methods[:r % len(methods)]
+        order = methods[r % len(methods) :] + methods[: r % len(methods)]
         for method in order:
             d, paths = fresh(n, template)
             try:
@@ -166,8 +174,12 @@ def measure(n: int, repeat: int, daemons: int, methods: list[str], workdir: str)
                 verify(paths)
             finally:
                 shutil.rmtree(d)
-        print(f"  N={n} repeat {r + 1}/{repeat}: " + "  ".join(f"{m} {times[m][-1]:.3f}" for m in methods)
-              + f"   load {os.getloadavg()[0]:.2f}", file=sys.stderr)
+        print(
+            f"  N={n} repeat {r + 1}/{repeat}: "
+            + "  ".join(f"{m} {times[m][-1]:.3f}" for m in methods)
+            + f"   load {os.getloadavg()[0]:.2f}",
+            file=sys.stderr,
+        )
     return times
 
 
@@ -175,11 +187,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[500])
     parser.add_argument("--repeat", type=int, default=5, help="runs of each method (default 5, at least 5)")
-    parser.add_argument("--daemons", type=int, default=0,
-                        help="daemons of the split-daemons floor (default: as many as blktx uses by default)")
+    parser.add_argument(
+        "--daemons", type=int, default=0, help="daemons of the split-daemons floor (default: as many as blktx uses by default)"
+    )
     parser.add_argument("--dir", default=None, help="where the images are made (default: $TMPDIR)")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=[*METHODS, "blktx-json"],
-                        help="which methods to run (default: %(default)s)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=METHODS,
+        choices=[*METHODS, "blktx-json"],
+        help="which methods to run (default: %(default)s)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.repeat < 5:
@@ -195,25 +213,32 @@ def main() -> int:
         for n in args.sizes:
             times = measure(n, args.repeat, daemons, methods, workdir)
             med = {m: statistics.median(v) for m, v in times.items()}
-            row = {"n": n, "median": {m: round(v, 4) for m, v in med.items()},
-                   "range": {m: [round(min(v), 4), round(max(v), 4)] for m, v in times.items()},
-                   "blktx_over_one_daemon": round(med["blktx"] / med["one-daemon"], 3),
-                   "blktx_over_split": round(med["blktx"] / med["split-daemons"], 3),
-                   "shell_over_blktx": round(med["shell-loop"] / med["blktx"], 2)}
+            row = {
+                "n": n,
+                "median": {m: round(v, 4) for m, v in med.items()},
+                "range": {m: [round(min(v), 4), round(max(v), 4)] for m, v in times.items()},
+                "blktx_over_one_daemon": round(med["blktx"] / med["one-daemon"], 3),
+                "blktx_over_split": round(med["blktx"] / med["split-daemons"], 3),
+                "shell_over_blktx": round(med["shell-loop"] / med["blktx"], 2),
+            }
             report["rows"].append(row)
-            print(f"N={n} ({args.repeat} runs each, median [min-max] s; split floor: {daemons} daemons)",
-                  file=sys.stderr)
+            print(f"N={n} ({args.repeat} runs each, median [min-max] s; split floor: {daemons} daemons)", file=sys.stderr)
             for m in methods:
                 lo, hi = row["range"][m]
                 print(f"  {m:<14} {med[m]:7.3f}  [{lo:.3f}-{hi:.3f}]", file=sys.stderr)
-            print(f"  blktx / one-daemon {row['blktx_over_one_daemon']:.2f}x (target <= 0.6)   "
-                  f"blktx / split {row['blktx_over_split']:.2f}x   "
-                  f"shell-loop / blktx {row['shell_over_blktx']:.2f}x (target >= 2.5)", file=sys.stderr)
+            print(
+                f"  blktx / one-daemon {row['blktx_over_one_daemon']:.2f}x (target <= 0.6)   "
+                f"blktx / split {row['blktx_over_split']:.2f}x   "
+                f"shell-loop / blktx {row['shell_over_blktx']:.2f}x (target >= 2.5)",
+                file=sys.stderr,
+            )
     finally:
         shutil.rmtree(workdir)
     report["load_after"] = os.getloadavg()
-    print(f"load average before {report['load_before'][0]:.2f}, after {report['load_after'][0]:.2f} "
-          f"({os.cpu_count()} CPUs)", file=sys.stderr)
+    print(
+        f"load average before {report['load_before'][0]:.2f}, after {report['load_after'][0]:.2f} ({os.cpu_count()} CPUs)",
+        file=sys.stderr,
+    )
     if args.json:
         print(json.dumps(report, indent=2))
     return 0

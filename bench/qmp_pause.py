@@ -51,8 +51,7 @@ def prepare(vm: Any, name: str) -> list[dict[str, Any]]:
     overlay files are made and added as nodes first, outside the timed window (as
     blktx does)."""
     if KIND == "internal":
-        return [{"type": "blockdev-snapshot-internal-sync", "data": {"device": f"drive{i}", "name": name}}
-                for i in range(DRIVES)]
+        return [{"type": "blockdev-snapshot-internal-sync", "data": {"device": f"drive{i}", "name": name}} for i in range(DRIVES)]
     from blktx_plugins._qemu import Qmp, qemu_img
 
     conn = Qmp(str(vm.ctl))
@@ -63,11 +62,24 @@ def prepare(vm: Any, name: str) -> list[dict[str, Any]]:
                 continue
             ins = dev["inserted"]
             overlay = f"{ins['file']}.{name}"
-            qemu_img("create", "-q", "-f", "qcow2", "-b", ins["file"], "-F", ins["drv"], "-u", overlay,
-                     str(ins["image"]["virtual-size"]))
+            qemu_img(
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                ins["file"],
+                "-F",
+                ins["drv"],
+                "-u",
+                overlay,
+                str(ins["image"]["virtual-size"]),
+            )
             node = f"{dev['device']}-{name}"
-            conn.cmd("blockdev-add", {"driver": "qcow2", "node-name": node,
-                                      "file": {"driver": "file", "filename": overlay}, "backing": None})
+            conn.cmd(
+                "blockdev-add",
+                {"driver": "qcow2", "node-name": node, "file": {"driver": "file", "filename": overlay}, "backing": None},
+            )
             actions.append({"type": "blockdev-snapshot", "data": {"node": ins["node-name"], "overlay": node}})
         return actions
     finally:
@@ -78,10 +90,13 @@ def blktx_actions(vm: Any, name: str) -> list[Any]:
     from blktx import ActionSpec
 
     if KIND == "internal":
-        return [ActionSpec("qmp.internal-create", {"vm": str(vm.sock), "drive": f"drive{i}", "name": name})
-                for i in range(DRIVES)]
-    return [ActionSpec("qmp.external-create", {"vm": str(vm.sock), "drive": f"drive{i}",
-                                               "overlay": f"{vm.name}-d{i}.{name}.qcow2"}) for i in range(DRIVES)]
+        return [
+            ActionSpec("qmp.internal-create", {"vm": str(vm.sock), "drive": f"drive{i}", "name": name}) for i in range(DRIVES)
+        ]
+    return [
+        ActionSpec("qmp.external-create", {"vm": str(vm.sock), "drive": f"drive{i}", "overlay": f"{vm.name}-d{i}.{name}.qcow2"})
+        for i in range(DRIVES)
+    ]
 
 
 def hand_sent(vm: Any, name: str) -> float:
@@ -126,8 +141,9 @@ def hand_group(vms: list[Any], name: str) -> tuple[float, float]:
             ends[i] = time.perf_counter()
 
         await asyncio.gather(*(stop(i, c) for i, c in enumerate(clients)))
-        await asyncio.gather(*(c.execute("transaction", {"actions": actions})
-                               for c, actions in zip(clients, prepared, strict=True)))
+        await asyncio.gather(
+            *(c.execute("transaction", {"actions": actions}) for c, actions in zip(clients, prepared, strict=True))
+        )
         await asyncio.gather(*(cont(i, c) for i, c in enumerate(clients)))
         total = time.perf_counter() - t
         await asyncio.gather(*(c.disconnect() for c in clients))
@@ -155,10 +171,15 @@ def main() -> int:
     parser.add_argument("--vms", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--kind", choices=["internal", "external"], default="internal",
-                        help="internal snapshots (the default) or external ones (overlay + switch)")
-    parser.add_argument("--dir", default=None,
-                        help="where the images go (default: the system's temp dir); /dev/shm takes fsync out")
+    parser.add_argument(
+        "--kind",
+        choices=["internal", "external"],
+        default="internal",
+        help="internal snapshots (the default) or external ones (overlay + switch)",
+    )
+    parser.add_argument(
+        "--dir", default=None, help="where the images go (default: the system's temp dir); /dev/shm takes fsync out"
+    )
     args = parser.parse_args()
     global KIND
     KIND = args.kind
@@ -179,24 +200,34 @@ def main() -> int:
                 windows.extend(w)
                 hands.extend(hand_sent(vm, f"h{r}") for vm in vms)
                 groups.append(hand_group(vms, f"g{r}"))
-            row = {"vms": n, "drives_per_vm": DRIVES, "kind": KIND,
-                   "blktx_total_s": statistics.median(totals),
-                   "blktx_window_median_s": statistics.median(windows),
-                   "blktx_window_max_s": max(windows),
-                   "hand_window_median_s": statistics.median(hands),
-                   "hand_group_window_median_s": statistics.median(g[0] for g in groups),
-                   "hand_group_total_s": statistics.median(g[1] for g in groups),
-                   "window_ratio": statistics.median(windows) / statistics.median(hands)}
+            row = {
+                "vms": n,
+                "drives_per_vm": DRIVES,
+                "kind": KIND,
+                "blktx_total_s": statistics.median(totals),
+                "blktx_window_median_s": statistics.median(windows),
+                "blktx_window_max_s": max(windows),
+                "hand_window_median_s": statistics.median(hands),
+                "hand_group_window_median_s": statistics.median(g[0] for g in groups),
+                "hand_group_total_s": statistics.median(g[1] for g in groups),
+                "window_ratio": statistics.median(windows) / statistics.median(hands),
+            }
             row["window_ratio_vs_hand_group"] = row["blktx_window_median_s"] / row["hand_group_window_median_s"]
             row["total_ratio_vs_hand_group"] = row["blktx_total_s"] / row["hand_group_total_s"]
             rows.append(row)
-            print(f"{n:>2} VMs x {DRIVES} drives, {KIND}: blktx total {row['blktx_total_s'] * 1000:7.1f} ms, pause window "
-                  f"median {row['blktx_window_median_s'] * 1000:6.1f} ms (max {row['blktx_window_max_s'] * 1000:6.1f}); "
-                  f"hand-sent stop/transaction/cont {row['hand_window_median_s'] * 1000:6.1f} ms; "
-                  f"ratio {row['window_ratio']:.2f}x", file=sys.stderr)
-            print(f"{'':>19}by hand for all VMs at once: window {row['hand_group_window_median_s'] * 1000:6.1f} ms "
-                  f"(blktx/hand {row['window_ratio_vs_hand_group']:.2f}x), total {row['hand_group_total_s'] * 1000:6.1f} ms "
-                  f"(blktx/hand {row['total_ratio_vs_hand_group']:.2f}x)", file=sys.stderr)
+            print(
+                f"{n:>2} VMs x {DRIVES} drives, {KIND}: blktx total {row['blktx_total_s'] * 1000:7.1f} ms, pause window "
+                f"median {row['blktx_window_median_s'] * 1000:6.1f} ms (max {row['blktx_window_max_s'] * 1000:6.1f}); "
+                f"hand-sent stop/transaction/cont {row['hand_window_median_s'] * 1000:6.1f} ms; "
+                f"ratio {row['window_ratio']:.2f}x",
+                file=sys.stderr,
+            )
+            print(
+                f"{'':>19}by hand for all VMs at once: window {row['hand_group_window_median_s'] * 1000:6.1f} ms "
+                f"(blktx/hand {row['window_ratio_vs_hand_group']:.2f}x), total {row['hand_group_total_s'] * 1000:6.1f} ms "
+                f"(blktx/hand {row['total_ratio_vs_hand_group']:.2f}x)",
+                file=sys.stderr,
+            )
         finally:
             for vm in vms:
                 vm.quit()
@@ -206,8 +237,11 @@ def main() -> int:
     if 1 in by and 16 in by:
         report["total_16_over_1"] = by[16]["blktx_total_s"] / by[1]["blktx_total_s"]
         report["hand_group_total_16_over_1"] = by[16]["hand_group_total_s"] / by[1]["hand_group_total_s"]
-        print(f"16-VM total / 1-VM total: blktx {report['total_16_over_1']:.2f}x; "
-              f"by hand for all VMs at once {report['hand_group_total_16_over_1']:.2f}x", file=sys.stderr)
+        print(
+            f"16-VM total / 1-VM total: blktx {report['total_16_over_1']:.2f}x; "
+            f"by hand for all VMs at once {report['hand_group_total_16_over_1']:.2f}x",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(report, indent=2))
     return 0

@@ -8,8 +8,7 @@ folders others may write, so that entry goes before any plugin is looked up
 import os
 import sys
 
-if sys.path and sys.path[0] in ("", os.getcwd()) and not os.path.isfile(os.path.join(sys.path[0] or ".", "blktx",
-                                                                                      "__main__.py")):
+if sys.path and sys.path[0] in ("", os.getcwd()) and not os.path.isfile(os.path.join(sys.path[0] or ".", "blktx", "__main__.py")):
     del sys.path[0]
 
 from blktx.cli import main

@@ -50,8 +50,7 @@ class Action:
         "undo",
     )
 
-    def __init__(self, index: int, atype: ActionType, params: dict[str, Any], target: str,
-                 line: int | None = None) -> None:
+    def __init__(self, index: int, atype: ActionType, params: dict[str, Any], target: str, line: int | None = None) -> None:
         self.index = index
         self.type = atype
         self.params = params
@@ -167,8 +166,7 @@ class ActionType:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.batched = any(
-            getattr(cls, m) is not getattr(ActionType, m)
-            for m in ("check_many", "do_many", "invalidate_many", "cancel_many")
+            getattr(cls, m) is not getattr(ActionType, m) for m in ("check_many", "do_many", "invalidate_many", "cancel_many")
         )
         cls.has_finish = cls.finish is not ActionType.finish
 
@@ -217,8 +215,7 @@ class ActionType:
     def cancel_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         self._each("cancel", actions, ctx, keep_going=True)
 
-    def _each(self, step: str, actions: Sequence[Action], ctx: RunContext,
-              keep_going: bool = False) -> None:
+    def _each(self, step: str, actions: Sequence[Action], ctx: RunContext, keep_going: bool = False) -> None:
         failures: dict[int, BaseException] = {}
         method = getattr(self, step)
         for n, action in enumerate(actions):
@@ -227,7 +224,7 @@ class ActionType:
             except Exception as exc:
                 failures[action.index] = exc
                 if not keep_going:
-                    raise ActionFailures(failures, [a.index for a in actions[n + 1:]]) from exc
+                    raise ActionFailures(failures, [a.index for a in actions[n + 1 :]]) from exc
         if failures:
             raise ActionFailures(failures)
 

@@ -54,8 +54,11 @@ def expand(template: str, *, group: str, txid: str, now: float | None = None) ->
 
 def check_name(name: str, what: str) -> str | None:
     """Why ``name`` cannot be a group or snapshot name, or None."""
-    return None if _NAME.match(name) else (f"{what} {name!r} is not a usable name: letters, digits and "
-                                           "_ . : @ + = - only, at most 128")
+    return (
+        None
+        if _NAME.match(name)
+        else (f"{what} {name!r} is not a usable name: letters, digits and _ . : @ + = - only, at most 128")
+    )
 
 
 def default_group(spec_file: str | None) -> str:
@@ -78,8 +81,11 @@ class Naming:
 def members(actions: list[Action]) -> list[dict[str, Any]]:
     """What the catalog keeps of each action that made something: enough to find it
     again by identity (the plugin's journaled undo facts) and to revert or delete it."""
-    return [{"index": a.index, "type": a.type.name, "target": a.target, "params": a.params, "identity": a.undo}
-            for a in actions if not a.type.finalize]
+    return [
+        {"index": a.index, "type": a.type.name, "target": a.target, "params": a.params, "identity": a.undo}
+        for a in actions
+        if not a.type.finalize
+    ]
 
 
 def verify(entry: dict[str, Any], registry: Any) -> list[dict[str, Any]]:

@@ -39,7 +39,7 @@ def check_actions(actions: list[Action], ctx: RunContext, file: str | None) -> l
                 except Exception as exc:  # noqa: BLE001 - every check error is a refusal
                     refuse(a, exc)
     problems += conflicts(actions, file)
-    problems.sort(key=lambda p: (p.action if p.action is not None else -1))
+    problems.sort(key=lambda p: p.action if p.action is not None else -1)
     return problems
 
 
@@ -54,20 +54,37 @@ def conflicts(actions: list[Action], file: str | None) -> list[Problem]:
             for key in lock_keys(path):
                 other = made.setdefault(key, a)
                 if other is not a:
-                    problems.append(Problem(
-                        f"creates {path}, as action #{other.index} ({other.type.name}) does", file, a.line, None,
-                        a.index, None, a.target, "give each action its own file"))
+                    problems.append(
+                        Problem(
+                            f"creates {path}, as action #{other.index} ({other.type.name}) does",
+                            file,
+                            a.line,
+                            None,
+                            a.index,
+                            None,
+                            a.target,
+                            "give each action its own file",
+                        )
+                    )
                     break
         keys = [a.target] if not a.target.startswith("/") else lock_keys(a.target)
         for key in keys:
             other = first.setdefault(key, a)
             if other is a or (a.type.shares_target and other.type.shares_target):
                 continue
-            problems.append(Problem(
-                f"conflicts with action #{other.index} ({other.type.name}) on the same target", file, a.line,
-                None, a.index, None, a.target,
-                "a target can be changed by several actions only when every one of their types allows it; "
-                "split the transaction"))
+            problems.append(
+                Problem(
+                    f"conflicts with action #{other.index} ({other.type.name}) on the same target",
+                    file,
+                    a.line,
+                    None,
+                    a.index,
+                    None,
+                    a.target,
+                    "a target can be changed by several actions only when every one of their types allows it; "
+                    "split the transaction",
+                )
+            )
             break
     return problems
 

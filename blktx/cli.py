@@ -28,16 +28,23 @@ EXIT_HELP = """exit status:
 """
 
 EXAMPLES = {
-    "run": ["blktx run nightly.toml", "blktx run --json --wait 30 --root /srv/images nightly.toml",
-            "generate-spec | blktx run -          # a spec on stdin; paths relative to the current folder"],
+    "run": [
+        "blktx run nightly.toml",
+        "blktx run --json --wait 30 --root /srv/images nightly.toml",
+        "generate-spec | blktx run -          # a spec on stdin; paths relative to the current folder",
+    ],
     "check": ["blktx check nightly.toml            # validate and run every check; touches nothing"],
     "types": ["blktx types", "blktx types --json | jq '.types[].name'"],
-    "graph": ["blktx graph qcow2.internal-create   # an action type's machine (Mermaid)",
-              "blktx graph transaction            # the transaction's own machine"],
+    "graph": [
+        "blktx graph qcow2.internal-create   # an action type's machine (Mermaid)",
+        "blktx graph transaction            # the transaction's own machine",
+    ],
     "demo": ["blktx demo --dir /tmp/blktx-demo"],
-    "recover": ["blktx recover                       # every unfinished transaction of the journal",
-                "blktx recover 20261127T0512 --allow-exec   # one, whose cancels run commands",
-                "blktx recover --forget 20261127T0512     # what it left is settled by hand: release it"],
+    "recover": [
+        "blktx recover                       # every unfinished transaction of the journal",
+        "blktx recover 20261127T0512 --allow-exec   # one, whose cancels run commands",
+        "blktx recover --forget 20261127T0512     # what it left is settled by hand: release it",
+    ],
     "log": ["blktx log --limit 50", "blktx log --json"],
     "show": ["blktx show 20261127T0512            # a unique prefix is enough"],
     "list": ["blktx list web --verify", "blktx list --max-age 25h web        # exit 1 when the newest is older (monitoring)"],
@@ -94,8 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.json and sys.stderr.isatty():
         registry.pm.register(Progress(sys.stderr), name="blktx-progress")
     executor = Executor(registry, journal=_journal(args), locker=_locker(args))
-    result = executor.run(tx, allow_exec=args.allow_exec, roots=_roots(args), overrides=_overrides(args),
-                          **_trust(args))
+    result = executor.run(tx, allow_exec=args.allow_exec, roots=_roots(args), overrides=_overrides(args), **_trust(args))
     return _emit(result, args)
 
 
@@ -114,15 +120,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     tx = _load(args)
     if isinstance(tx, int):
         return tx
-    return _emit(Executor(registry).check(tx, allow_exec=args.allow_exec, roots=_roots(args),
-                                          overrides=_overrides(args), **_trust(args)), args)
+    return _emit(
+        Executor(registry).check(tx, allow_exec=args.allow_exec, roots=_roots(args), overrides=_overrides(args), **_trust(args)),
+        args,
+    )
 
 
 def cmd_types(args: argparse.Namespace) -> int:
     registry = _registry(args)
     if args.json:
-        print_json({"types": types_json(registry),
-                    "problems": [{"plugin": p.plugin, "message": p.message} for p in registry.problems]})
+        print_json(
+            {"types": types_json(registry), "problems": [{"plugin": p.plugin, "message": p.message} for p in registry.problems]}
+        )
     else:
         print_types(registry, console())
     return 0
@@ -147,13 +156,17 @@ def cmd_graph(args: argparse.Namespace) -> int:
     if entry.cls.finalize:  # runs only after the commit point: never cancelled
         from dataclasses import replace
 
-        lifecycle = replace(lifecycle, transitions=tuple(t for t in lifecycle.transitions
-                                                         if t.trigger not in ("cancel", "cancel_failed")))
+        lifecycle = replace(
+            lifecycle, transitions=tuple(t for t in lifecycle.transitions if t.trigger not in ("cancel", "cancel_failed"))
+        )
     if args.json:
         print_json({"type": args.type, "finalize": entry.cls.finalize, **lifecycle.as_dict()})
     else:
-        sys.stdout.write(lifecycle.mermaid(title=args.type + (" (finalize: runs after the commit point, never "
-                                                              "cancelled)" if entry.cls.finalize else "")))
+        sys.stdout.write(
+            lifecycle.mermaid(
+                title=args.type + (" (finalize: runs after the commit point, never cancelled)" if entry.cls.finalize else "")
+            )
+        )
     return 0
 
 
@@ -162,8 +175,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     registry = _registry(args)
     try:
-        results, info = run_demo(args.dir, registry, None if args.json else console(),
-                                 journal=_journal(args), locker=_locker(args))
+        results, info = run_demo(
+            args.dir, registry, None if args.json else console(), journal=_journal(args), locker=_locker(args)
+        )
     except DemoError as exc:
         print(f"blktx demo: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -189,8 +203,11 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def _trust(args: argparse.Namespace) -> dict[str, Any]:
     """What the caller allows beyond the safe defaults (docs/security.md)."""
-    return {"vm_roots": [os.path.abspath(r) for r in args.vm_root or []], "allow_tcp": args.allow_tcp,
-            "shared_folders": args.allow_shared_folders}
+    return {
+        "vm_roots": [os.path.abspath(r) for r in args.vm_root or []],
+        "allow_tcp": args.allow_tcp,
+        "shared_folders": args.allow_shared_folders,
+    }
 
 
 def _roots(args: argparse.Namespace) -> list[str] | None:
@@ -267,8 +284,16 @@ def cmd_log(args: argparse.Namespace) -> int:
     for t in txs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["started"]))
         secs = f"{t['seconds']:.3f}" if t["seconds"] is not None else "-"
-        table.add_row(t["txid"], started, t["outcome"], t["status"], str(t["actions"]), secs,
-                      escape(t["file"] or "(python)"), escape(t["description"] or ""))
+        table.add_row(
+            t["txid"],
+            started,
+            t["outcome"],
+            t["status"],
+            str(t["actions"]),
+            secs,
+            escape(t["file"] or "(python)"),
+            escape(t["description"] or ""),
+        )
     console().print(table)
     return 0
 
@@ -276,8 +301,10 @@ def cmd_log(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     tx = _journal(args).transaction(args.txid)
     if tx is None:
-        print(f"blktx show: no single transaction matches {args.txid!r} in {_journal(args).path} "
-              "(`blktx log` lists them)", file=sys.stderr)
+        print(
+            f"blktx show: no single transaction matches {args.txid!r} in {_journal(args).path} (`blktx log` lists them)",
+            file=sys.stderr,
+        )
         return EXIT_INVALID
     if args.json:
         print_json(tx)
@@ -312,8 +339,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         newest = max((e["time"] for e in fresh), default=None)
         if newest is None or now - newest > limit:
             status = 1
-            stale = (f"no complete group snapshot{' of ' + args.group if args.group else ''} is newer than "
-                     f"{args.max_age}" + (f" (newest {now - newest:.0f} s old)" if newest else ""))
+            stale = f"no complete group snapshot{' of ' + args.group if args.group else ''} is newer than {args.max_age}" + (
+                f" (newest {now - newest:.0f} s old)" if newest else ""
+            )
     if args.json:
         print_json({"journal": journal.path, "group_snapshots": entries, **({"stale": stale} if stale else {})})
         return status
@@ -327,14 +355,18 @@ def cmd_list(args: argparse.Namespace) -> int:
         taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
         missing = [m for m in e["members"] if m.get("present") is False]
         state = e["state"] + (f" ({len(missing)} missing)" if missing else "")
-        table.add_row(escape(e["group"]), escape(e["name"]), taken, _age(e["age_seconds"]),
-                      str(len(e["members"])), state, e["txid"])
+        table.add_row(
+            escape(e["group"]), escape(e["name"]), taken, _age(e["age_seconds"]), str(len(e["members"])), state, e["txid"]
+        )
     out.print(table)
     for e in entries:
         for m in e["members"]:
             if m.get("present") is False:
-                out.print(f"{e['group']}@{e['name']}: member #{m['index']} {m['type']} on {m['target']} is gone"
-                          + (f" ({m['why']})" if m.get("why") else ""), markup=False)
+                out.print(
+                    f"{e['group']}@{e['name']}: member #{m['index']} {m['type']} on {m['target']} is gone"
+                    + (f" ({m['why']})" if m.get("why") else ""),
+                    markup=False,
+                )
     if stale:
         print(f"blktx list: {stale}", file=sys.stderr)
     return status
@@ -349,23 +381,38 @@ def _age(seconds: float) -> str:
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="the transaction's TOML file (see specs/README.md); - reads it from stdin")
-    p.add_argument("--allow-exec", action="store_true",
-                   help="allow actions that run external commands (exec); off by default")
-    p.add_argument("--root", action="append", metavar="DIR",
-                   help="also allow paths under DIR (default: only the spec's directory); repeatable")
-    p.add_argument("--vm-root", action="append", metavar="DIR",
-                   help="also allow VM and guest-agent sockets under DIR (e.g. /run/vms); repeatable")
-    p.add_argument("--allow-tcp", action="store_true",
-                   help="allow tcp:HOST:PORT VM and agent addresses (anyone reaching the port could answer)")
-    p.add_argument("--allow-shared-folders", action="store_true",
-                   help="allow paths in folders that other users can write (see docs/security.md)")
+    p.add_argument("--allow-exec", action="store_true", help="allow actions that run external commands (exec); off by default")
+    p.add_argument(
+        "--root",
+        action="append",
+        metavar="DIR",
+        help="also allow paths under DIR (default: only the spec's directory); repeatable",
+    )
+    p.add_argument(
+        "--vm-root",
+        action="append",
+        metavar="DIR",
+        help="also allow VM and guest-agent sockets under DIR (e.g. /run/vms); repeatable",
+    )
+    p.add_argument(
+        "--allow-tcp",
+        action="store_true",
+        help="allow tcp:HOST:PORT VM and agent addresses (anyone reaching the port could answer)",
+    )
+    p.add_argument(
+        "--allow-shared-folders",
+        action="store_true",
+        help="allow paths in folders that other users can write (see docs/security.md)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blktx",
         description="Group snapshots of many block devices as one all-or-none transaction.",
-        epilog=EXIT_HELP + ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_HELP + ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     from blktx import __version__
 
     parser.add_argument("--version", action="version", version=f"blktx {__version__}")
@@ -379,8 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("recover", "roll back or forward every transaction a dead run left unfinished", cmd_recover),
         ("log", "list recent transactions from the journal", cmd_log),
         ("show", "show one transaction from the journal: every action, state, timing, error", cmd_show),
-        ("list", "list group snapshots: members, age, and with --verify whether each member is still there",
-         cmd_list),
+        ("list", "list group snapshots: members, age, and with --verify whether each member is still there", cmd_list),
         ("schema", "print a JSON Schema of the spec format with every installed type's parameters", cmd_schema),
     ]
     subs: dict[str, argparse.ArgumentParser] = {}
@@ -388,41 +434,66 @@ def build_parser() -> argparse.ArgumentParser:
         epilog = "example:\n" + "".join(f"  {line}\n" for line in EXAMPLES[name])
         if name in ("run", "check", "recover", "demo"):
             epilog += "\n" + EXIT_HELP
-        p = sub.add_parser(name, help=help_text, description=help_text.capitalize() + ".",
-                           epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text.capitalize() + ".",
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.set_defaults(func=func)
         p.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
         subs[name] = p
     for name in ("run", "check"):
         _add_spec_args(subs[name])
     for name in ("run", "demo", "recover", "log", "show", "list"):
-        subs[name].add_argument("--journal", metavar="PATH",
-                                help="the journal file (default $BLKTX_JOURNAL or ~/.local/state/blktx/journal.sqlite)")
+        subs[name].add_argument(
+            "--journal", metavar="PATH", help="the journal file (default $BLKTX_JOURNAL or ~/.local/state/blktx/journal.sqlite)"
+        )
     for name in ("run", "demo"):
-        subs[name].add_argument("--no-journal", action="store_true",
-                                help="keep no journal: no crash recovery (targets are still claimed while it runs)")
-    subs["run"].add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                             help="wait up to SECONDS for targets locked by another run (default: refuse at once)")
+        subs[name].add_argument(
+            "--no-journal",
+            action="store_true",
+            help="keep no journal: no crash recovery (targets are still claimed while it runs)",
+        )
+    subs["run"].add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for targets locked by another run (default: refuse at once)",
+    )
     subs["schema"].add_argument("--output", "-o", metavar="FILE", help="write it to FILE instead of stdout")
     subs["recover"].add_argument("txid", nargs="?", help="only this transaction (a prefix is enough)")
-    subs["recover"].add_argument("--forget", action="store_true",
-                                 help="with TXID: what it left is settled by hand; end it and release its targets")
-    subs["recover"].add_argument("--allow-exec", action="store_true",
-                                 help="allow cancel commands of exec actions to run (never taken from the journal)")
+    subs["recover"].add_argument(
+        "--forget", action="store_true", help="with TXID: what it left is settled by hand; end it and release its targets"
+    )
+    subs["recover"].add_argument(
+        "--allow-exec", action="store_true", help="allow cancel commands of exec actions to run (never taken from the journal)"
+    )
     subs["log"].add_argument("--limit", type=int, default=20, help="how many transactions (default 20)")
     subs["show"].add_argument("txid", help="the transaction id (a unique prefix is enough); see `blktx log`")
     subs["list"].add_argument("group", nargs="?", help="only this group")
-    subs["list"].add_argument("--verify", action="store_true",
-                              help="check each member is still there, by its identity (snapshot id and date, inode, UUID)")
-    subs["list"].add_argument("--max-age", metavar="DURATION",
-                              help="exit 1 when the newest complete group snapshot is older (e.g. 25h, 90m)")
+    subs["list"].add_argument(
+        "--verify",
+        action="store_true",
+        help="check each member is still there, by its identity (snapshot id and date, inode, UUID)",
+    )
+    subs["list"].add_argument(
+        "--max-age", metavar="DURATION", help="exit 1 when the newest complete group snapshot is older (e.g. 25h, 90m)"
+    )
     subs["run"].add_argument("--jobs", type=int, metavar="N", help="run up to N steps at once (overrides the spec)")
     for name in ("run", "check"):
-        subs[name].add_argument("--quiesce", choices=QUIESCE_MODES, metavar="MODE",
-                                help="overrides the spec's quiesce mode: " + ", ".join(QUIESCE_MODES))
+        subs[name].add_argument(
+            "--quiesce",
+            choices=QUIESCE_MODES,
+            metavar="MODE",
+            help="overrides the spec's quiesce mode: " + ", ".join(QUIESCE_MODES),
+        )
     subs["graph"].add_argument("type", help="an action type, e.g. qcow2.internal-create, or `transaction`")
-    subs["demo"].add_argument("--dir", default="blktx-demo",
-                              help="where to make the demo's images (default ./blktx-demo; remade on each run)")
+    subs["demo"].add_argument(
+        "--dir", default="blktx-demo", help="where to make the demo's images (default ./blktx-demo; remade on each run)"
+    )
     return parser
 
 
@@ -439,8 +510,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INVALID
     except Exception as exc:  # noqa: BLE001 - a message, never a traceback
         changes = args.command in ("run", "recover", "demo")
-        print(f"blktx {args.command}: {type(exc).__name__}: {exc}"
-              + ("; the journal knows what may be left: run `blktx recover`" if changes else ""), file=sys.stderr)
+        print(
+            f"blktx {args.command}: {type(exc).__name__}: {exc}"
+            + ("; the journal knows what may be left: run `blktx recover`" if changes else ""),
+            file=sys.stderr,
+        )
         return 3 if changes else EXIT_INVALID
     return status
 

@@ -41,7 +41,7 @@ class OptionSpec:
             try:
                 value = duration(value)
             except ValueError:
-                return f"must be a duration such as \"2s\", \"500ms\" or \"1m\", got {value!r}"
+                return f'must be a duration such as "2s", "500ms" or "1m", got {value!r}'
         if self.kind == "int":
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif self.kind in ("float", "duration"):
@@ -95,8 +95,15 @@ def duration(text: str) -> float:
     return number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 
 
-def _option(default: Any, kind: str, doc: str, *, minimum: float | None = None, maximum: float | None = None,
-            choices: tuple[str, ...] = ()) -> Any:
+def _option(
+    default: Any,
+    kind: str,
+    doc: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] = (),
+) -> Any:
     return field(default=default, metadata={"spec": OptionSpec(kind, doc, minimum, maximum, choices)})
 
 
@@ -108,14 +115,22 @@ class Options:
 
     jobs: int = _option(1, "int", "steps run at once (threads); 1 keeps the exact order", minimum=1, maximum=256)
     quiesce: str = _option("none", "str", "hold the targets still around do/invalidate", choices=QUIESCE_MODES)
-    finalize_retries: int = _option(2, "int", "retries of a failed finalize or finish step after the commit",
-                                    minimum=0, maximum=100)
-    retry_delay: float = _option(0.2, "float", "seconds before the first retry (the n-th waits n times as long)",
-                                 minimum=0, maximum=3600)
+    finalize_retries: int = _option(
+        2, "int", "retries of a failed finalize or finish step after the commit", minimum=0, maximum=100
+    )
+    retry_delay: float = _option(
+        0.2, "float", "seconds before the first retry (the n-th waits n times as long)", minimum=0, maximum=3600
+    )
     cancel_retries: int = _option(1, "int", "retries of a failed cancel during a rollback", minimum=0, maximum=100)
-    max_window: float = _option(30.0, "duration", "the longest a quiesce window may last (\"2s\", \"500ms\"); "
-                                "past it the run rolls back, and if the run is dead or stuck the watchdog "
-                                "resumes every hold", minimum=0.05, maximum=3600)
+    max_window: float = _option(
+        30.0,
+        "duration",
+        'the longest a quiesce window may last ("2s", "500ms"); '
+        "past it the run rolls back, and if the run is dead or stuck the watchdog "
+        "resumes every hold",
+        minimum=0.05,
+        maximum=3600,
+    )
     #: Whether ``exec`` actions (and any type that runs a command) may run.
     allow_exec: bool = False
     #: Directories that every path in the spec must stay under (defaults to the spec's).

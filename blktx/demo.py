@@ -149,8 +149,9 @@ def show(out: Console, title: str, st: dict[str, Any]) -> None:
     out.print("  guest data sha256: " + ", ".join(f"{k} {v}" for k, v in st["data"].items()))
 
 
-def run_demo(directory: str, registry: Registry, out: Console | None, journal: Any = None,
-             locker: Any = None) -> tuple[list[Result], dict[str, Any]]:
+def run_demo(
+    directory: str, registry: Registry, out: Console | None, journal: Any = None, locker: Any = None
+) -> tuple[list[Result], dict[str, Any]]:
     directory = os.path.abspath(directory)
     prepare(directory)
     executor = Executor(registry, journal=journal, locker=locker)
@@ -159,8 +160,10 @@ def run_demo(directory: str, registry: Registry, out: Console | None, journal: A
         out.print(f"Demo images in {directory}\n")
         show(out, "Before", states["initial"])
     results = []
-    for name, label in (("commit.toml", "after the committed group snapshot"),
-                        ("rollback.toml", "after the drill that rolled back")):
+    for name, label in (
+        ("commit.toml", "after the committed group snapshot"),
+        ("rollback.toml", "after the drill that rolled back"),
+    ):
         spec = os.path.join(directory, name)
         if out:
             out.print(f"\n[bold]$ blktx run {spec}[/bold]")

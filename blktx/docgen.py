@@ -18,14 +18,18 @@ from blktx.status import STATUS
 
 
 def hook_names() -> list[str]:
-    return [name for name, obj in vars(hookspecs).items()
-            if name.startswith("blktx_") and inspect.isfunction(obj)]
+    return [name for name, obj in vars(hookspecs).items() if name.startswith("blktx_") and inspect.isfunction(obj)]
 
 
 def hooks_md() -> str:
-    lines = ["# Hook reference", "",
-             "Generated from `blktx/hookspecs.py` by `python -m blktx.docgen`; edit the docstrings, not this file.",
-             "", inspect.cleandoc(hookspecs.__doc__ or ""), ""]
+    lines = [
+        "# Hook reference",
+        "",
+        "Generated from `blktx/hookspecs.py` by `python -m blktx.docgen`; edit the docstrings, not this file.",
+        "",
+        inspect.cleandoc(hookspecs.__doc__ or ""),
+        "",
+    ]
     for name in hook_names():
         func = getattr(hookspecs, name)
         opts = getattr(func, "blktx_spec", {}) or {}
@@ -38,21 +42,41 @@ def hooks_md() -> str:
 
 
 def lifecycle_md() -> str:
-    lines = ["# The lifecycles", "",
-             "Generated from `blktx/states.py` by `python -m blktx.docgen`. Both machines are",
-             "built from these tables and decide every step; `blktx graph TYPE` prints an action",
-             "type's own, `blktx graph transaction` the transaction's.", "",
-             "## The action lifecycle", "",
-             "```mermaid", Lifecycle().mermaid().rstrip(), "```", "", "| trigger | from | to | why |",
-             "| --- | --- | --- | --- |"]
+    lines = [
+        "# The lifecycles",
+        "",
+        "Generated from `blktx/states.py` by `python -m blktx.docgen`. Both machines are",
+        "built from these tables and decide every step; `blktx graph TYPE` prints an action",
+        "type's own, `blktx graph transaction` the transaction's.",
+        "",
+        "## The action lifecycle",
+        "",
+        "```mermaid",
+        Lifecycle().mermaid().rstrip(),
+        "```",
+        "",
+        "| trigger | from | to | why |",
+        "| --- | --- | --- | --- |",
+    ]
     lines += [f"| `{t.trigger}` | {t.source} | {t.dest} | {t.why} |" for t in CORE_TRANSITIONS]
-    lines += ["", "## The transaction lifecycle", "",
-              "The journal stores these states; `blktx run`, `recover`, `log`, `show`, `--json` and",
-              "the exit status all derive from them through one table (`blktx/status.py`).", "",
-              "```mermaid", TxLifecycle.mermaid().rstrip(), "```", "",
-              "| state | outcome | exit status | committed | meaning |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {s.value} | {st.outcome} | {st.exit_status} | {'yes' if st.committed else 'no'} | {st.words} |"
-              for s, st in STATUS.items()]
+    lines += [
+        "",
+        "## The transaction lifecycle",
+        "",
+        "The journal stores these states; `blktx run`, `recover`, `log`, `show`, `--json` and",
+        "the exit status all derive from them through one table (`blktx/status.py`).",
+        "",
+        "```mermaid",
+        TxLifecycle.mermaid().rstrip(),
+        "```",
+        "",
+        "| state | outcome | exit status | committed | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {s.value} | {st.outcome} | {st.exit_status} | {'yes' if st.committed else 'no'} | {st.words} |"
+        for s, st in STATUS.items()
+    ]
     lines += ["", "| trigger | from | to | why |", "| --- | --- | --- | --- |"]
     lines += [f"| `{t.trigger}` | {t.source} | {t.dest} | {t.why} |" for t in TX_TRANSITIONS]
     return "\n".join(lines) + "\n"
@@ -67,8 +91,11 @@ def options_md() -> str:
     defaults = {f.name: f.default for f in fields(Options)}
     lines = ["| option | kind | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
     for name, opt in spec_options().items():
-        allowed = ", ".join(f"`{c}`" for c in opt.choices) if opt.choices else " to ".join(
-            f"{v:g}" for v in (opt.minimum, opt.maximum) if v is not None)
+        allowed = (
+            ", ".join(f"`{c}`" for c in opt.choices)
+            if opt.choices
+            else " to ".join(f"{v:g}" for v in (opt.minimum, opt.maximum) if v is not None)
+        )
         if opt.minimum is not None and opt.maximum is None:
             allowed = f"≥ {opt.minimum:g}"
         lines.append(f"| `{name}` | {opt.kind} | `{defaults[name]!r}` | {allowed} | {opt.doc} |")
@@ -84,8 +111,11 @@ def _between_markers(text: str, name: str, body: str) -> str:
 
 def outputs(root: Path) -> dict[Path, str]:
     spec_readme = root / "specs" / "README.md"
-    return {root / "docs" / "hooks.md": hooks_md(), root / "docs" / "lifecycle.md": lifecycle_md(),
-            spec_readme: _between_markers(spec_readme.read_text(), "options", options_md())}
+    return {
+        root / "docs" / "hooks.md": hooks_md(),
+        root / "docs" / "lifecycle.md": lifecycle_md(),
+        spec_readme: _between_markers(spec_readme.read_text(), "options", options_md()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

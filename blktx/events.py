@@ -63,10 +63,26 @@ def proof_of_cut(holds: list[Hold], actions: list[Any], cut: dict[int, tuple[str
         if a.index in cut:
             step, began, ended = cut[a.index]
             began, ended = began + shift, ended + shift
-            members.append({"action": a.index, "step": step, "began_ms": round((began - first) * 1000, 3),
-                            "ended_ms": round((ended - first) * 1000, 3), "inside": first <= began and ended <= last})
+            members.append(
+                {
+                    "action": a.index,
+                    "step": step,
+                    "began_ms": round((began - first) * 1000, 3),
+                    "ended_ms": round((ended - first) * 1000, 3),
+                    "inside": first <= began and ended <= last,
+                }
+            )
         else:
-            members.append({"action": a.index, "inside": None,
-                            "why": "taken before the window: its type declares that nothing held writes to it"})
-    return {"common_window_ms": round((last - first) * 1000, 3), "holds": len(held),
-            "inside": all(m["inside"] is not False for m in members), "members": members}
+            members.append(
+                {
+                    "action": a.index,
+                    "inside": None,
+                    "why": "taken before the window: its type declares that nothing held writes to it",
+                }
+            )
+    return {
+        "common_window_ms": round((last - first) * 1000, 3),
+        "holds": len(held),
+        "inside": all(m["inside"] is not False for m in members),
+        "members": members,
+    }

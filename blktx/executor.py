@@ -18,6 +18,7 @@ from typing import Any
 from blktx.actiontype import Action
 from blktx.checks import check_actions
 from blktx.context import Options, RunContext
+from blktx.dispatch import no_gc_rescans
 from blktx.errors import InvalidTransaction, Problem
 from blktx.locks import NullLocker
 from blktx.plugins import Registry, default_registry
@@ -30,7 +31,6 @@ from blktx.transaction import (
     Locker,
     NullJournal,
     TransactionRun,
-    no_gc_rescans,
 )
 
 __all__ = ["Executor", "Journal", "Locker", "NullJournal", "NullLocker", "new_txid"]
@@ -46,8 +46,7 @@ def new_txid() -> str:
 class Executor:
     """Runs transactions all-or-none. One executor can run many transactions in turn."""
 
-    def __init__(self, registry: Registry | None = None, journal: Journal | None = None,
-                 locker: Locker | None = None) -> None:
+    def __init__(self, registry: Registry | None = None, journal: Journal | None = None, locker: Locker | None = None) -> None:
         self.registry = registry or default_registry()
         self.journal: Journal = journal or NullJournal()
         self.locker: Locker = locker or NullLocker()
@@ -56,14 +55,22 @@ class Executor:
 
     # -- entry points --------------------------------------------------------------
 
-    def check(self, tx: Transaction, *, allow_exec: bool = False, roots: list[str] | None = None,
-              overrides: dict[str, Any] | None = None, **trust: Any) -> Result:
+    def check(
+        self,
+        tx: Transaction,
+        *,
+        allow_exec: bool = False,
+        roots: list[str] | None = None,
+        overrides: dict[str, Any] | None = None,
+        **trust: Any,
+    ) -> Result:
         """Validate and run every check. Touches nothing (and takes no lock).
         ``overrides`` and ``trust`` as for :meth:`run`."""
         txid = new_txid()
         try:
-            actions, options = bind(tx, self.registry, allow_exec=allow_exec, roots=roots, overrides=overrides,
-                                    txid=txid, **trust)
+            actions, options = bind(
+                tx, self.registry, allow_exec=allow_exec, roots=roots, overrides=overrides, txid=txid, **trust
+            )
         except InvalidTransaction as exc:
             return Result(txid, TxState.INVALID, problems=exc.problems, checked_only=True)
         ctx = RunContext(txid, options, tx.base_dir, self.registry.pm.hook)
@@ -79,28 +86,52 @@ class Executor:
         """Every check and conflict of bound actions; all refusals at once."""
         return check_actions(actions, ctx, file)
 
-    def run(self, tx: Transaction, *, allow_exec: bool = False, roots: list[str] | None = None,
-            overrides: dict[str, Any] | None = None, **trust: Any) -> Result:
+    def run(
+        self,
+        tx: Transaction,
+        *,
+        allow_exec: bool = False,
+        roots: list[str] | None = None,
+        overrides: dict[str, Any] | None = None,
+        **trust: Any,
+    ) -> Result:
         """Run ``tx`` all-or-none and report what happened. ``overrides`` replace the
         spec's options; ``allow_exec``, ``roots`` and ``trust`` (``vm_roots``,
         ``allow_tcp``, ``shared_folders``) are the caller's, never the spec's: see
         docs/security.md."""
         txid = new_txid()
         try:
-            actions, options = bind(tx, self.registry, allow_exec=allow_exec, roots=roots, overrides=overrides,
-                                    txid=txid, **trust)
+            actions, options = bind(
+                tx, self.registry, allow_exec=allow_exec, roots=roots, overrides=overrides, txid=txid, **trust
+            )
         except InvalidTransaction as exc:
             return Result(txid, TxState.INVALID, problems=exc.problems)
-        return self.run_actions(actions, options, base_dir=tx.base_dir, file=tx.file, txid=txid,
-                                description=tx.description)
+        return self.run_actions(actions, options, base_dir=tx.base_dir, file=tx.file, txid=txid, description=tx.description)
 
-    def run_actions(self, actions: list[Action], options: Options, *, base_dir: str,
-                    file: str | None = None, txid: str | None = None, description: str = "") -> Result:
+    def run_actions(
+        self,
+        actions: list[Action],
+        options: Options,
+        *,
+        base_dir: str,
+        file: str | None = None,
+        txid: str | None = None,
+        description: str = "",
+    ) -> Result:
         txid = txid or new_txid()
         started = time.perf_counter()
         ctx = RunContext(txid, options, base_dir, self.registry.pm.hook)
-        run = TransactionRun(txid, actions, ctx, journal=self.journal, locker=self.locker, file=file,
-                             interrupt=self._interrupt, observed=self._observed, description=description)
+        run = TransactionRun(
+            txid,
+            actions,
+            ctx,
+            journal=self.journal,
+            locker=self.locker,
+            file=file,
+            interrupt=self._interrupt,
+            observed=self._observed,
+            description=description,
+        )
         result = run.result
         try:
             with no_gc_rescans(actions), self._signals():

@@ -55,8 +55,9 @@ BEGINS = frozenset({"do", "finalize"})
 
 #: The states ``blktx recover`` finishes.
 _COMMITTED = frozenset({TxState.COMMITTED, TxState.FINALIZING, TxState.DONE, TxState.FINALIZE_INCOMPLETE})
-UNFINISHED: tuple[TxState, ...] = tuple(s for s in TxState if s not in TX_FINAL
-                                        and s not in (TxState.NEW, TxState.LOCKED, TxState.CHECKED))
+UNFINISHED: tuple[TxState, ...] = tuple(
+    s for s in TxState if s not in TX_FINAL and s not in (TxState.NEW, TxState.LOCKED, TxState.CHECKED)
+)
 
 
 class Fenced(BlktxError):
@@ -76,7 +77,6 @@ def default_path() -> str:
     return os.path.join(base, "blktx", "journal.sqlite")
 
 
-
 class SqliteJournal:
     """The journal of a :class:`~blktx.transaction.TransactionRun`, in one SQLite file."""
 
@@ -84,8 +84,10 @@ class SqliteJournal:
         self.path = os.path.abspath(path or default_path())
         early = untrusted_folders(self.path)
         if early and not os.path.isdir(os.path.dirname(self.path)):  # never make folders through it
-            raise BlktxError(f"refusing the journal {self.path}: {early}; keep it in a folder only you can write "
-                             "(default ~/.local/state/blktx), mode 0600")
+            raise BlktxError(
+                f"refusing the journal {self.path}: {early}; keep it in a folder only you can write "
+                "(default ~/.local/state/blktx), mode 0600"
+            )
         try:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         except OSError as exc:
@@ -94,8 +96,10 @@ class SqliteJournal:
         # nobody else may be able to replace it, or its -wal and -shm neighbours.
         why = untrusted_folders(self.path) or untrusted_file(self.path)
         if why:
-            raise BlktxError(f"refusing the journal {self.path}: {why}; keep it in a folder only you can write "
-                             "(default ~/.local/state/blktx), mode 0600")
+            raise BlktxError(
+                f"refusing the journal {self.path}: {why}; keep it in a folder only you can write "
+                "(default ~/.local/state/blktx), mode 0600"
+            )
         try:
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -104,8 +108,9 @@ class SqliteJournal:
             self._db.executescript(SCHEMA)
             self._migrate()
         except (OSError, sqlite3.Error) as exc:
-            raise BlktxError(f"cannot open the journal {self.path}: {exc}; "
-                             "give another with --journal PATH or $BLKTX_JOURNAL") from None
+            raise BlktxError(
+                f"cannot open the journal {self.path}: {exc}; give another with --journal PATH or $BLKTX_JOURNAL"
+            ) from None
         self._mutex = threading.Lock()
         self._batch: int | None = None  # the thread inside together(), if any
         self._writes = 0
@@ -115,16 +120,21 @@ class SqliteJournal:
 
     def _migrate(self) -> None:
         """Add the columns that journals written by earlier versions lack."""
-        for table, column, decl in (("tx", "committed", "INTEGER DEFAULT 0"), ("action", "output", "TEXT"),
-                                    ("tx", "description", "TEXT")):
+        for table, column, decl in (
+            ("tx", "committed", "INTEGER DEFAULT 0"),
+            ("action", "output", "TEXT"),
+            ("tx", "description", "TEXT"),
+        ):
             columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in columns:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
         # Statuses written before the transaction became a machine, in its words.
         self._db.execute("UPDATE tx SET status = 'RUNNING' WHERE status = 'BEGIN'")
         self._db.execute("UPDATE action SET state = 'DOING' WHERE started = 1 AND state = 'START'")
-        self._db.execute("UPDATE tx SET status = CASE committed WHEN 1 THEN 'FINALIZE_INCOMPLETE' "
-                         "ELSE 'ROLLBACK_INCOMPLETE' END WHERE status = 'NEEDS_RECOVERY'")
+        self._db.execute(
+            "UPDATE tx SET status = CASE committed WHEN 1 THEN 'FINALIZE_INCOMPLETE' "
+            "ELSE 'ROLLBACK_INCOMPLETE' END WHERE status = 'NEEDS_RECOVERY'"
+        )
 
     # -- durable writes ---------------------------------------------------------------
 
@@ -165,24 +175,42 @@ class SqliteJournal:
     def begin(self, txid: str, info: dict[str, Any], actions: Sequence[Action]) -> None:
         self._undo = {a.index: _dumps(a.undo) for a in actions}
         with self._write() as db:
-            db.execute("INSERT INTO tx (txid, started, ended, status, pid, file, base_dir, options, detail, actions, "
-                       "committed, description) VALUES (?, ?, NULL, ?, ?, ?, ?, ?, NULL, ?, 0, ?)",
-                       (txid, time.time(), TxState.RUNNING.value, os.getpid(), info.get("file"), info.get("base_dir"),
-                        json.dumps(info.get("options", {}), default=str), len(actions), info.get("description") or None))
-            db.executemany("INSERT INTO action VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, NULL, NULL, NULL)",
-                           [(txid, a.index, a.type.name, a.target, json.dumps(a.params), self._undo[a.index], a.state)
-                            for a in actions])
+            db.execute(
+                "INSERT INTO tx (txid, started, ended, status, pid, file, base_dir, options, detail, actions, "
+                "committed, description) VALUES (?, ?, NULL, ?, ?, ?, ?, ?, NULL, ?, 0, ?)",
+                (
+                    txid,
+                    time.time(),
+                    TxState.RUNNING.value,
+                    os.getpid(),
+                    info.get("file"),
+                    info.get("base_dir"),
+                    json.dumps(info.get("options", {}), default=str),
+                    len(actions),
+                    info.get("description") or None,
+                ),
+            )
+            db.executemany(
+                "INSERT INTO action VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, NULL, NULL, NULL)",
+                [(txid, a.index, a.type.name, a.target, json.dumps(a.params), self._undo[a.index], a.state) for a in actions],
+            )
 
     def intent(self, txid: str, phase: str, actions: Sequence[Action]) -> None:
         with self._write() as db:
-            db.execute("INSERT INTO step (txid, time, phase, what, count) VALUES (?, ?, ?, 'intent', ?)",
-                       (txid, time.time(), phase, len(actions)))
+            db.execute(
+                "INSERT INTO step (txid, time, phase, what, count) VALUES (?, ?, ?, 'intent', ?)",
+                (txid, time.time(), phase, len(actions)),
+            )
             changed = self._changed_undo(actions)
-            db.executemany("UPDATE action SET undo = ? WHERE txid = ? AND idx = ?",
-                           [(undo, txid, index) for index, undo in changed])
+            db.executemany(
+                "UPDATE action SET undo = ? WHERE txid = ? AND idx = ?", [(undo, txid, index) for index, undo in changed]
+            )
             if phase in BEGINS:  # the intent begins them: a crash from here on may have run their step
-                db.execute(f"UPDATE action SET state = '{DOING}' WHERE txid = ? AND state = '{START}' "
-                           "AND idx IN (SELECT value FROM json_each(?))", (txid, json.dumps([a.index for a in actions])))
+                db.execute(
+                    f"UPDATE action SET state = '{DOING}' WHERE txid = ? AND state = '{START}' "
+                    "AND idx IN (SELECT value FROM json_each(?))",
+                    (txid, json.dumps([a.index for a in actions])),
+                )
 
     def _changed_undo(self, actions: Sequence[Action]) -> list[tuple[int, str]]:
         """The undo facts that differ from what the journal holds (most do not change)."""
@@ -197,17 +225,24 @@ class SqliteJournal:
     def done(self, txid: str, phase: str, actions: Sequence[Action]) -> None:
         """After a batch: states, undo facts, errors, output; timings only at the ``end``."""
         with self._write() as db:
-            db.execute("INSERT INTO step (txid, time, phase, what, count) VALUES (?, ?, ?, 'done', ?)",
-                       (txid, time.time(), phase, len(actions)))
+            db.execute(
+                "INSERT INTO step (txid, time, phase, what, count) VALUES (?, ?, ?, 'done', ?)",
+                (txid, time.time(), phase, len(actions)),
+            )
             if phase == "end":
                 db.executemany(
                     "UPDATE action SET undo = ?, state = ?, error = ?, phase = ?, durations = ?, output = ? "
                     "WHERE txid = ? AND idx = ?",
-                    [(_dumps(a.undo), a.state, a.error, a.failed_phase, json.dumps(a.durations), a.output, txid,
-                      a.index) for a in actions])
+                    [
+                        (_dumps(a.undo), a.state, a.error, a.failed_phase, json.dumps(a.durations), a.output, txid, a.index)
+                        for a in actions
+                    ],
+                )
             else:
-                db.executemany("UPDATE action SET undo = ? WHERE txid = ? AND idx = ?",
-                               [(undo, txid, index) for index, undo in self._changed_undo(actions)])
+                db.executemany(
+                    "UPDATE action SET undo = ? WHERE txid = ? AND idx = ?",
+                    [(undo, txid, index) for index, undo in self._changed_undo(actions)],
+                )
                 self._states(db, txid, actions)
 
     @staticmethod
@@ -219,16 +254,21 @@ class SqliteJournal:
         db.executemany(
             "UPDATE action SET state = ?, error = ?, phase = ?, output = ? "
             "WHERE txid = ? AND idx IN (SELECT value FROM json_each(?))",
-            [(*key, txid, json.dumps(indexes)) for key, indexes in groups.items()])
+            [(*key, txid, json.dumps(indexes)) for key, indexes in groups.items()],
+        )
 
     def holds(self, txid: str, holds: Sequence[Hold], resumed: bool) -> None:
         """Record every hold of ``txid`` (all of them, in the order they were taken).
         With ``resumed``, a hold counts as resumed when its window ended
         (``hold.end`` set): one whose resume failed stays for ``blktx recover``."""
         with self._write() as db:
-            db.executemany("INSERT OR REPLACE INTO hold VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           [(txid, n, h.kind, h.target, json.dumps(h.data), h.start,
-                             int(resumed and h.end is not None)) for n, h in enumerate(holds)])
+            db.executemany(
+                "INSERT OR REPLACE INTO hold VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (txid, n, h.kind, h.target, json.dumps(h.data), h.start, int(resumed and h.end is not None))
+                    for n, h in enumerate(holds)
+                ],
+            )
 
     def state(self, txid: str, state: TxState, detail: dict[str, Any]) -> None:
         """The transaction's state, with what the report needs to explain it.
@@ -239,18 +279,21 @@ class SqliteJournal:
                 fenced = db.execute("SELECT why FROM fence WHERE txid = ?", (txid,)).fetchone()
                 if fenced:
                     raise Fenced(f"the commit is fenced: {fenced[0]}")
-            ended = time.time() if state in TX_FINAL or state in (TxState.ROLLBACK_INCOMPLETE,
-                                                                  TxState.FINALIZE_INCOMPLETE) else None
-            db.execute("UPDATE tx SET status = ?, ended = COALESCE(?, ended), detail = ?, "
-                       "committed = MAX(committed, ?) WHERE txid = ?",
-                       (state.value, ended, json.dumps(detail, default=str), int(state in _COMMITTED), txid))
+            ended = (
+                time.time() if state in TX_FINAL or state in (TxState.ROLLBACK_INCOMPLETE, TxState.FINALIZE_INCOMPLETE) else None
+            )
+            db.execute(
+                "UPDATE tx SET status = ?, ended = COALESCE(?, ended), detail = ?, committed = MAX(committed, ?) WHERE txid = ?",
+                (state.value, ended, json.dumps(detail, default=str), int(state in _COMMITTED), txid),
+            )
 
     def catalog(self, txid: str, group: str, name: str, members: list[dict[str, Any]]) -> None:
         """Record the group snapshot a transaction makes; called inside the commit's
         durable write (``together``), so it exists exactly when the commit does."""
         with self._write() as db:
-            db.execute("INSERT INTO groupsnap VALUES (?, ?, ?, ?, ?)",
-                       (txid, group, name, time.time(), json.dumps(members, default=str)))
+            db.execute(
+                "INSERT INTO groupsnap VALUES (?, ?, ?, ?, ?)", (txid, group, name, time.time(), json.dumps(members, default=str))
+            )
 
     def group_snapshots(self, group: str | None = None) -> list[dict[str, Any]]:
         """Every recorded group snapshot (of ``group``), oldest first."""
@@ -258,8 +301,10 @@ class SqliteJournal:
         args: tuple[Any, ...] = ()
         if group is not None:
             sql, args = sql + " WHERE grp = ?", (group,)
-        return [{"txid": t, "group": g, "name": n, "time": when, "members": json.loads(m)}
-                for t, g, n, when, m in self._db.execute(sql + " ORDER BY time", args)]
+        return [
+            {"txid": t, "group": g, "name": n, "time": when, "members": json.loads(m)}
+            for t, g, n, when, m in self._db.execute(sql + " ORDER BY time", args)
+        ]
 
     def has_group_snapshot(self, group: str, name: str) -> bool:
         return self._db.execute("SELECT 1 FROM groupsnap WHERE grp = ? AND name = ?", (group, name)).fetchone() is not None
@@ -272,17 +317,18 @@ class SqliteJournal:
             if row and row[0]:
                 return False
             db.execute("INSERT OR REPLACE INTO fence VALUES (?, ?, ?)", (txid, time.time(), why))
-            db.execute("INSERT INTO step (txid, time, phase, what, count) VALUES (?, ?, 'watchdog', 'fence', 0)",
-                       (txid, time.time()))
+            db.execute(
+                "INSERT INTO step (txid, time, phase, what, count) VALUES (?, ?, 'watchdog', 'fence', 0)", (txid, time.time())
+            )
             return True
 
     # -- reading ----------------------------------------------------------------------
 
-    def transactions(self, limit: int = 20, statuses: Sequence[str] | None = None,
-                     txid: str | None = None) -> list[dict[str, Any]]:
+    def transactions(
+        self, limit: int = 20, statuses: Sequence[str] | None = None, txid: str | None = None
+    ) -> list[dict[str, Any]]:
         """The newest transactions, optionally only those in ``statuses`` or the one ``txid``."""
-        sql = ("SELECT txid, started, ended, status, pid, file, actions, detail, committed, base_dir, options, "
-               "description FROM tx")
+        sql = "SELECT txid, started, ended, status, pid, file, actions, detail, committed, base_dir, options, description FROM tx"
         args: list[Any] = []
         if statuses:
             sql += f" WHERE status IN ({','.join('?' * len(statuses))})"
@@ -292,8 +338,20 @@ class SqliteJournal:
             args.append(txid)
         sql += " ORDER BY started DESC LIMIT ?"
         args.append(limit)
-        keys = ("txid", "started", "ended", "status", "pid", "file", "actions", "detail", "committed", "base_dir",
-                "options", "description")
+        keys = (
+            "txid",
+            "started",
+            "ended",
+            "status",
+            "pid",
+            "file",
+            "actions",
+            "detail",
+            "committed",
+            "base_dir",
+            "options",
+            "description",
+        )
         out = []
         for row in self._db.execute(sql, args):
             item = dict(zip(keys, row, strict=True))
@@ -307,23 +365,28 @@ class SqliteJournal:
         return out
 
     def transaction(self, txid: str) -> dict[str, Any] | None:
-        rows = self._db.execute("SELECT txid FROM tx WHERE txid = ? OR txid LIKE ? ORDER BY started DESC",
-                                (txid, txid + "%")).fetchall()
+        rows = self._db.execute(
+            "SELECT txid FROM tx WHERE txid = ? OR txid LIKE ? ORDER BY started DESC", (txid, txid + "%")
+        ).fetchall()
         if len(rows) != 1:
             return None
         full = rows[0][0]
         (tx,) = self.transactions(limit=1, txid=full)
         keys = ("index", "type", "target", "params", "undo", "state", "started", "error", "phase", "durations", "output")
         tx["actions"] = []
-        for row in self._db.execute("SELECT idx, type, target, params, undo, state, started, error, phase, durations, output "
-                                    "FROM action WHERE txid = ? ORDER BY idx", (full,)):
+        for row in self._db.execute(
+            "SELECT idx, type, target, params, undo, state, started, error, phase, durations, output "
+            "FROM action WHERE txid = ? ORDER BY idx",
+            (full,),
+        ):
             item = dict(zip(keys, row, strict=True))
             for k in ("params", "undo", "durations"):
                 item[k] = json.loads(item[k]) if item[k] else None
             tx["actions"].append(item)
-        tx["holds"] = [dict(zip(("n", "kind", "target", "data", "start", "resumed"), r, strict=True))
-                       for r in self._db.execute("SELECT n, kind, target, data, start, resumed FROM hold "
-                                                 "WHERE txid = ? ORDER BY n", (full,))]
+        tx["holds"] = [
+            dict(zip(("n", "kind", "target", "data", "start", "resumed"), r, strict=True))
+            for r in self._db.execute("SELECT n, kind, target, data, start, resumed FROM hold WHERE txid = ? ORDER BY n", (full,))
+        ]
         for h in tx["holds"]:
             h["data"] = json.loads(h["data"])
         return tx

@@ -80,8 +80,7 @@ class Claim:
     fd: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"txid": self.txid, "journal": self.journal, "keys": self.keys,
-                "pid": os.getpid(), "since": time.time()}
+        return {"txid": self.txid, "journal": self.journal, "keys": self.keys, "pid": os.getpid(), "since": time.time()}
 
 
 def journal_state(journal: str, txid: str) -> TxState | str | None:
@@ -108,8 +107,9 @@ class Locker:
         self.wait = wait
         early = untrusted_folders(os.path.join(self.dir, "claims", "x"))
         if early and not os.path.isdir(os.path.join(self.dir, "claims")):  # never make folders through it
-            raise BlktxError(f"the lock folder {self.dir} would be made where others can write ({early}); "
-                             "give another with $BLKTX_LOCK_DIR")
+            raise BlktxError(
+                f"the lock folder {self.dir} would be made where others can write ({early}); give another with $BLKTX_LOCK_DIR"
+            )
         try:
             os.makedirs(os.path.join(self.dir, "claims"), mode=0o700, exist_ok=True)
             self._dirfd = os.open(os.path.join(self.dir, "claims"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -119,8 +119,10 @@ class Locker:
         why = untrusted_folders(os.path.join(self.dir, "claims", "x"))
         if st.st_uid != os.geteuid() or why:
             os.close(self._dirfd)
-            raise BlktxError(f"the lock folder {self.dir}/claims is not owned by you, or others can write it "
-                             f"({why or 'owner'}); fix its owner and mode (0700), or give another with $BLKTX_LOCK_DIR")
+            raise BlktxError(
+                f"the lock folder {self.dir}/claims is not owned by you, or others can write it "
+                f"({why or 'owner'}); fix its owner and mode (0700), or give another with $BLKTX_LOCK_DIR"
+            )
 
     @contextlib.contextmanager
     def _mutex(self) -> Iterator[None]:
@@ -170,8 +172,7 @@ class Locker:
 
     # -- taking and releasing ---------------------------------------------------------
 
-    def acquire(self, txid: str, journal: str, targets: Sequence[str],
-                stop: Callable[[], bool] = lambda: False) -> Claim:
+    def acquire(self, txid: str, journal: str, targets: Sequence[str], stop: Callable[[], bool] = lambda: False) -> Claim:
         """Claim every target of ``txid`` (by its lock keys), or raise
         :class:`InvalidTransaction` naming each holder. A key held by a live run is
         waited for up to ``wait`` seconds; a key claimed by an unfinished
@@ -321,12 +322,10 @@ def _name(txid: str) -> str:
     return txid + ".json"
 
 
-
 class NullLocker:
     """Locks nothing: for library use without a journal."""
 
-    def acquire(self, txid: str, journal: str, targets: Sequence[str],
-                stop: Callable[[], bool] = lambda: False) -> Claim:
+    def acquire(self, txid: str, journal: str, targets: Sequence[str], stop: Callable[[], bool] = lambda: False) -> Claim:
         return Claim(txid, journal, [])
 
     def release(self, claim: Claim, *, finished: bool) -> None:

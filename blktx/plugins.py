@@ -115,8 +115,11 @@ def load(extra: list[tuple[str, object]] | None = None) -> Registry:
         if len(eps) > 1:
             # Loading either would silently drop the other's types: load neither, say who.
             who = ", ".join(f"{_dist(ep)} ({ep.value})" for ep in eps)
-            registry.problems.append(PluginProblem(name, f"entry point name {name!r} is claimed by {who}; "
-                                                         "none of them was loaded: rename one entry point"))
+            registry.problems.append(
+                PluginProblem(
+                    name, f"entry point name {name!r} is claimed by {who}; none of them was loaded: rename one entry point"
+                )
+            )
             continue
         ep = eps[0]
         try:
@@ -156,5 +159,3 @@ def default_registry() -> Registry:
     if _cached is None:
         _cached = load()
     return _cached
-
-

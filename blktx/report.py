@@ -17,8 +17,14 @@ from blktx.hookspecs import hookimpl
 from blktx.plugins import Registry
 from blktx.result import COMMITTED, Result
 
-_STYLE = {"INVALIDATED": "green", "CANCELED": "yellow", "START": "dim", "CREATED": "cyan", "DOING": "magenta",
-          "CANCEL_FAILED": "bold red"}
+_STYLE = {
+    "INVALIDATED": "green",
+    "CANCELED": "yellow",
+    "START": "dim",
+    "CREATED": "cyan",
+    "DOING": "magenta",
+    "CANCEL_FAILED": "bold red",
+}
 
 
 def _state(state: str, shown: str | None = None) -> str:
@@ -59,8 +65,14 @@ def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
         for a in result.actions[:limit]:
             took = sum((a.durations or {}).values())
             state = a.state if not result.checked_only else "checked"
-            table.add_row(str(a.index), escape(a.type.name), escape(a.target), _state(a.state, state),
-                          f"{took * 1000:.1f} ms" if took else "", escape(a.error or ""))
+            table.add_row(
+                str(a.index),
+                escape(a.type.name),
+                escape(a.target),
+                _state(a.state, state),
+                f"{took * 1000:.1f} ms" if took else "",
+                escape(a.error or ""),
+            )
         out.print(table)
         if len(result.actions) > limit:
             out.print(f"... and {len(result.actions) - limit} more actions (use --json for all)")
@@ -72,8 +84,7 @@ def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
     for lo in result.leftovers:
         out.print(f"[red]left behind[/red]: {escape(str(lo))}")
     for f in result.pending:
-        out.print("[yellow]pending finalize[/yellow]: "
-                  + escape(f"action #{f.action} ({f.type}) on {f.target}: {f.message}"))
+        out.print("[yellow]pending finalize[/yellow]: " + escape(f"action #{f.action} ({f.type}) on {f.target}: {f.message}"))
     for w in result.warnings:
         out.print(f"[yellow]warning[/yellow]: {escape(w)}")
     colour = "green" if result.outcome == COMMITTED else "red" if result.problems or result.leftovers else "yellow"
@@ -101,17 +112,23 @@ def print_shown(tx: dict[str, Any], out: Console) -> None:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(tx["started"])) if tx.get("started") else "-"
     took = f", {tx['seconds']:.3f}s" if tx.get("seconds") is not None else ""
     out.print(f"transaction {tx['txid']}: {tx['outcome']} ({tx['words']}; state {tx['status']})", markup=False)
-    out.print(f"spec: {tx.get('file') or '(python)'}" + (f" - {tx['description']}" if tx.get("description") else ""),
-              markup=False)
+    out.print(
+        f"spec: {tx.get('file') or '(python)'}" + (f" - {tx['description']}" if tx.get("description") else ""), markup=False
+    )
     out.print(f"started {started}{took}; {len(tx['actions'])} action(s)", markup=False)
     table = Table(show_edge=False, pad_edge=False)
     for col in ("#", "type", "target", "state", "time", "error"):
         table.add_column(col, overflow="fold", no_wrap=col in ("#", "type", "state", "time"))
     for a in tx["actions"]:
         ms = sum((a["durations"] or {}).values()) * 1000
-        table.add_row(str(a["index"]), escape(a["type"]), escape(a["target"]),
-                      _state(a["state"]), f"{ms:.1f} ms" if ms else "",
-                      escape(a["error"] or ""))
+        table.add_row(
+            str(a["index"]),
+            escape(a["type"]),
+            escape(a["target"]),
+            _state(a["state"]),
+            f"{ms:.1f} ms" if ms else "",
+            escape(a["error"] or ""),
+        )
     out.print(table)
     for h in tx["holds"]:
         state = "resumed" if h["resumed"] else "NOT resumed: `blktx recover` resumes it"
@@ -132,8 +149,10 @@ def print_shown(tx: dict[str, Any], out: Console) -> None:
 def _cut_line(cut: dict[str, Any]) -> str:
     taken = [m for m in cut["members"] if m["inside"] is not None]
     if cut["inside"]:
-        return (f"point in time: {len(taken)} member(s) taken inside the common window of {cut['holds']} hold(s) "
-                f"({cut['common_window_ms']:.1f} ms)")
+        return (
+            f"point in time: {len(taken)} member(s) taken inside the common window of {cut['holds']} hold(s) "
+            f"({cut['common_window_ms']:.1f} ms)"
+        )
     outside = [str(m["action"]) for m in cut["members"] if m["inside"] is False]
     return f"point in time NOT shown: action(s) #{', #'.join(outside)} ran outside the common window"
 
@@ -141,8 +160,9 @@ def _cut_line(cut: dict[str, Any]) -> str:
 def print_types(registry: Registry, out: Console) -> None:
     for info in types_json(registry):
         flags = escape(" [finalize]") if info["finalize"] else ""
-        out.print(f"[bold]{escape(info['name'])}[/bold]{flags}  (plugin {escape(str(info['plugin']))}) - "
-                  f"{escape(info['summary'])}")
+        out.print(
+            f"[bold]{escape(info['name'])}[/bold]{flags}  (plugin {escape(str(info['plugin']))}) - {escape(info['summary'])}"
+        )
         for p in info["params"]:
             req = "required" if p["required"] else f"default {p.get('default')!r}"
             choices = f" one of {p['choices']}" if p.get("choices") else ""

@@ -108,9 +108,7 @@ class Result:
             "failures": [f.to_json() for f in self.failures],
             "leftovers": [{"target": lo.target, "what": lo.what, "why": lo.why} for lo in self.leftovers],
             "pending": [f.to_json() for f in self.pending],
-            "holds": [
-                {"kind": h.kind, "target": h.target, "window": h.window} for h in self.holds
-            ],
+            "holds": [{"kind": h.kind, "target": h.target, "window": h.window} for h in self.holds],
             "warnings": self.warnings,
             "actions": [action_json(a) for a in self.actions],
         }

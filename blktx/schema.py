@@ -45,16 +45,18 @@ def schema(registry: Registry) -> dict[str, Any]:
         cls = entry.cls
         props: dict[str, Any] = {"type": {"const": name}}
         props.update({p.name: _param(p) for p in cls.params})
-        branches.append({
-            "if": {"properties": {"type": {"const": name}}, "required": ["type"]},
-            "then": {
-                "title": name,
-                "description": f"{cls.summary()} (plugin {entry.plugin})",
-                "properties": props,
-                "required": ["type", *[p.name for p in cls.params if p.required]],
-                "additionalProperties": False,
-            },
-        })
+        branches.append(
+            {
+                "if": {"properties": {"type": {"const": name}}, "required": ["type"]},
+                "then": {
+                    "title": name,
+                    "description": f"{cls.summary()} (plugin {entry.plugin})",
+                    "properties": props,
+                    "required": ["type", *[p.name for p in cls.params if p.required]],
+                    "additionalProperties": False,
+                },
+            }
+        )
     plugins = sorted(name for name, _ in registry.pm.list_name_plugin() if name)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -66,14 +68,19 @@ def schema(registry: Registry) -> dict[str, Any]:
             "version": {"const": VERSION, "description": "the spec format's version"},
             "description": {"type": "string"},
             "group": {"type": "string", "description": "the group its group snapshot belongs to (default: the file's name)"},
-            "snapshot": {"type": "string", "description": "the group snapshot's name; templates {now:%Y%m%d}, {host}, "
-                                                          "{group}, {txid}"},
+            "snapshot": {
+                "type": "string",
+                "description": "the group snapshot's name; templates {now:%Y%m%d}, {host}, {group}, {txid}",
+            },
             "options": {
                 "type": "object",
                 "properties": {
                     **{name: opt.json_schema() for name, opt in spec_options().items()},
-                    **{plugin: {"type": "object", "description": f"settings of the {plugin} plugin"}
-                       for plugin in plugins if plugin not in spec_options()},
+                    **{
+                        plugin: {"type": "object", "description": f"settings of the {plugin} plugin"}
+                        for plugin in plugins
+                        if plugin not in spec_options()
+                    },
                 },
                 "additionalProperties": False,
             },
@@ -83,8 +90,9 @@ def schema(registry: Registry) -> dict[str, Any]:
                 "items": {
                     "type": "object",
                     "required": ["type"],
-                    "properties": {"type": {"enum": sorted(registry.types),
-                                            "description": "the action type (`blktx types` lists them)"}},
+                    "properties": {
+                        "type": {"enum": sorted(registry.types), "description": "the action type (`blktx types` lists them)"}
+                    },
                     "allOf": branches,
                 },
             },

@@ -112,25 +112,48 @@ def parse_spec(text: str, file: str | None = None, base_dir: str | None = None) 
     hint = "see specs/README.md for the format"
     if "\0" in text:
         line = text.count("\n", 0, text.index("\0")) + 1
-        raise InvalidTransaction([Problem("the spec contains a NUL character", file=file, line=line,
-                                          hint="a spec is UTF-8 text; NUL is never valid in a path or a name")])
+        raise InvalidTransaction(
+            [
+                Problem(
+                    "the spec contains a NUL character",
+                    file=file,
+                    line=line,
+                    hint="a spec is UTF-8 text; NUL is never valid in a path or a name",
+                )
+            ]
+        )
     depth = _max_depth(text)
     if depth > MAX_DEPTH:
-        raise InvalidTransaction([Problem(f"arrays or tables nested {depth} deep (at most {MAX_DEPTH})", file=file,
-                                          hint=hint)])
+        raise InvalidTransaction([Problem(f"arrays or tables nested {depth} deep (at most {MAX_DEPTH})", file=file, hint=hint)])
     try:
         doc = tomli.loads(text)
     except tomli.TOMLDecodeError as exc:
         msg = exc.msg if hasattr(exc, "msg") else str(exc)
-        raise InvalidTransaction([Problem(
-            f"not valid TOML: {msg}", file=file, line=getattr(exc, "lineno", None),
-            column=getattr(exc, "colno", None), hint=hint)]) from None
+        raise InvalidTransaction(
+            [
+                Problem(
+                    f"not valid TOML: {msg}",
+                    file=file,
+                    line=getattr(exc, "lineno", None),
+                    column=getattr(exc, "colno", None),
+                    hint=hint,
+                )
+            ]
+        ) from None
     except RecursionError:
         raise InvalidTransaction([Problem("nested too deeply to read", file=file, hint=hint)]) from None
     bad = _nul_in(doc)
     if bad is not None:
-        raise InvalidTransaction([Problem("a value contains a NUL character (written as an escape)", file=file,
-                                          key=bad, hint="NUL is never valid in a path or a name")])
+        raise InvalidTransaction(
+            [
+                Problem(
+                    "a value contains a NUL character (written as an escape)",
+                    file=file,
+                    key=bad,
+                    hint="NUL is never valid in a path or a name",
+                )
+            ]
+        )
     return from_document(doc, file=file, base_dir=base_dir, positions=_positions(text))
 
 
@@ -185,8 +208,12 @@ def _nul_in(value: Any, path: str = "") -> str | None:
     return None
 
 
-def from_document(doc: dict[str, Any], file: str | None = None, base_dir: str | None = None,
-                  positions: dict[tuple[Any, ...], tuple[int, int]] | None = None) -> Transaction:
+def from_document(
+    doc: dict[str, Any],
+    file: str | None = None,
+    base_dir: str | None = None,
+    positions: dict[tuple[Any, ...], tuple[int, int]] | None = None,
+) -> Transaction:
     """A transaction from an already parsed document (TOML, JSON, or built in Python)."""
     positions = positions or {}
     if base_dir is None:
@@ -223,8 +250,7 @@ def load_spec(path: str) -> Transaction:
         raise InvalidTransaction([Problem(f"cannot read the spec: {why}", file=path, hint="check the path")]) from None
     with os.fdopen(fd, "rb") as fh:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InvalidTransaction([Problem("the spec is not a regular file", file=path,
-                                              hint="give the path of a TOML file")])
+            raise InvalidTransaction([Problem("the spec is not a regular file", file=path, hint="give the path of a TOML file")])
         data = fh.read(MAX_SPEC_BYTES + 1)
     return parse_spec(_decode(data, path), file=path)
 
@@ -232,16 +258,31 @@ def load_spec(path: str) -> Transaction:
 def _decode(data: bytes, path: str) -> str:
     """The spec's text: at most :data:`MAX_SPEC_BYTES` of UTF-8 (a BOM is dropped)."""
     if len(data) > MAX_SPEC_BYTES:
-        raise InvalidTransaction([Problem(f"the spec is larger than {MAX_SPEC_BYTES >> 20} MiB", file=path,
-                                          hint="a spec lists actions; split a huge one into several")])
+        raise InvalidTransaction(
+            [
+                Problem(
+                    f"the spec is larger than {MAX_SPEC_BYTES >> 20} MiB",
+                    file=path,
+                    hint="a spec lists actions; split a huge one into several",
+                )
+            ]
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise InvalidTransaction([Problem(f"the spec is not UTF-8 text (byte 0x{data[exc.start]:02x})", file=path,
-                                          line=line, column=column,
-                                          hint="save it as UTF-8 (TOML files are UTF-8 by definition)")]) from None
+        raise InvalidTransaction(
+            [
+                Problem(
+                    f"the spec is not UTF-8 text (byte 0x{data[exc.start]:02x})",
+                    file=path,
+                    line=line,
+                    column=column,
+                    hint="save it as UTF-8 (TOML files are UTF-8 by definition)",
+                )
+            ]
+        ) from None
     return text[1:] if text.startswith("\ufeff") else text
 
 
@@ -249,30 +290,43 @@ def confinement(kind: str, value: Any, options: Options) -> tuple[str, str] | No
     """Why a path or address breaks a rule of docs/security.md (message, hint), or None."""
     if kind == "address" and isinstance(value, str) and value.startswith("tcp:"):
         if not options.allow_tcp:
-            return (f"{value}: a TCP address is refused [rule tcp-opt-in]: anyone who can reach the port can "
-                    "answer as the VM", "pass --allow-tcp if that port is yours")
+            return (
+                f"{value}: a TCP address is refused [rule tcp-opt-in]: anyone who can reach the port can answer as the VM",
+                "pass --allow-tcp if that port is yours",
+            )
         return None
     if kind not in ("path", "address") or not isinstance(value, str):
         return None
     roots = options.roots + (options.vm_roots if kind == "address" else [])
     if not within_roots(value, roots):
         what = "socket" if kind == "address" else "path"
-        return (f"{what} {value} is outside the allowed roots ({', '.join(roots)}) [rule confined-paths]",
-                "move it under the spec's directory or widen with --root DIR"
-                + (" or --vm-root DIR" if kind == "address" else ""))
+        return (
+            f"{what} {value} is outside the allowed roots ({', '.join(roots)}) [rule confined-paths]",
+            "move it under the spec's directory or widen with --root DIR" + (" or --vm-root DIR" if kind == "address" else ""),
+        )
     if not options.shared_folders:
         why = untrusted_folders(value)
         if why:
-            return (f"{value}: {why} [rule trusted-folders]: another user could swap what blktx acts on",
-                    "keep images and sockets in folders only root (or you) can write, or pass "
-                    "--allow-shared-folders if you accept that")
+            return (
+                f"{value}: {why} [rule trusted-folders]: another user could swap what blktx acts on",
+                "keep images and sockets in folders only root (or you) can write, or pass "
+                "--allow-shared-folders if you accept that",
+            )
     return None
 
 
-def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
-         roots: list[str] | None = None, overrides: dict[str, Any] | None = None,
-         vm_roots: list[str] | None = None, allow_tcp: bool = False,
-         shared_folders: bool = False, txid: str | None = None) -> tuple[list[Action], Options]:
+def bind(
+    tx: Transaction,
+    registry: Registry,
+    *,
+    allow_exec: bool = False,
+    roots: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    vm_roots: list[str] | None = None,
+    allow_tcp: bool = False,
+    shared_folders: bool = False,
+    txid: str | None = None,
+) -> tuple[list[Action], Options]:
     """Validate ``tx`` against the registered types; return its actions and options.
 
     ``roots`` are the directories paths may lie under (default: the spec's
@@ -281,8 +335,14 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
     """
     problems: list[Problem] = []
 
-    def problem(message: str, *path: Any, action: int | None = None, key: str | None = None,
-                hint: str | None = None, target: str | None = None) -> None:
+    def problem(
+        message: str,
+        *path: Any,
+        action: int | None = None,
+        key: str | None = None,
+        hint: str | None = None,
+        target: str | None = None,
+    ) -> None:
         line, col = tx.where(*path)
         problems.append(Problem(message, tx.file, line, col, action, key, target, hint))
 
@@ -291,15 +351,23 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
         if "version" not in raw:
             problem("the spec has no version", hint=f"add 'version = {VERSION}' at the top")
         elif isinstance(raw["version"], bool) or raw["version"] != VERSION:
-            problem(f"unsupported spec version {raw['version']!r}", "version", key="version",
-                    hint=f"this blktx reads version {VERSION}")
+            problem(
+                f"unsupported spec version {raw['version']!r}",
+                "version",
+                key="version",
+                hint=f"this blktx reads version {VERSION}",
+            )
         for key in ("description", "group", "snapshot"):
             if not isinstance(raw.get(key, ""), str):
                 problem(f"'{key}' must be a string", key, key=key)
         for key in raw:
             if key not in TOP_KEYS:
-                problem(f"unknown top-level key {key!r}", key, key=key,
-                        hint=did_you_mean(key, TOP_KEYS) or f"known keys: {', '.join(TOP_KEYS)}")
+                problem(
+                    f"unknown top-level key {key!r}",
+                    key,
+                    key=key,
+                    hint=did_you_mean(key, TOP_KEYS) or f"known keys: {', '.join(TOP_KEYS)}",
+                )
         if "action" in raw and not isinstance(raw["action"], list):
             problem("'action' must be an array of tables", "action", key="action", hint="write each action as [[action]]")
 
@@ -308,14 +376,23 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
         group = tx.group or default_group(tx.file)
         why = check_name(group, "group")
         if why:
-            problem(why, "group", key="group", hint="name the group in the spec: group = \"web\"")
+            problem(why, "group", key="group", hint='name the group in the spec: group = "web"')
         try:
             naming = Naming(group, expand(tx.snapshot, group=group, txid=txid) if tx.snapshot else txid)
         except ValueError as exc:
-            problem(f"snapshot name template {tx.snapshot!r}: {exc}", "snapshot", key="snapshot",
-                    hint='e.g. snapshot = "nightly-{now:%Y%m%d-%H%M}"')
-    options = Options(roots=list(roots) if roots else [tx.base_dir], allow_exec=allow_exec,
-                      vm_roots=list(vm_roots or []), allow_tcp=allow_tcp, shared_folders=shared_folders)
+            problem(
+                f"snapshot name template {tx.snapshot!r}: {exc}",
+                "snapshot",
+                key="snapshot",
+                hint='e.g. snapshot = "nightly-{now:%Y%m%d-%H%M}"',
+            )
+    options = Options(
+        roots=list(roots) if roots else [tx.base_dir],
+        allow_exec=allow_exec,
+        vm_roots=list(vm_roots or []),
+        allow_tcp=allow_tcp,
+        shared_folders=shared_folders,
+    )
     given = dict(tx.options)
     given.update(overrides or {})
     for key, value in given.items():
@@ -329,11 +406,21 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
                 options.extra[key] = value
                 continue
             if isinstance(value, dict):  # a typo would otherwise be ignored in silence
-                problem(f"no installed plugin {key!r} for the table [options.{key}]", "options", key, key=key,
-                        hint=did_you_mean(key, plugins) or f"installed plugins: {', '.join(plugins)}")
+                problem(
+                    f"no installed plugin {key!r} for the table [options.{key}]",
+                    "options",
+                    key,
+                    key=key,
+                    hint=did_you_mean(key, plugins) or f"installed plugins: {', '.join(plugins)}",
+                )
                 continue
-            problem(f"unknown option {key!r}", "options", key, key=key,
-                    hint=did_you_mean(key, list(OPTION_KEYS)) or f"known options: {', '.join(OPTION_KEYS)}")
+            problem(
+                f"unknown option {key!r}",
+                "options",
+                key,
+                key=key,
+                hint=did_you_mean(key, list(OPTION_KEYS)) or f"known options: {', '.join(OPTION_KEYS)}",
+            )
             continue
         if kind.kind == "int" and isinstance(value, float) and value.is_integer():
             value = int(value)  # JSON Schema's integers include 2.0; so do ours
@@ -356,13 +443,21 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
             problem("an action must be a table", "action", i, action=i)
             continue
         if not spec.type:
-            problem("the action has no type", "action", i, action=i, key="type",
-                    hint="add type = \"...\"; `blktx types` lists them")
+            problem(
+                "the action has no type", "action", i, action=i, key="type", hint='add type = "..."; `blktx types` lists them'
+            )
             continue
         atype = registry.get(spec.type)
         if atype is None:
-            problem(f"unknown action type {spec.type!r}", "action", i, "type", action=i, key="type",
-                    hint=did_you_mean(spec.type, names) or "`blktx types` lists the installed types")
+            problem(
+                f"unknown action type {spec.type!r}",
+                "action",
+                i,
+                "type",
+                action=i,
+                key="type",
+                hint=did_you_mean(spec.type, names) or "`blktx types` lists the installed types",
+            )
             continue
         declared = {p.name: p for p in atype.params}
         values: dict[str, Any] = {}
@@ -371,8 +466,15 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
             param = declared.get(key)
             if param is None:
                 bad = True
-                problem(f"{spec.type} has no parameter {key!r}", "action", i, key, action=i, key=key,
-                        hint=did_you_mean(key, list(declared)) or f"its parameters: {', '.join(declared) or 'none'}")
+                problem(
+                    f"{spec.type} has no parameter {key!r}",
+                    "action",
+                    i,
+                    key,
+                    action=i,
+                    key=key,
+                    hint=did_you_mean(key, list(declared)) or f"its parameters: {', '.join(declared) or 'none'}",
+                )
                 continue
             try:
                 values[key] = param.coerce(value, tx.base_dir)
@@ -394,8 +496,14 @@ def bind(tx: Transaction, registry: Registry, *, allow_exec: bool = False,
                 continue
             if param.required:
                 bad = True
-                problem(f"{spec.type} needs parameter {name!r} ({param.describe()})", "action", i,
-                        action=i, key=name, hint=param.doc or None)
+                problem(
+                    f"{spec.type} needs parameter {name!r} ({param.describe()})",
+                    "action",
+                    i,
+                    action=i,
+                    key=name,
+                    hint=param.doc or None,
+                )
             else:
                 default = param.default
                 values[name] = param.coerce(default, tx.base_dir) if param.kind == "path" and default else default

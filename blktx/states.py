@@ -60,8 +60,13 @@ CORE_TRANSITIONS: tuple[Transition, ...] = (
 
 
 def _machine(states: tuple[str, ...], transitions: tuple[Transition, ...]) -> Machine:
-    return Machine(model=None, states=list(states), initial=None, auto_transitions=False,
-                   transitions=[{"trigger": t.trigger, "source": t.source, "dest": t.dest} for t in transitions])
+    return Machine(
+        model=None,
+        states=list(states),
+        initial=None,
+        auto_transitions=False,
+        transitions=[{"trigger": t.trigger, "source": t.source, "dest": t.dest} for t in transitions],
+    )
 
 
 def _table(machine: Machine) -> dict[tuple[str, str], str]:
@@ -144,10 +149,7 @@ class Lifecycle:
     def as_dict(self) -> dict[str, Any]:
         return {
             "states": list(self.states),
-            "transitions": [
-                {"trigger": t.trigger, "source": t.source, "dest": t.dest, "why": t.why}
-                for t in self.transitions
-            ],
+            "transitions": [{"trigger": t.trigger, "source": t.source, "dest": t.dest, "why": t.why} for t in self.transitions],
         }
 
 
@@ -243,7 +245,6 @@ class TxLifecycle:
             "states": [s.value for s in TxState],
             "final": sorted(s.value for s in TX_FINAL),
             "transitions": [
-                {"trigger": t.trigger, "source": str(t.source), "dest": str(t.dest), "why": t.why}
-                for t in TX_TRANSITIONS
+                {"trigger": t.trigger, "source": str(t.source), "dest": str(t.dest), "why": t.why} for t in TX_TRANSITIONS
             ],
         }

@@ -36,13 +36,15 @@ STATUS: dict[TxState, Status] = {
     TxState.RUNNING: Status(NEEDS_RECOVERY, EXIT_NEEDS_RECOVERY, False, _UNFINISHED + " (rolls back)"),
     TxState.ROLLING_BACK: Status(NEEDS_RECOVERY, EXIT_NEEDS_RECOVERY, False, _UNFINISHED + " (rolls back)"),
     TxState.ABORTED: Status(ROLLED_BACK, EXIT_ROLLED_BACK, False, "rolled back; nothing changed"),
-    TxState.ROLLBACK_INCOMPLETE: Status(NEEDS_RECOVERY, EXIT_NEEDS_RECOVERY, False,
-                                        "rolled back partly: something is left; `blktx recover` retries"),
+    TxState.ROLLBACK_INCOMPLETE: Status(
+        NEEDS_RECOVERY, EXIT_NEEDS_RECOVERY, False, "rolled back partly: something is left; `blktx recover` retries"
+    ),
     TxState.COMMITTED: Status(NEEDS_RECOVERY, EXIT_NEEDS_RECOVERY, True, _UNFINISHED + " (rolls forward)"),
     TxState.FINALIZING: Status(NEEDS_RECOVERY, EXIT_NEEDS_RECOVERY, True, _UNFINISHED + " (rolls forward)"),
     TxState.DONE: Status(COMMITTED, EXIT_COMMITTED, True, "committed; every action took effect"),
-    TxState.FINALIZE_INCOMPLETE: Status(NEEDS_RECOVERY, EXIT_NEEDS_RECOVERY, True,
-                                        "committed; a step is pending: `blktx recover` finishes it"),
+    TxState.FINALIZE_INCOMPLETE: Status(
+        NEEDS_RECOVERY, EXIT_NEEDS_RECOVERY, True, "committed; a step is pending: `blktx recover` finishes it"
+    ),
 }
 
 

@@ -14,14 +14,15 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from blktx.actiontype import Action, ActionType, Leftover
+from blktx.actiontype import Action, Leftover
 from blktx.catalog import members
 from blktx.checks import check_actions
 from blktx.context import RunContext
-from blktx.dispatch import dispatch
+from blktx.dispatch import begin_all, dispatch, implements, point_step
+from blktx.dispatch import units as units_of
 from blktx.errors import ActionFailures, BlktxError, InvalidTransaction, Problem
 from blktx.events import Event, Hold, proof_of_cut
 from blktx.locks import Claim, NullLocker
@@ -45,8 +46,7 @@ class Journal(Protocol):
 class Locker(Protocol):
     """Claims targets across processes (see :mod:`blktx.locks`)."""
 
-    def acquire(self, txid: str, journal: str, targets: Sequence[str],
-                stop: Callable[[], bool] = ...) -> Claim: ...
+    def acquire(self, txid: str, journal: str, targets: Sequence[str], stop: Callable[[], bool] = ...) -> Claim: ...
     def release(self, claim: Claim, *, finished: bool) -> None: ...
 
 
@@ -95,9 +95,20 @@ class PhaseFailed(Exception):
 class TransactionRun:
     """A transaction and its machine. Build one per run (or per recovery)."""
 
-    def __init__(self, txid: str, actions: list[Action], ctx: RunContext, *, journal: Journal | None = None,
-                 locker: Locker | None = None, file: str | None = None, state: TxState = TxState.NEW,
-                 interrupt: Interrupt | None = None, observed: bool = False, description: str = "") -> None:
+    def __init__(
+        self,
+        txid: str,
+        actions: list[Action],
+        ctx: RunContext,
+        *,
+        journal: Journal | None = None,
+        locker: Locker | None = None,
+        file: str | None = None,
+        state: TxState = TxState.NEW,
+        interrupt: Interrupt | None = None,
+        observed: bool = False,
+        description: str = "",
+    ) -> None:
         self.txid = txid
         self.actions = actions
         self.ctx = ctx
@@ -140,20 +151,34 @@ class TransactionRun:
         if self._interrupted_before_touching():
             return False
         try:
-            self.claim = self.locker.acquire(self.txid, self.journal.path, [t for a in self.actions for t in a.claims()],
-                                             stop=lambda: bool(self.interrupt))
+            self.claim = self.locker.acquire(
+                self.txid, self.journal.path, [t for a in self.actions for t in a.claims()], stop=lambda: bool(self.interrupt)
+            )
         except InvalidTransaction as exc:  # name the spec and the action, as a check's refusal does
             if self._interrupted_before_touching():  # a signal while waiting for the locks
                 return False
             first: dict[str, Action] = {}
             for a in self.actions:
                 first.setdefault(a.target, a)
-            return self._refuse([Problem(p.message, p.file or self.file, first[p.target].line if p.target in first
-                                         else p.line, p.column, first[p.target].index if p.target in first
-                                         else p.action, p.key, p.target, p.hint) for p in exc.problems])
+            return self._refuse(
+                [
+                    Problem(
+                        p.message,
+                        p.file or self.file,
+                        first[p.target].line if p.target in first else p.line,
+                        p.column,
+                        first[p.target].index if p.target in first else p.action,
+                        p.key,
+                        p.target,
+                        p.hint,
+                    )
+                    for p in exc.problems
+                ]
+            )
         except (OSError, BlktxError) as exc:
-            return self._refuse([Problem(f"cannot lock the targets: {exc}", self.file,
-                                         hint="check the lock folder ($BLKTX_LOCK_DIR)")])
+            return self._refuse(
+                [Problem(f"cannot lock the targets: {exc}", self.file, hint="check the lock folder ($BLKTX_LOCK_DIR)")]
+            )
         self._to("lock")
         return True
 
@@ -164,9 +189,14 @@ class TransactionRun:
         taken = getattr(self.journal, "has_group_snapshot", None)
         opts = self.ctx.options
         if taken is not None and opts.group and self.undoable and taken(opts.group, opts.snapshot):
-            problems.append(Problem(f"group {opts.group!r} already has a group snapshot named {opts.snapshot!r}",
-                                    self.file, key="snapshot", hint="name each one apart, e.g. "
-                                    'snapshot = "nightly-{now:%Y%m%d-%H%M}"'))
+            problems.append(
+                Problem(
+                    f"group {opts.group!r} already has a group snapshot named {opts.snapshot!r}",
+                    self.file,
+                    key="snapshot",
+                    hint='name each one apart, e.g. snapshot = "nightly-{now:%Y%m%d-%H%M}"',
+                )
+            )
         self.result.phases["check"] = time.perf_counter() - t
         if problems:
             return self._refuse(problems)
@@ -179,11 +209,21 @@ class TransactionRun:
         """CHECKED -> RUNNING: BEGIN is durable; False (INVALID) when the journal refused it."""
         ctx = self.ctx
         try:
-            self.journal.begin(self.txid, {"file": self.file, "base_dir": ctx.base_dir, "description": self.description,
-                                           "options": ctx.options.__dict__}, self.actions)
+            self.journal.begin(
+                self.txid,
+                {"file": self.file, "base_dir": ctx.base_dir, "description": self.description, "options": ctx.options.__dict__},
+                self.actions,
+            )
         except Exception as exc:  # noqa: BLE001 - nothing was touched: an invalid run, not one to recover
-            return self._refuse([Problem(f"the journal refused BEGIN: {type(exc).__name__}: {exc}", self.file,
-                                         hint="give a journal on a writable disk with --journal PATH")])
+            return self._refuse(
+                [
+                    Problem(
+                        f"the journal refused BEGIN: {type(exc).__name__}: {exc}",
+                        self.file,
+                        hint="give a journal on a writable disk with --journal PATH",
+                    )
+                ]
+            )
         self._to("begin")
         return True
 
@@ -224,7 +264,7 @@ class TransactionRun:
         quiesced = ctx.options.quiesce != "none"
         # An invalidate that no type implements changes nothing: journaling it would
         # only lengthen the quiesce window.
-        has_invalidate = any(_implements(a.type, "invalidate") for a in undoable)
+        has_invalidate = any(implements(a.type, "invalidate") for a in undoable)
         last = "invalidate" if has_invalidate else "do"
         early = [a for a in undoable if a.type.do_before_quiesce] if quiesced else []
         late = [a for a in undoable if not a.type.do_before_quiesce] if early else undoable
@@ -279,8 +319,14 @@ class TransactionRun:
         """A window that outlasted ``max_window`` breaks the point in time: roll back."""
         budget = self.ctx.options.max_window
         if self.window_opened is not None and time.monotonic() - self.window_opened > budget:
-            raise PhaseFailed([Failure("quiesce", f"the quiesce window outlasted max_window ({budget:g} s): "
-                                                  "the group would not be one point in time")])
+            raise PhaseFailed(
+                [
+                    Failure(
+                        "quiesce",
+                        f"the quiesce window outlasted max_window ({budget:g} s): the group would not be one point in time",
+                    )
+                ]
+            )
 
     def _raise_if_interrupted(self) -> None:
         if self.interrupt:
@@ -291,7 +337,7 @@ class TransactionRun:
     def phase(self, step: str, actions: Sequence[Action], *, label: str | None = None) -> list[Failure]:
         """Run one step over ``actions`` in lockstep; return the failures (sorted)."""
         jobs = self.ctx.options.jobs
-        units = _units(actions, reverse=step == "cancel", parallel=jobs > 1)
+        units = units_of(actions, reverse=step == "cancel", parallel=jobs > 1)
         total = len(actions)
         self._emit("phase-start", phase=label or step, total=total)
         failures: list[Failure] = []
@@ -342,7 +388,7 @@ class TransactionRun:
                 if err is None:
                     a.state = lifecycle.next(step, a.state)
                     self._emit_action(step, a)
-                    if self.window_opened is not None and step == _point_step(atype):
+                    if self.window_opened is not None and step == point_step(atype):
                         self.cut[a.index] = (step, t, time.perf_counter())
                 else:
                     failures.append(self._fail(a, step, err))
@@ -362,7 +408,7 @@ class TransactionRun:
             a.state = lifecycle.next(step, a.state)
             if self.observed:
                 self._emit_action(step, a)
-            if self.window_opened is not None and step == _point_step(atype):
+            if self.window_opened is not None and step == point_step(atype):
                 self.cut[a.index] = (step, t, time.perf_counter())
         return failures
 
@@ -401,8 +447,7 @@ class TransactionRun:
         for a in sorted(remaining, key=lambda a: -a.index):
             try:
                 # each names what is left; the cancel's own error says why
-                self.result.leftovers.extend(Leftover(lo.target, lo.what, lo.why or a.error or "")
-                                             for lo in a.type.leftovers(a))
+                self.result.leftovers.extend(Leftover(lo.target, lo.what, lo.why or a.error or "") for lo in a.type.leftovers(a))
             except Exception as exc:  # noqa: BLE001 - still name the action that left something
                 self.result.leftovers.append(Leftover(a.target, f"{a.type.name} action #{a.index}: {exc}"))
 
@@ -436,7 +481,9 @@ class TransactionRun:
         if late:
             self.result.warnings.append(
                 "a quiesce hook returned holds it did not announce with ctx.holding() first ("
-                + ", ".join(f"{h.kind} {h.target}" for h in late) + "): a crash in the hook would have left them")
+                + ", ".join(f"{h.kind} {h.target}" for h in late)
+                + "): a crash in the hook would have left them"
+            )
             announced(late)
 
     def resume_holds(self, holds: list[Hold] | None = None) -> None:
@@ -507,7 +554,7 @@ class TransactionRun:
                 time.sleep(ctx.options.retry_delay * attempt)
             self.journal.intent(self.txid, "finalize", remaining + unfinished)
             for step, states in (("do", (START, DOING)), ("invalidate", (CREATED,))):
-                for unit in _units([a for a in remaining if a.state in states], reverse=False):
+                for unit in units_of([a for a in remaining if a.state in states], reverse=False):
                     self.step(step, unit)
             unfinished = [a for a in unfinished if not self._finish(a)]
             self.journal.done(self.txid, "finalize", remaining + unfinished)
@@ -515,9 +562,16 @@ class TransactionRun:
             if not (remaining or unfinished) or self.interrupt:
                 break
         self.result.phases["finalize"] = time.perf_counter() - t
-        self.result.pending = [Failure("finalize" if a.type.finalize else "finish",
-                                       a.error or "interrupted before it ran", a.index, a.type.name, a.target)
-                               for a in remaining + unfinished]
+        self.result.pending = [
+            Failure(
+                "finalize" if a.type.finalize else "finish",
+                a.error or "interrupted before it ran",
+                a.index,
+                a.type.name,
+                a.target,
+            )
+            for a in remaining + unfinished
+        ]
 
     def _finish(self, a: Action) -> bool:
         t = time.perf_counter()
@@ -570,11 +624,11 @@ class TransactionRun:
                 self.journal.done(self.txid, "end", self.actions)
                 self.journal.state(self.txid, self.state, detail)
         except Exception as exc:  # noqa: BLE001 - the journal still says unfinished: keep the claim
-            self.result.warnings.append(f"the end of the transaction could not be journaled ({exc}); "
-                                        "run `blktx recover` to close it")
+            self.result.warnings.append(
+                f"the end of the transaction could not be journaled ({exc}); run `blktx recover` to close it"
+            )
             if self.state in TX_FINAL:
-                self.result.state = (TxState.FINALIZE_INCOMPLETE if self.result.committed
-                                     else TxState.ROLLBACK_INCOMPLETE)
+                self.result.state = TxState.FINALIZE_INCOMPLETE if self.result.committed else TxState.ROLLBACK_INCOMPLETE
 
     def end(self) -> None:
         """Stop the watchdog and release the claim: removed when the transaction is
@@ -636,61 +690,3 @@ class TransactionRun:
 
 class _NotStarted(Exception):
     """A batch gave up before reaching this action: its state stays as it was."""
-
-
-def begin_all(actions: Sequence[Action]) -> None:
-    """START -> DOING for each action not begun yet, as each type's machine allows."""
-    for a in actions:
-        if a.state == START:
-            a.state = a.type.lifecycle.next("begin", START)
-
-
-@contextlib.contextmanager
-def no_gc_rescans(actions: Sequence[Action]) -> Iterator[None]:
-    """The actions live for the whole run: keep the cyclic GC from rescanning them on
-    every collection, which made large runs superlinear."""
-    import gc
-
-    frozen = len(actions) >= 1000 and gc.isenabled()
-    if frozen:
-        gc.freeze()
-    try:
-        yield
-    finally:
-        if frozen:
-            gc.unfreeze()
-
-
-def _point_step(atype: ActionType) -> str:
-    """The step that takes a type's point in time: the switch when it has one (an
-    overlay made earlier becomes the drive), else the snapshot itself."""
-    return "invalidate" if _implements(atype, "invalidate") else "do"
-
-
-def _implements(atype: ActionType, step: str) -> bool:
-    cls = type(atype)
-    return getattr(cls, step) is not getattr(ActionType, step) or (
-        getattr(cls, step + "_many") is not getattr(ActionType, step + "_many"))
-
-
-def _units(actions: Sequence[Action], reverse: bool, parallel: bool = False) -> list[list[Action]]:
-    """Split a phase into units that run one after another (or ``parallel``).
-
-    Serially, the order of the actions is kept exactly (reversed for cancel);
-    consecutive actions of one batched type form one batch. In parallel, each
-    batched type is one unit and every other target is one unit, so order is kept
-    per target while different targets run at once.
-    """
-    ordered = list(reversed(actions)) if reverse else list(actions)
-    if parallel:
-        groups: dict[Any, list[Action]] = {}
-        for a in ordered:
-            groups.setdefault(id(a.type) if a.type.batched else a.target, []).append(a)
-        return list(groups.values())
-    units: list[list[Action]] = []
-    for a in ordered:
-        if units and a.type.batched and units[-1][0].type is a.type:
-            units[-1].append(a)
-        else:
-            units.append([a])
-    return units

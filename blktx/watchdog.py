@@ -45,9 +45,25 @@ class Watchdog:
         read, self._write = os.pipe()
         env = {k: v for k, v in os.environ.items() if k != "BLKTX_CRASH_AFTER"}  # drills kill the run, not this
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from blktx.watchdog import main; sys.exit(main())",
-             "--journal", journal, "--txid", txid, "--budget", str(budget), "--pid", str(os.getpid())],
-            stdin=read, stdout=subprocess.DEVNULL, start_new_session=True, env=env, close_fds=True)
+            [
+                sys.executable,
+                "-c",
+                "import sys; from blktx.watchdog import main; sys.exit(main())",
+                "--journal",
+                journal,
+                "--txid",
+                txid,
+                "--budget",
+                str(budget),
+                "--pid",
+                str(os.getpid()),
+            ],
+            stdin=read,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+            close_fds=True,
+        )
         os.close(read)
         os.set_inheritable(self._write, False)
 
@@ -118,8 +134,7 @@ def take_over(journal_path: str, txid: str, why: str) -> list[str]:
     recorded = {k: v for k, v in tx["options"].items() if k in spec_options()}
     options = Options(**recorded)
     ctx = RunContext(txid, options, tx["base_dir"] or "/", registry.pm.hook)
-    holds = [Hold(h["kind"], h["target"], h["data"], h["start"] or 0.0, 0.0 if h["resumed"] else None)
-             for h in tx["holds"]]
+    holds = [Hold(h["kind"], h["target"], h["data"], h["start"] or 0.0, 0.0 if h["resumed"] else None) for h in tx["holds"]]
     run = TransactionRun(txid, [], ctx, journal=journal, state=TxState(tx["status"]))
     run.result.holds = holds
     try:

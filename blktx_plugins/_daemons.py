@@ -81,8 +81,9 @@ def batches(images: Sequence[str], jobs: int, dry: bool = False) -> list[list[st
     while True:
         limit = batch_limit(count)
         if limit < 1:
-            raise ActionFailed(f"the limit of open files (ulimit -n {soft}) leaves no room for a storage daemon's "
-                               f"images ({open_fds()} open now)")
+            raise ActionFailed(
+                f"the limit of open files (ulimit -n {soft}) leaves no room for a storage daemon's images ({open_fds()} open now)"
+            )
         need = math.ceil(n / limit)
         if need <= count:
             break
@@ -140,8 +141,7 @@ class Daemons:
     def node(self, image: str) -> str:
         return self.of[image].node[image]
 
-    def each(self, calls: dict[StorageDaemon, list[tuple[Any, str, dict[str, Any]]]],
-             timeout: float = 120.0) -> dict[Any, Any]:
+    def each(self, calls: dict[StorageDaemon, list[tuple[Any, str, dict[str, Any]]]], timeout: float = 120.0) -> dict[Any, Any]:
         """Run each daemon's commands in order, all daemons at once: ``{key: reply
         or its ActionFailed}`` for every ``(key, command, arguments)``. A daemon's
         later commands still run after one failed (each is reported on its own)."""

@@ -128,8 +128,9 @@ def open_image(path: str) -> int:
         raise Refused(f"{path} is not readable by this user") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise Refused(f"{path} is a symlink; give the image itself",
-                          hint=f"the link points to {os.path.realpath(path)}") from None
+            raise Refused(
+                f"{path} is a symlink; give the image itself", hint=f"the link points to {os.path.realpath(path)}"
+            ) from None
         raise Refused(f"{path} cannot be opened: {exc.strerror}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -211,10 +212,10 @@ def _extensions(fd: int, path: str, start: int, end: int, bad: Callable[[str], R
     backing_format = data_file = None
     pos = 0
     while pos + 8 <= len(area):
-        kind, length = struct.unpack(">II", area[pos:pos + 8])
+        kind, length = struct.unpack(">II", area[pos : pos + 8])
         if kind == 0:
             break
-        data = area[pos + 8:pos + 8 + length]
+        data = area[pos + 8 : pos + 8 + length]
         if len(data) != length:
             raise bad("a header extension past the first cluster")
         if kind == _EXT_BACKING_FORMAT:
@@ -243,15 +244,14 @@ def _snapshots(fd: int, path: str, nb: int, offset: int, file_size: int, bad: Ca
     snaps, pos = [], 0
     for _ in range(nb):
         upto(pos + 40)
-        (_l1, _l1size, id_len, name_len, dsec, dnsec, _vm, _vmsize, extra) = struct.unpack_from(
-            ">QIHHIIQII", table, pos)
+        (_l1, _l1size, id_len, name_len, dsec, dnsec, _vm, _vmsize, extra) = struct.unpack_from(">QIHHIIQII", table, pos)
         if extra > MAX_SNAPSHOT_EXTRA:
             raise bad(f"snapshot extra data of {extra} bytes")
         start = pos + 40 + extra
         end = start + id_len + name_len
         upto(end)
-        sid = bytes(table[start:start + id_len]).decode("utf-8", "surrogateescape")
-        name = bytes(table[start + id_len:end]).decode("utf-8", "surrogateescape")
+        sid = bytes(table[start : start + id_len]).decode("utf-8", "surrogateescape")
+        name = bytes(table[start + id_len : end]).decode("utf-8", "surrogateescape")
         pos = end + (8 - (end - pos) % 8) % 8
         snaps.append(Snapshot(sid, name, (dsec, dnsec)))
     return snaps
@@ -298,17 +298,20 @@ def check_chain(path: str, roots: list[str], header: Header | None = None) -> He
             if name is None:
                 continue
             if not name or "\0" in name:
-                raise Refused(f"{current}: its {what} name {shown(name)} is empty or holds a NUL character "
-                              "[rule confined-paths]")
+                raise Refused(f"{current}: its {what} name {shown(name)} is empty or holds a NUL character [rule confined-paths]")
             if has_protocol(name):
-                raise Refused(f"{current}: its {what} {shown(name)} names a protocol, not a file "
-                              "[rule confined-paths]: QEMU would connect to or parse it",
-                              hint="rebase the image onto a file: qemu-img rebase -u -F FMT -b ./FILE IMAGE")
+                raise Refused(
+                    f"{current}: its {what} {shown(name)} names a protocol, not a file "
+                    "[rule confined-paths]: QEMU would connect to or parse it",
+                    hint="rebase the image onto a file: qemu-img rebase -u -F FMT -b ./FILE IMAGE",
+                )
             resolved = os.path.join(os.path.dirname(current), name)
             if not within(resolved, roots):
-                raise Refused(f"{current}: its {what} {shown(name)} resolves to {os.path.realpath(resolved)}, "
-                              f"outside the allowed roots ({', '.join(roots)}) [rule confined-paths]",
-                              hint="widen with --root DIR if that chain is yours")
+                raise Refused(
+                    f"{current}: its {what} {shown(name)} resolves to {os.path.realpath(resolved)}, "
+                    f"outside the allowed roots ({', '.join(roots)}) [rule confined-paths]",
+                    hint="widen with --root DIR if that chain is yours",
+                )
         try:
             if h.data_file is not None:
                 os.close(open_image(os.path.realpath(os.path.join(os.path.dirname(current), h.data_file))))
@@ -317,19 +320,22 @@ def check_chain(path: str, roots: list[str], header: Header | None = None) -> He
             nxt = os.path.realpath(os.path.join(os.path.dirname(current), h.backing))
             fmt = h.backing_format
             if fmt not in (None, "qcow2", "raw"):
-                raise Refused(f"its backing file {shown(h.backing)} is recorded as {shown(fmt or '')}, "
-                              "which blktx does not read [rule confined-paths]")
+                raise Refused(
+                    f"its backing file {shown(h.backing)} is recorded as {shown(fmt or '')}, "
+                    "which blktx does not read [rule confined-paths]"
+                )
             other = _other_format(nxt) if fmt is None else None
             if other is not None:
-                raise Refused(f"its backing file {nxt} has no recorded format and looks like {other!r} (QEMU "
-                              "would probe it), which blktx does not read [rule confined-paths]",
-                              hint="record the format: qemu-img rebase -u -F FMT -b NAME IMAGE")
+                raise Refused(
+                    f"its backing file {nxt} has no recorded format and looks like {other!r} (QEMU "
+                    "would probe it), which blktx does not read [rule confined-paths]",
+                    hint="record the format: qemu-img rebase -u -F FMT -b NAME IMAGE",
+                )
             if fmt == "raw":
                 return top
             fd = open_image(nxt)
         except Refused as exc:  # say which image of the chain names it
-            raise Refused(f"{current}: {exc}" if not str(exc).startswith(current + ":") else str(exc),
-                          hint=exc.hint) from None
+            raise Refused(f"{current}: {exc}" if not str(exc).startswith(current + ":") else str(exc), hint=exc.hint) from None
         try:
             if os.pread(fd, 4, 0) != QCOW2_MAGIC:
                 if fmt == "qcow2":

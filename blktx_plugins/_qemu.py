@@ -80,8 +80,9 @@ def check_writable_image(path: str, roots: list[str]) -> Header:
         raise Refused(f"{path} is not writable", hint="check its permissions")
     who = holder(path)
     if who:
-        raise Refused(f"{path} is in use by {who}",
-                      hint="snapshot a running VM's drives with the qmp.* actions, or shut it down first")
+        raise Refused(
+            f"{path} is in use by {who}", hint="snapshot a running VM's drives with the qmp.* actions, or shut it down first"
+        )
     return header
 
 
@@ -108,8 +109,7 @@ def backing_name(overlay: str, backing: str) -> str:
     return rel if rel.startswith("/") else "./" + rel
 
 
-def create_overlay(private: Private, overlay: str, backing: str, fmt: str, size: int,
-                   relative: bool = True) -> None:
+def create_overlay(private: Private, overlay: str, backing: str, fmt: str, size: int, relative: bool = True) -> None:
     """Write a qcow2 overlay of ``backing`` into the unpublished file ``private``.
 
     The caller records ``private.ident`` (journaled with ``ctx.remember``) and then
@@ -122,16 +122,14 @@ def create_overlay(private: Private, overlay: str, backing: str, fmt: str, size:
     name = backing_name(overlay, backing) if relative else backing
     if not name.startswith(("/", "./")):
         raise ActionFailed(f"{overlay}: backing name {name!r} is neither absolute nor ./-relative")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", name, "-F", fmt, "-u", private.path, str(size),
-             pass_fds=(private.fd,))
+    qemu_img("create", "-q", "-f", "qcow2", "-b", name, "-F", fmt, "-u", private.path, str(size), pass_fds=(private.fd,))
 
 
 def qemu_img(*args: str, timeout: float = 120, pass_fds: tuple[int, ...] = ()) -> str:
     exe = shutil.which("qemu-img")
     if exe is None:
         raise ActionFailed("qemu-img is not installed (Debian package qemu-utils)")
-    out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, check=False,
-                         pass_fds=pass_fds)
+    out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, check=False, pass_fds=pass_fds)
     if out.returncode != 0:
         raise ActionFailed(f"qemu-img {args[0]}: {(out.stderr or out.stdout).strip()}")
     return out.stdout
@@ -274,8 +272,7 @@ class Qmp:
         except ExecuteError as exc:
             raise ActionFailed(f"{self.what} {self.address}: {name}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - EOF, a reset or a timeout: the peer is gone or hung
-            raise VmGone(f"{self.what} {self.address} stopped answering during {name}: "
-                         f"{exc or type(exc).__name__}") from None
+            raise VmGone(f"{self.what} {self.address} stopped answering during {name}: {exc or type(exc).__name__}") from None
 
     def cmd(self, name: str, args: dict[str, Any] | None = None, timeout: float = 120.0) -> Any:
         return run_async(self.execute(name, args, timeout))
@@ -427,8 +424,9 @@ class StorageDaemon:
 
     _spawn = threading.Lock()
 
-    def __init__(self, images: list[str], txid: str = "", idents: dict[str, list[int]] | None = None,
-                 *, wait: bool = True) -> None:
+    def __init__(
+        self, images: list[str], txid: str = "", idents: dict[str, list[int]] | None = None, *, wait: bool = True
+    ) -> None:
         """Spawn the daemon and (``wait``) :meth:`ready` it. It dies with the thread
         that spawned it (``PR_SET_PDEATHSIG`` follows the thread): spawn from one that
         outlives it."""
@@ -478,8 +476,9 @@ class StorageDaemon:
                     self._proc.wait()
                     why = self.output()
                     shutil.rmtree(self._dir, ignore_errors=True)
-                    raise ActionFailed(f"qemu-storage-daemon exited at start: {why}" if why else
-                                       f"qemu-storage-daemon: {exc}") from None
+                    raise ActionFailed(
+                        f"qemu-storage-daemon exited at start: {why}" if why else f"qemu-storage-daemon: {exc}"
+                    ) from None
                 time.sleep(0.002)
         # Beating from before any caller records its start until after the daemon exits.
         self._beat = Heartbeat(self.heartbeat, lambda: self._proc.poll() is None)
@@ -496,13 +495,28 @@ class StorageDaemon:
                 for image in images:
                     fds.append(open_verified(image, idents.get(image)))
                 for i, fd in enumerate(fds):
-                    argv += ["--blockdev", json.dumps({"driver": "qcow2", "node-name": f"n{i}", "backing": None,
-                                                       "file": {"driver": "file", "filename": f"/proc/self/fd/{fd}"}})]
+                    argv += [
+                        "--blockdev",
+                        json.dumps(
+                            {
+                                "driver": "qcow2",
+                                "node-name": f"n{i}",
+                                "backing": None,
+                                "file": {"driver": "file", "filename": f"/proc/self/fd/{fd}"},
+                            }
+                        ),
+                    ]
                 self._fds = dict(zip(fds, images, strict=True))
                 log = os.open(self._log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
                 try:
-                    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=fds,
-                                            preexec_fn=die_with_parent(os.getpid(), child_nofile()))
+                    return subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=log,
+                        pass_fds=fds,
+                        preexec_fn=die_with_parent(os.getpid(), child_nofile()),
+                    )
                 finally:
                     os.close(log)
             finally:

@@ -112,8 +112,9 @@ def _raise_first(replies: list[Any]) -> None:
             raise reply
 
 
-def _stamped(holds: list[Hold], conns: list[Qmp], commands: list[tuple[str, dict[str, Any] | None]],
-             timeout: float = 120.0) -> list[Any]:
+def _stamped(
+    holds: list[Hold], conns: list[Qmp], commands: list[tuple[str, dict[str, Any] | None]], timeout: float = 120.0
+) -> list[Any]:
     """Send each connection its command, all at once from the one loop, setting each
     hold's start just before its command leaves; the replies or exceptions."""
 
@@ -122,8 +123,7 @@ def _stamped(holds: list[Hold], conns: list[Qmp], commands: list[tuple[str, dict
         return await conn.execute(*command, timeout=timeout)
 
     async def all_of() -> list[Any]:
-        return await asyncio.gather(*(one(*x) for x in zip(holds, conns, commands, strict=True)),
-                                    return_exceptions=True)
+        return await asyncio.gather(*(one(*x) for x in zip(holds, conns, commands, strict=True)), return_exceptions=True)
 
     return run_async(all_of())
 
@@ -166,19 +166,21 @@ def _freeze(ctx: RunContext, actions: list[Action], running: set[str]) -> list[H
     statuses = gather([(ag, "guest-fsfreeze-status", None) for ag in agents], _budget(ctx))
     _raise_first(statuses)
     thawed = [ag for ag, status in zip(agents, statuses, strict=True) if status != "frozen"]
-    holds = [Hold("qga.freeze", f"vm:{plan[ag.address][0]}", {"agent": ag.address, "vm": plan[ag.address][0]})
-             for ag in thawed]
+    holds = [Hold("qga.freeze", f"vm:{plan[ag.address][0]}", {"agent": ag.address, "vm": plan[ag.address][0]}) for ag in thawed]
     ctx.holding(holds)  # journaled before any guest is frozen
     mounts = [plan[ag.address][1] for ag in thawed]
     commands: list[tuple[str, dict[str, Any] | None]] = [
-        ("guest-fsfreeze-freeze-list", {"mountpoints": m}) if m else ("guest-fsfreeze-freeze", None) for m in mounts]
+        ("guest-fsfreeze-freeze-list", {"mountpoints": m}) if m else ("guest-fsfreeze-freeze", None) for m in mounts
+    ]
     replies = _stamped(holds, thawed, commands, _budget(ctx, FREEZE_TIMEOUT))
     for ag, wanted, reply in zip(thawed, mounts, replies, strict=True):
         if isinstance(reply, BaseException):
             raise ActionFailed(f"VM {plan[ag.address][0]}: {reply}")
         if wanted and reply < len(wanted):
-            raise ActionFailed(f"VM {plan[ag.address][0]}: the guest agent froze {reply} of the {len(wanted)} "
-                               f"filesystems {', '.join(wanted)}; is each a mountpoint in the guest?")
+            raise ActionFailed(
+                f"VM {plan[ag.address][0]}: the guest agent froze {reply} of the {len(wanted)} "
+                f"filesystems {', '.join(wanted)}; is each a mountpoint in the guest?"
+            )
     return holds
 
 

@@ -63,8 +63,10 @@ class Snapshot(ActionType):
         source, dest = action.params["source"], action.params["dest"]
         info = subvolume_info(source)
         if info is None:
-            raise Refused(f"{source} is not a btrfs subvolume",
-                          hint="create it with `btrfs subvolume create`; a plain directory cannot be snapshotted")
+            raise Refused(
+                f"{source} is not a btrfs subvolume",
+                hint="create it with `btrfs subvolume create`; a plain directory cannot be snapshotted",
+            )
         if os.path.lexists(dest):
             raise Refused(f"{dest} already exists", hint="choose a new destination")
         if not os.path.isdir(os.path.dirname(dest)):
@@ -117,8 +119,12 @@ class Snapshot(ActionType):
         found = [Leftover(action.target, f"btrfs snapshot {p} (UUID {action.undo['uuid']})") for p in self._ours(action)]
         tmp = action.undo.get("tmp", "")
         if not action.undo.get("uuid") and tmp and subvolume_info(tmp) is not None:
-            found.append(Leftover(action.target, f"maybe blktx's: subvolume {tmp} (blktx died before recording its "
-                                                 f"UUID); if so: btrfs subvolume delete {tmp}"))
+            found.append(
+                Leftover(
+                    action.target,
+                    f"maybe blktx's: subvolume {tmp} (blktx died before recording its UUID); if so: btrfs subvolume delete {tmp}",
+                )
+            )
         return found
 
 
@@ -143,7 +149,6 @@ class Delete(ActionType):
         if info is None or info.get("UUID") != action.undo["uuid"]:
             return  # already deleted (a retry, or recover rolling forward)
         btrfs("subvolume", "delete", action.params["path"])
-
 
 
 @hookimpl

@@ -54,8 +54,10 @@ class Exec(ActionType):
 
     def check(self, action: Action, ctx: RunContext) -> None:
         if not ctx.options.allow_exec:
-            raise Refused("running external commands is not allowed",
-                          hint="pass --allow-exec to blktx run/check (allow_exec=True from Python) if you trust this spec")
+            raise Refused(
+                "running external commands is not allowed",
+                hint="pass --allow-exec to blktx run/check (allow_exec=True from Python) if you trust this spec",
+            )
         for key in ("do", "cancel", "invalidate", "check"):
             argv = action.params[key]
             if argv is not None and not argv:
@@ -65,8 +67,9 @@ class Exec(ActionType):
                 raise Refused(f"env: {name!r} is not an environment variable name", hint="letters, digits and _")
         timeout = action.params["timeout"]
         if not 0 < timeout <= 86400:  # written so that NaN fails too
-            raise Refused(f"timeout must be more than 0 and at most 86400 seconds, got {timeout!r}",
-                          hint="every command gets a deadline")
+            raise Refused(
+                f"timeout must be more than 0 and at most 86400 seconds, got {timeout!r}", hint="every command gets a deadline"
+            )
         if action.params["check"]:
             try:
                 self._run(action, ctx, "check")
@@ -86,22 +89,41 @@ class Exec(ActionType):
     def leftovers(self, action: Action) -> list[Any]:
         from blktx import Leftover
 
-        return [Leftover(action.target, f"whatever `{' '.join(action.params['do'])}` made "
-                                        f"(cancel command `{' '.join(action.params['cancel'])}` failed)")]
+        return [
+            Leftover(
+                action.target,
+                f"whatever `{' '.join(action.params['do'])}` made (cancel command `{' '.join(action.params['cancel'])}` failed)",
+            )
+        ]
 
     def _run(self, action: Action, ctx: RunContext, phase: str) -> None:
         if not ctx.options.allow_exec:  # also in blktx recover, which runs no check
-            raise ActionFailed(f"not running the {phase} command `{' '.join(action.params[phase])}`: "
-                               "running external commands is not allowed (pass --allow-exec)")
+            raise ActionFailed(
+                f"not running the {phase} command `{' '.join(action.params[phase])}`: "
+                "running external commands is not allowed (pass --allow-exec)"
+            )
         argv: list[str] = action.params[phase]
         token = secrets.token_hex(12)
-        env = {**os.environ, **(action.params["env"] or {}), "BLKTX_TXID": ctx.txid,
-               "BLKTX_ACTION": str(action.index), "BLKTX_PHASE": phase, "BLKTX_EXEC_TOKEN": token}
+        env = {
+            **os.environ,
+            **(action.params["env"] or {}),
+            "BLKTX_TXID": ctx.txid,
+            "BLKTX_ACTION": str(action.index),
+            "BLKTX_PHASE": phase,
+            "BLKTX_EXEC_TOKEN": token,
+        }
         timeout = action.params["timeout"]
         with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
             try:
-                proc = subprocess.Popen(argv, cwd=action.params["cwd"], env=env, stdin=subprocess.DEVNULL,
-                                        stdout=out_f, stderr=err_f, start_new_session=True)
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=action.params["cwd"],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out_f,
+                    stderr=err_f,
+                    start_new_session=True,
+                )
             except OSError as exc:
                 raise ActionFailed(f"cannot run {argv[0]}: {exc.strerror}") from None
             try:
@@ -109,8 +131,9 @@ class Exec(ActionType):
             except subprocess.TimeoutExpired:
                 _kill_all(proc, token)
                 self._record(action, phase, _tail(out_f), _tail(err_f))
-                raise ActionFailed(f"{phase} command `{' '.join(argv)}` timed out after {timeout:g} s "
-                                   "and was killed with everything it started") from None
+                raise ActionFailed(
+                    f"{phase} command `{' '.join(argv)}` timed out after {timeout:g} s and was killed with everything it started"
+                ) from None
             out, err = _tail(out_f), _tail(err_f)
         self._record(action, phase, out, err)
         if proc.returncode != 0:

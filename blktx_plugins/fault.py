@@ -14,8 +14,7 @@ class Fault(ActionType):
 
     name = "fault"
     params = (
-        Param("phase", "str", default="do", choices=("check", "do", "invalidate"),
-              doc="the phase that fails"),
+        Param("phase", "str", default="do", choices=("check", "do", "invalidate"), doc="the phase that fails"),
         Param("message", "str", default="fault injected", doc="the error message"),
     )
 

@@ -47,8 +47,10 @@ class FsFreeze(ActionType):
             raise Refused("freezing the root filesystem would freeze blktx itself", hint="freeze a data filesystem")
         journal = getattr(ctx, "journal_path", "")
         if journal and os.stat(os.path.dirname(journal)).st_dev == os.stat(path).st_dev:
-            raise Refused(f"the run's journal {journal} is on {path}: its commit inside the window would wait "
-                          "for the thaw", hint="keep the journal on another filesystem (--journal PATH)")
+            raise Refused(
+                f"the run's journal {journal} is on {path}: its commit inside the window would wait for the thaw",
+                hint="keep the journal on another filesystem (--journal PATH)",
+            )
         if ctx.options.quiesce == "none":
             raise Refused("host.fsfreeze needs a quiesce mode", hint='set [options] quiesce = "fsfreeze" (or "pause")')
 

@@ -55,8 +55,21 @@ DELETE_EXTERNAL = 9_000_000
 #: libvirt reverts to external snapshots from 9.9 on.
 REVERT_EXTERNAL = 9_009_000
 #: URI parameters that choose how to reach a host, not which host or driver it is.
-_TRANSPORT_PARAMS = {"keyfile", "no_verify", "no_tty", "known_hosts", "known_hosts_verify", "sshauth", "pkipath",
-                     "command", "netcat", "proxy", "mode", "tls_priority", "name"}
+_TRANSPORT_PARAMS = {
+    "keyfile",
+    "no_verify",
+    "no_tty",
+    "known_hosts",
+    "known_hosts_verify",
+    "sshauth",
+    "pkipath",
+    "command",
+    "netcat",
+    "proxy",
+    "mode",
+    "tls_priority",
+    "name",
+}
 PAUSE, FREEZE = "libvirt.pause", "libvirt.freeze"
 #: Seconds kept free at the end of a quiesce window for the rollback and the resumes.
 RESERVE = 0.5
@@ -73,8 +86,10 @@ def version_text(number: int) -> str:
 
 def _need_libvirt() -> Any:
     if libvirt is None:
-        raise Refused("the libvirt action types need the Python module libvirt (libvirt-python)",
-                      hint="pip install 'blktx[libvirt]' (it builds against libvirt-dev and pkg-config)")
+        raise Refused(
+            "the libvirt action types need the Python module libvirt (libvirt-python)",
+            hint="pip install 'blktx[libvirt]' (it builds against libvirt-dev and pkg-config)",
+        )
     return libvirt
 
 
@@ -153,8 +168,9 @@ def _budget(ctx: RunContext, default: float = CALL_TIMEOUT) -> float:
     return max(0.05, min(default, left))
 
 
-def _all_at_once(calls: Sequence[Callable[[], T]], timeout: float,
-                 pending: dict[int, Future[Any]] | None = None, keys: Sequence[int] = ()) -> list[T | BaseException]:
+def _all_at_once(
+    calls: Sequence[Callable[[], T]], timeout: float, pending: dict[int, Future[Any]] | None = None, keys: Sequence[int] = ()
+) -> list[T | BaseException]:
     """Run every call in its own thread at once; each result or exception, in order.
     A call still running after ``timeout`` gives a :class:`TimeoutError` (it goes on
     in its thread: ``pending`` keeps its future under its key, for a cancel to wait)."""
@@ -191,7 +207,8 @@ def _domain_state(dom: Any) -> str:
     if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
         return "shutoff"
     return {libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down", libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended"}.get(
-        state, f"state {state}")
+        state, f"state {state}"
+    )
 
 
 def disks(dom: Any) -> dict[str, str]:
@@ -246,8 +263,9 @@ class _LibvirtType(ActionType):
         try:
             return conn, lookup(conn, ref)
         except libvirt.libvirtError as exc:
-            raise Refused(f"no domain {ref!r} at {action.params['uri']}: {_msg(exc)}",
-                          hint="`virsh -c URI list --all` lists the domains") from None
+            raise Refused(
+                f"no domain {ref!r} at {action.params['uri']}: {_msg(exc)}", hint="`virsh -c URI list --all` lists the domains"
+            ) from None
 
     def _identify(self, action: Action, ctx: RunContext) -> tuple[Any, Any]:
         _need_libvirt()
@@ -273,39 +291,51 @@ class Snapshot(_LibvirtType):
         p, where = action.params, f"domain {action.params['domain']} at {action.params['uri']}"
         name = p["name"]
         if not name or "/" in name or name.startswith(".") or len(name.encode()) > 255 or not name.isprintable():
-            raise Refused(f"{where}: {name!r} is not a usable snapshot name",
-                          hint="a printable name without '/', not starting with '.'")
+            raise Refused(
+                f"{where}: {name!r} is not a usable snapshot name", hint="a printable name without '/', not starting with '.'"
+            )
         version = conn.getLibVersion()
         if version < DELETE_EXTERNAL:
-            raise Refused(f"{where}: undoing an external snapshot deletes it through libvirt, which needs libvirt "
-                          f">= {version_text(DELETE_EXTERNAL)}; this host runs {version_text(version)}")
+            raise Refused(
+                f"{where}: undoing an external snapshot deletes it through libvirt, which needs libvirt "
+                f">= {version_text(DELETE_EXTERNAL)}; this host runs {version_text(version)}"
+            )
         if _find(dom, name) is not None:
             raise Refused(f"{where} already has a snapshot named {name!r}", hint="choose another name")
         have = disks(dom)
         chosen = list(p.get("disks") or have)
         unknown = [d for d in chosen if d not in have]
         if unknown or not chosen:
-            raise Refused(f"{where} has no writable disk {', '.join(unknown) or '(none at all)'}",
-                          hint=f"its disks: {', '.join(have) or 'none'}")
+            raise Refused(
+                f"{where} has no writable disk {', '.join(unknown) or '(none at all)'}",
+                hint=f"its disks: {', '.join(have) or 'none'}",
+            )
         state = _domain_state(dom)
         if state not in ("running", "paused", "shutoff"):
             raise Refused(f"{where} is {state}", hint="snapshot it running, paused or shut off")
         if "fsfreeze" in ctx.options.quiesce and state == "running" and agent_state(dom) != "connected":
-            raise Refused(f'quiesce = "{ctx.options.quiesce}" freezes the guest filesystems of {where} through its '
-                          f"guest agent, which is {agent_state(dom) or 'not configured'}",
-                          hint="add an org.qemu.guest_agent.0 channel and run qemu-ga in the guest")
-        action.undo.update({
-            "uri_key": uri_key(p["uri"]), "token": f"blktx-{ctx.txid}-{secrets.token_hex(8)}", "state": state,
-            "disks": {d: have[d] for d in chosen}, "overlays": {d: f"{os.path.splitext(have[d])[0]}.{name}"
-                                                                  for d in chosen if have[d]},
-            "before": sorted(s.getName() for s in dom.listAllSnapshots(0)),
-        })
+            raise Refused(
+                f'quiesce = "{ctx.options.quiesce}" freezes the guest filesystems of {where} through its '
+                f"guest agent, which is {agent_state(dom) or 'not configured'}",
+                hint="add an org.qemu.guest_agent.0 channel and run qemu-ga in the guest",
+            )
+        action.undo.update(
+            {
+                "uri_key": uri_key(p["uri"]),
+                "token": f"blktx-{ctx.txid}-{secrets.token_hex(8)}",
+                "state": state,
+                "disks": {d: have[d] for d in chosen},
+                "overlays": {d: f"{os.path.splitext(have[d])[0]}.{name}" for d in chosen if have[d]},
+                "before": sorted(s.getName() for s in dom.listAllSnapshots(0)),
+            }
+        )
 
     def _xml(self, action: Action, ctx: RunContext, dom: Any) -> str:
         chosen = action.undo["disks"]
-        lines = [f"<domainsnapshot><name>{escape(action.params['name'])}</name>",
-                 f"<description>made by blktx transaction {escape(ctx.txid)} {escape(action.undo['token'])}"
-                 "</description><disks>"]
+        lines = [
+            f"<domainsnapshot><name>{escape(action.params['name'])}</name>",
+            f"<description>made by blktx transaction {escape(ctx.txid)} {escape(action.undo['token'])}</description><disks>",
+        ]
         for dev in disks(dom):
             if dev not in chosen:
                 lines.append(f"<disk name={quoteattr(dev)} snapshot='no'/>")
@@ -328,8 +358,9 @@ class Snapshot(_LibvirtType):
 
     def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         """Every domain's snapshot at once, each in its own thread, bounded by the window."""
-        results = _all_at_once([partial(self._create, a, ctx) for a in actions], _budget(ctx), _pending(ctx),
-                               [a.index for a in actions])
+        results = _all_at_once(
+            [partial(self._create, a, ctx) for a in actions], _budget(ctx), _pending(ctx), [a.index for a in actions]
+        )
         answered = [a for a in actions if "made" in a.undo]
         if answered:
             ctx.remember(answered)  # libvirt's answer is durable at once
@@ -363,8 +394,10 @@ class Snapshot(_LibvirtType):
         try:
             snap.delete(0)
         except libvirt.libvirtError as exc:
-            raise ActionFailed(f"domain {action.params['domain']} at {action.params['uri']}: deleting snapshot "
-                               f"{action.params['name']!r}: {_msg(exc)}") from None
+            raise ActionFailed(
+                f"domain {action.params['domain']} at {action.params['uri']}: deleting snapshot "
+                f"{action.params['name']!r}: {_msg(exc)}"
+            ) from None
 
     def leftovers(self, action: Action) -> list[Leftover]:
         files = ", ".join(action.undo.get("overlays", {}).values())
@@ -411,11 +444,14 @@ class SnapshotDelete(_LibvirtType):
         external = any(d.get("snapshot") == "external" for d in root.findall("./disks/disk"))
         version = conn.getLibVersion()
         if external and version < DELETE_EXTERNAL:
-            raise Refused(f"{where}: deleting external snapshot {action.params['name']!r} needs libvirt >= "
-                          f"{version_text(DELETE_EXTERNAL)}; this host runs {version_text(version)}")
+            raise Refused(
+                f"{where}: deleting external snapshot {action.params['name']!r} needs libvirt >= "
+                f"{version_text(DELETE_EXTERNAL)}; this host runs {version_text(version)}"
+            )
         if snap.numChildren(0):
-            raise Refused(f"{where}: snapshot {action.params['name']!r} has newer snapshots based on it",
-                          hint="delete those first")
+            raise Refused(
+                f"{where}: snapshot {action.params['name']!r} has newer snapshots based on it", hint="delete those first"
+            )
         action.undo["created"] = root.findtext("creationTime")
 
     def do(self, action: Action, ctx: RunContext) -> None:
@@ -424,13 +460,16 @@ class SnapshotDelete(_LibvirtType):
         if snap is None:
             return  # already deleted (a retry)
         if ET.fromstring(snap.getXMLDesc(0)).findtext("creationTime") != action.undo.get("created"):
-            raise ActionFailed(f"snapshot {action.params['name']!r} of domain {action.params['domain']} is not the "
-                               "one checked (another of the name was made since): it was left alone")
+            raise ActionFailed(
+                f"snapshot {action.params['name']!r} of domain {action.params['domain']} is not the "
+                "one checked (another of the name was made since): it was left alone"
+            )
         try:
             snap.delete(0)
         except libvirt.libvirtError as exc:
-            raise ActionFailed(f"domain {action.params['domain']}: deleting snapshot {action.params['name']!r}: "
-                               f"{_msg(exc)}") from None
+            raise ActionFailed(
+                f"domain {action.params['domain']}: deleting snapshot {action.params['name']!r}: {_msg(exc)}"
+            ) from None
 
 
 # -- quiesce ---------------------------------------------------------------------------
@@ -474,8 +513,7 @@ def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> list[Hold]:
         new = [Hold(kind, t, {"uri": u, "uuid": d.UUIDString(), "domain": d.name()}) for t, u, d in running]
         ctx.holding(new)  # journaled before any domain is touched
         holds += new
-        results = _all_at_once([_stamp(h, getattr(d, method)) for h, (_, _, d) in zip(new, running, strict=True)],
-                               _budget(ctx))
+        results = _all_at_once([_stamp(h, getattr(d, method)) for h, (_, _, d) in zip(new, running, strict=True)], _budget(ctx))
         for h, r in zip(new, results, strict=True):
             if isinstance(r, BaseException):
                 raise ActionFailed(f"domain {h.data['domain']} at {h.data['uri']}: {method}: {_msg(r)}")
@@ -494,8 +532,9 @@ def _end(ctx: RunContext, hold: Hold) -> None:
             elif hold.kind == FREEZE and state == "running":
                 dom.fsThaw()
         except libvirt.libvirtError as exc:
-            raise ActionFailed(f"domain {hold.data['domain']} at {hold.data['uri']}: "
-                               f"{'resume' if hold.kind == PAUSE else 'thaw'}: {_msg(exc)}") from None
+            raise ActionFailed(
+                f"domain {hold.data['domain']} at {hold.data['uri']}: {'resume' if hold.kind == PAUSE else 'thaw'}: {_msg(exc)}"
+            ) from None
     hold.end = time.monotonic()
 
 

@@ -70,7 +70,8 @@ def _where(params: dict[str, Any]) -> tuple[str, str]:
 
     info = conninfo_to_dict(conninfo(params))
     return str(info.get("host") or os.environ.get("PGHOST") or "/var/run/postgresql"), str(
-        info.get("port") or os.environ.get("PGPORT") or "5432")
+        info.get("port") or os.environ.get("PGPORT") or "5432"
+    )
 
 
 class Session:
@@ -94,8 +95,9 @@ class Session:
 
 def connect(params: dict[str, Any], txid: str, timeout: float) -> Session:
     psycopg = _psycopg()
-    conn = psycopg.connect(conninfo(params), autocommit=True, connect_timeout=max(1, int(timeout)),
-                           application_name=f"blktx {txid}"[:63])
+    conn = psycopg.connect(
+        conninfo(params), autocommit=True, connect_timeout=max(1, int(timeout)), application_name=f"blktx {txid}"[:63]
+    )
     return Session(conn)
 
 
@@ -135,7 +137,7 @@ def _write(folder: str, name: str, data: bytes) -> None:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _state(dest: str) -> dict[str, Any]:
@@ -162,10 +164,20 @@ class Backup(ActionType):
         Param("host", "str", default="", doc="server host or unix socket folder (libpq host)"),
         Param("port", "int", default=0, doc="server port"),
         Param("dbname", "str", default="", doc="database to connect to"),
-        Param("user", "str", default="", doc="role to connect as (superuser, or granted pg_backup_start, "
-              "pg_backup_stop, REPLICATION and pg_read_server_files)"),
-        Param("dest", "path", required=True, creates=True,
-              doc="folder created for backup_label, tablespace_map and the backup's WAL, next to the snapshots"),
+        Param(
+            "user",
+            "str",
+            default="",
+            doc="role to connect as (superuser, or granted pg_backup_start, "
+            "pg_backup_stop, REPLICATION and pg_read_server_files)",
+        ),
+        Param(
+            "dest",
+            "path",
+            required=True,
+            creates=True,
+            doc="folder created for backup_label, tablespace_map and the backup's WAL, next to the snapshots",
+        ),
         Param("label", "str", default="", doc="the backup's label (default: blktx and the transaction id)"),
         Param("save_wal", "bool", default=True, doc="save the WAL from the backup's start to its end into dest/pg_wal"),
     )
@@ -177,11 +189,14 @@ class Backup(ActionType):
     def check(self, action: Action, ctx: RunContext) -> None:
         p = action.params
         if ctx.options.quiesce == "none":
-            raise Refused("postgres.backup holds its backup in the quiesce window",
-                          hint='set [options] quiesce = "pause" (or "fsfreeze")')
+            raise Refused(
+                "postgres.backup holds its backup in the quiesce window", hint='set [options] quiesce = "pause" (or "fsfreeze")'
+            )
         if "password" in conninfo(p).lower():
-            raise Refused("the connection string holds a password, which the journal would keep",
-                          hint="use ~/.pgpass, PGPASSFILE or peer authentication")
+            raise Refused(
+                "the connection string holds a password, which the journal would keep",
+                hint="use ~/.pgpass, PGPASSFILE or peer authentication",
+            )
         dest = p["dest"]
         if os.path.lexists(dest):
             raise Refused(f"{dest} already exists", hint="choose a new destination")
@@ -199,21 +214,26 @@ class Backup(ActionType):
                 " has_function_privilege('pg_backup_start(text, boolean)', 'execute'),"
                 " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
                 "   OR pg_has_role('pg_read_server_files', 'member'),"
-                " (SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user)", timeout=TIMEOUT)[0]
+                " (SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user)",
+                timeout=TIMEOUT,
+            )[0]
         finally:
             session.close()
         if version < 150000:
             raise Refused(f"PostgreSQL {version // 10000} has no pg_backup_start", hint="needs PostgreSQL 15 or later")
         if recovery:
-            raise Refused("the server is a standby: a backup taken there ends at a restart point, not a record",
-                          hint="back up the primary")
+            raise Refused(
+                "the server is a standby: a backup taken there ends at a restart point, not a record", hint="back up the primary"
+            )
         if wal_level == "minimal":
             raise Refused("wal_level is minimal: an online backup needs replica or logical")
         if not may_start:
             raise Refused("the role may not run pg_backup_start", hint="connect as a superuser or GRANT EXECUTE")
         if p["save_wal"] and not (may_read and may_slot):
-            raise Refused("saving the backup's WAL needs pg_read_server_files and REPLICATION",
-                          hint="grant them, or set save_wal = false and archive the WAL yourself")
+            raise Refused(
+                "saving the backup's WAL needs pg_read_server_files and REPLICATION",
+                hint="grant them, or set save_wal = false and archive the WAL yourself",
+            )
         folder, base = os.path.split(dest)
         action.undo["tmp"] = os.path.join(folder, f".{base}.blktx-{ctx.txid}-{secrets.token_hex(4)}")
 
@@ -236,8 +256,10 @@ class Backup(ActionType):
         try:
             session.query("SELECT 1", timeout=_remaining(ctx))
         except Exception as exc:  # noqa: BLE001 - whatever broke the session broke the backup
-            raise ActionFailed(f"the session holding the backup failed ({exc}); PostgreSQL ended backup mode with "
-                               "it, so the snapshots cannot be restored as this backup".strip()) from None
+            raise ActionFailed(
+                f"the session holding the backup failed ({exc}); PostgreSQL ended backup mode with "
+                "it, so the snapshots cannot be restored as this backup".strip()
+            ) from None
 
     def cancel(self, action: Action, ctx: RunContext) -> None:
         for path in (action.params["dest"], action.undo.get("tmp", "")):
@@ -258,12 +280,17 @@ class Backup(ActionType):
             session = connect(action.params, ctx.txid, TIMEOUT)
         assert session is not None
         try:
-            names = [r[0] for r in session.query(
-                "SELECT DISTINCT pg_walfile_name(l) FROM (SELECT %s::pg_lsn + (n * s)::numeric AS l"
-                " FROM (SELECT setting::numeric AS s FROM pg_settings WHERE name = 'wal_segment_size') z,"
-                " generate_series(0, floor(pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn) / s)::int) n"
-                " UNION ALL SELECT %s::pg_lsn) w ORDER BY 1",
-                (state["start_lsn"], state["stop_lsn"], state["start_lsn"], state["stop_lsn"]), timeout=60)]
+            names = [
+                r[0]
+                for r in session.query(
+                    "SELECT DISTINCT pg_walfile_name(l) FROM (SELECT %s::pg_lsn + (n * s)::numeric AS l"
+                    " FROM (SELECT setting::numeric AS s FROM pg_settings WHERE name = 'wal_segment_size') z,"
+                    " generate_series(0, floor(pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn) / s)::int) n"
+                    " UNION ALL SELECT %s::pg_lsn) w ORDER BY 1",
+                    (state["start_lsn"], state["stop_lsn"], state["start_lsn"], state["stop_lsn"]),
+                    timeout=60,
+                )
+            ]
             wal = os.path.join(dest, "pg_wal")
             os.makedirs(wal, exist_ok=True)
             for name in names:
@@ -287,8 +314,11 @@ class Backup(ActionType):
         return _ours(dest, action.undo.get("ident")) and os.path.isfile(os.path.join(dest, "backup_label"))
 
     def leftovers(self, action: Action) -> list[Leftover]:
-        return [Leftover(action.target, f"backup folder {p}") for p in (action.params["dest"], action.undo.get("tmp", ""))
-                if _ours(p, action.undo.get("ident"))]
+        return [
+            Leftover(action.target, f"backup folder {p}")
+            for p in (action.params["dest"], action.undo.get("tmp", ""))
+            if _ours(p, action.undo.get("ident"))
+        ]
 
 
 @hookimpl
@@ -302,9 +332,16 @@ def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> None:
     for a in actions:
         if a.type.name != KIND:
             continue
-        hold = Hold(KIND, a.target, {"action": a.index, "params": {k: a.params[k] for k in
-                                                                   ("conninfo", "host", "port", "dbname", "user")},
-                                     "dest": a.params["dest"], "ident": a.undo.get("ident")})
+        hold = Hold(
+            KIND,
+            a.target,
+            {
+                "action": a.index,
+                "params": {k: a.params[k] for k in ("conninfo", "host", "port", "dbname", "user")},
+                "dest": a.params["dest"],
+                "ident": a.undo.get("ident"),
+            },
+        )
         ctx.holding([hold])
         params = dict(a.params)
 
@@ -318,8 +355,11 @@ def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> None:
         hold.data.update(pid=session.pid, backend_start=started)
         ctx.holding([hold])  # journaled again, now with the backend to end from another process
         if a.params["save_wal"]:  # keeps the backup's WAL until finish has saved it (gone with the session)
-            session.query("SELECT pg_create_physical_replication_slot(%s, true, true)",
-                          (re.sub(r"[^a-z0-9_]", "_", f"blktx_{ctx.txid}_{a.index}".lower())[:63],), timeout=_remaining(ctx))
+            session.query(
+                "SELECT pg_create_physical_replication_slot(%s, true, true)",
+                (re.sub(r"[^a-z0-9_]", "_", f"blktx_{ctx.txid}_{a.index}".lower())[:63],),
+                timeout=_remaining(ctx),
+            )
         label = a.params["label"] or f"blktx {ctx.txid}"
         lsn = session.query("SELECT pg_backup_start(%s, fast => true)::text", (label,), timeout=_remaining(ctx))[0][0]
         hold.data["start_lsn"] = lsn
@@ -342,7 +382,8 @@ def blktx_resume(ctx: RunContext, hold: Hold) -> bool | None:
         raise ActionFailed("the session holding the backup died before pg_backup_stop: this group has no backup_label")
     try:
         lsn, labelfile, spcmap = session.query(
-            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(wait_for_archive => false)", timeout=TIMEOUT)[0]
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(wait_for_archive => false)", timeout=TIMEOUT
+        )[0]
         session.query("SELECT set_config('statement_timeout', '0', false)")
     except Exception as exc:  # noqa: BLE001 - named: the group's member has no label
         if not _ours(dest, ident):
@@ -354,8 +395,9 @@ def blktx_resume(ctx: RunContext, hold: Hold) -> bool | None:
     _write(dest, "backup_label", labelfile.encode())
     if spcmap:
         _write(dest, "tablespace_map", spcmap.encode())
-    _set_state(dest, status="complete", start_lsn=hold.data.get("start_lsn"), stop_lsn=lsn,
-               tablespace_map=bool(spcmap), wal_saved=False)
+    _set_state(
+        dest, status="complete", start_lsn=hold.data.get("start_lsn"), stop_lsn=lsn, tablespace_map=bool(spcmap), wal_saved=False
+    )
     hold.data["stop_lsn"] = lsn
     return True
 
@@ -365,8 +407,12 @@ def _end_elsewhere(ctx: RunContext, hold: Hold) -> None:
     closed; a run that is stopped still holds it, so end its backend if it is still there."""
     dest, ident = hold.data["dest"], hold.data.get("ident")
     if _ours(dest, ident) and _state(dest).get("status") == "in progress":
-        _set_state(dest, status="no backup_label", why="the run ended before pg_backup_stop; PostgreSQL ended "
-                   "backup mode with its session: restore these snapshots as a crash, not as this backup")
+        _set_state(
+            dest,
+            status="no backup_label",
+            why="the run ended before pg_backup_stop; PostgreSQL ended "
+            "backup mode with its session: restore these snapshots as a crash, not as this backup",
+        )
     pid, started = hold.data.get("pid"), hold.data.get("backend_start")
     if not pid:
         return  # never connected, or the journal does not say who
@@ -375,8 +421,11 @@ def _end_elsewhere(ctx: RunContext, hold: Hold) -> None:
     except Exception:  # noqa: BLE001 - unreachable: the run's session cannot outlive the server
         return
     try:
-        session.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s AND backend_start::text = %s",
-                      (pid, started), timeout=5)
+        session.query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s AND backend_start::text = %s",
+            (pid, started),
+            timeout=5,
+        )
     except Exception:  # noqa: BLE001 - best effort: the session ends with the run's process anyway
         pass
     finally:

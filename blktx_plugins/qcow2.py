@@ -90,8 +90,7 @@ def _checked(a: Action, ctx: RunContext) -> list[Snapshot]:
     return header.snapshots
 
 
-def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequence[Action], txid: str,
-                      jobs: int = 1) -> None:
+def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequence[Action], txid: str, jobs: int = 1) -> None:
     """Delete exactly the listed snapshots, the images spread over storage daemons
     that work at once (:mod:`~blktx_plugins._daemons`): each snapshot is re-read
     under its daemon's lock and deleted only while its id, name (and date, when
@@ -124,8 +123,12 @@ def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequ
                 # QMP carries UTF-8 only, so a name that is not is left out.
                 which = {"id": snap.id, "name": snap.name} if is_utf8(snap.name) else {"id": snap.id}
                 calls.setdefault(daemons.of[image], []).append(
-                    ((a.index, image, snap.id), "blockdev-snapshot-delete-internal-sync",
-                     {"device": daemons.node(image), **which}))
+                    (
+                        (a.index, image, snap.id),
+                        "blockdev-snapshot-delete-internal-sync",
+                        {"device": daemons.node(image), **which},
+                    )
+                )
         for (index, image, _), reply in daemons.each(calls).items():
             if isinstance(reply, ActionFailed) and index not in failures:
                 failures[index] = ActionFailed(f"{image}: {reply}")
@@ -157,8 +160,10 @@ def _by_hand(image: str, snaps: list[Snapshot]) -> str:
         names = []
     return " && ".join(
         f"qemu-img snapshot -d {shlex.quote(s.name)} {shlex.quote(image)}"
-        if names.count(s.name) == 1 and s.name.isprintable() and is_utf8(s.name) else
-        f"QMP blockdev-snapshot-delete-internal-sync with id {bare(s.id)} on {image}" for s in snaps)
+        if names.count(s.name) == 1 and s.name.isprintable() and is_utf8(s.name)
+        else f"QMP blockdev-snapshot-delete-internal-sync with id {bare(s.id)} on {image}"
+        for s in snaps
+    )
 
 
 class InternalCreate(ActionType):
@@ -184,8 +189,12 @@ class InternalCreate(ActionType):
     params = (
         Param("image", "path", required=True, doc="the qcow2 image file"),
         Param("name", "str", required=True, doc="the snapshot's name"),
-        Param("replace", "bool", default=False,
-              doc="replace a snapshot of the same name: the old one is deleted only after the commit point"),
+        Param(
+            "replace",
+            "bool",
+            default=False,
+            doc="replace a snapshot of the same name: the old one is deleted only after the commit point",
+        ),
     )
 
     def target(self, action: Action) -> str:
@@ -199,17 +208,21 @@ class InternalCreate(ActionType):
             image, name = a.params["image"], a.params["name"]
             problem = name_problem(name)
             if problem:
-                raise Refused(f"{self.name} action #{a.index} on {image}: the snapshot name {shown(name)} {problem}",
-                              hint="give a non-empty UTF-8 name of at most 255 bytes")
+                raise Refused(
+                    f"{self.name} action #{a.index} on {image}: the snapshot name {shown(name)} {problem}",
+                    hint="give a non-empty UTF-8 name of at most 255 bytes",
+                )
             snaps = _checked(a, ctx)
             if read_image(_image(a)).data_file is not None:
-                raise Refused(f"{image} keeps its data in an external data file: QEMU makes no internal "
-                              "snapshots of such an image")
+                raise Refused(
+                    f"{image} keeps its data in an external data file: QEMU makes no internal snapshots of such an image"
+                )
             same = [s for s in snaps if s.name == name]
             if same and not a.params["replace"]:
-                raise Refused(f"{image} already has a snapshot named {shown(name)} "
-                              f"(id {', '.join(bare(s.id) for s in same)})",
-                              hint="set replace = true to replace it; the old one is deleted after the commit point")
+                raise Refused(
+                    f"{image} already has a snapshot named {shown(name)} (id {', '.join(bare(s.id) for s in same)})",
+                    hint="set replace = true to replace it; the old one is deleted after the commit point",
+                )
             if (image, name) in names:
                 raise Refused(f"action #{names[image, name]} already creates {name!r} in {image}")
             names[image, name] = a.index
@@ -253,10 +266,27 @@ class InternalCreate(ActionType):
             mine: dict[Any, list[Action]] = {}
             for a in fresh:
                 mine.setdefault(daemons.of[_image(a)], []).append(a)
-            replies = daemons.each({d: [(d, "transaction", {"actions": [
-                {"type": "blockdev-snapshot-internal-sync",
-                 "data": {"device": daemons.node(_image(a)), "name": a.params["name"]}} for a in acts]})]
-                for d, acts in mine.items()}, timeout=120 + 0.5 * max(map(len, mine.values())))
+            replies = daemons.each(
+                {
+                    d: [
+                        (
+                            d,
+                            "transaction",
+                            {
+                                "actions": [
+                                    {
+                                        "type": "blockdev-snapshot-internal-sync",
+                                        "data": {"device": daemons.node(_image(a)), "name": a.params["name"]},
+                                    }
+                                    for a in acts
+                                ]
+                            },
+                        )
+                    ]
+                    for d, acts in mine.items()
+                },
+                timeout=120 + 0.5 * max(map(len, mine.values())),
+            )
             failures: dict[int, BaseException] = {}
             for d, acts in mine.items():
                 reply = replies[d]
@@ -301,11 +331,12 @@ class InternalCreate(ActionType):
                 t1 = time.time_ns() // 1000 + 1
                 # qemu-img held the image's lock while it ran, inside [t0, t1]: a new
                 # snapshot of this name dated in there can only be the one it made.
-                new = [s for s in read_header(image)[1]
-                       if s.name == name and s.id not in present and t0 <= _micros(s) <= t1]
+                new = [s for s in read_header(image)[1] if s.name == name and s.id not in present and t0 <= _micros(s) <= t1]
                 if len(new) != 1:
-                    raise ActionFailed(f"{image}: qemu-img made snapshot {name!r}, but it cannot be told apart "
-                                       f"({len(new)} candidates dated while it ran)")
+                    raise ActionFailed(
+                        f"{image}: qemu-img made snapshot {name!r}, but it cannot be told apart "
+                        f"({len(new)} candidates dated while it ran)"
+                    )
                 a.undo["made"] = [_ident(new[0])]
         finally:
             ctx.remember(replacing)
@@ -354,7 +385,8 @@ class InternalCreate(ActionType):
                 failures[a.index] = ActionFailed(
                     f"{a.params['image']}: left {', '.join(s.describe() for s in unsure)}: blktx died while making "
                     f"its snapshot, and this one cannot be proven to be it rather than one made since. If it is "
-                    f"blktx's, remove it by hand ({_by_hand(_image(a), unsure)}) and run blktx recover again")
+                    f"blktx's, remove it by hand ({_by_hand(_image(a), unsure)}) and run blktx recover again"
+                )
         try:
             _delete_snapshots(plan, actions, ctx.txid, ctx.options.jobs)
         except ActionFailures as exc:
@@ -363,11 +395,12 @@ class InternalCreate(ActionType):
             raise ActionFailures(failures)
 
     def finish(self, action: Action, ctx: RunContext) -> None:
-        old = [Snapshot(o[0], action.params["name"], (o[1], o[2])) if isinstance(o, list)
-               else Snapshot(o, action.params["name"]) for o in action.undo.get("old", [])]
+        old = [
+            Snapshot(o[0], action.params["name"], (o[1], o[2])) if isinstance(o, list) else Snapshot(o, action.params["name"])
+            for o in action.undo.get("old", [])
+        ]
         if old:
-            _delete_snapshots({action.index: [(_image(action), s) for s in old]}, [action], ctx.txid,
-                              ctx.options.jobs)
+            _delete_snapshots({action.index: [(_image(action), s) for s in old]}, [action], ctx.txid, ctx.options.jobs)
 
     def member_exists(self, action: Action) -> bool | None:
         """The snapshot this committed action made (its id and date, as journaled) is
@@ -378,9 +411,9 @@ class InternalCreate(ActionType):
     def leftovers(self, action: Action) -> list[Leftover]:
         ours, unsure = self._judge(action)
         image = _image(action)
-        return ([Leftover(action.target, f"{s.describe()}; remove: {_by_hand(image, [s])}") for s in ours]
-                + [Leftover(action.target, f"maybe blktx's: {s.describe()}; if so remove: {_by_hand(image, [s])}")
-                   for s in unsure])
+        return [Leftover(action.target, f"{s.describe()}; remove: {_by_hand(image, [s])}") for s in ours] + [
+            Leftover(action.target, f"maybe blktx's: {s.describe()}; if so remove: {_by_hand(image, [s])}") for s in unsure
+        ]
 
 
 class InternalDelete(ActionType):
@@ -411,12 +444,15 @@ class InternalDelete(ActionType):
                 listed = ", ".join(f"{bare(s.id)}:{shown(s.name)}" for s in snaps) or "none"
                 raise Refused(f"{image} has no snapshot {name or ''}{' id ' + sid if sid else ''} (it has: {listed})")
             if len(found) > 1:
-                raise Refused(f"{image} has {len(found)} snapshots named {shown(name)} "
-                              f"(ids {', '.join(bare(s.id) for s in found)})",
-                              hint="give id = \"...\" to say which")
+                raise Refused(
+                    f"{image} has {len(found)} snapshots named {shown(name)} (ids {', '.join(bare(s.id) for s in found)})",
+                    hint='give id = "..." to say which',
+                )
             if (image, found[0].id) in claimed:
-                raise Refused(f"conflicts with action #{claimed[image, found[0].id]}: both delete snapshot "
-                              f"{shown(found[0].name)} (id {bare(found[0].id)}) of {image}")
+                raise Refused(
+                    f"conflicts with action #{claimed[image, found[0].id]}: both delete snapshot "
+                    f"{shown(found[0].name)} (id {bare(found[0].id)}) of {image}"
+                )
             claimed[image, found[0].id] = a.index
             a.undo["id"], a.undo["name"], a.undo["date"] = found[0].id, found[0].name, list(found[0].date)
 
@@ -441,11 +477,9 @@ class ExternalCreate(ActionType):
     # offline images: nothing a quiesce pauses writes to them, so do runs before the window
     do_before_quiesce = True
     params = (
-        Param("device", "path", required=True,
-              doc="the stable symlink that users open; it points to the current image"),
+        Param("device", "path", required=True, doc="the stable symlink that users open; it points to the current image"),
         Param("overlay", "path", required=True, doc="the new overlay file to create", creates=True),
-        Param("reuse", "bool", default=False,
-              doc="use an existing overlay file whose backing file is the current image"),
+        Param("reuse", "bool", default=False, doc="use an existing overlay file whose backing file is the current image"),
     )
 
     def target(self, action: Action) -> str:
@@ -454,8 +488,14 @@ class ExternalCreate(ActionType):
     def check(self, action: Action, ctx: RunContext) -> None:
         device, overlay = action.params["device"], action.params["overlay"]
         if not os.path.islink(device):
-            hint = (f"keep the image as a file and point a symlink at it: mv {device} {device}.base.qcow2 && "
-                    f"ln -s {os.path.basename(device)}.base.qcow2 {device}") if os.path.exists(device) else "check the path"
+            hint = (
+                (
+                    f"keep the image as a file and point a symlink at it: mv {device} {device}.base.qcow2 && "
+                    f"ln -s {os.path.basename(device)}.base.qcow2 {device}"
+                )
+                if os.path.exists(device)
+                else "check the path"
+            )
             raise Refused(f"device {device} is not a symlink", hint=hint)
         current = os.path.realpath(device)
         if not os.path.exists(current):
@@ -474,16 +514,24 @@ class ExternalCreate(ActionType):
         if exists:
             backing = check_chain(overlay, ctx.options.roots).backing
             if backing is None or os.path.realpath(os.path.join(os.path.dirname(overlay), backing)) != current:
-                raise Refused(f"overlay {overlay} is backed by {shown(backing or '')}, not by the current image "
-                              f"{current}")
+                raise Refused(f"overlay {overlay} is backed by {shown(backing or '')}, not by the current image {current}")
         elif not os.access(os.path.dirname(overlay), os.W_OK):
             raise Refused(f"cannot create files in {os.path.dirname(overlay)}")
         # Private names, unique to this action and recorded before they are created:
         # the overlay when the filesystem has no unnamed files, and the symlink swap.
         token = f"blktx-{ctx.txid}-{secrets.token_hex(4)}"
-        action.undo.update({"link": os.readlink(device), "old": current, "format": fmt, "preexisting": exists,
-                            "size": size, "ident": ident,
-                            "tmp": f"{overlay}.{token}", "swap": f"{device}.{token}"})
+        action.undo.update(
+            {
+                "link": os.readlink(device),
+                "old": current,
+                "format": fmt,
+                "preexisting": exists,
+                "size": size,
+                "ident": ident,
+                "tmp": f"{overlay}.{token}",
+                "swap": f"{device}.{token}",
+            }
+        )
 
     def do(self, action: Action, ctx: RunContext) -> None:
         if action.undo["preexisting"]:
@@ -549,13 +597,16 @@ class ExternalCreate(ActionType):
     def invalidate(self, action: Action, ctx: RunContext) -> None:
         device, overlay = action.params["device"], action.params["overlay"]
         if ctx.hook is not None and ctx.hook.blktx_switch_active_image(
-                ctx=ctx, action=action, device=device, old=action.undo["old"], new=overlay):
+            ctx=ctx, action=action, device=device, old=action.undo["old"], new=overlay
+        ):
             return
         if os.readlink(device) == self._link_text(action):
             return  # already switched (a retry)
         if os.readlink(device) != action.undo["link"]:
-            raise ActionFailed(f"device {device} was re-pointed after the check (it says {os.readlink(device)!r}, "
-                               f"not {action.undo['link']!r}); it was left alone")
+            raise ActionFailed(
+                f"device {device} was re-pointed after the check (it says {os.readlink(device)!r}, "
+                f"not {action.undo['link']!r}); it was left alone"
+            )
         self._swap(action, action.undo["link"], self._link_text(action))
 
     def cancel(self, action: Action, ctx: RunContext) -> None:
@@ -563,7 +614,8 @@ class ExternalCreate(ActionType):
             return  # never checked: nothing was done
         device, overlay = action.params["device"], action.params["overlay"]
         switched = ctx.hook is not None and ctx.hook.blktx_switch_active_image(
-            ctx=ctx, action=action, device=device, old=overlay, new=action.undo["old"])
+            ctx=ctx, action=action, device=device, old=overlay, new=action.undo["old"]
+        )
         if not switched and self._points_to_ours(action):
             self._swap(action, self._link_text(action), action.undo["link"])
         self._drop_swap(action)

@@ -40,9 +40,13 @@ __all__ = ["blktx_quiesce", "blktx_register_action_types", "blktx_resume", "blkt
 
 
 def _node_info(node: str, inserted: dict[str, Any]) -> dict[str, Any]:
-    return {"node": node, "file": inserted["file"], "format": inserted["drv"],
-            "size": inserted["image"]["virtual-size"],
-            "snapshots": [(s["id"], s["name"]) for s in inserted["image"].get("snapshots", [])]}
+    return {
+        "node": node,
+        "file": inserted["file"],
+        "format": inserted["drv"],
+        "size": inserted["image"]["virtual-size"],
+        "snapshots": [(s["id"], s["name"]) for s in inserted["image"].get("snapshots", [])],
+    }
 
 
 def resolve(conn: Qmp, drive: str, blocks: list[Any] | None = None, timeout: float = 120.0) -> dict[str, Any]:
@@ -60,17 +64,26 @@ def resolve(conn: Qmp, drive: str, blocks: list[Any] | None = None, timeout: flo
     for info in conn.cmd("query-named-block-nodes", {"flat": True}, timeout=timeout):
         if info["node-name"] == drive:
             return {**_node_info(drive, info), "key": drive}
-    raise Refused(f"VM {conn.address} has no drive or node {drive!r}",
-                  hint="`query-block` lists the drives, `query-named-block-nodes` the nodes")
+    raise Refused(
+        f"VM {conn.address} has no drive or node {drive!r}",
+        hint="`query-block` lists the drives, `query-named-block-nodes` the nodes",
+    )
 
 
 _COMMON = (
     Param("vm", "address", required=True, doc="the VM's QMP address: a unix socket path or tcp:host:port"),
     Param("drive", "str", required=True, doc="the drive: block-backend name, qdev id or node name"),
-    Param("agent", "address", doc="the host end of the VM's guest-agent channel (unix socket path or tcp:host:port); "
-                              'needed by quiesce = "fsfreeze" and "fsfreeze+pause"'),
-    Param("freeze", "list[str]", doc="with fsfreeze: the guest's mountpoints to freeze (default: every "
-                                     "filesystem the agent can freeze)"),
+    Param(
+        "agent",
+        "address",
+        doc="the host end of the VM's guest-agent channel (unix socket path or tcp:host:port); "
+        'needed by quiesce = "fsfreeze" and "fsfreeze+pause"',
+    ),
+    Param(
+        "freeze",
+        "list[str]",
+        doc="with fsfreeze: the guest's mountpoints to freeze (default: every filesystem the agent can freeze)",
+    ),
 )
 
 
@@ -97,9 +110,11 @@ def _offline_image(a: Action, ctx: RunContext) -> str:
     roots, or :class:`ActionFailed` (left and reported)."""
     real = a.undo.get("file_real", os.path.realpath(a.undo["file"]))  # an older journal: confined below
     if not real or not within(real, ctx.options.roots):
-        raise ActionFailed(f"the VM's image {shown(a.undo['file'])} (as the VM reported it) is not a file under the "
-                           f"allowed roots ({', '.join(ctx.options.roots)}) [rule confined-paths]: blktx does not act "
-                           "on it offline; check it by hand, or widen with --root DIR and run blktx recover again")
+        raise ActionFailed(
+            f"the VM's image {shown(a.undo['file'])} (as the VM reported it) is not a file under the "
+            f"allowed roots ({', '.join(ctx.options.roots)}) [rule confined-paths]: blktx does not act "
+            "on it offline; check it by hand, or widen with --root DIR and run blktx recover again"
+        )
     return str(real)
 
 
@@ -140,8 +155,15 @@ class _QmpType(ActionType):
                     # One drive named two ways (id, node name) is one target: for
                     # conflicts and for the locks taken after the checks.
                     a.target = f"vm:{a.params['vm']}/{info['key']}"
-                    a.undo.update({"node": info["node"], "file": info["file"], "format": info["format"],
-                                   "size": info["size"], "before": [i for i, _ in info["snapshots"]]})
+                    a.undo.update(
+                        {
+                            "node": info["node"],
+                            "file": info["file"],
+                            "format": info["format"],
+                            "size": info["size"],
+                            "before": [i for i, _ in info["snapshots"]],
+                        }
+                    )
                     a.undo.update(_file_facts(info["file"], ctx))
                     self._check(a, info)
                 except Exception as exc:  # noqa: BLE001 - a refusal of this action
@@ -152,8 +174,9 @@ class _QmpType(ActionType):
     def _check(self, action: Action, info: dict[str, Any]) -> None:
         return None
 
-    def _check_agents(self, vms: list[tuple[Qmp | VmGone, list[Action]]], ctx: RunContext,
-                      failures: dict[int, BaseException]) -> None:
+    def _check_agents(
+        self, vms: list[tuple[Qmp | VmGone, list[Action]]], ctx: RunContext, failures: dict[int, BaseException]
+    ) -> None:
         """With fsfreeze, every VM needs one agent that answers."""
         wanted: dict[str, list[Action]] = {}
         for _, group in vms:
@@ -161,11 +184,16 @@ class _QmpType(ActionType):
             freezes = {tuple(a.params.get("freeze") or ()) for a in group}
             vm = group[0].params["vm"]
             if None in named:
-                why = Refused(f'quiesce = "{ctx.options.quiesce}" freezes the filesystems of VM {vm} through its guest '
-                              "agent, and this action names none", hint="add agent = \"<the agent channel's socket>\"")
+                why = Refused(
+                    f'quiesce = "{ctx.options.quiesce}" freezes the filesystems of VM {vm} through its guest '
+                    "agent, and this action names none",
+                    hint='add agent = "<the agent channel\'s socket>"',
+                )
             elif len(named) > 1 or len(freezes) > 1:
-                why = Refused(f"the actions on VM {vm} name different guest agents or freeze lists",
-                              hint="give every action on one VM the same agent and freeze")
+                why = Refused(
+                    f"the actions on VM {vm} name different guest agents or freeze lists",
+                    hint="give every action on one VM the same agent and freeze",
+                )
             else:
                 wanted.setdefault(next(iter(named)) or "", []).extend(group)
                 continue
@@ -174,8 +202,10 @@ class _QmpType(ActionType):
         for address, group in wanted.items():
             got = agents[address]
             if isinstance(got, VmGone):
-                why = Refused(f"VM {group[0].params['vm']}: {got}",
-                              hint="is qemu-ga running in the guest, and is this the host end of its channel?")
+                why = Refused(
+                    f"VM {group[0].params['vm']}: {got}",
+                    hint="is qemu-ga running in the guest, and is this the host end of its channel?",
+                )
                 failures.update({a.index: why for a in group if a.index not in failures})
 
     def _per_vm(self, actions: Sequence[Action], ctx: RunContext, send: Any) -> None:
@@ -236,21 +266,39 @@ class InternalCreate(_QmpType):
     def _check(self, action: Action, info: dict[str, Any]) -> None:
         problem = name_problem(action.params["name"])
         if problem:
-            raise Refused(f"{self.name} action #{action.index} on drive {action.params['drive']} of VM "
-                          f"{action.params['vm']}: the snapshot name {shown(action.params['name'])} {problem}",
-                          hint="give a non-empty UTF-8 name of at most 255 bytes")
+            raise Refused(
+                f"{self.name} action #{action.index} on drive {action.params['drive']} of VM "
+                f"{action.params['vm']}: the snapshot name {shown(action.params['name'])} {problem}",
+                hint="give a non-empty UTF-8 name of at most 255 bytes",
+            )
         same = [i for i, n in info["snapshots"] if n == action.params["name"]]
         if same:
-            raise Refused(f"drive {action.params['drive']} of VM {action.params['vm']} already has a snapshot named "
-                          f"{action.params['name']!r} (id {', '.join(same)})")
+            raise Refused(
+                f"drive {action.params['drive']} of VM {action.params['vm']} already has a snapshot named "
+                f"{action.params['name']!r} (id {', '.join(same)})"
+            )
         if info["format"] != "qcow2":
             raise Refused(f"drive {action.params['drive']} is {info['format']}, not qcow2: no internal snapshots")
 
     def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         try:
-            self._per_vm_cmd(actions, ctx, lambda group: ("transaction", {"actions": [
-                {"type": "blockdev-snapshot-internal-sync",
-                 "data": {"device": a.undo["node"], "name": a.params["name"]}} for a in group]}), record="made")
+            self._per_vm_cmd(
+                actions,
+                ctx,
+                lambda group: (
+                    "transaction",
+                    {
+                        "actions": [
+                            {
+                                "type": "blockdev-snapshot-internal-sync",
+                                "data": {"device": a.undo["node"], "name": a.params["name"]},
+                            }
+                            for a in group
+                        ]
+                    },
+                ),
+                record="made",
+            )
         finally:
             # What QEMU answered is durable at once (one write for every VM), not at the
             # end of the phase: a run killed later in do (another type's step) leaves
@@ -260,8 +308,7 @@ class InternalCreate(_QmpType):
             if answered:
                 ctx.remember(answered)
 
-    def _judge(self, a: Action, snapshots: list[tuple[str, str]]) -> tuple[list[tuple[str, str]],
-                                                                          list[tuple[str, str]]]:
+    def _judge(self, a: Action, snapshots: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """(the snapshot this action provably made, those it may have made).
 
         QEMU refused the VM's transaction: none (one of that name that appeared
@@ -279,11 +326,13 @@ class InternalCreate(_QmpType):
         listed = ", ".join(f"snapshot {n!r} (id {i})" for i, n in unsure)
         # The VM's own QEMU holds the image's lock all along, so unlike qcow2.* no lock
         # and heartbeat can date who made it: only QEMU's journaled answer proves it.
-        return ActionFailed(f"left {listed} of {a.undo.get('file')}: QEMU's answer to the snapshot transaction never "
-                            f"reached the journal (the VM or blktx died during do), and it cannot be proven "
-                            f"to be blktx's rather than made since. If it is blktx's, delete it by hand (QMP "
-                            f"blockdev-snapshot-delete-internal-sync, or qemu-img snapshot -d ID with the VM off) "
-                            f"and run blktx recover again")
+        return ActionFailed(
+            f"left {listed} of {a.undo.get('file')}: QEMU's answer to the snapshot transaction never "
+            f"reached the journal (the VM or blktx died during do), and it cannot be proven "
+            f"to be blktx's rather than made since. If it is blktx's, delete it by hand (QMP "
+            f"blockdev-snapshot-delete-internal-sync, or qemu-img snapshot -d ID with the VM off) "
+            f"and run blktx recover again"
+        )
 
     def cancel_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         def send(conn: Qmp, group: list[Action]) -> None:
@@ -291,8 +340,11 @@ class InternalCreate(_QmpType):
             for a in group:
                 ours, maybe = self._judge(a, resolve(conn, a.undo["node"], timeout=_budget(ctx))["snapshots"])
                 for sid, name in ours:
-                    conn.cmd("blockdev-snapshot-delete-internal-sync", {"device": a.undo["node"], "id": sid, "name": name},
-                             timeout=_budget(ctx))
+                    conn.cmd(
+                        "blockdev-snapshot-delete-internal-sync",
+                        {"device": a.undo["node"], "id": sid, "name": name},
+                        timeout=_budget(ctx),
+                    )
                 if maybe:
                     unsure[a.index] = self._unsure(a, maybe)
             if unsure:
@@ -326,8 +378,7 @@ class InternalCreate(_QmpType):
             daemon = StorageDaemon([image], ctx.txid, {image: ident} if isinstance(ident, list) else None)
             try:
                 for sid, name in made:
-                    daemon.cmd("blockdev-snapshot-delete-internal-sync",
-                               {"device": daemon.node[image], "id": sid, "name": name})
+                    daemon.cmd("blockdev-snapshot-delete-internal-sync", {"device": daemon.node[image], "id": sid, "name": name})
             finally:
                 daemon.close()
         if maybe:
@@ -341,9 +392,9 @@ class InternalCreate(_QmpType):
         except Exception:  # noqa: BLE001 - name what we know
             return [Leftover(action.target, f"maybe snapshot {action.params['name']!r} in {action.undo.get('file')}")]
         ours, maybe = self._judge(action, [(s.id, s.name) for s in snaps])
-        return ([Leftover(action.target, f"snapshot {n!r} (id {i}) in {action.undo['file']}") for i, n in ours]
-                + [Leftover(action.target, f"maybe blktx's: snapshot {n!r} (id {i}) in {action.undo['file']}")
-                   for i, n in maybe])
+        return [Leftover(action.target, f"snapshot {n!r} (id {i}) in {action.undo['file']}") for i, n in ours] + [
+            Leftover(action.target, f"maybe blktx's: snapshot {n!r} (id {i}) in {action.undo['file']}") for i, n in maybe
+        ]
 
 
 class InternalDelete(_QmpType):
@@ -356,15 +407,19 @@ class InternalDelete(_QmpType):
     def _check(self, action: Action, info: dict[str, Any]) -> None:
         found = [(i, n) for i, n in info["snapshots"] if n == action.params["name"]]
         if len(found) != 1:
-            raise Refused(f"drive {action.params['drive']} of VM {action.params['vm']} has {len(found)} snapshots "
-                          f"named {action.params['name']!r}; exactly one is needed")
+            raise Refused(
+                f"drive {action.params['drive']} of VM {action.params['vm']} has {len(found)} snapshots "
+                f"named {action.params['name']!r}; exactly one is needed"
+            )
         action.undo["id"] = found[0][0]
 
     def do(self, action: Action, ctx: RunContext) -> None:
         conn = self._conn(action, ctx)
         if (action.undo["id"], action.params["name"]) in resolve(conn, action.undo["node"])["snapshots"]:
-            conn.cmd("blockdev-snapshot-delete-internal-sync",
-                     {"device": action.undo["node"], "id": action.undo["id"], "name": action.params["name"]})
+            conn.cmd(
+                "blockdev-snapshot-delete-internal-sync",
+                {"device": action.undo["node"], "id": action.undo["id"], "name": action.params["name"]},
+            )
 
 
 class ExternalCreate(_QmpType):
@@ -381,8 +436,10 @@ class ExternalCreate(_QmpType):
             raise Refused(f"overlay {action.params['overlay']} already exists", hint="choose a new name")
         if has_protocol(info["file"]) or not info["file"].startswith("/"):
             # the overlay names its backing file by what the VM opened: it must be a file
-            raise Refused(f"drive {action.params['drive']} of VM {action.params['vm']} is opened as "
-                          f"{shown(info['file'])}, not a file path [rule confined-paths]: an overlay cannot name it")
+            raise Refused(
+                f"drive {action.params['drive']} of VM {action.params['vm']} is opened as "
+                f"{shown(info['file'])}, not a file path [rule confined-paths]: an overlay cannot name it"
+            )
         action.undo["overlay_node"] = f"blktx{action.index}-{secrets.token_hex(4)}"
         action.undo["tmp"] = f"{action.params['overlay']}.blktx-{secrets.token_hex(6)}"
 
@@ -401,13 +458,13 @@ class ExternalCreate(_QmpType):
         def make(a: Action) -> None:
             try:
                 # size given: the backing file is locked by the running VM; QMP told its size.
-                create_overlay(privates[a.index], a.params["overlay"], a.undo["file"], a.undo["format"],
-                               a.undo["size"], relative=False)
+                create_overlay(
+                    privates[a.index], a.params["overlay"], a.undo["file"], a.undo["format"], a.undo["size"], relative=False
+                )
                 try:
                     publish(privates[a.index], a.params["overlay"])
                 except FileExistsError:
-                    raise ActionFailed(f"overlay {a.params['overlay']} appeared after the check; "
-                                       "it was left alone") from None
+                    raise ActionFailed(f"overlay {a.params['overlay']} appeared after the check; it was left alone") from None
             except Exception as exc:  # noqa: BLE001 - this action's failure
                 failures[a.index] = exc
 
@@ -428,9 +485,18 @@ class ExternalCreate(_QmpType):
             if isinstance(conn, VmGone):
                 failures[a.index] = conn
                 continue
-            calls.append((conn, "blockdev-add", {
-                "driver": "qcow2", "node-name": a.undo["overlay_node"],
-                "file": {"driver": "file", "filename": a.params["overlay"]}, "backing": None}))
+            calls.append(
+                (
+                    conn,
+                    "blockdev-add",
+                    {
+                        "driver": "qcow2",
+                        "node-name": a.undo["overlay_node"],
+                        "file": {"driver": "file", "filename": a.params["overlay"]},
+                        "backing": None,
+                    },
+                )
+            )
         added = [a for a in made if a.index not in failures]
         for a, reply in zip(added, gather(calls), strict=True):
             if isinstance(reply, BaseException):
@@ -439,9 +505,19 @@ class ExternalCreate(_QmpType):
             raise ActionFailures(failures)
 
     def invalidate_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
-        self._per_vm_cmd(actions, ctx, lambda group: ("transaction", {"actions": [
-            {"type": "blockdev-snapshot", "data": {"node": a.undo["node"], "overlay": a.undo["overlay_node"]}}
-            for a in group]}))
+        self._per_vm_cmd(
+            actions,
+            ctx,
+            lambda group: (
+                "transaction",
+                {
+                    "actions": [
+                        {"type": "blockdev-snapshot", "data": {"node": a.undo["node"], "overlay": a.undo["overlay_node"]}}
+                        for a in group
+                    ]
+                },
+            ),
+        )
 
     def cancel(self, action: Action, ctx: RunContext) -> None:
         if "node" not in action.undo:
@@ -490,4 +566,3 @@ class ExternalCreate(_QmpType):
 def blktx_register_action_types(register: Any) -> None:
     for cls in (InternalCreate, InternalDelete, ExternalCreate):
         register(cls)
-

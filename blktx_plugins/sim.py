@@ -81,8 +81,10 @@ class _SimType(ActionType):
     def _device(self, world: dict[str, Any], action: Action) -> dict[str, Any]:
         dev = world["devices"].get(action.params["device"])
         if dev is None:
-            raise Refused(f"no device {action.params['device']!r} in {action.params['world']}",
-                          hint=f"devices: {', '.join(sorted(world['devices'])) or 'none'}")
+            raise Refused(
+                f"no device {action.params['device']!r} in {action.params['world']}",
+                hint=f"devices: {', '.join(sorted(world['devices'])) or 'none'}",
+            )
         return dev  # type: ignore[no-any-return]
 
     def _maybe_fail(self, action: Action, phase: str) -> None:
@@ -130,8 +132,11 @@ class Snapshot(_SimType):
     def _ours(self, action: Action, dev: dict[str, Any]) -> list[str]:
         made = action.undo.get("id")
         before = {str(i) for i in action.undo.get("before", [])}
-        return [sid for sid, name in sorted(dev["snapshots"].items())
-                if made is not None and sid == str(made) and sid not in before and name == action.params["name"]]
+        return [
+            sid
+            for sid, name in sorted(dev["snapshots"].items())
+            if made is not None and sid == str(made) and sid not in before and name == action.params["name"]
+        ]
 
     def cancel(self, action: Action, ctx: RunContext) -> None:
         self._cancel_guard(action)
@@ -147,8 +152,7 @@ class Snapshot(_SimType):
     def leftovers(self, action: Action) -> list[Leftover]:
         with _world(action.params["world"], write=False) as world:
             dev = self._device(world, action)
-            return [Leftover(action.target, f"snapshot {dev['snapshots'][sid]!r} (id {sid})")
-                    for sid in self._ours(action, dev)]
+            return [Leftover(action.target, f"snapshot {dev['snapshots'][sid]!r} (id {sid})") for sid in self._ours(action, dev)]
 
 
 class Overlay(_SimType):
@@ -228,8 +232,9 @@ class Delete(_SimType):
             claimed: dict[tuple[str, str, int], int] = ctx.resource("sim.delete.claimed", dict)
             key = (action.params["world"], action.params["device"], ids[0])
             if key in claimed:
-                raise Refused(f"conflicts with action #{claimed[key]}: both delete snapshot "
-                              f"{action.params['name']!r} (id {ids[0]})")
+                raise Refused(
+                    f"conflicts with action #{claimed[key]}: both delete snapshot {action.params['name']!r} (id {ids[0]})"
+                )
             claimed[key] = action.index
             action.undo["id"] = ids[0]
 

@@ -16,32 +16,47 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MUTANTS = {
- "commit-before-write": ("blktx/transaction.py",
-   '''        with together(journal):
+    "commit-before-write": (
+        "blktx/transaction.py",
+        """        with together(journal):
             journal.done(txid, last, undoable)
             journal.state(txid, TxState.COMMITTED, {})
-        self._to("commit")''',
-   '''        self._to("commit")
-        try:
-            with together(journal):
-                journal.done(txid, last, undoable)
-                journal.state(txid, TxState.COMMITTED, {})
-        except Exception:
-            pass'''),
- "drop-cancel-intent": ("blktx/transaction.py",
-   '''            self.journal.intent(self.txid, "cancel", victims)''', '''            pass'''),
- "release-at-exit-3": ("blktx/transaction.py",
-   '''self.locker.release(self.claim, finished=self.state in TX_FINAL)''', '''self.locker.release(self.claim, finished=True)'''),
- "check-before-lock": ("blktx/transaction.py",
-   '''            if self.lock() and self.check() and self.begin():''',
-   '''            problems = check_actions(self.actions, self.ctx, self.file)
+            record = getattr(journal, "catalog", None)
+            if record is not None and ctx.options.group and undoable:
+                record(txid, ctx.options.group, ctx.options.snapshot, members(self.actions))
+        self._to("commit")""",
+        """        self._to("commit")
+        with contextlib.suppress(Exception), together(journal):
+            journal.done(txid, last, undoable)
+            journal.state(txid, TxState.COMMITTED, {})
+            record = getattr(journal, "catalog", None)
+            if record is not None and ctx.options.group and undoable:
+                record(txid, ctx.options.group, ctx.options.snapshot, members(self.actions))""",
+    ),
+    "drop-cancel-intent": (
+        "blktx/transaction.py",
+        """            self.journal.intent(self.txid, "cancel", victims)""",
+        """            pass""",
+    ),
+    "release-at-exit-3": (
+        "blktx/transaction.py",
+        """self.locker.release(self.claim, finished=self.state in TX_FINAL)""",
+        """self.locker.release(self.claim, finished=True)""",
+    ),
+    "check-before-lock": (
+        "blktx/transaction.py",
+        """            if self.lock() and self.check() and self.begin():""",
+        """            problems = check_actions(self.actions, self.ctx, self.file)
             if problems:
                 self.result.problems = problems
                 self._to("refuse")
-            elif self.lock() and self.check() and self.begin():'''),
- "rollback-skips-one-cancel": ("blktx/transaction.py",
-   '''        victims = [a for a in self.undoable if a.state in LIVE_STATES]''',
-   '''        victims = [a for a in self.undoable if a.state in LIVE_STATES][1:]'''),
+            elif self.lock() and self.check() and self.begin():""",
+    ),
+    "rollback-skips-one-cancel": (
+        "blktx/transaction.py",
+        """        victims = [a for a in self.undoable if a.state in LIVE_STATES]""",
+        """        victims = [a for a in self.undoable if a.state in LIVE_STATES][1:]""",
+    ),
 }
 TESTS = {
     "commit-before-write": ["tests/test_transaction.py"],
@@ -59,8 +74,13 @@ def run(name: str) -> bool:
     assert old in text, f"mutant {name} no longer applies: update scripts/mutants.py"
     path.write_text(text.replace(old, new))
     try:
-        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TESTS[name]],
-                             capture_output=True, text=True, cwd=ROOT, check=False)
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TESTS[name]],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=False,
+        )
     finally:
         path.write_text(text)
     caught = out.returncode != 0

@@ -23,10 +23,20 @@ from typing import Any
 
 from blktx.testing.fixtures import one_command
 
-MODULES = ["crypto/crc32c_generic", "lib/crc16", "fs/mbcache", "fs/jbd2/jbd2", "fs/ext4/ext4",
-           "drivers/virtio/virtio_ring", "drivers/virtio/virtio", "drivers/virtio/virtio_pci_legacy_dev",
-           "drivers/virtio/virtio_pci_modern_dev", "drivers/virtio/virtio_pci", "drivers/block/virtio_blk",
-           "drivers/char/virtio_console"]
+MODULES = [
+    "crypto/crc32c_generic",
+    "lib/crc16",
+    "fs/mbcache",
+    "fs/jbd2/jbd2",
+    "fs/ext4/ext4",
+    "drivers/virtio/virtio_ring",
+    "drivers/virtio/virtio",
+    "drivers/virtio/virtio_pci_legacy_dev",
+    "drivers/virtio/virtio_pci_modern_dev",
+    "drivers/virtio/virtio_pci",
+    "drivers/block/virtio_blk",
+    "drivers/char/virtio_console",
+]
 
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -99,8 +109,10 @@ def build_initramfs(path: Path) -> Path:
 
 
 def _write_cpio(path: Path, files: dict[str, bytes]) -> None:
-    dirs = sorted({str(Path(name).parents[i]) for name in files for i in range(len(Path(name).parents) - 1)}
-                  | {"proc", "sys", "dev", "mnt", "run", "tmp"})
+    dirs = sorted(
+        {str(Path(name).parents[i]) for name in files for i in range(len(Path(name).parents) - 1)}
+        | {"proc", "sys", "dev", "mnt", "run", "tmp"}
+    )
     buf = io.BytesIO()
     ino = 1
 
@@ -143,15 +155,43 @@ class Guest:
         self.disk = make_disk(directory / "guest-disk.qcow2")
         self.console = directory / "guest-console.log"
         # TCG: /dev/kvm exists on these machines but a KVM guest never starts there.
-        argv = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-m", "256", "-smp", "1", "-nodefaults",
-                "-display", "none", "-no-reboot", "-kernel", str(kernel()), "-initrd", str(initramfs),
-                "-append", "console=ttyS0 panic=-1 quiet loglevel=3", "-serial", f"file:{self.console}",
-                "-qmp", f"unix:{self.sock},server=on,wait=off", "-qmp", f"unix:{self.ctl},server=on,wait=off",
-                "-device", "virtio-serial-pci",
-                "-chardev", f"socket,path={self.agent},server=on,wait=off,id=qga0",
-                "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-                "-drive", f"if=none,id=drive0,file={self.disk},format=qcow2",
-                "-device", "virtio-blk-pci,drive=drive0"]
+        argv = [
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-machine",
+            "q35",
+            "-m",
+            "256",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            str(kernel()),
+            "-initrd",
+            str(initramfs),
+            "-append",
+            "console=ttyS0 panic=-1 quiet loglevel=3",
+            "-serial",
+            f"file:{self.console}",
+            "-qmp",
+            f"unix:{self.sock},server=on,wait=off",
+            "-qmp",
+            f"unix:{self.ctl},server=on,wait=off",
+            "-device",
+            "virtio-serial-pci",
+            "-chardev",
+            f"socket,path={self.agent},server=on,wait=off,id=qga0",
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            "-drive",
+            f"if=none,id=drive0,file={self.disk},format=qcow2",
+            "-device",
+            "virtio-blk-pci,drive=drive0",
+        ]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -182,9 +222,11 @@ class Guest:
 def superblock_features(disk: Path, snapshot: str, work: Path) -> str:
     """The ext4 features line of the filesystem as it is in ``snapshot`` of ``disk``."""
     raw = work / f"{snapshot}.raw"
-    subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", "-l", f"snapshot.name={snapshot}",
-                    str(disk), str(raw)], check=True, capture_output=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", "-l", f"snapshot.name={snapshot}", str(disk), str(raw)],
+        check=True,
+        capture_output=True,
+    )
     out = subprocess.run(["dumpe2fs", "-h", str(raw)], capture_output=True, text=True, check=True).stdout
     raw.unlink()
     return next(line for line in out.splitlines() if line.startswith("Filesystem features:"))
-

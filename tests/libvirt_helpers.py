@@ -49,12 +49,17 @@ def libvirt_missing() -> str | None:
 
 
 def domain_xml(name: str, images: list[Path], agent: bool = False) -> str:
-    disks = "".join(f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{img}'/>"
-                    f"<target dev='vd{chr(ord('a') + i)}' bus='virtio'/></disk>" for i, img in enumerate(images))
+    disks = "".join(
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{img}'/>"
+        f"<target dev='vd{chr(ord('a') + i)}' bus='virtio'/></disk>"
+        for i, img in enumerate(images)
+    )
     channel = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>" if agent else ""
-    return (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>24</memory><vcpu>1</vcpu>"
-            "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
-            f"<emulator>/usr/bin/qemu-system-x86_64</emulator>{disks}{channel}</devices></domain>")
+    return (
+        f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>24</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
+        f"<emulator>/usr/bin/qemu-system-x86_64</emulator>{disks}{channel}</devices></domain>"
+    )
 
 
 def define(conn: Any, directory: Path, name: str, disks: int = 2, start: bool = True, agent: bool = False) -> Any:
@@ -81,8 +86,12 @@ def chains(dom: Any) -> dict[str, list[str]]:
 
 def seen(dom: Any) -> dict[str, Any]:
     """Everything a libvirt snapshot could change about a domain."""
-    return {"chains": chains(dom), "snapshots": sorted(s.getName() for s in dom.listAllSnapshots(0)),
-            "state": dom.state()[0], "current": dom.hasCurrentSnapshot(0)}
+    return {
+        "chains": chains(dom),
+        "snapshots": sorted(s.getName() for s in dom.listAllSnapshots(0)),
+        "state": dom.state()[0],
+        "current": dom.hasCurrentSnapshot(0),
+    }
 
 
 def files(directory: Path) -> list[str]:
@@ -119,19 +128,29 @@ class Daemon:
             (ssh / "sshd_config").write_text(
                 f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {ssh / 'host'}\n"
                 f"AuthorizedKeysFile {ssh / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
-                f"PasswordAuthentication no\nUsePAM no\nStrictModes no\nPidFile {ssh / 'sshd.pid'}\n")
+                f"PasswordAuthentication no\nUsePAM no\nStrictModes no\nPidFile {ssh / 'sshd.pid'}\n"
+            )
             self.ssh_ready = True
         self.ssh_uri = f"qemu+ssh://root@127.0.0.1:{self.port}/system?keyfile={ssh / 'user'}&no_verify=1&no_tty=1"
-        binds = " && ".join(f"mkdir -p {dst} && mount --bind {directory / src} {dst}" for src, dst in (
-            ("run", "/run/libvirt"), ("lib", "/var/lib/libvirt"), ("log", "/var/log/libvirt"),
-            ("etc", "/etc/libvirt"), ("cache", "/var/cache/libvirt")))
-        sshd = f"mkdir -p /run/sshd && /usr/sbin/sshd -f {ssh / 'sshd_config'} -E {ssh / 'log'} && " \
-            if self.ssh_ready else ""
-        script = (f"mount --make-rprivate / && {binds} && {sshd}"
-                  "exec libvirtd --config /etc/libvirt/libvirtd.conf --pid-file /run/libvirt/libvirtd.pid")
+        binds = " && ".join(
+            f"mkdir -p {dst} && mount --bind {directory / src} {dst}"
+            for src, dst in (
+                ("run", "/run/libvirt"),
+                ("lib", "/var/lib/libvirt"),
+                ("log", "/var/log/libvirt"),
+                ("etc", "/etc/libvirt"),
+                ("cache", "/var/cache/libvirt"),
+            )
+        )
+        sshd = f"mkdir -p /run/sshd && /usr/sbin/sshd -f {ssh / 'sshd_config'} -E {ssh / 'log'} && " if self.ssh_ready else ""
+        script = (
+            f"mount --make-rprivate / && {binds} && {sshd}"
+            "exec libvirtd --config /etc/libvirt/libvirtd.conf --pid-file /run/libvirt/libvirtd.pid"
+        )
         self.log = open(directory / "daemon.log", "wb")
-        self.proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script], stdout=self.log, stderr=self.log,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            ["unshare", "-m", "sh", "-c", script], stdout=self.log, stderr=self.log, start_new_session=True
+        )
         deadline = time.monotonic() + 60
         while not self.socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -148,7 +167,7 @@ class Daemon:
                     dom.destroy()
             conn.close()
         finally:
-            pid = (self.dir / "ssh" / "sshd.pid")
+            pid = self.dir / "ssh" / "sshd.pid"
             if pid.exists():
                 os.kill(int(pid.read_text()), 15)
             self.proc.terminate()

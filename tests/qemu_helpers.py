@@ -36,9 +36,11 @@ class GuestAgent:
         self.mounts = mounts
         state = directory / "qga-state"
         state.mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(["qemu-ga", "-m", "unix-listen", "-p", str(self.sock), "-t", str(state),
-                                      "-l", str(directory / "qga.log")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["qemu-ga", "-m", "unix-listen", "-p", str(self.sock), "-t", str(state), "-l", str(directory / "qga.log")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while not self.sock.exists() and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -29,8 +29,9 @@ device = "b"
 
 
 def blktx(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blktx", *args], capture_output=True, text=True, cwd=cwd,
-                          env=os.environ.copy(), check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "blktx", *args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy(), check=False
+    )
 
 
 def listing(*args: str) -> tuple[int, dict[str, Any]]:
@@ -105,8 +106,9 @@ def test_max_age_fails_when_the_newest_is_older(world: Path) -> None:
     assert listing("nosuchgroup", "--max-age", "1d")[0] == 1
 
 
-@pytest.mark.parametrize("template, why", [("{nope}", "unknown field {nope}"), ("a/b", "not a usable name"),
-                                           ("{host:%Y}", "takes no format")])
+@pytest.mark.parametrize(
+    "template, why", [("{nope}", "unknown field {nope}"), ("a/b", "not a usable name"), ("{host:%Y}", "takes no format")]
+)
 def test_bad_templates_are_refused_at_the_snapshot_key(world: Path, template: str, why: str) -> None:
     out = blktx("check", "--json", str(write_spec(world, template)))
     assert out.returncode == 2
@@ -140,7 +142,8 @@ def test_verify_qcow2_members_by_snapshot_id_and_date_and_overlay_inode(tmp_path
     (tmp_path / "t.toml").write_text(
         'version = 1\ngroup = "shop"\nsnapshot = "n1"\n'
         '[[action]]\ntype = "qcow2.internal-create"\nimage = "d.qcow2"\n'
-        '[[action]]\ntype = "qcow2.external-create"\ndevice = "v"\noverlay = "v.n1.qcow2"\n')
+        '[[action]]\ntype = "qcow2.external-create"\ndevice = "v"\noverlay = "v.n1.qcow2"\n'
+    )
     assert blktx("run", str(tmp_path / "t.toml")).returncode == 0
     status, data = listing("shop", "--verify", "--max-age", "1h")
     assert status == 0 and data["group_snapshots"][0]["state"] == "complete"

@@ -122,7 +122,8 @@ def test_show_names_a_vm_left_paused(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     journal = SqliteJournal(str(tmp_path / "j.sqlite"))
     result = Executor(load(extra=[("stuck", Stuck())]), journal=journal, locker=Locker()).run(
-        Transaction([ActionSpec("sim.noop", {"key": "[a]"})], options={"quiesce": "pause"}, base_dir=str(tmp_path)))
+        Transaction([ActionSpec("sim.noop", {"key": "[a]"})], options={"quiesce": "pause"}, base_dir=str(tmp_path))
+    )
     assert result.outcome == "needs recovery"
     assert main(["show", result.txid, "--journal", journal.path]) == 0
     text = capsys.readouterr().out
@@ -139,26 +140,35 @@ def test_python_m_blktx_loads_no_plugin_from_the_current_folder(tmp_path: Path) 
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: evil\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[blktx]\nevil = evil_plugin\n")
     (tmp_path / "evil_plugin.py").write_text(f"open({str(tmp_path / 'PWNED')!r}, 'w').close()\n")
-    out = subprocess.run([sys.executable, "-m", "blktx", "types", "--json"], cwd=tmp_path, capture_output=True,
-                         text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "blktx", "types", "--json"], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert not (tmp_path / "PWNED").exists() and "evil" not in out.stdout
 
 
 def test_markup_in_a_backend_message_is_printed_as_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "fault"\nphase = "do"\n'
-                                     'message = "array says [/] and [bold]no[/bold]"\n')
+    (tmp_path / "t.toml").write_text(
+        'version = 1\n[[action]]\ntype = "fault"\nphase = "do"\nmessage = "array says [/] and [bold]no[/bold]"\n'
+    )
     assert main(["run", str(tmp_path / "t.toml")]) == 1
     out = capsys.readouterr().out
     assert "array says [/] and [bold]no[/bold]" in out
 
 
-@pytest.mark.parametrize("content", [b"\xff\xfe v\x00e\x00r\x00", "version = 1\n# caf\xe9\n".encode("latin-1"),
-                                     b"version = 1\n" + b"a = " + b"[" * 5000 + b"]" * 5000 + b"\n",
-                                     b'version = 1\n[[action]]\ntype = "sim.noop"\nkey = "a\\u0000b"\n',
-                                     b"version = 1\x00\n"])
-def test_malformed_spec_bytes_exit_2_with_a_located_message(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                            content: bytes) -> None:
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xff\xfe v\x00e\x00r\x00",
+        "version = 1\n# caf\xe9\n".encode("latin-1"),
+        b"version = 1\n" + b"a = " + b"[" * 5000 + b"]" * 5000 + b"\n",
+        b'version = 1\n[[action]]\ntype = "sim.noop"\nkey = "a\\u0000b"\n',
+        b"version = 1\x00\n",
+    ],
+)
+def test_malformed_spec_bytes_exit_2_with_a_located_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
+) -> None:
     (tmp_path / "t.toml").write_bytes(content)
     for command in ("run", "check"):
         assert main([command, str(tmp_path / "t.toml")]) == 2
@@ -166,8 +176,7 @@ def test_malformed_spec_bytes_exit_2_with_a_located_message(tmp_path: Path, caps
         assert str(tmp_path / "t.toml") in captured.out and "Traceback" not in captured.out + captured.err
 
 
-def test_a_fifo_in_place_of_the_spec_is_refused_not_waited_for(tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_fifo_in_place_of_the_spec_is_refused_not_waited_for(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import os
 
     os.mkfifo(tmp_path / "t.toml")
@@ -175,20 +184,28 @@ def test_a_fifo_in_place_of_the_spec_is_refused_not_waited_for(tmp_path: Path,
     assert "not a regular file" in capsys.readouterr().out
 
 
-def blktx_cli(*args: str, stdin: str | None = None, cwd: Path | None = None,
-              env: dict[str, str] | None = None) -> Any:
+def blktx_cli(*args: str, stdin: str | None = None, cwd: Path | None = None, env: dict[str, str] | None = None) -> Any:
     import os
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "blktx", *args], input=stdin, capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **(env or {})}, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "blktx", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 def test_piped_output_keeps_one_record_per_line_and_columns_is_respected(tmp_path: Path) -> None:
     long_name = "n" * 150
-    (tmp_path / "t.toml").write_text(f'version = 1\n[[action]]\ntype = "fault"\nphase = "check"\n'
-                                     f'message = "the array refused {long_name} because of a long reason"\n')
+    (tmp_path / "t.toml").write_text(
+        f'version = 1\n[[action]]\ntype = "fault"\nphase = "check"\n'
+        f'message = "the array refused {long_name} because of a long reason"\n'
+    )
     out = blktx_cli("check", str(tmp_path / "t.toml"), env={"COLUMNS": ""})
     assert out.returncode == 2
     (line,) = [x for x in out.stdout.splitlines() if x.startswith("error:")]
@@ -209,8 +226,9 @@ def test_a_spec_on_stdin_resolves_paths_against_the_current_folder(tmp_path: Pat
 
 def test_description_is_stored_and_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     journal = str(tmp_path / "j.sqlite")
-    (tmp_path / "t.toml").write_text('version = 1\ndescription = "nightly of the shop"\n'
-                                     '[[action]]\ntype = "sim.noop"\nkey = "a"\n')
+    (tmp_path / "t.toml").write_text(
+        'version = 1\ndescription = "nightly of the shop"\n[[action]]\ntype = "sim.noop"\nkey = "a"\n'
+    )
     assert main(["run", str(tmp_path / "t.toml"), "--journal", journal]) == 0
     capsys.readouterr()
     _, data = run_json(capsys, "log", "--journal", journal)
@@ -249,8 +267,9 @@ def test_a_failed_cancel_is_reported_in_text_with_its_state(tmp_path: Path) -> N
     from blktx_plugins.sim import make_world
 
     make_world(str(tmp_path / "sim-world.json"), ["vda"])
-    (tmp_path / "c.toml").write_text('version = 1\n[[action]]\ntype = "sim.overlay"\ndevice = "vda"\nlayer = "ov1"\n'
-                                     'fail = "invalidate"\nfail_cancel = true\n')
+    (tmp_path / "c.toml").write_text(
+        'version = 1\n[[action]]\ntype = "sim.overlay"\ndevice = "vda"\nlayer = "ov1"\nfail = "invalidate"\nfail_cancel = true\n'
+    )
     out = blktx_cli("run", "--journal", str(tmp_path / "j.sqlite"), str(tmp_path / "c.toml"))
     assert out.returncode == 3 and "CANCEL_FAILED" in out.stdout and "left behind" in out.stdout, out.stderr
     assert "MarkupError" not in out.stderr

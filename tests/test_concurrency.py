@@ -33,8 +33,12 @@ def spec_for(run: int, devices: list[int], images: list[int]) -> str:
 
 def chain_of(folder: Path, device: str) -> list[str]:
     """The overlays from the device's active image down to its base, by file name."""
-    out = subprocess.run(["qemu-img", "info", "--backing-chain", "--output=json", "-U", str(folder / device)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["qemu-img", "info", "--backing-chain", "--output=json", "-U", str(folder / device)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     names = [os.path.basename(os.path.realpath(folder / device))]
     names += [os.path.basename(i["backing-filename"]) for i in json.loads(out.stdout) if "backing-filename" in i]
     return names
@@ -77,8 +81,14 @@ def test_concurrent_runs_kills_and_recovers_equal_a_serial_order(tmp_path: Path)
             args = [sys.executable, "-m", "blktx", "run", "--json", "--journal", str(journals[run % 2])]
             if rng.random() < 0.5:
                 args += ["--wait", "20"]
-            procs.append((run, subprocess.Popen([*args, str(folder / f"r{run}.toml")], stdout=subprocess.PIPE,
-                                                stderr=subprocess.PIPE, text=True)))
+            procs.append(
+                (
+                    run,
+                    subprocess.Popen(
+                        [*args, str(folder / f"r{run}.toml")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                    ),
+                )
+            )
         for n, proc in procs:
             if rng.random() < 0.35:
                 time.sleep(rng.uniform(0.05, 0.6))
@@ -90,11 +100,16 @@ def test_concurrent_runs_kills_and_recovers_equal_a_serial_order(tmp_path: Path)
                 txids[n] = json.loads(out)["txid"]
         if rng.random() < 0.7:  # a recover between rounds, on one journal or both
             for journal in journals[: rng.randint(1, 2)]:
-                subprocess.run([sys.executable, "-m", "blktx", "recover", "--journal", str(journal)],
-                               capture_output=True, check=False)
+                subprocess.run(
+                    [sys.executable, "-m", "blktx", "recover", "--journal", str(journal)], capture_output=True, check=False
+                )
     for journal in journals:
-        done = subprocess.run([sys.executable, "-m", "blktx", "recover", "--json", "--journal", str(journal)],
-                              capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "blktx", "recover", "--json", "--journal", str(journal)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
     assert Locker().claims() == [], "every claim is released once all is recovered"
 

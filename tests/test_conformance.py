@@ -129,8 +129,7 @@ class TestQcow2ExternalCreate(Qcow2Base):
 
     def make_foreign(self, base: Path, action: Any) -> bool:
         # the very shape blktx's overlay has: backed by the current image
-        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "vm.base.qcow2", "-F", "qcow2",
-            str(base / "vm.new.qcow2"))
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "vm.base.qcow2", "-F", "qcow2", str(base / "vm.new.qcow2"))
         return True
 
 
@@ -141,8 +140,11 @@ class TestExec(ActionTypeConformance):
 
     def setup_world(self, base: Path) -> dict[str, Any]:
         made = str(base / "lv")
-        return {"target": "lvm:vg0/lv", "do": [sys.executable, "-c", f"open({made!r}, 'w').close()"],
-                "cancel": [sys.executable, "-c", f"import os; os.path.exists({made!r}) and os.unlink({made!r})"]}
+        return {
+            "target": "lvm:vg0/lv",
+            "do": [sys.executable, "-c", f"open({made!r}, 'w').close()"],
+            "cancel": [sys.executable, "-c", f"import os; os.path.exists({made!r}) and os.unlink({made!r})"],
+        }
 
     def observe(self, base: Path) -> Any:
         return sorted(os.listdir(base))

@@ -27,8 +27,7 @@ def run(tmp: Path, actions: list[dict[str, Any]], allow: bool = True, journal: S
 
 def test_exec_is_refused_before_anything_runs_unless_allowed(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
-    result = run(tmp_path, [{"target": "a", "do": touch(marker), "cancel": rm(marker), "check": touch(marker)}],
-                 allow=False)
+    result = run(tmp_path, [{"target": "a", "do": touch(marker), "cancel": rm(marker), "check": touch(marker)}], allow=False)
     assert result.outcome == "invalid" and result.exit_status == 2
     assert "not allowed" in result.problems[0].message and "--allow-exec" in (result.problems[0].hint or "")
     assert not marker.exists()
@@ -36,13 +35,14 @@ def test_exec_is_refused_before_anything_runs_unless_allowed(tmp_path: Path) -> 
 
 def test_exec_commits_and_rolls_back(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
-    result = run(tmp_path, [{"target": "a", "do": touch(a), "cancel": rm(a)},
-                            {"target": "b", "do": touch(b), "cancel": rm(b)}])
+    result = run(tmp_path, [{"target": "a", "do": touch(a), "cancel": rm(a)}, {"target": "b", "do": touch(b), "cancel": rm(b)}])
     assert result.outcome == "committed" and a.exists() and b.exists()
     a.unlink()
     b.unlink()
-    result = run(tmp_path, [{"target": "a", "do": touch(a), "cancel": rm(a)},
-                            {"target": "b", "do": touch(b), "cancel": rm(b)}, {"type": "fault"}])
+    result = run(
+        tmp_path,
+        [{"target": "a", "do": touch(a), "cancel": rm(a)}, {"target": "b", "do": touch(b), "cancel": rm(b)}, {"type": "fault"}],
+    )
     assert result.outcome == "rolled back" and not a.exists() and not b.exists()
 
 
@@ -57,25 +57,37 @@ def test_nonzero_exit_shows_stderr(tmp_path: Path) -> None:
 def test_a_hanging_command_is_killed_at_its_timeout_and_rolled_back(tmp_path: Path) -> None:
     a = tmp_path / "a"
     t = time.monotonic()
-    result = run(tmp_path, [{"target": "a", "do": touch(a), "cancel": rm(a)},
-                            {"target": "hang", "do": [PY, "-c", "import time; time.sleep(60)"],
-                             "cancel": [PY, "-c", "pass"], "timeout": 0.5}])
+    result = run(
+        tmp_path,
+        [
+            {"target": "a", "do": touch(a), "cancel": rm(a)},
+            {"target": "hang", "do": [PY, "-c", "import time; time.sleep(60)"], "cancel": [PY, "-c", "pass"], "timeout": 0.5},
+        ],
+    )
     assert time.monotonic() - t < 10
     assert result.outcome == "rolled back" and "timed out after 0.5 s" in result.failure.message
     assert not a.exists()
 
 
 def test_check_command_refuses(tmp_path: Path) -> None:
-    result = run(tmp_path, [{"target": "a", "do": touch(tmp_path / "x"), "cancel": rm(tmp_path / "x"),
-                             "check": [PY, "-c", "import sys; print('lv exists'); sys.exit(1)"]}])
+    result = run(
+        tmp_path,
+        [
+            {
+                "target": "a",
+                "do": touch(tmp_path / "x"),
+                "cancel": rm(tmp_path / "x"),
+                "check": [PY, "-c", "import sys; print('lv exists'); sys.exit(1)"],
+            }
+        ],
+    )
     assert result.outcome == "invalid" and "lv exists" in result.problems[0].message
     assert not (tmp_path / "x").exists()
 
 
 def test_output_environment_and_journal(tmp_path: Path) -> None:
     journal = SqliteJournal(str(tmp_path / "j.sqlite"))
-    show = [PY, "-c", "import os; print(os.environ['BLKTX_PHASE'], os.environ['BLKTX_ACTION'], os.environ['SIZE'], "
-                      "os.getcwd())"]
+    show = [PY, "-c", "import os; print(os.environ['BLKTX_PHASE'], os.environ['BLKTX_ACTION'], os.environ['SIZE'], os.getcwd())"]
     result = run(tmp_path, [{"target": "a", "do": show, "cancel": show, "env": {"SIZE": "1G"}}], journal=journal)
     assert result.outcome == "committed"
     expected = f"[do stdout] do 0 1G {tmp_path}\n"
@@ -140,19 +152,29 @@ def test_recover_runs_an_exec_cancel_only_with_allow_exec(tmp_path: Path) -> Non
 
     pwned = tmp_path / "PWNED"
     (tmp_path / "t.toml").write_text(
-        'version = 1\n[[action]]\ntype = "exec"\ntarget = "a"\ndo = ["true"]\n'
-        f'cancel = ["sh", "-c", "id > {pwned}"]\n')
+        f'version = 1\n[[action]]\ntype = "exec"\ntarget = "a"\ndo = ["true"]\ncancel = ["sh", "-c", "id > {pwned}"]\n'
+    )
     journal = str(tmp_path / "j.sqlite")
     env = {**os.environ, "BLKTX_CRASH_AFTER": "2"}
-    out = subprocess.run([PY, "-m", "blktx", "run", "--allow-exec", "--journal", journal, str(tmp_path / "t.toml")],
-                         env=env, capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [PY, "-m", "blktx", "run", "--allow-exec", "--journal", journal, str(tmp_path / "t.toml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == -signal.SIGKILL
-    denied = subprocess.run([PY, "-m", "blktx", "recover", "--json", "--journal", journal], capture_output=True,
-                            text=True, check=False)
+    denied = subprocess.run(
+        [PY, "-m", "blktx", "recover", "--json", "--journal", journal], capture_output=True, text=True, check=False
+    )
     assert denied.returncode == 3 and not pwned.exists()
     assert "--allow-exec" in json.dumps(json.loads(denied.stdout))
-    allowed = subprocess.run([PY, "-m", "blktx", "recover", "--allow-exec", "--json", "--journal", journal],
-                             capture_output=True, text=True, check=False)
+    allowed = subprocess.run(
+        [PY, "-m", "blktx", "recover", "--allow-exec", "--json", "--journal", journal],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
     assert pwned.exists()
 

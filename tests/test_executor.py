@@ -20,9 +20,13 @@ class Recorder(ActionType):
     """Records every callback; fails where told."""
 
     name = "rec.step"
-    params = (Param("key", "str", required=True), Param("fail", "str", default=""),
-              Param("fail_cancel", "bool", default=False), Param("signal", "str", default=""),
-              Param("sleep", "float", default=0.0))
+    params = (
+        Param("key", "str", required=True),
+        Param("fail", "str", default=""),
+        Param("fail_cancel", "bool", default=False),
+        Param("signal", "str", default=""),
+        Param("sleep", "float", default=0.0),
+    )
 
     def target(self, action: Action) -> str:
         return "rec:" + action.params["key"]
@@ -117,9 +121,22 @@ def test_lockstep_order_and_commit_point_before_finalize() -> None:
     result = run([("rec.step", {"key": "a"}), ("rec.final", {"key": "b"}), ("rec.step", {"key": "c"})])
     assert result.outcome == "committed" and result.exit_status == 0
     names = [e[0] for e in LOG]
-    assert names == ["check", "check", "check",
-                     "journal-intent", "do", "do", "journal-intent", "invalidate", "invalidate",
-                     "journal-outcome", "journal-intent", "do", "invalidate", "journal-outcome"]
+    assert names == [
+        "check",
+        "check",
+        "check",
+        "journal-intent",
+        "do",
+        "do",
+        "journal-intent",
+        "invalidate",
+        "invalidate",
+        "journal-outcome",
+        "journal-intent",
+        "do",
+        "invalidate",
+        "journal-outcome",
+    ]
     assert LOG[3] == ("journal-intent", "do", (0, 2))
     assert LOG[9] == ("journal-outcome", "COMMITTED")
     assert LOG[11][:2] == ("do", 1)
@@ -140,8 +157,14 @@ def test_two_actions_on_one_target_conflict() -> None:
 
 
 def test_failure_in_invalidate_cancels_everything_in_reverse() -> None:
-    result = run([("rec.step", {"key": "a"}), ("rec.step", {"key": "b"}),
-                  ("rec.step", {"key": "c", "fail": "invalidate"}), ("rec.final", {"key": "d"})])
+    result = run(
+        [
+            ("rec.step", {"key": "a"}),
+            ("rec.step", {"key": "b"}),
+            ("rec.step", {"key": "c", "fail": "invalidate"}),
+            ("rec.final", {"key": "d"}),
+        ]
+    )
     assert result.outcome == "rolled back" and result.exit_status == 1
     assert steps("cancel") == [2, 1, 0]
     assert steps("do") == [0, 1, 2], "the finalize action never ran"
@@ -168,8 +191,7 @@ def test_a_failed_cancel_is_reported_with_what_was_left() -> None:
 
 
 def test_failed_finalize_is_retried_then_pending() -> None:
-    result = run([("rec.step", {"key": "a"}), ("rec.final", {"key": "b", "fail": "do"})],
-                 finalize_retries=2, retry_delay=0.0)
+    result = run([("rec.step", {"key": "a"}), ("rec.final", {"key": "b", "fail": "do"})], finalize_retries=2, retry_delay=0.0)
     assert result.outcome == "needs recovery" and result.committed and result.exit_status == 3
     assert steps("do") == [0, 1, 1, 1]
     assert [p.action for p in result.pending] == [1]
@@ -178,8 +200,7 @@ def test_failed_finalize_is_retried_then_pending() -> None:
 
 @pytest.mark.parametrize("fail", ["", "do", "invalidate"])
 def test_quiesced_targets_are_resumed_in_every_outcome(fail: str) -> None:
-    result = run([("rec.step", {"key": "a"}), ("rec.step", {"key": "b", "fail": fail})],
-                 extra=[Quiescer()], quiesce="pause")
+    result = run([("rec.step", {"key": "a"}), ("rec.step", {"key": "b", "fail": fail})], extra=[Quiescer()], quiesce="pause")
     names = [e[0] for e in LOG]
     assert names.count("quiesce") == 1 and names.count("resume") == 1
     assert names.index("quiesce") < names.index("do")
@@ -193,8 +214,11 @@ def test_quiesced_targets_are_resumed_in_every_outcome(fail: str) -> None:
 def test_a_do_that_only_prepares_runs_before_the_window() -> None:
     result = run([("rec.step", {"key": "a"}), ("rec.early", {"key": "b"})], extra=[Quiescer()], quiesce="pause")
     assert result.outcome == "committed"
-    order = [(e[0], e[1]) if e[0] in ("do", "invalidate") else e if e[0].startswith("journal") else (e[0],)
-             for e in LOG if e[0] != "check"]
+    order = [
+        (e[0], e[1]) if e[0] in ("do", "invalidate") else e if e[0].startswith("journal") else (e[0],)
+        for e in LOG
+        if e[0] != "check"
+    ]
     # b's do before the quiesce, a's do inside it; every do before any invalidate
     assert order.index(("do", 1)) < order.index(("quiesce",)) < order.index(("do", 0)) < order.index(("invalidate", 0))
     assert order.index(("journal-intent", "do", (0, 1))) < order.index(("do", 1))
@@ -202,8 +226,7 @@ def test_a_do_that_only_prepares_runs_before_the_window() -> None:
 
 
 def test_a_failure_before_the_window_never_quiesces() -> None:
-    result = run([("rec.step", {"key": "a"}), ("rec.early", {"key": "b", "fail": "do"})], extra=[Quiescer()],
-                 quiesce="pause")
+    result = run([("rec.step", {"key": "a"}), ("rec.early", {"key": "b", "fail": "do"})], extra=[Quiescer()], quiesce="pause")
     assert result.outcome == "rolled back" and result.failure.phase == "do"
     assert ("quiesce",) not in LOG and steps("do") == [1] and steps("cancel") == [1]
 
@@ -261,8 +284,7 @@ def test_jobs_run_steps_in_parallel_threads() -> None:
 
 
 def test_jobs_rollback_cancels_every_live_action() -> None:
-    result = run([("rec.step", {"key": str(i)}) for i in range(6)] + [("rec.step", {"key": "z", "fail": "invalidate"})],
-                 jobs=3)
+    result = run([("rec.step", {"key": str(i)}) for i in range(6)] + [("rec.step", {"key": "z", "fail": "invalidate"})], jobs=3)
     assert result.outcome == "rolled back"
     assert sorted(steps("cancel")) == list(range(7))
 
@@ -270,8 +292,12 @@ def test_jobs_rollback_cancels_every_live_action() -> None:
 def test_an_illegal_step_is_refused_before_any_side_effect() -> None:
     registry = load(extra=[("rec", Types())])
     executor = Executor(registry)
-    action = Action(0, registry.types["rec.step"].instance, {"key": "a", "fail": "", "fail_cancel": False,
-                                                             "signal": "", "sleep": 0.0}, "rec:a")
+    action = Action(
+        0,
+        registry.types["rec.step"].instance,
+        {"key": "a", "fail": "", "fail_cancel": False, "signal": "", "sleep": 0.0},
+        "rec:a",
+    )
     LOG.clear()
     with pytest.raises(RuntimeError, match="invalidate is not allowed from START"):
         executor.step("invalidate", [action], RunContext("t", Options(), "/tmp"))

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="mounting and freezing filesystems needs root"),
-              pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="needs mkfs.ext4 (Debian e2fsprogs)")]
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="mounting and freezing filesystems needs root"),
+    pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="needs mkfs.ext4 (Debian e2fsprogs)"),
+]
 
 
 @pytest.fixture
@@ -48,14 +50,21 @@ def spec(tmp_path: Path, mounts: list[Path], sleep: float, quiesce: str = "fsfre
 
 
 def run(path: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "blktx", "run", "--allow-exec", "--json", *extra, str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "blktx", "run", "--allow-exec", "--json", *extra, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def writer(mnt: Path) -> subprocess.Popen[bytes]:
     """A write that a frozen filesystem holds until it thaws."""
-    return subprocess.Popen(["dd", "if=/dev/zero", f"of={mnt / 'w'}", "bs=4k", "count=1", "conv=fsync"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        ["dd", "if=/dev/zero", f"of={mnt / 'w'}", "bs=4k", "count=1", "conv=fsync"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def frozen(mnt: Path, timeout: float = 15) -> bool:
@@ -102,8 +111,9 @@ def test_the_watchdog_thaws_after_a_sigkill(tmp_path: Path, mounts: list[Path]) 
     t = time.monotonic()
     assert writer(mounts[0]).wait(timeout=5) == 0 and writer(mounts[1]).wait(timeout=5) == 0
     assert time.monotonic() - t < 2, "thawed by the watchdog, without blktx recover"
-    done = subprocess.run([sys.executable, "-m", "blktx", "recover", "--allow-exec", "--json"], capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "blktx", "recover", "--allow-exec", "--json"], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -111,14 +121,29 @@ def test_refusals_at_check(tmp_path: Path, mounts: list[Path]) -> None:
     (tmp_path / "plain").mkdir()
     bad = tmp_path / "bad.toml"
     bad.write_text('version = 1\n[options]\nquiesce = "fsfreeze"\n[[action]]\ntype = "host.fsfreeze"\npath = "plain"\n')
-    out = subprocess.run([sys.executable, "-m", "blktx", "check", "--json", str(bad)], capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "blktx", "check", "--json", str(bad)], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 2 and "is not a mountpoint" in out.stdout
-    journal_on_it = subprocess.run([sys.executable, "-m", "blktx", "run", "--allow-exec", "--json", "--journal",
-                                    str(mounts[0] / "j.sqlite"), str(spec(tmp_path, mounts, 0))],
-                                   capture_output=True, text=True, check=False)
+    journal_on_it = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blktx",
+            "run",
+            "--allow-exec",
+            "--json",
+            "--journal",
+            str(mounts[0] / "j.sqlite"),
+            str(spec(tmp_path, mounts, 0)),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert journal_on_it.returncode == 2 and "would wait" in journal_on_it.stdout
     none = spec(tmp_path, mounts, 0, quiesce="none")
-    out = subprocess.run([sys.executable, "-m", "blktx", "check", "--allow-exec", "--json", str(none)],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "blktx", "check", "--allow-exec", "--json", str(none)], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 2 and "needs a quiesce mode" in out.stdout

@@ -119,10 +119,12 @@ def test_root_refuses_a_journal_another_user_can_write(passable: Path) -> None:
 
 
 def test_root_refuses_a_vm_socket_outside_the_roots_and_tcp_without_opt_in(tmp_path: Path) -> None:
-    (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "qmp.internal-create"\n'
-                                     'vm = "/run/somebody-elses-vm.qmp"\ndrive = "drive0"\nname = "n"\n'
-                                     '[[action]]\ntype = "qmp.internal-create"\nvm = "tcp:127.0.0.1:4444"\n'
-                                     'drive = "drive0"\nname = "n"\n')
+    (tmp_path / "t.toml").write_text(
+        'version = 1\n[[action]]\ntype = "qmp.internal-create"\n'
+        'vm = "/run/somebody-elses-vm.qmp"\ndrive = "drive0"\nname = "n"\n'
+        '[[action]]\ntype = "qmp.internal-create"\nvm = "tcp:127.0.0.1:4444"\n'
+        'drive = "drive0"\nname = "n"\n'
+    )
     out = blktx("check", "--json", str(tmp_path / "t.toml"))
     assert out.returncode == 2
     rules = sorted(p["message"].split("[rule ")[1].split("]")[0] for p in json.loads(out.stdout)["problems"])

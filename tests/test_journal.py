@@ -23,8 +23,7 @@ def test_journal_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
 def test_run_records_every_action_and_outcome(tmp_path: Path, registry) -> None:
     journal = SqliteJournal(str(tmp_path / "j.sqlite"))
     make_world(str(tmp_path / "sim-world.json"), ["a"])
-    tx = Transaction([ActionSpec("sim.snapshot", {"device": "a", "name": "n"}), ActionSpec("fault", {})],
-                     base_dir=str(tmp_path))
+    tx = Transaction([ActionSpec("sim.snapshot", {"device": "a", "name": "n"}), ActionSpec("fault", {})], base_dir=str(tmp_path))
     result = Executor(registry, journal=journal, locker=Locker()).run(tx)
     assert result.outcome == "rolled back"
     (logged,) = journal.transactions()
@@ -67,8 +66,7 @@ def test_inside_a_quiesce_window_one_durable_write(tmp_path: Path, registry) -> 
             seen["resumed"] = journal._writes
             return True
 
-    tx = Transaction([ActionSpec("sim.noop", {"key": str(i)}) for i in range(20)], options={"quiesce": "pause"},
-                     base_dir="/tmp")
+    tx = Transaction([ActionSpec("sim.noop", {"key": str(i)}) for i in range(20)], options={"quiesce": "pause"}, base_dir="/tmp")
     result = Executor(load(extra=[("w", Window())]), journal=journal, locker=Locker()).run(tx)
     assert result.outcome == "committed"
     # inside the window: one durable write, the commit point

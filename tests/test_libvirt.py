@@ -56,8 +56,9 @@ def embed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]
 
 
 def run(base: Path, actions: list[tuple[str, dict[str, Any]]], **options: Any) -> Any:
-    return Executor().run(Transaction([ActionSpec(t, p) for t, p in actions], options=options, base_dir=str(base)),
-                          roots=[str(base)])
+    return Executor().run(
+        Transaction([ActionSpec(t, p) for t, p in actions], options=options, base_dir=str(base)), roots=[str(base)]
+    )
 
 
 @pytest.fixture
@@ -77,24 +78,30 @@ def group(uri: str, doms: list[Any], name: str = "nightly") -> list[tuple[str, d
     return [(SNAP, {"uri": uri, "domain": d.name(), "name": name}) for d in doms]
 
 
-def test_three_domains_images_and_btrfs_commit(tmp_path: Path, embed: tuple[str, Any], domains: list[Any],
-                                              btrfs_mount: Path) -> None:
+def test_three_domains_images_and_btrfs_commit(
+    tmp_path: Path, embed: tuple[str, Any], domains: list[Any], btrfs_mount: Path
+) -> None:
     uri, _ = embed
     for n in range(2):
         make_image(tmp_path / f"offline{n}.qcow2")
-    actions = [*group(uri, domains),
-               *[("qcow2.internal-create", {"image": f"offline{n}.qcow2", "name": "nightly"}) for n in range(2)],
-               ("btrfs.snapshot", {"source": str(btrfs_mount / "data"), "dest": str(btrfs_mount / "data.nightly")})]
+    actions = [
+        *group(uri, domains),
+        *[("qcow2.internal-create", {"image": f"offline{n}.qcow2", "name": "nightly"}) for n in range(2)],
+        ("btrfs.snapshot", {"source": str(btrfs_mount / "data"), "dest": str(btrfs_mount / "data.nightly")}),
+    ]
     result = run(tmp_path, actions, quiesce="pause")
     assert result.outcome == "committed", result.summary()
     for dom in domains:
         after = seen(dom)
         assert after["snapshots"] == ["nightly"] and after["state"] == 1  # VIR_DOMAIN_RUNNING
         for dev in ("vda", "vdb"):  # the domain XML follows the overlays (domblklist)
-            assert [Path(f).name for f in after["chains"][dev]] == [f"{dom.name()}-d{ord(dev[2]) - 97}.nightly",
-                                                                    f"{dom.name()}-d{ord(dev[2]) - 97}.qcow2"]
-        listed = subprocess.run(["virsh", "-c", uri, "snapshot-list", dom.name(), "--name"], capture_output=True,
-                                text=True, check=False)
+            assert [Path(f).name for f in after["chains"][dev]] == [
+                f"{dom.name()}-d{ord(dev[2]) - 97}.nightly",
+                f"{dom.name()}-d{ord(dev[2]) - 97}.qcow2",
+            ]
+        listed = subprocess.run(
+            ["virsh", "-c", uri, "snapshot-list", dom.name(), "--name"], capture_output=True, text=True, check=False
+        )
         assert listed.returncode != 0 or listed.stdout.split() == ["nightly"]  # virsh cannot share an embedded root
     for n in range(2):
         assert [s for _, s in snapshots(tmp_path / f"offline{n}.qcow2")] == ["nightly"]
@@ -104,17 +111,20 @@ def test_three_domains_images_and_btrfs_commit(tmp_path: Path, embed: tuple[str,
 
 
 @pytest.mark.parametrize("phase", ["do", "invalidate"])
-def test_the_group_failing_in_its_last_action_restores_every_domain(tmp_path: Path, embed: tuple[str, Any],
-                                                                    domains: list[Any], btrfs_mount: Path,
-                                                                    phase: str) -> None:
+def test_the_group_failing_in_its_last_action_restores_every_domain(
+    tmp_path: Path, embed: tuple[str, Any], domains: list[Any], btrfs_mount: Path, phase: str
+) -> None:
     uri, _ = embed
     make_image(tmp_path / "offline.qcow2")
     domains[1].suspend()  # paused before the run: stays paused
     before = {d.name(): seen(d) for d in domains}
     on_disk = files(tmp_path)
-    actions = [*group(uri, domains), ("qcow2.internal-create", {"image": "offline.qcow2", "name": "nightly"}),
-               ("btrfs.snapshot", {"source": str(btrfs_mount / "data"), "dest": str(btrfs_mount / "data.nightly")}),
-               ("fault", {"phase": phase})]
+    actions = [
+        *group(uri, domains),
+        ("qcow2.internal-create", {"image": "offline.qcow2", "name": "nightly"}),
+        ("btrfs.snapshot", {"source": str(btrfs_mount / "data"), "dest": str(btrfs_mount / "data.nightly")}),
+        ("fault", {"phase": phase}),
+    ]
     result = run(tmp_path, actions, quiesce="pause")
     assert result.outcome == "rolled back", result.summary()
     assert {d.name(): seen(d) for d in domains} == before
@@ -140,21 +150,24 @@ def test_a_shut_off_domain_is_snapshotted_and_rolled_back(tmp_path: Path, embed:
         dom.undefine()
 
 
-def test_one_domain_named_by_name_and_uuid_is_one_target(tmp_path: Path, embed: tuple[str, Any],
-                                                         domains: list[Any]) -> None:
+def test_one_domain_named_by_name_and_uuid_is_one_target(tmp_path: Path, embed: tuple[str, Any], domains: list[Any]) -> None:
     uri, _ = embed
     dom = domains[0]
-    result = run(tmp_path, [(SNAP, {"uri": uri, "domain": dom.name(), "name": "a"}),
-                            (SNAP, {"uri": uri, "domain": dom.UUIDString(), "name": "b"})])
+    result = run(
+        tmp_path,
+        [(SNAP, {"uri": uri, "domain": dom.name(), "name": "a"}), (SNAP, {"uri": uri, "domain": dom.UUIDString(), "name": "b"})],
+    )
     assert result.outcome == "invalid", result.summary()
     assert seen(dom)["snapshots"] == []
 
 
 def test_checks_refuse_with_the_reason(tmp_path: Path, embed: tuple[str, Any], domains: list[Any]) -> None:
     uri, _ = embed
-    cases = [({"domain": "no-such-domain", "name": "n"}, "no domain"),
-             ({"domain": domains[0].name(), "name": "n", "disks": ["vdz"]}, "no writable disk vdz"),
-             ({"domain": domains[0].name(), "name": "a/b"}, "not a usable snapshot name")]
+    cases = [
+        ({"domain": "no-such-domain", "name": "n"}, "no domain"),
+        ({"domain": domains[0].name(), "name": "n", "disks": ["vdz"]}, "no writable disk vdz"),
+        ({"domain": domains[0].name(), "name": "a/b"}, "not a usable snapshot name"),
+    ]
     for params, why in cases:
         result = run(tmp_path, [(SNAP, {"uri": uri, **params})])
         said = "; ".join(str(p) for p in result.problems)
@@ -173,8 +186,9 @@ def test_listed_disks_only(tmp_path: Path, embed: tuple[str, Any], domains: list
     assert len(chains["vda"]) == 1 and Path(chains["vdb"][0]).name.endswith(".one")
 
 
-def test_a_snapshot_of_the_name_made_by_somebody_else_survives_the_rollback(tmp_path: Path, embed: tuple[str, Any],
-                                                                             domains: list[Any]) -> None:
+def test_a_snapshot_of_the_name_made_by_somebody_else_survives_the_rollback(
+    tmp_path: Path, embed: tuple[str, Any], domains: list[Any]
+) -> None:
     """The token journaled at check is what cancel looks for: a snapshot of the same
     name made after the check is not blktx's (do fails on it, cancel leaves it)."""
     from blktx import RunContext
@@ -184,8 +198,11 @@ def test_a_snapshot_of_the_name_made_by_somebody_else_survives_the_rollback(tmp_
     uri, _ = embed
     dom = domains[0]
     registry = default_registry()
-    actions, options = bind(Transaction([ActionSpec(SNAP, {"uri": uri, "domain": dom.name(), "name": "n"})],
-                                        base_dir=str(tmp_path)), registry, roots=[str(tmp_path)])
+    actions, options = bind(
+        Transaction([ActionSpec(SNAP, {"uri": uri, "domain": dom.name(), "name": "n"})], base_dir=str(tmp_path)),
+        registry,
+        roots=[str(tmp_path)],
+    )
     ctx = RunContext("t-foreign", options, str(tmp_path), registry.pm.hook)
     executor = Executor(registry)
     assert not executor.check_actions(actions, ctx, None)
@@ -196,8 +213,7 @@ def test_a_snapshot_of_the_name_made_by_somebody_else_survives_the_rollback(tmp_
     assert seen(dom)["snapshots"] == ["n"]
 
 
-def test_a_domain_on_another_host_over_ssh(tmp_path: Path, daemon: Daemon, embed: tuple[str, Any],
-                                           domains: list[Any]) -> None:
+def test_a_domain_on_another_host_over_ssh(tmp_path: Path, daemon: Daemon, embed: tuple[str, Any], domains: list[Any]) -> None:
     """A group of a domain on "another host" (a private libvirtd reached over ssh)
     and domains of the embedded driver: commit, then a rollback of the same."""
     if not daemon.ssh_ready:
@@ -217,8 +233,7 @@ def test_a_domain_on_another_host_over_ssh(tmp_path: Path, daemon: Daemon, embed
         assert result.outcome == "committed", result.summary()
         assert seen(far)["snapshots"] == ["n"] and seen(far)["state"] == 1
         assert {h.target.split("/")[-1] for h in result.holds} == {far.UUIDString(), domains[0].UUIDString()}
-        assert any(h.target.startswith("libvirt:qemu+ssh://root@127.0.0.1:") and "keyfile" not in h.target
-                   for h in result.holds)
+        assert any(h.target.startswith("libvirt:qemu+ssh://root@127.0.0.1:") and "keyfile" not in h.target for h in result.holds)
     finally:
         far.destroy()
         for snap in far.listAllSnapshots(0):
@@ -237,23 +252,28 @@ def test_recover_resumes_the_domains_of_a_killed_run(tmp_path: Path, daemon: Dae
     spec = tmp_path / "spec.toml"
     kills = 0
     try:
-        lines = ['version = 1', '[options]', 'quiesce = "pause"']
+        lines = ["version = 1", "[options]", 'quiesce = "pause"']
         for dom in doms:
-            lines += ["[[action]]", f'type = "{SNAP}"', f'uri = "{daemon.uri}"', f'domain = "{dom.name()}"',
-                      'name = "NAME"']
+            lines += ["[[action]]", f'type = "{SNAP}"', f'uri = "{daemon.uri}"', f'domain = "{dom.name()}"', 'name = "NAME"']
         for n in range(1, 30):
             name = f"s{n}"
             spec.write_text("\n".join(lines).replace("NAME", name) + "\n")
             journal = tmp_path / f"j{n}.sqlite"
             env = {**os.environ, "BLKTX_CRASH_AFTER": str(n)}
-            out = subprocess.run([sys.executable, "-m", "blktx", "run", str(spec), "--journal", str(journal)],
-                                 capture_output=True, text=True, env=env, check=False)
+            out = subprocess.run(
+                [sys.executable, "-m", "blktx", "run", str(spec), "--journal", str(journal)],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=False,
+            )
             if out.returncode == 0:
                 break
             kills = n
             assert out.returncode == -9, out.stdout + out.stderr
-            rec = subprocess.run([sys.executable, "-m", "blktx", "recover", "--journal", str(journal)],
-                                 capture_output=True, text=True, check=False)
+            rec = subprocess.run(
+                [sys.executable, "-m", "blktx", "recover", "--journal", str(journal)], capture_output=True, text=True, check=False
+            )
             assert rec.returncode == 0, rec.stdout + rec.stderr
             states = [dom.state()[0] for dom in doms]
             assert states == [1, 1], f"kill after write {n}: domains {states}"

@@ -47,14 +47,22 @@ def test_a_live_claim_refuses_a_second_run_naming_the_holder(tmp_path: Path) -> 
 
 
 def test_wait_for_a_live_holder_in_another_process(tmp_path: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import time
 from blktx.locks import Locker
 claim = Locker().acquire("tx-holder", {str(tmp_path / "h.sqlite")!r}, ["sim:noop/a"])
 print("locked", flush=True)
 time.sleep(1.5)
 Locker().release(claim, finished=True)
-"""], stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
     t = time.monotonic()
     result = Executor(journal=SqliteJournal(str(tmp_path / "j.sqlite")), locker=Locker(wait=10)).run(noop_tx(["a"]))
@@ -64,10 +72,17 @@ Locker().release(claim, finished=True)
 
 def test_a_dead_runs_unfinished_claim_is_refused_at_once_even_with_wait(tmp_path: Path) -> None:
     journal = journal_with(tmp_path / "dead.sqlite", "tx-dead", "RUNNING")
-    subprocess.run([sys.executable, "-c", f"""
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"""
 from blktx.locks import Locker
 Locker().acquire("tx-dead", {journal!r}, ["sim:noop/a"])  # exits holding it: the claim stays
-"""], check=True)
+""",
+        ],
+        check=True,
+    )
     assert [c["live"] for c in Locker().claims()] == [False]
     t = time.monotonic()
     with pytest.raises(InvalidTransaction) as info:
@@ -84,20 +99,34 @@ def test_a_dead_runs_claim_of_an_ended_or_never_begun_transaction_is_stale(tmp_p
     journal = journal_with(tmp_path / "dead.sqlite", "tx-other", "DONE")
     if status is not None:
         journal = journal_with(tmp_path / "dead2.sqlite", "tx-dead", status)
-    subprocess.run([sys.executable, "-c", f"""
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"""
 from blktx.locks import Locker
 Locker().acquire("tx-dead", {journal!r}, ["sim:noop/a"])
-"""], check=True)
+""",
+        ],
+        check=True,
+    )
     claim = Locker().acquire("tx-new", str(tmp_path / "j.sqlite"), ["sim:noop/a"])
     assert [c["txid"] for c in Locker().claims()] == ["tx-new"]
     Locker().release(claim, finished=True)
 
 
 def test_a_claim_whose_journal_is_gone_keeps_its_targets(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-c", f"""
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"""
 from blktx.locks import Locker
 Locker().acquire("tx-lost", {str(tmp_path / "gone.sqlite")!r}, ["sim:noop/a"])
-"""], check=True)
+""",
+        ],
+        check=True,
+    )
     with pytest.raises(InvalidTransaction) as info:
         Locker().acquire("tx-new", str(tmp_path / "j.sqlite"), ["sim:noop/a"])
     assert "cannot be read" in info.value.problems[0].message
@@ -133,15 +162,26 @@ def test_a_lock_folder_others_can_write_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_claim_whose_journal_is_lost_can_be_forgotten_by_a_person(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-c", f"""
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"""
 from blktx.locks import Locker
 Locker().acquire("tx-lost", {str(tmp_path / "gone.sqlite")!r}, ["sim:noop/a"])
-"""], check=True)
+""",
+        ],
+        check=True,
+    )
     with pytest.raises(InvalidTransaction) as info:
         Locker().acquire("tx-new", str(tmp_path / "j.sqlite"), ["sim:noop/a"])
     assert "blktx recover --forget tx-lost" in (info.value.problems[0].hint or "")
-    out = subprocess.run([sys.executable, "-m", "blktx", "recover", "--forget", "--journal",
-                          str(tmp_path / "j.sqlite"), "tx-lost"], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "blktx", "recover", "--forget", "--journal", str(tmp_path / "j.sqlite"), "tx-lost"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     Locker().release(Locker().acquire("tx-new", str(tmp_path / "j.sqlite"), ["sim:noop/a"]), finished=True)
 
@@ -161,9 +201,22 @@ def test_sigterm_ends_a_wait_for_locks_at_once(tmp_path: Path) -> None:
     holder = Locker().acquire("tx-holder", str(tmp_path / "h.sqlite"), ["sim:noop/a"])
     try:
         (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "sim.noop"\nkey = "a"\n')
-        proc = subprocess.Popen([sys.executable, "-m", "blktx", "run", "--wait", "30", "--json", "--journal",
-                                 str(tmp_path / "j.sqlite"), str(tmp_path / "t.toml")], stdout=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "blktx",
+                "run",
+                "--wait",
+                "30",
+                "--json",
+                "--journal",
+                str(tmp_path / "j.sqlite"),
+                str(tmp_path / "t.toml"),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(1.0)
         t = time.monotonic()
         proc.send_signal(signal.SIGTERM)

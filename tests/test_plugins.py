@@ -115,8 +115,13 @@ def test_two_distributions_claiming_one_entry_point_name_is_an_error_naming_both
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: clash\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[blktx]\nqcow2 = clash_plugin\n")
     (tmp_path / "clash_plugin.py").write_text("")
-    out = subprocess.run([sys.executable, "-m", "blktx", "types", "--json"], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(tmp_path)}, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "blktx", "types", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        check=False,
+    )
     data = json.loads(out.stdout)
     (problem,) = [p for p in data["problems"] if p["plugin"] == "qcow2"]
     assert "clash 1.0" in problem["message"] and "blktx " in problem["message"], problem

@@ -56,8 +56,8 @@ def sh(*args: str | Path, check: bool = True, user: str | None = None) -> subpro
 @dataclass
 class Cluster:
     base: Path
-    data: Path          # a subvolume on one btrfs
-    wal: Path           # a subvolume on another btrfs (initdb --waldir)
+    data: Path  # a subvolume on one btrfs
+    wal: Path  # a subvolume on another btrfs (initdb --waldir)
     sock: Path
     port: int
     log: Path
@@ -74,8 +74,7 @@ class Cluster:
         return psycopg.connect(self.conninfo, autocommit=True)
 
     def start(self) -> subprocess.CompletedProcess[str]:
-        out = sh(PGBIN / "pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "120", "start", check=False,
-                 user="postgres")
+        out = sh(PGBIN / "pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "120", "start", check=False, user="postgres")
         self.running = out.returncode == 0
         return out
 
@@ -119,8 +118,10 @@ def cluster() -> Iterator[Cluster]:
             shutil.chown(d, "postgres", "postgres")
         sh(PGBIN / "initdb", "-D", c.data, "--waldir", c.wal, "-U", "postgres", "--auth=trust", "-N", user="postgres")
         with open(c.data / "postgresql.conf", "a") as fh:
-            fh.write(f"listen_addresses = ''\nunix_socket_directories = '{c.sock}'\nport = {c.port}\n"
-                     "wal_keep_size = 0\nmax_wal_size = 64MB\nmin_wal_size = 32MB\n")
+            fh.write(
+                f"listen_addresses = ''\nunix_socket_directories = '{c.sock}'\nport = {c.port}\n"
+                "wal_keep_size = 0\nmax_wal_size = 64MB\nmin_wal_size = 32MB\n"
+            )
         assert c.start().returncode == 0, c.log.read_text()
         c.psql("CREATE TABLE t (n int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp(), pad text)")
         yield c
@@ -161,24 +162,34 @@ def spec(c: Cluster, name: str, *, participant: bool, churn: bool = False, kill_
     text += f'[[action]]\ntype = "btrfs.snapshot"\nsource = "fsdata/data"\ndest = "fsdata/{name}"\n'
     if churn:  # the WAL snapshot taken a few checkpoints later: the segments the data snapshot needs are recycled
         sql = "SELECT pg_switch_wal(); CHECKPOINT; " * 3
-        text += (f'[[action]]\ntype = "exec"\ntarget = "churn"\ndo = ["{PGBIN}/psql", "-X", "-q", "-d", "{c.conninfo}", '
-                 f'"-c", "{sql}"]\ncancel = ["true"]\n')
+        text += (
+            f'[[action]]\ntype = "exec"\ntarget = "churn"\ndo = ["{PGBIN}/psql", "-X", "-q", "-d", "{c.conninfo}", '
+            f'"-c", "{sql}"]\ncancel = ["true"]\n'
+        )
     if kill_session:  # inside the window: the backend holding the backup dies
         sql = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'blktx %'"
-        text += (f'[[action]]\ntype = "exec"\ntarget = "kill"\ndo = ["{PGBIN}/psql", "-X", "-q", "-d", "{c.conninfo}", '
-                 f'"-c", "{sql}"]\ncancel = ["true"]\n')
+        text += (
+            f'[[action]]\ntype = "exec"\ntarget = "kill"\ndo = ["{PGBIN}/psql", "-X", "-q", "-d", "{c.conninfo}", '
+            f'"-c", "{sql}"]\ncancel = ["true"]\n'
+        )
     text += f'[[action]]\ntype = "btrfs.snapshot"\nsource = "fswal/wal"\ndest = "fswal/{name}"\n'
     if participant:
-        text += (f'[[action]]\ntype = "postgres.backup"\nconninfo = "{c.conninfo}"\ndest = "fsdata/{name}.backup"\n'
-                 f'label = "{name}"\n')
+        text += (
+            f'[[action]]\ntype = "postgres.backup"\nconninfo = "{c.conninfo}"\ndest = "fsdata/{name}.backup"\nlabel = "{name}"\n'
+        )
     path = c.base / f"{name}.toml"
     path.write_text(text)
     return path
 
 
 def run_blktx(path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
-    out = subprocess.run([sys.executable, "-m", "blktx", *args, "--allow-exec", "--json", str(path)],
-                         capture_output=True, text=True, check=False, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "blktx", *args, "--allow-exec", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     try:
         return out.returncode, json.loads(out.stdout), out.stderr
     except ValueError:
@@ -231,9 +242,11 @@ def test_group_with_the_participant_restores_every_committed_row(cluster: Cluste
     assert "completed backup recovery" in log and "consistent recovery state reached" in log, log
     count, top = c.psql(f"SELECT count(*), max(n) FROM t WHERE n <= {before}").split("|")
     total = c.psql("SELECT count(*) FROM t")
-    print(f"\nwith participant: {before} rows acked before the run, {during} by its end ({took:.2f} s), "
-          f"{total} restored; window {hold['window']} s; segments {state['wal_segments']}\n"
-          + "\n".join(line for line in log.splitlines() if "redo" in line or "backup" in line or "consistent" in line))
+    print(
+        f"\nwith participant: {before} rows acked before the run, {during} by its end ({took:.2f} s), "
+        f"{total} restored; window {hold['window']} s; segments {state['wal_segments']}\n"
+        + "\n".join(line for line in log.splitlines() if "redo" in line or "backup" in line or "consistent" in line)
+    )
     assert int(count) == before and int(top) == before, "every row committed before the backup started"
     assert c.psql("SELECT count(*) FROM t") == c.psql("SELECT max(n) FROM t"), "no gaps"
     assert "backup_label" not in os.listdir(c.data), "PostgreSQL consumed the label (renamed .old)"
@@ -269,8 +282,11 @@ def test_snapshots_at_different_moments_need_the_participant(cluster: Cluster) -
     assert code == 0, (result, err)
     w.stop()
     started, log = restore(c, "plain", None)
-    print("\nwithout participant:", started, "\n".join(line for line in log.splitlines()
-                                                         if "PANIC" in line or "FATAL" in line or "LOG" in line)[-1500:])
+    print(
+        "\nwithout participant:",
+        started,
+        "\n".join(line for line in log.splitlines() if "PANIC" in line or "FATAL" in line or "LOG" in line)[-1500:],
+    )
     assert not started and ("checkpoint record" in log or "PANIC" in log), log
     # back to the live cluster's place, and restore the group that had the participant
     for live in (c.data, c.wal):
@@ -296,10 +312,13 @@ def test_a_session_that_dies_inside_the_window_rolls_the_group_back(cluster: Clu
 def test_recover_after_a_kill_inside_the_window_needs_no_session(cluster: Cluster) -> None:
     c = cluster
     path = spec(c, "killed", participant=True)
-    path.write_text(path.read_text() + '[[action]]\ntype = "exec"\ntarget = "slow"\ndo = ["sleep", "30"]\n'
-                    'cancel = ["true"]\n')
-    proc = subprocess.Popen([sys.executable, "-m", "blktx", "run", "--allow-exec", "--json", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path.write_text(path.read_text() + '[[action]]\ntype = "exec"\ntarget = "slow"\ndo = ["sleep", "30"]\ncancel = ["true"]\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blktx", "run", "--allow-exec", "--json", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 30
     while c.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'blktx %'") == "0":
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()

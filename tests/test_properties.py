@@ -40,8 +40,7 @@ REGISTRY = load(extra=[("test-observer", OBSERVER)])
 
 def normal(world: dict[str, Any]) -> dict[str, Any]:
     """A world up to snapshot ids: names as a multiset, layers, active layer."""
-    return {d: (sorted(Counter(v["snapshots"].values()).items()), v["layers"], v["active"])
-            for d, v in world["devices"].items()}
+    return {d: (sorted(Counter(v["snapshots"].values()).items()), v["layers"], v["active"]) for d, v in world["devices"].items()}
 
 
 def expected(initial: dict[str, Any], actions: list[tuple[str, dict[str, Any]]], skip: set[int]) -> dict[str, Any]:
@@ -82,17 +81,25 @@ def run_case(world: dict[str, Any], actions: list[tuple[str, dict[str, Any]]], j
         wpath = str(Path(tmp) / "sim-world.json")
         make_world(wpath, world["devices"])
         initial = read_world(wpath)
-        tx = Transaction([ActionSpec(t, dict(p)) for t, p in actions], base_dir=tmp,
-                         options={"jobs": jobs, "finalize_retries": 1, "retry_delay": 0.0, "cancel_retries": 0})
+        tx = Transaction(
+            [ActionSpec(t, dict(p)) for t, p in actions],
+            base_dir=tmp,
+            options={"jobs": jobs, "finalize_retries": 1, "retry_delay": 0.0, "cancel_retries": 0},
+        )
         OBSERVER.cancelled.clear()
         result = Executor(REGISTRY).run(tx)
         after = read_world(wpath)
         if result.outcome == INVALID:
             # only a check-phase fault or a conflict may refuse these transactions
-            assert all(p.message in ("fault injected", "the transaction has no actions") or "conflicts with" in p.message
-                       for p in result.problems)
-            assert any(p.get("phase") == "check" for _, p in actions) or any(
-                "conflicts" in p.message for p in result.problems) or not actions
+            assert all(
+                p.message in ("fault injected", "the transaction has no actions") or "conflicts with" in p.message
+                for p in result.problems
+            )
+            assert (
+                any(p.get("phase") == "check" for _, p in actions)
+                or any("conflicts" in p.message for p in result.problems)
+                or not actions
+            )
         if result.outcome in (INVALID, ROLLED_BACK):
             assert after == initial, result.summary()
             assert not result.leftovers
@@ -113,10 +120,12 @@ def run_case(world: dict[str, Any], actions: list[tuple[str, dict[str, Any]]], j
         if not result.committed and result.outcome != INVALID:
             assert result.failure is not None and result.failure.action is not None
             # every action that did anything was cancelled, newest first
-            live = [a.index for a in result.actions if not a.type.finalize and
-                    (a.state == "CANCELED" or a.failed_phase == "cancel")]
-            assert sorted(live) == sorted(set(OBSERVER.cancelled) | {
-                a.index for a in result.actions if a.failed_phase == "cancel"})
+            live = [
+                a.index for a in result.actions if not a.type.finalize and (a.state == "CANCELED" or a.failed_phase == "cancel")
+            ]
+            assert sorted(live) == sorted(
+                set(OBSERVER.cancelled) | {a.index for a in result.actions if a.failed_phase == "cancel"}
+            )
             if jobs == 1:
                 assert OBSERVER.cancelled == sorted(OBSERVER.cancelled, reverse=True)
             assert all(a.state in ("START", "CANCELED") or a.failed_phase == "cancel" for a in result.actions)

@@ -22,8 +22,9 @@ pytestmark = needs_qemu_img
 
 
 def run(directory: Path, actions: list[tuple[str, dict[str, Any]]], **options: Any):
-    return Executor(default_registry()).run(Transaction([ActionSpec(t, p) for t, p in actions], options=options,
-                                                        base_dir=str(directory)))
+    return Executor(default_registry()).run(
+        Transaction([ActionSpec(t, p) for t, p in actions], options=options, base_dir=str(directory))
+    )
 
 
 def group(n: int, name: str = "nightly") -> list[tuple[str, dict[str, Any]]]:
@@ -42,8 +43,11 @@ def images(tmp_path: Path) -> Iterator[Path]:
 
 def unchanged(d: Path) -> bool:
     pristine = d.parent / (d.name + "-pristine")
-    return world(d) == world(pristine) and all(
-        same_data(d / f"d{i}.qcow2", pristine / f"d{i}.qcow2") for i in range(20)) and same_data(d / "vm", pristine / "vm")
+    return (
+        world(d) == world(pristine)
+        and all(same_data(d / f"d{i}.qcow2", pristine / f"d{i}.qcow2") for i in range(20))
+        and same_data(d / "vm", pristine / "vm")
+    )
 
 
 @pytest.mark.parametrize("n", [2, 20])
@@ -58,8 +62,12 @@ def test_group_internal_snapshot_commits(images: Path, n: int) -> None:
 @pytest.mark.parametrize("phase", ["check", "do", "invalidate"])
 @pytest.mark.parametrize("n", [2, 20])
 def test_fault_at_each_phase_rolls_back_everything(images: Path, n: int, phase: str) -> None:
-    actions = [*group(n), ("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"}),
-               ("qcow2.internal-delete", {"image": "d0.qcow2", "name": "weekly"}), ("fault", {"phase": phase})]
+    actions = [
+        *group(n),
+        ("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"}),
+        ("qcow2.internal-delete", {"image": "d0.qcow2", "name": "weekly"}),
+        ("fault", {"phase": phase}),
+    ]
     result = run(images, actions)
     assert result.outcome == ("invalid" if phase == "check" else "rolled back"), result.summary()
     assert unchanged(images)
@@ -78,10 +86,22 @@ def test_external_snapshot_switches_the_device_atomically(images: Path) -> None:
 def test_an_image_in_use_by_a_running_qemu_is_refused_naming_the_process(images: Path) -> None:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("needs qemu-system-x86_64 (Debian qemu-system-x86)")
-    vm = subprocess.Popen(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
-                           "-blockdev", f"driver=file,node-name=f0,filename={images / 'd1.qcow2'}",
-                           "-blockdev", "driver=qcow2,node-name=n0,file=f0"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    vm = subprocess.Popen(
+        [
+            "qemu-system-x86_64",
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-blockdev",
+            f"driver=file,node-name=f0,filename={images / 'd1.qcow2'}",
+            "-blockdev",
+            "driver=qcow2,node-name=n0,file=f0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         from blktx_plugins._qemu import holder
@@ -100,8 +120,14 @@ def test_an_image_in_use_by_a_running_qemu_is_refused_naming_the_process(images:
 
 def test_missing_and_non_qcow2_files_are_refused_all_at_once(images: Path) -> None:
     (images / "plain.img").write_bytes(b"\0" * 4096)
-    result = run(images, [*group(2), ("qcow2.internal-create", {"image": "nope.qcow2", "name": "x"}),
-                          ("qcow2.internal-create", {"image": "plain.img", "name": "x"})])
+    result = run(
+        images,
+        [
+            *group(2),
+            ("qcow2.internal-create", {"image": "nope.qcow2", "name": "x"}),
+            ("qcow2.internal-create", {"image": "plain.img", "name": "x"}),
+        ],
+    )
     assert result.outcome == "invalid" and result.exit_status == 2
     messages = {p.action: p.message for p in result.problems}
     assert messages[2].endswith("nope.qcow2 does not exist")
@@ -119,8 +145,10 @@ def test_existing_snapshot_name_is_refused_without_replace(images: Path) -> None
 
 def test_replace_then_failure_leaves_the_old_snapshot(images: Path) -> None:
     before = snapshots(images / "d0.qcow2")
-    result = run(images, [("qcow2.internal-create", {"image": "d0.qcow2", "name": "weekly", "replace": True}),
-                          ("fault", {"phase": "invalidate"})])
+    result = run(
+        images,
+        [("qcow2.internal-create", {"image": "d0.qcow2", "name": "weekly", "replace": True}), ("fault", {"phase": "invalidate"})],
+    )
     assert result.outcome == "rolled back"
     assert snapshots(images / "d0.qcow2") == before == [("1", "weekly")]
 
@@ -135,8 +163,13 @@ def test_paths_outside_the_spec_directory_are_refused(images: Path, tmp_path_fac
     other = tmp_path_factory.mktemp("other")
     make_image(other / "x.qcow2")
     os.symlink(other / "x.qcow2", images / "escape.qcow2")
-    result = run(images, [("qcow2.internal-create", {"image": str(other / "x.qcow2"), "name": "n"}),
-                          ("qcow2.internal-create", {"image": "escape.qcow2", "name": "n"})])
+    result = run(
+        images,
+        [
+            ("qcow2.internal-create", {"image": str(other / "x.qcow2"), "name": "n"}),
+            ("qcow2.internal-create", {"image": "escape.qcow2", "name": "n"}),
+        ],
+    )
     assert result.outcome == "invalid" and len(result.problems) == 2
     assert all("outside the allowed roots" in p.message for p in result.problems)
     assert snapshots(other / "x.qcow2") == []
@@ -182,8 +215,13 @@ def test_full_filesystem_rolls_back(tmp_path: Path) -> None:
         subprocess.run(["umount", str(mnt)], check=False)
 
 
-ACTIONS = st.lists(st.tuples(st.sampled_from(["create", "create", "external", "fault"]), st.integers(0, 3),
-                             st.sampled_from(["do", "invalidate"])), min_size=1, max_size=6)
+ACTIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["create", "create", "external", "fault"]), st.integers(0, 3), st.sampled_from(["do", "invalidate"])
+    ),
+    min_size=1,
+    max_size=6,
+)
 
 
 @settings(max_examples=12, deadline=None)
@@ -228,8 +266,7 @@ def test_an_overlay_that_appears_after_the_check_is_left_alone(images: Path) -> 
     from blktx.spec import bind
 
     registry = default_registry()
-    tx = Transaction([ActionSpec("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"})],
-                     base_dir=str(images))
+    tx = Transaction([ActionSpec("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"})], base_dir=str(images))
     actions, options = bind(tx, registry)
     from blktx.context import RunContext
 
@@ -246,17 +283,23 @@ def test_an_overlay_that_appears_after_the_check_is_left_alone(images: Path) -> 
 
 
 def test_two_deletes_of_one_snapshot_conflict(images: Path) -> None:
-    result = run(images, [("qcow2.internal-delete", {"image": "d0.qcow2", "name": "weekly"}),
-                          ("qcow2.internal-delete", {"image": "d0.qcow2", "id": "1"})])
+    result = run(
+        images,
+        [
+            ("qcow2.internal-delete", {"image": "d0.qcow2", "name": "weekly"}),
+            ("qcow2.internal-delete", {"image": "d0.qcow2", "id": "1"}),
+        ],
+    )
     assert result.outcome == "invalid"
-    assert result.problems[0].action == 1 and "conflicts with action #0: both delete snapshot 'weekly' (id 1)" in \
-        result.problems[0].message
+    assert (
+        result.problems[0].action == 1
+        and "conflicts with action #0: both delete snapshot 'weekly' (id 1)" in result.problems[0].message
+    )
     assert snapshots(images / "d0.qcow2") == [("1", "weekly")]
 
 
 @pytest.mark.parametrize("replace", [False, True])
-def test_a_same_named_snapshot_made_by_someone_else_after_the_check_survives_the_rollback(
-        tmp_path: Path, replace: bool) -> None:
+def test_a_same_named_snapshot_made_by_someone_else_after_the_check_survives_the_rollback(tmp_path: Path, replace: bool) -> None:
     """Another client makes "nightly" between blktx's check and its do. Fresh: QEMU
     refuses blktx's transaction, and the rollback must not take the other client's
     snapshot for blktx's own. Replace: blktx makes its own (qemu-img allows a second
@@ -273,9 +316,11 @@ def test_a_same_named_snapshot_made_by_someone_else_after_the_check_survives_the
             if event.kind == "phase-start" and event.phase == "do":
                 subprocess.run(["qemu-img", "snapshot", "-c", "nightly", str(tmp_path / "a.qcow2")], check=True)
 
-    actions = [ActionSpec("qcow2.internal-create", {"image": "a.qcow2", "name": "nightly", "replace": replace}),
-               ActionSpec("qcow2.internal-create", {"image": "b.qcow2", "name": "nightly"}),
-               ActionSpec("fault", {"phase": "invalidate"})]
+    actions = [
+        ActionSpec("qcow2.internal-create", {"image": "a.qcow2", "name": "nightly", "replace": replace}),
+        ActionSpec("qcow2.internal-create", {"image": "b.qcow2", "name": "nightly"}),
+        ActionSpec("fault", {"phase": "invalidate"}),
+    ]
     result = Executor(load(extra=[("other", Other())])).run(Transaction(actions, base_dir=str(tmp_path)))
     assert result.outcome == "rolled back", result.summary()
     if not replace:
@@ -284,7 +329,6 @@ def test_a_same_named_snapshot_made_by_someone_else_after_the_check_survives_the
     kept = snapshots(tmp_path / "a.qcow2")
     assert [n for _, n in kept] == (["nightly", "nightly"] if replace else ["nightly"])
     assert snapshots(tmp_path / "b.qcow2") == []
-
 
 
 def _bound(images: Path, specs: list[tuple[str, dict[str, Any]]]) -> tuple[Any, list[Any], Any]:
@@ -305,8 +349,11 @@ def test_an_overlay_of_the_same_shape_made_by_someone_else_survives_the_cancel(i
     """The run died after its do intent, before do; someone makes the overlay by hand,
     backed by the same image (the shape blktx's would have). Recover's cancel keeps it."""
     executor, actions, ctx = _bound(images, [("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"})])
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "vm.base.qcow2", "-F", "qcow2",
-                    str(images / "vm.new.qcow2")], check=True, capture_output=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "vm.base.qcow2", "-F", "qcow2", str(images / "vm.new.qcow2")],
+        check=True,
+        capture_output=True,
+    )
     theirs = (images / "vm.new.qcow2").stat().st_ino
     actions[0].state = "DOING"  # the journal said it began
     assert executor.step("cancel", actions, ctx) == []
@@ -336,8 +383,11 @@ def test_cancel_re_points_the_device_only_while_it_points_at_this_runs_overlay(i
     executor, actions, ctx = _bound(images, [("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"})])
     assert executor.step("do", actions, ctx) == [] and executor.step("invalidate", actions, ctx) == []
     os.unlink(images / "vm.new.qcow2")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "vm.base.qcow2", "-F", "qcow2",
-                    str(images / "vm.new.qcow2")], check=True, capture_output=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "vm.base.qcow2", "-F", "qcow2", str(images / "vm.new.qcow2")],
+        check=True,
+        capture_output=True,
+    )
     theirs = (images / "vm.new.qcow2").stat().st_ino
     assert executor.step("cancel", actions, ctx) == []
     assert (images / "vm.new.qcow2").stat().st_ino == theirs and os.readlink(images / "vm") == "vm.new.qcow2"
@@ -347,8 +397,9 @@ def test_a_file_at_the_old_switch_name_is_never_touched(images: Path) -> None:
     """``vm.blktx-switch`` was blktx's fixed temporary name: a file there is somebody's."""
     for name in ("vm.blktx-switch", "vm.new.qcow2.blktx-switch"):
         (images / name).write_text("mine")
-    result = run(images, [("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"}),
-                          ("fault", {"phase": "invalidate"})])
+    result = run(
+        images, [("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"}), ("fault", {"phase": "invalidate"})]
+    )
     assert result.outcome == "rolled back", result.summary()
     result = run(images, [("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"})])
     assert result.outcome == "committed", result.summary()
@@ -364,8 +415,9 @@ def test_a_same_named_snapshot_made_by_hand_after_a_crash_before_do_survives(ima
         image = images / ("d0.qcow2" if replace else "d1.qcow2")
         if replace:
             subprocess.run(["qemu-img", "snapshot", "-c", "nightly", str(image)], check=True)
-        executor, actions, ctx = _bound(images, [("qcow2.internal-create", {"image": image.name, "name": "nightly",
-                                                                          "replace": replace})])
+        executor, actions, ctx = _bound(
+            images, [("qcow2.internal-create", {"image": image.name, "name": "nightly", "replace": replace})]
+        )
         subprocess.run(["qemu-img", "snapshot", "-c", "nightly", str(image)], check=True)
         before = snapshots(image)
         actions[0].state = "DOING"
@@ -397,7 +449,7 @@ def test_cancel_deletes_only_the_snapshot_whose_id_and_date_do_recorded(images: 
     id, but another date. Cancel keeps it."""
     executor, actions, ctx = _bound(images, [("qcow2.internal-create", {"image": "d1.qcow2", "name": "nightly"})])
     assert executor.step("do", actions, ctx) == []
-    (sid, _, _), = actions[0].undo["made"]
+    ((sid, _, _),) = actions[0].undo["made"]
     subprocess.run(["qemu-img", "snapshot", "-d", "nightly", str(images / "d1.qcow2")], check=True)
     time.sleep(0.01)
     subprocess.run(["qemu-img", "snapshot", "-c", "nightly", str(images / "d1.qcow2")], check=True)
@@ -418,23 +470,34 @@ def test_recover_removes_the_storage_daemon_folders_of_a_killed_run(tmp_path: Pa
     tmpdir = Path(tempfile.mkdtemp(prefix="bq", dir="/tmp"))
     for i in range(2):
         make_image(tmp_path / f"d{i}.qcow2")
-    (tmp_path / "t.toml").write_text("version = 1\n" + "".join(
-        f'[[action]]\ntype = "qcow2.internal-create"\nimage = "d{i}.qcow2"\nname = "s"\n' for i in range(2)))
+    (tmp_path / "t.toml").write_text(
+        "version = 1\n"
+        + "".join(f'[[action]]\ntype = "qcow2.internal-create"\nimage = "d{i}.qcow2"\nname = "s"\n' for i in range(2))
+    )
     journal = tmp_path / "j.sqlite"
     env = {**os.environ, "TMPDIR": str(tmpdir)}
     foreign = tmpdir / "blktx-qsd-someone-else"
     foreign.mkdir()
     killed = None
     for n in range(1, 10):  # the first journal write inside do: the daemon has started
-        out = subprocess.run([sys.executable, "-m", "blktx.cli", "run", str(tmp_path / "t.toml"), "--journal",
-                              str(journal), "--json"], capture_output=True, text=True, check=False,
-                             env={**env, "BLKTX_CRASH_AFTER": str(n)})
+        out = subprocess.run(
+            [sys.executable, "-m", "blktx.cli", "run", str(tmp_path / "t.toml"), "--journal", str(journal), "--json"],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**env, "BLKTX_CRASH_AFTER": str(n)},
+        )
         assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr
         if [p for p in tmpdir.iterdir() if p != foreign]:
             killed = n
             break
-        rec = subprocess.run([sys.executable, "-m", "blktx.cli", "recover", "--journal", str(journal)], env=env,
-                             capture_output=True, text=True, check=False)
+        rec = subprocess.run(
+            [sys.executable, "-m", "blktx.cli", "recover", "--journal", str(journal)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert rec.returncode == 0, rec.stdout + rec.stderr
     assert killed is not None, "no run was killed with its daemon's folder there"
     import sqlite3
@@ -442,8 +505,13 @@ def test_recover_removes_the_storage_daemon_folders_of_a_killed_run(tmp_path: Pa
     (txid,) = sqlite3.connect(journal).execute("SELECT txid FROM tx ORDER BY rowid DESC LIMIT 1").fetchone()
     left = [p.name for p in tmpdir.iterdir() if p != foreign]
     assert left and all(name.startswith(f"blktx-qsd-{txid}-") for name in left), left
-    rec = subprocess.run([sys.executable, "-m", "blktx.cli", "recover", "--json", "--journal", str(journal)],
-                         env=env, capture_output=True, text=True, check=False)
+    rec = subprocess.run(
+        [sys.executable, "-m", "blktx.cli", "recover", "--json", "--journal", str(journal)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert rec.returncode == 0, rec.stdout + rec.stderr
     assert json.loads(rec.stdout)["transactions"][0]["outcome"] == "rolled back"
     assert [p for p in tmpdir.iterdir()] == [foreign], "the dead run's daemon folders are gone; others stay"
@@ -508,8 +576,7 @@ def _snap_table(path: Path) -> int:
         return int(struct.unpack(">Q", fh.read(8))[0])
 
 
-@pytest.mark.parametrize("craft", ["snapshots", "backing name", "extra data", "l1 table", "refcount table",
-                                   "cluster bits"])
+@pytest.mark.parametrize("craft", ["snapshots", "backing name", "extra data", "l1 table", "refcount table", "cluster bits"])
 def test_a_crafted_header_beyond_qemus_limits_is_refused_at_check(tmp_path: Path, craft: str) -> None:
     """A header QEMU would refuse is refused at check, naming the file and the limit,
     and blktx neither allocates nor reads without bound."""
@@ -539,10 +606,15 @@ def test_a_fifo_in_place_of_an_image_is_refused_not_waited_for(tmp_path: Path) -
     import sys
 
     os.mkfifo(tmp_path / "d0.qcow2")
-    (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "qcow2.internal-create"\n'
-                                     'image = "d0.qcow2"\nname = "s"\n')
-    out = subprocess.run([sys.executable, "-m", "blktx.cli", "check", str(tmp_path / "t.toml")],
-                         capture_output=True, text=True, timeout=30, check=False, env={**os.environ, "COLUMNS": "500"})
+    (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "qcow2.internal-create"\nimage = "d0.qcow2"\nname = "s"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "blktx.cli", "check", str(tmp_path / "t.toml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, "COLUMNS": "500"},
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     assert "is not a regular file (a FIFO" in out.stdout + out.stderr, out.stdout
 
@@ -552,8 +624,9 @@ def test_a_snapshot_name_that_is_not_utf8_is_data_not_a_crash(images: Path) -> N
     working, and the name is shown escaped."""
     image = images / "d1.qcow2"
     subprocess.run([b"qemu-img", b"snapshot", b"-c", b"caf\xe9", os.fsencode(image)], check=True)
-    result = run(images, [("qcow2.internal-create", {"image": "d1.qcow2", "name": "nightly"}),
-                          ("fault", {"phase": "invalidate"})])
+    result = run(
+        images, [("qcow2.internal-create", {"image": "d1.qcow2", "name": "nightly"}), ("fault", {"phase": "invalidate"})]
+    )
     assert result.outcome == "rolled back", result.summary()
     result = run(images, [("qcow2.internal-create", {"image": "d1.qcow2", "name": "nightly"})])
     assert result.outcome == "committed", result.summary()
@@ -573,11 +646,20 @@ def test_a_snapshot_name_qemu_would_refuse_or_cut_is_refused_at_check(images: Pa
     assert snapshots(images / "d1.qcow2") == []
 
 
-@pytest.mark.parametrize("backing", ["nbd:127.0.0.1:10809", 'json:{"driver": "raw", "file": {"driver": "file", '
-                                     '"filename": "/etc/shadow"}}', "/etc/hostname", "outside", "deep"])
+@pytest.mark.parametrize(
+    "backing",
+    [
+        "nbd:127.0.0.1:10809",
+        'json:{"driver": "raw", "file": {"driver": "file", "filename": "/etc/shadow"}}',
+        "/etc/hostname",
+        "outside",
+        "deep",
+    ],
+)
 @pytest.mark.parametrize("kind", ["qcow2.internal-create", "qcow2.external-create"])
 def test_a_backing_chain_through_a_protocol_or_outside_the_roots_is_refused_at_check(
-        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, backing: str, kind: str) -> None:
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, backing: str, kind: str
+) -> None:
     """Each backing name of the whole chain is read by blktx and must be a file under
     the roots: QEMU is never asked to open it."""
     spec = tmp_path / "spec"
@@ -593,11 +675,12 @@ def test_a_backing_chain_through_a_protocol_or_outside_the_roots_is_refused_at_c
     top = spec / "d0.qcow2"
     if deep:
         # the first link is inside the roots; the next one leaves them
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", fmt,
-                        str(spec / "mid.qcow2"), "16M"], check=True)
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", fmt, str(spec / "mid.qcow2"), "16M"],
+            check=True,
+        )
         backing, fmt = "./mid.qcow2", "qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", fmt, str(top), "16M"],
-                   check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", fmt, str(top), "16M"], check=True)
     if kind == "qcow2.internal-create":
         result = run(spec, [(kind, {"image": "d0.qcow2", "name": "nightly"})])
     else:
@@ -620,8 +703,9 @@ def test_an_overlay_names_its_backing_file_so_that_no_folder_reads_as_a_protocol
     os.symlink("nbd:x/base.qcow2", tmp_path / "vm")
     result = run(tmp_path, [("qcow2.external-create", {"device": "vm", "overlay": "vm.new.qcow2"})])
     assert result.outcome == "committed", result.summary()
-    info = subprocess.run(["qemu-img", "info", "-U", str(tmp_path / "vm.new.qcow2")], capture_output=True,
-                          text=True, check=True).stdout
+    info = subprocess.run(
+        ["qemu-img", "info", "-U", str(tmp_path / "vm.new.qcow2")], capture_output=True, text=True, check=True
+    ).stdout
     assert "backing file: ./nbd:x/base.qcow2" in info and "backing file format: qcow2" in info, info
     assert same_data(tmp_path / "vm", folder / "base.qcow2")
 
@@ -640,8 +724,10 @@ def test_an_image_swapped_after_the_check_is_not_touched(images: Path) -> None:
             if event.kind == "phase-start" and event.phase == "do":
                 os.replace(images / "other.qcow2", images / "d1.qcow2")
 
-    actions = [ActionSpec("qcow2.internal-create", {"image": "d1.qcow2", "name": "nightly"}),
-               ActionSpec("qcow2.internal-create", {"image": "d2.qcow2", "name": "nightly"})]
+    actions = [
+        ActionSpec("qcow2.internal-create", {"image": "d1.qcow2", "name": "nightly"}),
+        ActionSpec("qcow2.internal-create", {"image": "d2.qcow2", "name": "nightly"}),
+    ]
     result = Executor(load(extra=[("swap", Swap())])).run(Transaction(actions, base_dir=str(images)))
     assert result.outcome == "rolled back", result.summary()
     assert result.failure is not None and "replaced by another file since the check" in result.failure.message
@@ -658,8 +744,23 @@ def test_the_storage_daemon_does_not_open_the_backing_chain(tmp_path: Path) -> N
         pytest.skip("needs qemu-system-x86_64")
     vm = VM(tmp_path, "vm", drives=1)
     try:
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "./vm-d0.qcow2", "-F", "qcow2",
-                        str(tmp_path / "top.qcow2"), "16M"], check=True)
+        subprocess.run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                "./vm-d0.qcow2",
+                "-F",
+                "qcow2",
+                str(tmp_path / "top.qcow2"),
+                "16M",
+            ],
+            check=True,
+        )
         result = run(tmp_path, [("qcow2.internal-create", {"image": "top.qcow2", "name": "nightly"})])
         assert result.outcome == "committed", result.summary()
         from blktx_plugins._image import read_header
@@ -675,8 +776,13 @@ def test_two_devices_writing_one_overlay_are_refused_at_check(tmp_path: Path) ->
         make_image(tmp_path / f"{name}.base.qcow2", size="1M")
         os.symlink(f"{name}.base.qcow2", tmp_path / name)
     before = world(tmp_path)
-    result = run(tmp_path, [("qcow2.external-create", {"device": "a", "overlay": "new.qcow2"}),
-                            ("qcow2.external-create", {"device": "b", "overlay": "./new.qcow2"})])
+    result = run(
+        tmp_path,
+        [
+            ("qcow2.external-create", {"device": "a", "overlay": "new.qcow2"}),
+            ("qcow2.external-create", {"device": "b", "overlay": "./new.qcow2"}),
+        ],
+    )
     assert result.outcome == "invalid"
     (problem,) = result.problems
     assert problem.action == 1 and f"creates {tmp_path / 'new.qcow2'}, as action #0" in problem.message

@@ -31,8 +31,9 @@ N = 40
 
 
 def run(directory: Path, actions: list[tuple[str, dict[str, Any]]], **options: Any) -> Any:
-    return Executor(default_registry()).run(Transaction([ActionSpec(t, p) for t, p in actions], options=options,
-                                                        base_dir=str(directory)))
+    return Executor(default_registry()).run(
+        Transaction([ActionSpec(t, p) for t, p in actions], options=options, base_dir=str(directory))
+    )
 
 
 def group(n: int, name: str = "nightly") -> list[tuple[str, dict[str, Any]]]:
@@ -73,7 +74,8 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[list[list[str]]]:
 
 @pytest.mark.parametrize("jobs", [1, 3])
 def test_a_group_over_several_daemons_commits_and_rolls_back_all_or_none(
-        tmp_path: Path, spy: list[list[list[str]]], jobs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, spy: list[list[list[str]]], jobs: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(_daemons, "default_daemons", lambda: 2)  # as on a 2-core machine, whatever runs the test
     fill(tmp_path, N)
     before = world(tmp_path)
@@ -88,8 +90,7 @@ def test_a_group_over_several_daemons_commits_and_rolls_back_all_or_none(
         names = [s.name for s in read_header(str(tmp_path / f"d{i}.qcow2"))[1]]
         assert names == (["weekly", "nightly"] if i % 3 == 0 else ["nightly"])
     # and the deletes of a later run, over daemons as well
-    result = run(tmp_path, [("qcow2.internal-delete", {"image": f"d{i}.qcow2", "name": "nightly"}) for i in range(N)],
-                 jobs=jobs)
+    result = run(tmp_path, [("qcow2.internal-delete", {"image": f"d{i}.qcow2", "name": "nightly"}) for i in range(N)], jobs=jobs)
     assert result.outcome == "committed", result.summary()
     assert world(tmp_path) == before
 
@@ -100,8 +101,7 @@ def _fault_in(monkeypatch: pytest.MonkeyPatch, image: str, how: str) -> None:
     somebody else as far as blktx knows), or the daemon is killed."""
     real = StorageDaemon.execute
 
-    async def execute(self: StorageDaemon, name: str, args: dict[str, Any] | None = None,
-                      timeout: float = 120.0) -> Any:
+    async def execute(self: StorageDaemon, name: str, args: dict[str, Any] | None = None, timeout: float = 120.0) -> Any:
         if name == "transaction" and image in self.node:
             if how == "refused":
                 await real(self, "blockdev-snapshot-internal-sync", {"device": self.node[image], "name": "nightly"})
@@ -115,7 +115,8 @@ def _fault_in(monkeypatch: pytest.MonkeyPatch, image: str, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["refused", "killed"])
 def test_a_failure_in_one_daemons_transaction_rolls_back_the_others(
-        tmp_path: Path, spy: list[list[list[str]]], how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, spy: list[list[list[str]]], how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fill(tmp_path, N)
     make_image(tmp_path / "r.qcow2", snapshots=("nightly",))  # replaced after the fresh ones: never begun
     before = lists(tmp_path)
@@ -165,9 +166,13 @@ def _spec(d: Path, n: int, extra: str = "") -> Path:
 
 
 def _blktx(d: Path, spec: Path, soft: int, hard: int) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blktx", "run", "--json", str(spec), "--journal",
-                           str(d / "j.sqlite")], capture_output=True, text=True, check=False,
-                          preexec_fn=_limited(soft, hard))
+    return subprocess.run(
+        [sys.executable, "-m", "blktx", "run", "--json", str(spec), "--journal", str(d / "j.sqlite")],
+        capture_output=True,
+        text=True,
+        check=False,
+        preexec_fn=_limited(soft, hard),
+    )
 
 
 @pytest.mark.parametrize("n", [1500])

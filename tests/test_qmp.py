@@ -23,24 +23,27 @@ def vms(tmp_path: Path) -> Iterator[list[VM]]:
         vm.quit() if vm.proc.poll() is None else None
 
 
-def run(base: Path, actions: list[tuple[str, dict[str, Any]]], extra: list[Any] = (), allow_tcp: bool = False,
-        **options: Any):
+def run(base: Path, actions: list[tuple[str, dict[str, Any]]], extra: list[Any] = (), allow_tcp: bool = False, **options: Any):
     registry = load(extra=[(f"t{i}", p) for i, p in enumerate(extra)])
-    return Executor(registry).run(Transaction([ActionSpec(t, p) for t, p in actions], options=options,
-                                              base_dir=str(base)), allow_tcp=allow_tcp)
+    return Executor(registry).run(
+        Transaction([ActionSpec(t, p) for t, p in actions], options=options, base_dir=str(base)), allow_tcp=allow_tcp
+    )
 
 
 def group(vms: list[VM], name: str = "nightly") -> list[tuple[str, dict[str, Any]]]:
-    return [("qmp.internal-create", {"vm": vm.sock.name, "drive": f"drive{d}", "name": name})
-            for vm in vms for d in range(2)]
+    return [("qmp.internal-create", {"vm": vm.sock.name, "drive": f"drive{d}", "name": name}) for vm in vms for d in range(2)]
 
 
 def test_three_vms_two_drives_and_offline_images_commit(tmp_path: Path, vms: list[VM]) -> None:
     make_image(tmp_path / "offline.qcow2")
-    actions = [*group(vms), ("qcow2.internal-create", {"image": "offline.qcow2", "name": "nightly"}),
-               ("qmp.external-create", {"vm": "vm0.qmp", "drive": "drive0", "overlay": "vm0-d0.nightly.qcow2"})]
-    actions = [a for a in actions if not (a[0] == "qmp.internal-create" and a[1]["vm"] == "vm0.qmp"
-                                         and a[1]["drive"] == "drive0")]
+    actions = [
+        *group(vms),
+        ("qcow2.internal-create", {"image": "offline.qcow2", "name": "nightly"}),
+        ("qmp.external-create", {"vm": "vm0.qmp", "drive": "drive0", "overlay": "vm0-d0.nightly.qcow2"}),
+    ]
+    actions = [
+        a for a in actions if not (a[0] == "qmp.internal-create" and a[1]["vm"] == "vm0.qmp" and a[1]["drive"] == "drive0")
+    ]
     result = run(tmp_path, actions, quiesce="pause")
     assert result.outcome == "committed", result.summary()
     for vm in vms:
@@ -59,8 +62,9 @@ def test_three_vms_two_drives_and_offline_images_commit(tmp_path: Path, vms: lis
 def test_a_failure_in_any_vm_rolls_back_the_whole_group(tmp_path: Path, vms: list[VM], phase: str, where: int) -> None:
     actions = [*group(vms[:where]), ("fault", {"phase": phase}), *group(vms[where:])]
     actions.insert(0, ("qmp.external-create", {"vm": "vm1.qmp", "drive": "drive1", "overlay": "ov.qcow2"}))
-    actions = [a for a in actions if not (a[0] == "qmp.internal-create" and a[1]["vm"] == "vm1.qmp"
-                                         and a[1]["drive"] == "drive1")]
+    actions = [
+        a for a in actions if not (a[0] == "qmp.internal-create" and a[1]["vm"] == "vm1.qmp" and a[1]["drive"] == "drive1")
+    ]
     result = run(tmp_path, actions, quiesce="pause")
     assert result.outcome == "rolled back", result.summary()
     for vm in vms:
@@ -69,8 +73,13 @@ def test_a_failure_in_any_vm_rolls_back_the_whole_group(tmp_path: Path, vms: lis
 
 
 def test_qemu_error_names_vm_and_drive(tmp_path: Path, vms: list[VM]) -> None:
-    result = run(tmp_path, [("qmp.internal-create", {"vm": "vm0.qmp", "drive": "nodrive", "name": "x"}),
-                            ("qmp.internal-create", {"vm": "nope.qmp", "drive": "drive0", "name": "x"})])
+    result = run(
+        tmp_path,
+        [
+            ("qmp.internal-create", {"vm": "vm0.qmp", "drive": "nodrive", "name": "x"}),
+            ("qmp.internal-create", {"vm": "nope.qmp", "drive": "drive0", "name": "x"}),
+        ],
+    )
     assert result.outcome == "invalid"
     assert "VM " in result.problems[0].message and "'nodrive'" in result.problems[0].message
     assert "nope.qmp" in result.problems[1].message and result.problems[1].target == f"vm:{tmp_path}/nope.qmp/drive0"
@@ -78,9 +87,13 @@ def test_qemu_error_names_vm_and_drive(tmp_path: Path, vms: list[VM]) -> None:
 
 def test_one_vm_named_two_ways_is_one_target(tmp_path: Path, vms: list[VM]) -> None:
     """Socket paths are resolved against the spec, so locks and conflicts see one VM."""
-    result = run(tmp_path, [("qmp.internal-create", {"vm": "vm0.qmp", "drive": "drive0", "name": "a"}),
-                            ("qmp.internal-create", {"vm": f"../{tmp_path.name}/vm0.qmp", "drive": "drive0",
-                                                     "name": "b"})])
+    result = run(
+        tmp_path,
+        [
+            ("qmp.internal-create", {"vm": "vm0.qmp", "drive": "drive0", "name": "a"}),
+            ("qmp.internal-create", {"vm": f"../{tmp_path.name}/vm0.qmp", "drive": "drive0", "name": "b"}),
+        ],
+    )
     assert result.outcome == "invalid"
     assert result.problems[0].target == f"vm:{tmp_path}/vm0.qmp/drive0" and vms[0].snapshots(0) == []
 
@@ -114,8 +127,10 @@ def test_paused_vm_stays_paused_running_vm_runs_again(tmp_path: Path) -> None:
     paused, running = VM(tmp_path, "p", paused=True), VM(tmp_path, "r")
     try:
         for outcome_fault in (False, True):
-            acts = [("qmp.internal-create", {"vm": "p.qmp", "drive": "drive0", "name": f"s{outcome_fault}"}),
-                    ("qmp.internal-create", {"vm": "r.qmp", "drive": "drive0", "name": f"s{outcome_fault}"})]
+            acts = [
+                ("qmp.internal-create", {"vm": "p.qmp", "drive": "drive0", "name": f"s{outcome_fault}"}),
+                ("qmp.internal-create", {"vm": "r.qmp", "drive": "drive0", "name": f"s{outcome_fault}"}),
+            ]
             if outcome_fault:
                 acts.append(("fault", {"phase": "invalidate"}))
             result = run(tmp_path, acts, quiesce="pause")
@@ -135,19 +150,25 @@ def test_guest_writes_after_the_switch_survive_a_rollback(tmp_path: Path, vms: l
         @hookimpl
         def blktx_event(self, event: Event) -> None:
             if event.kind == "phase-end" and event.phase == "invalidate":
-                vms[0].qmp("human-monitor-command",
-                           {"command-line": "qemu-io drive0 \"write -P 0x99 0 64k\""})
+                vms[0].qmp("human-monitor-command", {"command-line": 'qemu-io drive0 "write -P 0x99 0 64k"'})
 
-    result = run(tmp_path, [("qmp.external-create", {"vm": "vm0.qmp", "drive": "drive0", "overlay": "ov.qcow2"}),
-                            ("fault", {"phase": "invalidate"})], extra=[WriteAfterSwitch()])
+    result = run(
+        tmp_path,
+        [
+            ("qmp.external-create", {"vm": "vm0.qmp", "drive": "drive0", "overlay": "ov.qcow2"}),
+            ("fault", {"phase": "invalidate"}),
+        ],
+        extra=[WriteAfterSwitch()],
+    )
     assert result.outcome == "rolled back"
     assert vms[0].active_file(0) == "vm0-d0.qcow2" and not (tmp_path / "ov.qcow2").exists()
     assert qmp_plugin.__name__
     vms[0].quit()
     import subprocess
 
-    out = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x99 0 64k", str(vms[0].images[0])],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "read -P 0x99 0 64k", str(vms[0].images[0])], capture_output=True, text=True
+    )
     assert "Pattern verification failed" not in out.stdout and out.returncode == 0
 
 
@@ -162,9 +183,15 @@ def test_overlays_are_made_before_the_pause_and_switched_inside_it(tmp_path: Pat
             if event.kind == "action" and event.phase in ("do", "invalidate"):
                 seen[(event.phase, event.action)] = vms[0].running()
 
-    result = run(tmp_path, [("qmp.internal-create", {"vm": "vm0.qmp", "drive": "drive0", "name": "n"}),
-                            ("qmp.external-create", {"vm": "vm0.qmp", "drive": "drive1", "overlay": "ov.qcow2"})],
-                 extra=[Watch()], quiesce="pause")
+    result = run(
+        tmp_path,
+        [
+            ("qmp.internal-create", {"vm": "vm0.qmp", "drive": "drive0", "name": "n"}),
+            ("qmp.external-create", {"vm": "vm0.qmp", "drive": "drive1", "overlay": "ov.qcow2"}),
+        ],
+        extra=[Watch()],
+        quiesce="pause",
+    )
     assert result.outcome == "committed", result.summary()
     assert seen[("do", 1)] is True, "the overlay was made inside the pause window"
     assert seen[("do", 0)] is False and seen[("invalidate", 1)] is False
@@ -182,10 +209,22 @@ def test_a_vm_reached_over_tcp(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     image = make_image(tmp_path / "t.qcow2")
-    proc = subprocess.Popen(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
-                             "-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off",
-                             "-drive", f"if=none,id=drive0,file={image},format=qcow2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            "qemu-system-x86_64",
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+            f"tcp:127.0.0.1:{port},server=on,wait=off",
+            "-drive",
+            f"if=none,id=drive0,file={image},format=qcow2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         address = f"tcp:127.0.0.1:{port}"
         deadline = time.monotonic() + 10
@@ -195,12 +234,20 @@ def test_a_vm_reached_over_tcp(tmp_path: Path) -> None:
                     break
             time.sleep(0.02)
         time.sleep(0.1)  # the probe's connection must be gone: QEMU serves one client per monitor
-        result = run(tmp_path, [("qmp.internal-create", {"vm": address, "drive": "drive0", "name": "over-tcp"}),
-                                ("fault", {"phase": "invalidate"})], quiesce="pause", allow_tcp=True)
+        result = run(
+            tmp_path,
+            [("qmp.internal-create", {"vm": address, "drive": "drive0", "name": "over-tcp"}), ("fault", {"phase": "invalidate"})],
+            quiesce="pause",
+            allow_tcp=True,
+        )
         assert result.outcome == "rolled back", result.summary()
         assert [h.target for h in result.holds] == [f"vm:{address}"]
-        result = run(tmp_path, [("qmp.internal-create", {"vm": address, "drive": "drive0", "name": "over-tcp"})],
-                     quiesce="pause", allow_tcp=True)
+        result = run(
+            tmp_path,
+            [("qmp.internal-create", {"vm": address, "drive": "drive0", "name": "over-tcp"})],
+            quiesce="pause",
+            allow_tcp=True,
+        )
         assert result.outcome == "committed", result.summary()
         assert result.actions[0].target == f"vm:{address}/drive0"
     finally:
@@ -211,8 +258,9 @@ def test_a_vm_reached_over_tcp(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("phase", ["do", "invalidate"])
 @pytest.mark.parametrize("victim", [0, 1, 2])
-def test_qemu_itself_failing_in_any_vm_and_phase_rolls_back_the_group(tmp_path: Path, vms: list[VM], phase: str,
-                                                                      victim: int) -> None:
+def test_qemu_itself_failing_in_any_vm_and_phase_rolls_back_the_group(
+    tmp_path: Path, vms: list[VM], phase: str, victim: int
+) -> None:
     """QEMU refuses inside one VM: for do, a snapshot of the same name appears
     after the check (made by someone else, so it must survive the rollback); for
     invalidate, the overlay node blktx added is gone before the switch."""
@@ -229,8 +277,7 @@ def test_qemu_itself_failing_in_any_vm_and_phase_rolls_back_the_group(tmp_path: 
                         target.qmp("blockdev-del", {"node-name": node["node-name"]})
 
     actions = [("qmp.internal-create", {"vm": vm.sock.name, "drive": "drive0", "name": "nightly"}) for vm in vms]
-    actions += [("qmp.external-create", {"vm": vm.sock.name, "drive": "drive1", "overlay": f"{vm.name}-ov.qcow2"})
-                for vm in vms]
+    actions += [("qmp.external-create", {"vm": vm.sock.name, "drive": "drive1", "overlay": f"{vm.name}-ov.qcow2"}) for vm in vms]
     result = run(tmp_path, actions, extra=[Saboteur()], quiesce="pause")
     assert result.outcome == "rolled back", result.summary()
     assert result.failure is not None and result.failure.phase == phase
@@ -264,15 +311,25 @@ def test_the_vm_group_example_runs_as_documented(tmp_path: Path, capsys: pytest.
 
 def test_drives_named_by_node_name(tmp_path: Path, vms: list[VM]) -> None:
     """`drive` may be a node name (`-drive ...,node-name=vm0-n0`) as well as the drive id."""
-    result = run(tmp_path, [("qmp.internal-create", {"vm": "vm0.qmp", "drive": "vm0-n0", "name": "by-node"}),
-                            ("qmp.external-create", {"vm": "vm0.qmp", "drive": "vm0-n1", "overlay": "n1.qcow2"})],
-                 quiesce="pause")
+    result = run(
+        tmp_path,
+        [
+            ("qmp.internal-create", {"vm": "vm0.qmp", "drive": "vm0-n0", "name": "by-node"}),
+            ("qmp.external-create", {"vm": "vm0.qmp", "drive": "vm0-n1", "overlay": "n1.qcow2"}),
+        ],
+        quiesce="pause",
+    )
     assert result.outcome == "committed", result.summary()
     assert vms[0].snapshots(0) == ["by-node"] and vms[0].active_file(1) == "n1.qcow2"
     assert [a.target for a in result.actions] == [f"vm:{tmp_path}/vm0.qmp/drive0", f"vm:{tmp_path}/vm0.qmp/drive1"]
     # the drive's id and its node name are one target
-    result = run(tmp_path, [("qmp.internal-create", {"vm": "vm0.qmp", "drive": "vm0-n0", "name": "a"}),
-                            ("qmp.internal-create", {"vm": "vm0.qmp", "drive": "drive0", "name": "b"})])
+    result = run(
+        tmp_path,
+        [
+            ("qmp.internal-create", {"vm": "vm0.qmp", "drive": "vm0-n0", "name": "a"}),
+            ("qmp.internal-create", {"vm": "vm0.qmp", "drive": "drive0", "name": "b"}),
+        ],
+    )
     assert result.outcome == "invalid" and "conflicts with action #0" in result.problems[0].message
     assert vms[0].snapshots(0) == ["by-node"]
 
@@ -281,8 +338,7 @@ def test_quiesce_from_the_command_line(tmp_path: Path, vms: list[VM], capsys: py
     from blktx.cli import main
 
     spec = tmp_path / "t.toml"
-    spec.write_text('version = 1\n[[action]]\ntype = "qmp.internal-create"\nvm = "vm0.qmp"\ndrive = "drive0"\n'
-                    'name = "cli"\n')
+    spec.write_text('version = 1\n[[action]]\ntype = "qmp.internal-create"\nvm = "vm0.qmp"\ndrive = "drive0"\nname = "cli"\n')
     assert main(["check", str(spec), "--quiesce", "fsfreeze"]) == 2
     assert "through its guest agent, and this action names none" in " ".join(capsys.readouterr().out.split())
     assert main(["run", str(spec), "--quiesce", "pause", "--no-journal"]) == 0
@@ -322,9 +378,18 @@ class SilentOnStop:
         if name == "query-status":
             return {"running": True, "status": "running"}
         if name == "query-block":
-            return [{"device": "drive0", "qdev": "", "inserted": {
-                "node-name": "n0", "file": str(self.image), "drv": "qcow2",
-                "image": {"virtual-size": 16 << 20, "snapshots": []}}}]
+            return [
+                {
+                    "device": "drive0",
+                    "qdev": "",
+                    "inserted": {
+                        "node-name": "n0",
+                        "file": str(self.image),
+                        "drv": "qcow2",
+                        "image": {"virtual-size": 16 << 20, "snapshots": []},
+                    },
+                }
+            ]
         if name == "query-named-block-nodes":
             return []
         return {}
@@ -333,8 +398,12 @@ class SilentOnStop:
         import json
 
         decoder, buf = json.JSONDecoder(), ""
-        conn.sendall(json.dumps({"QMP": {"version": {"qemu": {"major": 8, "minor": 0, "micro": 0},
-                                                     "package": ""}, "capabilities": []}}).encode() + b"\r\n")
+        conn.sendall(
+            json.dumps(
+                {"QMP": {"version": {"qemu": {"major": 8, "minor": 0, "micro": 0}, "package": ""}, "capabilities": []}}
+            ).encode()
+            + b"\r\n"
+        )
         with conn:
             while True:
                 data = conn.recv(65536)
@@ -386,10 +455,13 @@ def test_a_vm_that_never_answers_stop_does_not_keep_the_others_paused(tmp_path: 
     watcher.start()
     results: list[Any] = []
     try:
-        actions = [("qmp.internal-create", {"vm": "real.qmp", "drive": "drive0", "name": "nightly"}),
-                   ("qmp.internal-create", {"vm": "hung.qmp", "drive": "drive0", "name": "nightly"})]
-        runner = threading.Thread(target=lambda: results.append(run(tmp_path, actions, quiesce="pause",
-                                                                    max_window=2.0)), daemon=True)
+        actions = [
+            ("qmp.internal-create", {"vm": "real.qmp", "drive": "drive0", "name": "nightly"}),
+            ("qmp.internal-create", {"vm": "hung.qmp", "drive": "drive0", "name": "nightly"}),
+        ]
+        runner = threading.Thread(
+            target=lambda: results.append(run(tmp_path, actions, quiesce="pause", max_window=2.0)), daemon=True
+        )
         runner.start()
         runner.join(timeout=30)
         assert not runner.is_alive(), "the run waited for the VM that never answers"
@@ -426,17 +498,21 @@ def test_a_dead_vms_image_is_undone_offline_only_under_the_roots(tmp_path: Path,
                 vm.kill()
 
     try:
-        actions = [ActionSpec("qmp.internal-create", {"vm": str(vm.sock), "drive": "drive0", "name": "nightly"}),
-                   ActionSpec("fault", {"phase": "invalidate"})]
+        actions = [
+            ActionSpec("qmp.internal-create", {"vm": str(vm.sock), "drive": "drive0", "name": "nightly"}),
+            ActionSpec("fault", {"phase": "invalidate"}),
+        ]
         result = Executor(load(extra=[("kill", KillAtInvalidate())])).run(
-            Transaction(actions, base_dir=str(spec)), vm_roots=[str(vms_dir)])
+            Transaction(actions, base_dir=str(spec)), vm_roots=[str(vms_dir)]
+        )
         if confined:
             assert result.outcome == "rolled back", result.summary()
             assert snapshots(vm.images[0]) == []
         else:
             assert result.outcome == "needs recovery", result.summary()
-            assert any("[rule confined-paths]" in str(lo) for lo in result.leftovers) or \
-                "[rule confined-paths]" in result.summary(), result.summary()
+            assert (
+                any("[rule confined-paths]" in str(lo) for lo in result.leftovers) or "[rule confined-paths]" in result.summary()
+            ), result.summary()
             assert [n for _, n in snapshots(vm.images[0])] == ["nightly"]
     finally:
         if vm.proc.poll() is None:
@@ -444,8 +520,7 @@ def test_a_dead_vms_image_is_undone_offline_only_under_the_roots(tmp_path: Path,
 
 
 @pytest.mark.parametrize("name", ["", "a\0b", "x" * 256])
-def test_a_snapshot_name_qemu_would_refuse_or_cut_is_refused_at_check(tmp_path: Path, vms: list[VM],
-                                                                      name: str) -> None:
+def test_a_snapshot_name_qemu_would_refuse_or_cut_is_refused_at_check(tmp_path: Path, vms: list[VM], name: str) -> None:
     result = run(tmp_path, [("qmp.internal-create", {"vm": "vm0.qmp", "drive": "drive0", "name": name})])
     assert result.outcome == "invalid", result.summary()
     assert "qmp.internal-create action #0 on drive drive0 of VM" in result.problems[0].message
@@ -457,8 +532,7 @@ def test_an_overlay_is_not_made_for_a_drive_the_vm_opened_through_a_protocol(tmp
     backing file, so the action is refused at check."""
     fake = SilentOnStop(tmp_path / "odd.qmp", 'json:{"driver": "nbd", "server": {"type": "inet", "host": "x"}}')
     try:
-        result = run(tmp_path, [("qmp.external-create", {"vm": "odd.qmp", "drive": "drive0",
-                                                         "overlay": "ov.qcow2"})])
+        result = run(tmp_path, [("qmp.external-create", {"vm": "odd.qmp", "drive": "drive0", "overlay": "ov.qcow2"})])
         assert result.outcome == "invalid", result.summary()
         assert "not a file path [rule confined-paths]" in result.problems[0].message
         assert not (tmp_path / "ov.qcow2").exists()

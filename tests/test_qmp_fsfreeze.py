@@ -66,17 +66,21 @@ class Probe:
 def run(base: Path, actions: list[tuple[str, dict[str, Any]]], extra: list[Any] = (), **options: Any):
     registry = load(extra=[(f"t{i}", p) for i, p in enumerate(extra)])
     # the agent over TCP is this test's own relay on the loopback
-    return Executor(registry).run(Transaction([ActionSpec(t, p) for t, p in actions], options=options,
-                                              base_dir=str(base)), allow_tcp=True)
+    return Executor(registry).run(
+        Transaction([ActionSpec(t, p) for t, p in actions], options=options, base_dir=str(base)), allow_tcp=True
+    )
 
 
 def snap(mnt: Path, name: str = "nightly", **extra: Any) -> tuple[str, dict[str, Any]]:
-    return ("qmp.internal-create", {"vm": "vm.qmp", "drive": "drive0", "name": name, "agent": "qga.sock",
-                                    "freeze": [str(mnt)], **extra})
+    return (
+        "qmp.internal-create",
+        {"vm": "vm.qmp", "drive": "drive0", "name": name, "agent": "qga.sock", "freeze": [str(mnt)], **extra},
+    )
 
 
-def test_fsfreeze_holds_writes_during_the_snapshot_and_thaws_after(tmp_path: Path, vm: VM, agent: GuestAgent,
-                                                                  btrfs_mount: Path) -> None:
+def test_fsfreeze_holds_writes_during_the_snapshot_and_thaws_after(
+    tmp_path: Path, vm: VM, agent: GuestAgent, btrfs_mount: Path
+) -> None:
     probe = Probe(btrfs_mount, vm)
     result = run(tmp_path, [snap(btrfs_mount)], extra=[probe], quiesce="fsfreeze")
     assert result.outcome == "committed", result.summary()
@@ -89,11 +93,9 @@ def test_fsfreeze_holds_writes_during_the_snapshot_and_thaws_after(tmp_path: Pat
     assert result.holds[0].window is not None and 0.3 <= result.holds[0].window < 10
 
 
-def test_fsfreeze_and_pause_roll_back_thawed_and_running(tmp_path: Path, vm: VM, agent: GuestAgent,
-                                                        btrfs_mount: Path) -> None:
+def test_fsfreeze_and_pause_roll_back_thawed_and_running(tmp_path: Path, vm: VM, agent: GuestAgent, btrfs_mount: Path) -> None:
     probe = Probe(btrfs_mount, vm)
-    result = run(tmp_path, [snap(btrfs_mount), ("fault", {"phase": "invalidate"})], extra=[probe],
-                 quiesce="fsfreeze+pause")
+    result = run(tmp_path, [snap(btrfs_mount), ("fault", {"phase": "invalidate"})], extra=[probe], quiesce="fsfreeze+pause")
     assert result.outcome == "rolled back", result.summary()
     assert probe.blocked is True and probe.vm_running is False  # frozen and paused during do
     assert probe.done.wait(5) and agent.status() == "thawed" and vm.running()
@@ -105,8 +107,7 @@ def test_fsfreeze_and_pause_roll_back_thawed_and_running(tmp_path: Path, vm: VM,
     assert pause.end <= freeze.end
 
 
-def test_a_guest_frozen_before_the_run_stays_frozen(tmp_path: Path, vm: VM, agent: GuestAgent,
-                                                   btrfs_mount: Path) -> None:
+def test_a_guest_frozen_before_the_run_stays_frozen(tmp_path: Path, vm: VM, agent: GuestAgent, btrfs_mount: Path) -> None:
     assert agent.cmd("guest-fsfreeze-freeze-list", {"mountpoints": [str(btrfs_mount)]}) == 1
     try:
         result = run(tmp_path, [snap(btrfs_mount)], quiesce="fsfreeze")
@@ -130,11 +131,11 @@ def test_fsfreeze_needs_an_agent_that_answers(tmp_path: Path, vm: VM, agent: Gue
     assert vm.snapshots(0) == []
 
 
-def test_a_path_that_is_no_mountpoint_fails_the_freeze_and_changes_nothing(tmp_path: Path, vm: VM, agent: GuestAgent,
-                                                                           btrfs_mount: Path) -> None:
+def test_a_path_that_is_no_mountpoint_fails_the_freeze_and_changes_nothing(
+    tmp_path: Path, vm: VM, agent: GuestAgent, btrfs_mount: Path
+) -> None:
     (tmp_path / "plain").mkdir()
-    result = run(tmp_path, [snap(btrfs_mount, freeze=[str(btrfs_mount), str(tmp_path / "plain")])],
-                 quiesce="fsfreeze")
+    result = run(tmp_path, [snap(btrfs_mount, freeze=[str(btrfs_mount), str(tmp_path / "plain")])], quiesce="fsfreeze")
     assert result.outcome == "rolled back"
     assert result.failure is not None and result.failure.phase == "quiesce"
     assert "froze 1 of the 2 filesystems" in result.failure.message and "vm.qmp" in result.failure.message
@@ -143,8 +144,7 @@ def test_a_path_that_is_no_mountpoint_fails_the_freeze_and_changes_nothing(tmp_p
     assert os.path.exists(btrfs_mount / "data" / "after")
 
 
-def test_resume_thaws_after_cont_even_when_the_vm_died(tmp_path: Path, vm: VM, agent: GuestAgent,
-                                                      btrfs_mount: Path) -> None:
+def test_resume_thaws_after_cont_even_when_the_vm_died(tmp_path: Path, vm: VM, agent: GuestAgent, btrfs_mount: Path) -> None:
     """A VM killed inside the window: the group rolls back, its agent's guest is
     still thawed (here the agent outlives the VM, as a host agent does)."""
 
@@ -156,8 +156,13 @@ def test_resume_thaws_after_cont_even_when_the_vm_died(tmp_path: Path, vm: VM, a
 
     make_image(tmp_path / "off.qcow2")
     started = time.monotonic()
-    result = run(tmp_path, [("qcow2.internal-create", {"image": "off.qcow2", "name": "nightly"}), snap(btrfs_mount)],
-                 extra=[KillAtDo()], quiesce="fsfreeze+pause", jobs=1)
+    result = run(
+        tmp_path,
+        [("qcow2.internal-create", {"image": "off.qcow2", "name": "nightly"}), snap(btrfs_mount)],
+        extra=[KillAtDo()],
+        quiesce="fsfreeze+pause",
+        jobs=1,
+    )
     assert result.outcome == "rolled back", result.summary()
     assert result.failure is not None and "vm.qmp" in result.failure.message
     assert agent.status() == "thawed" and snapshots(tmp_path / "off.qcow2") == []
@@ -177,8 +182,9 @@ def test_a_paused_vm_is_not_frozen(tmp_path: Path, agent: GuestAgent, btrfs_moun
         paused.quit()
 
 
-def test_blktx_interrupted_inside_the_window_thaws_and_continues(tmp_path: Path, vm: VM, agent: GuestAgent,
-                                                                 btrfs_mount: Path) -> None:
+def test_blktx_interrupted_inside_the_window_thaws_and_continues(
+    tmp_path: Path, vm: VM, agent: GuestAgent, btrfs_mount: Path
+) -> None:
     """`blktx run` gets SIGTERM while the guest is frozen and the VM paused (an exec
     action sleeps in do): it rolls back, continues the VM and thaws the guest."""
     import signal
@@ -189,10 +195,14 @@ def test_blktx_interrupted_inside_the_window_thaws_and_continues(tmp_path: Path,
         'version = 1\n[options]\nquiesce = "fsfreeze+pause"\n'
         '[[action]]\ntype = "qmp.internal-create"\nvm = "vm.qmp"\ndrive = "drive0"\nname = "s"\n'
         f'agent = "qga.sock"\nfreeze = ["{btrfs_mount}"]\n'
-        '[[action]]\ntype = "exec"\ntarget = "slow"\ndo = ["sleep", "1"]\ncancel = ["true"]\n')
-    proc = subprocess.Popen([sys.executable, "-m", "blktx", "run", str(tmp_path / "t.toml"), "--allow-exec",
-                             "--journal", str(tmp_path / "j.sqlite")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+        '[[action]]\ntype = "exec"\ntarget = "slow"\ndo = ["sleep", "1"]\ncancel = ["true"]\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blktx", "run", str(tmp_path / "t.toml"), "--allow-exec", "--journal", str(tmp_path / "j.sqlite")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 20
     while vm.running() and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -208,6 +218,7 @@ def test_blktx_interrupted_inside_the_window_thaws_and_continues(tmp_path: Path,
 # The host's Debian kernel and an initramfs with the host's qemu-ga, booted by
 # QEMU (TCG) with a virtio-blk ext4 disk and a virtio-serial agent channel: the
 # agent runs inside the guest and freezes the guest's own filesystem (tests/guest.py).
+
 
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
@@ -229,14 +240,20 @@ def test_a_real_guest_frozen_through_its_agent_gives_a_clean_filesystem(guest: A
     import guest as guests
 
     base = guest.sock.parent
-    frozen = run(base, [("qmp.internal-create", {"vm": guest.sock.name, "drive": "drive0", "name": "frozen",
-                                                 "agent": guest.agent.name, "freeze": ["/mnt"]})],
-                 quiesce="fsfreeze+pause")
+    frozen = run(
+        base,
+        [
+            (
+                "qmp.internal-create",
+                {"vm": guest.sock.name, "drive": "drive0", "name": "frozen", "agent": guest.agent.name, "freeze": ["/mnt"]},
+            )
+        ],
+        quiesce="fsfreeze+pause",
+    )
     assert frozen.outcome == "committed", frozen.summary()
     assert [h.kind for h in frozen.holds] == ["qga.freeze", "qmp.pause"]
     assert guest.cmd_agent("guest-fsfreeze-status") == "thawed" and guest.qmp("query-status")["running"]
-    paused = run(base, [("qmp.internal-create", {"vm": guest.sock.name, "drive": "drive0", "name": "paused"})],
-                 quiesce="pause")
+    paused = run(base, [("qmp.internal-create", {"vm": guest.sock.name, "drive": "drive0", "name": "paused"})], quiesce="pause")
     assert paused.outcome == "committed", paused.summary()
     assert "needs_recovery" not in guests.superblock_features(guest.disk, "frozen", tmp_path)
     assert "needs_recovery" in guests.superblock_features(guest.disk, "paused", tmp_path)
@@ -248,9 +265,14 @@ def test_a_real_guest_frozen_through_its_agent_gives_a_clean_filesystem(guest: A
 def test_a_real_guest_is_thawed_and_running_after_a_rollback(guest: Any) -> None:
     base = guest.sock.parent
     before = [s["name"] for s in guest.qmp("query-block")[0]["inserted"]["image"].get("snapshots", [])]
-    result = run(base, [("qmp.internal-create", {"vm": guest.sock.name, "drive": "drive0", "name": "rolled",
-                                                 "agent": guest.agent.name}),
-                        ("fault", {"phase": "invalidate"})], quiesce="fsfreeze+pause")
+    result = run(
+        base,
+        [
+            ("qmp.internal-create", {"vm": guest.sock.name, "drive": "drive0", "name": "rolled", "agent": guest.agent.name}),
+            ("fault", {"phase": "invalidate"}),
+        ],
+        quiesce="fsfreeze+pause",
+    )
     assert result.outcome == "rolled back", result.summary()
     assert [h.kind for h in result.holds] == ["qga.freeze", "qmp.pause"] and all(h.end for h in result.holds)
     assert guest.cmd_agent("guest-fsfreeze-status") == "thawed" and guest.qmp("query-status")["running"]
@@ -269,23 +291,34 @@ def test_a_real_guest_killed_inside_the_window_is_continued_then_thawed_by_recov
     both_held = 0
     for n in range(3, 12):
         spec = base / f"kill{n}.toml"
-        spec.write_text('version = 1\n[options]\nquiesce = "fsfreeze+pause"\n'
-                        '[[action]]\ntype = "qmp.internal-create"\n'
-                        f'vm = "{guest.sock.name}"\ndrive = "drive0"\nname = "kill{n}"\n'
-                        f'agent = "{guest.agent.name}"\nfreeze = ["/mnt"]\n')
+        spec.write_text(
+            'version = 1\n[options]\nquiesce = "fsfreeze+pause"\n'
+            '[[action]]\ntype = "qmp.internal-create"\n'
+            f'vm = "{guest.sock.name}"\ndrive = "drive0"\nname = "kill{n}"\n'
+            f'agent = "{guest.agent.name}"\nfreeze = ["/mnt"]\n'
+        )
         journal = base / f"kill{n}.sqlite"
         # as after a power loss: no watchdog ends the holds, recover must
         env = {**os.environ, "BLKTX_CRASH_AFTER": str(n), "BLKTX_WATCHDOG": "0"}
-        out = subprocess.run([sys.executable, "-m", "blktx", "run", str(spec), "--journal", str(journal)],
-                             capture_output=True, text=True, env=env, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "blktx", "run", str(spec), "--journal", str(journal)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         if out.returncode == 0:
             break
         assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr
         paused = not guest.qmp("query-status")["running"]
         both_held += paused
         started = time.monotonic()
-        rec = subprocess.run([sys.executable, "-m", "blktx", "recover", "--json", "--journal", str(journal)],
-                             capture_output=True, text=True, timeout=120)
+        rec = subprocess.run(
+            [sys.executable, "-m", "blktx", "recover", "--json", "--journal", str(journal)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert rec.returncode == 0, rec.stdout + rec.stderr
         # (killed before BEGIN: nothing to recover but a stale lock)
         assert [t["outcome"] for t in json.loads(rec.stdout)["transactions"]] in ([], ["rolled back"], ["committed"])
@@ -349,27 +382,38 @@ def test_a_real_guest_killed_inside_the_window_is_continued_and_thawed_by_the_wa
     both_held = 0
     for n in range(3, 12):
         spec = base / f"wd{n}.toml"
-        spec.write_text('version = 1\n[options]\nquiesce = "fsfreeze+pause"\n'
-                        '[[action]]\ntype = "qmp.internal-create"\n'
-                        f'vm = "{guest.sock.name}"\ndrive = "drive0"\nname = "wd{n}"\n'
-                        f'agent = "{guest.agent.name}"\nfreeze = ["/mnt"]\n')
+        spec.write_text(
+            'version = 1\n[options]\nquiesce = "fsfreeze+pause"\n'
+            '[[action]]\ntype = "qmp.internal-create"\n'
+            f'vm = "{guest.sock.name}"\ndrive = "drive0"\nname = "wd{n}"\n'
+            f'agent = "{guest.agent.name}"\nfreeze = ["/mnt"]\n'
+        )
         journal = base / f"wd{n}.sqlite"
-        out = subprocess.run([sys.executable, "-m", "blktx", "run", str(spec), "--journal", str(journal)],
-                             capture_output=True, text=True, env={**os.environ, "BLKTX_CRASH_AFTER": str(n)},
-                             timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "blktx", "run", str(spec), "--journal", str(journal)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "BLKTX_CRASH_AFTER": str(n)},
+            timeout=60,
+        )
         if out.returncode == 0:
             break
         assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr
         killed = time.monotonic()
-        while time.monotonic() - killed < 10 and not (guest.qmp("query-status")["running"]
-                                                       and guest.cmd_agent("guest-fsfreeze-status") == "thawed"):
+        while time.monotonic() - killed < 10 and not (
+            guest.qmp("query-status")["running"] and guest.cmd_agent("guest-fsfreeze-status") == "thawed"
+        ):
             time.sleep(0.05)
         took = time.monotonic() - killed
         assert guest.qmp("query-status")["running"], f"kill after write {n}: still paused"
         assert guest.cmd_agent("guest-fsfreeze-status") == "thawed", f"kill after write {n}: still frozen"
         both_held += took > 0.05
         assert took < 5, f"kill after write {n}: the watchdog took {took:.2f} s"
-        rec = subprocess.run([sys.executable, "-m", "blktx", "recover", "--json", "--journal", str(journal)],
-                             capture_output=True, text=True, timeout=120)
+        rec = subprocess.run(
+            [sys.executable, "-m", "blktx", "recover", "--json", "--journal", str(journal)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert rec.returncode == 0, rec.stdout + rec.stderr
     assert both_held >= 1, "no kill point left the guest held for the watchdog to end"

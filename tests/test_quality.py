@@ -19,11 +19,23 @@ def test_mypy_strict_on_blktx_and_its_plugins() -> None:
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install -e '.[test]')")
 def test_ruff_clean() -> None:
-    out = subprocess.run(["ruff", "check", "blktx", "blktx_plugins", "tests", "bench", "examples"], cwd=ROOT,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["ruff", "check", "blktx", "blktx_plugins", "tests", "bench", "examples"], cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_modules_stay_small() -> None:
     for path in [*ROOT.glob("blktx/**/*.py"), *ROOT.glob("blktx_plugins/*.py")]:
         assert len(path.read_text().splitlines()) < 700, f"{path} is over 700 lines: split it by concept"
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install -e '.[test]')")
+def test_ruff_format_clean() -> None:
+    out = subprocess.run(
+        ["ruff", "format", "--check", "blktx", "blktx_plugins", "tests", "bench", "examples", "scripts"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

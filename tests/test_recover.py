@@ -62,8 +62,14 @@ name = "weekly"
 
 
 def blktx(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blktx.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "blktx.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        check=False,
+    )
 
 
 def recover(journal: Path) -> list[dict[str, Any]]:
@@ -115,10 +121,14 @@ def crash_points(tmp_path: Path, setup: Any, spec_text: str, observe: Any) -> tu
 def test_sim_every_crash_point(tmp_path: Path) -> None:
     def setup(d: Path) -> None:
         d.mkdir()
-        make_world(str(d / "sim-world.json"), {
-            "a": {"snapshots": {"1": "old"}, "layers": ["a0"], "active": "a0"},
-            "b": {"snapshots": {}, "layers": ["b0"], "active": "b0"},
-            "c": {"snapshots": {}, "layers": ["c0"], "active": "c0"}})
+        make_world(
+            str(d / "sim-world.json"),
+            {
+                "a": {"snapshots": {"1": "old"}, "layers": ["a0"], "active": "a0"},
+                "b": {"snapshots": {}, "layers": ["b0"], "active": "b0"},
+                "c": {"snapshots": {}, "layers": ["c0"], "active": "c0"},
+            },
+        )
 
     tried, survived = crash_points(tmp_path, setup, SIM_SPEC, lambda d: read_world(str(d / "sim-world.json")))
     assert tried == survived >= 7  # begin, do intent, do+invalidate intent, commit, finalize intent+done, end
@@ -162,8 +172,11 @@ def test_qcow2_random_sigkill_from_outside(tmp_path: Path) -> None:
         spec = setup(work)
         before = world(work)
         journal = tmp_path / f"k{n}.sqlite"
-        proc = subprocess.Popen([sys.executable, "-m", "blktx.cli", "run", spec, "--journal", str(journal)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "blktx.cli", "run", spec, "--journal", str(journal)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(0.2, 0.9))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -194,8 +207,7 @@ def _undo(journal: Path) -> list[dict[str, Any]]:
 
 @needs_qemu_img
 @pytest.mark.parametrize("jobs", [1, 3])
-def test_qcow2_kill_inside_the_storage_daemons_transaction_is_rolled_back_by_recover(tmp_path: Path,
-                                                                                     jobs: int) -> None:
+def test_qcow2_kill_inside_the_storage_daemons_transaction_is_rolled_back_by_recover(tmp_path: Path, jobs: int) -> None:
     """SIGKILL blktx the moment the daemon's transaction has written the first image's
     snapshot: the journal says do started but not what it made. The daemon holds every
     image's lock until it dies with blktx, and the heartbeat in its folder bounds that
@@ -214,9 +226,11 @@ def test_qcow2_kill_inside_the_storage_daemons_transaction_is_rolled_back_by_rec
         (work / "t.toml").write_text("\n".join(lines) + "\n")
         before = world(work)
         journal = tmp_path / f"a{attempt}.sqlite"
-        proc = subprocess.Popen([sys.executable, "-m", "blktx.cli", "run", str(work / "t.toml"), "--journal",
-                                 str(journal), "--jobs", str(jobs)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "blktx.cli", "run", str(work / "t.toml"), "--journal", str(journal), "--jobs", str(jobs)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         first = str(work / "d0.qcow2")
 
         def made(first: str = first) -> bool:
@@ -236,8 +250,9 @@ def test_qcow2_kill_inside_the_storage_daemons_transaction_is_rolled_back_by_rec
         if jobs > 1:
             assert len({u["heartbeat"] for u in undo}) == jobs, "one daemon (and heartbeat) per batch"
         time.sleep(0.05)  # the daemon's death signal is asynchronous
-        assert any(state[1] for name, state in world(work).items() if name.endswith(".qcow2")), \
+        assert any(state[1] for name, state in world(work).items() if name.endswith(".qcow2")), (
             "the transaction had made snapshots when blktx died"
+        )
         out = blktx("recover", "--json", "--journal", str(journal))
         assert out.returncode == 0, out.stdout + out.stderr
         assert json.loads(out.stdout)["transactions"][0]["outcome"] == "rolled back"
@@ -267,6 +282,7 @@ def test_two_runs_on_overlapping_targets(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "blktx.cli", "run", "--json"]
     first = subprocess.Popen([*cmd, "--allow-exec", spec("a", [0, 1], slow)], stdout=subprocess.PIPE, env=env, text=True)
     deadline = time.monotonic() + 30
+
     def first_holds_locks() -> bool:
         try:
             return bool(locks(Path(journal)))
@@ -311,12 +327,14 @@ def test_live_vm_every_crash_point_is_resumed_and_all_or_none(tmp_path: Path) ->
             'version = 1\n[options]\nquiesce = "pause"\n'
             '[[action]]\ntype = "qmp.internal-create"\nvm = "vm.qmp"\ndrive = "drive0"\nname = "s"\n'
             '[[action]]\ntype = "qmp.external-create"\nvm = "vm.qmp"\ndrive = "drive1"\noverlay = "ov.qcow2"\n'
-            '[[action]]\ntype = "qcow2.internal-create"\nimage = "off.qcow2"\nname = "s"\n')
+            '[[action]]\ntype = "qcow2.internal-create"\nimage = "off.qcow2"\nname = "s"\n'
+        )
         journal = work / "j.sqlite"
         try:
             # BLKTX_WATCHDOG=0: as after a power loss, recover alone must resume the VM
-            out = blktx("run", str(work / "t.toml"), "--journal", str(journal),
-                        env={"BLKTX_CRASH_AFTER": str(n), "BLKTX_WATCHDOG": "0"})
+            out = blktx(
+                "run", str(work / "t.toml"), "--journal", str(journal), env={"BLKTX_CRASH_AFTER": str(n), "BLKTX_WATCHDOG": "0"}
+            )
             if out.returncode == 0:
                 assert vm.running() and vm.snapshots(0) == ["s"] and vm.active_file(1) == "ov.qcow2"
                 break
@@ -355,11 +373,19 @@ def test_frozen_and_paused_guest_every_crash_point_is_thawed_and_resumed(tmp_pat
             (work / "t.toml").write_text(
                 'version = 1\n[options]\nquiesce = "fsfreeze+pause"\n'
                 f'[[action]]\ntype = "qmp.internal-create"\nvm = "vm.qmp"\ndrive = "drive0"\nname = "s"\n'
-                f'agent = "{agent.sock}"\nfreeze = ["{btrfs_mount}"]\n')
+                f'agent = "{agent.sock}"\nfreeze = ["{btrfs_mount}"]\n'
+            )
             journal = work / "j.sqlite"
             try:
-                out = blktx("run", str(work / "t.toml"), "--journal", str(journal), "--vm-root", str(tmp_path),
-                            env={"BLKTX_CRASH_AFTER": str(n), "BLKTX_WATCHDOG": "0"})
+                out = blktx(
+                    "run",
+                    str(work / "t.toml"),
+                    "--journal",
+                    str(journal),
+                    "--vm-root",
+                    str(tmp_path),
+                    env={"BLKTX_CRASH_AFTER": str(n), "BLKTX_WATCHDOG": "0"},
+                )
                 if out.returncode == 0:
                     assert vm.running() and vm.snapshots(0) == ["s"] and agent.status() == "thawed"
                     break
@@ -381,6 +407,7 @@ def test_frozen_and_paused_guest_every_crash_point_is_thawed_and_resumed(tmp_pat
 def test_qcow2_replace_alone_every_crash_point(tmp_path: Path) -> None:
     """No type here implements invalidate, so the journal never says INVALIDATED:
     recover must still roll the post-commit deletion of the old snapshot forward."""
+
     def setup(d: Path) -> None:
         d.mkdir()
         make_image(d / "d0.qcow2", snapshots=("nightly", "keep"))
@@ -425,7 +452,8 @@ def test_a_failed_resume_is_left_for_recover_which_resumes_it(tmp_path: Path, fa
     journal = SqliteJournal(str(tmp_path / "j.sqlite"))
     actions = [ActionSpec("sim.noop", {"key": "a"})] + ([ActionSpec("fault", {"phase": "do"})] if fail else [])
     result = Executor(registry, journal=journal, locker=Locker()).run(
-        Transaction(actions, options={"quiesce": "pause"}, base_dir=str(tmp_path)))
+        Transaction(actions, options={"quiesce": "pause"}, base_dir=str(tmp_path))
+    )
     assert result.outcome == "needs recovery" and result.exit_status == 3
     assert result.committed is not fail
     assert any("still t.pause (resume failed: monitor not answering)" in str(lo) for lo in result.leftovers)
@@ -438,8 +466,9 @@ def test_a_failed_resume_is_left_for_recover_which_resumes_it(tmp_path: Path, fa
 
     plugin.broken = False
     (done,) = recover_in_process(journal, registry, Locker())
-    assert (done["outcome"], done["message"]) == (("rolled back", "rolled back") if fail
-                                                  else ("committed", "rolled forward")), done
+    assert (done["outcome"], done["message"]) == (("rolled back", "rolled back") if fail else ("committed", "rolled forward")), (
+        done
+    )
     assert plugin.resumed == ["t.freeze", "t.pause"], "recover resumes only what is still held"
     holds = journal.transaction(result.txid)["holds"]
     assert [(h["n"], h["kind"], h["resumed"]) for h in holds] == [(0, "t.freeze", 1), (1, "t.pause", 1)]
@@ -467,7 +496,8 @@ def test_recover_resumes_newest_first(tmp_path: Path) -> None:
 
     dead_registry = load(extra=[("dead", Dead())])
     result = Executor(dead_registry, journal=journal, locker=Locker()).run(
-        Transaction([ActionSpec("sim.noop", {"key": "a"})], options={"quiesce": "pause"}, base_dir=str(tmp_path)))
+        Transaction([ActionSpec("sim.noop", {"key": "a"})], options={"quiesce": "pause"}, base_dir=str(tmp_path))
+    )
     assert result.outcome == "needs recovery" and len(result.leftovers) == 2
     plugin.broken = False
     recover_in_process(journal, registry, Locker())
@@ -499,8 +529,10 @@ def rollback_crash_points(tmp_path: Path, setup: Any, spec_text: str, observe: A
 @needs_qemu_img
 @pytest.mark.parametrize("phase", ["do", "invalidate"])
 def test_qcow2_every_crash_point_of_a_rollback(tmp_path: Path, phase: str) -> None:
-    spec = QCOW2_SPEC.replace('[[action]]\ntype = "qcow2.internal-delete"', f'[[action]]\ntype = "fault"\nphase = "{phase}"'
-                              '\n[[action]]\ntype = "qcow2.internal-delete"')
+    spec = QCOW2_SPEC.replace(
+        '[[action]]\ntype = "qcow2.internal-delete"',
+        f'[[action]]\ntype = "fault"\nphase = "{phase}"\n[[action]]\ntype = "qcow2.internal-delete"',
+    )
     assert "fault" in spec
     # begin, do intent, [do results + invalidate intent,] cancel intent, cancel results, end
     assert rollback_crash_points(tmp_path, _qcow2_setup, spec, world) >= (4 if phase == "do" else 5)
@@ -510,8 +542,9 @@ def test_the_cancel_intent_is_durable_before_any_cancel(tmp_path: Path) -> None:
     """Killed right after the cancel intent: nothing is cancelled yet, and the journal
     already holds what do learned (the snapshot's id) for recover to undo it."""
     make_world(str(tmp_path / "sim-world.json"), ["a"])
-    (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = "n"\n'
-                                     '[[action]]\ntype = "fault"\nphase = "do"\n')
+    (tmp_path / "t.toml").write_text(
+        'version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = "n"\n[[action]]\ntype = "fault"\nphase = "do"\n'
+    )
     journal = tmp_path / "j.sqlite"
     out = blktx("run", str(tmp_path / "t.toml"), "--journal", str(journal), env={"BLKTX_CRASH_AFTER": "4"})
     assert out.returncode == -signal.SIGKILL
@@ -533,9 +566,11 @@ def test_forget_ends_what_recover_cannot_finish_and_releases_its_targets(tmp_pat
     from blktx.locks import Locker
 
     make_world(str(tmp_path / "sim-world.json"), ["a"])
-    (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = "n"\n'
-                                     '[[action]]\ntype = "exec"\ntarget = "x"\ndo = ["true"]\ncancel = ["false"]\n'
-                                     '[[action]]\ntype = "fault"\nphase = "invalidate"\n')
+    (tmp_path / "t.toml").write_text(
+        'version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = "n"\n'
+        '[[action]]\ntype = "exec"\ntarget = "x"\ndo = ["true"]\ncancel = ["false"]\n'
+        '[[action]]\ntype = "fault"\nphase = "invalidate"\n'
+    )
     journal = tmp_path / "j.sqlite"
     first = blktx("run", "--allow-exec", "--json", "--journal", str(journal), str(tmp_path / "t.toml"))
     assert first.returncode == 3, first.stdout
@@ -587,8 +622,9 @@ def test_forget_refuses_a_claim_whose_own_journal_knows_the_transaction(tmp_path
 
     make_world(str(tmp_path / "sim-world.json"), ["a"])
     (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = "n"\n')
-    out = blktx("run", "--json", str(tmp_path / "t.toml"), "--journal", str(tmp_path / "j1.sqlite"),
-                env={"BLKTX_CRASH_AFTER": "2"})
+    out = blktx(
+        "run", "--json", str(tmp_path / "t.toml"), "--journal", str(tmp_path / "j1.sqlite"), env={"BLKTX_CRASH_AFTER": "2"}
+    )
     assert out.returncode == -signal.SIGKILL
     (claim,) = Locker().claims()
     wrong = blktx("recover", "--forget", "--json", "--journal", str(tmp_path / "j2.sqlite"), claim["txid"])

@@ -17,8 +17,9 @@ def render(result) -> str:
 
 
 def test_table_shows_every_action_and_the_summary() -> None:
-    result = Executor().run(Transaction([ActionSpec("sim.noop", {"key": "a"}), ActionSpec("fault", {"message": "boom"})],
-                                        base_dir="/tmp"))
+    result = Executor().run(
+        Transaction([ActionSpec("sim.noop", {"key": "a"}), ActionSpec("fault", {"message": "boom"})], base_dir="/tmp")
+    )
     text = render(result)
     assert "sim:noop/a" in text and "CANCELED" in text and "boom" in text
     assert text.strip().splitlines()[-1] == "rolled back: action #1 (fault) on fault:#1 failed in do: boom; nothing changed"
@@ -39,11 +40,11 @@ def test_types_json_names_the_plugin() -> None:
 def test_text_from_specs_and_backends_is_printed_as_is_not_as_markup(tmp_path) -> None:
     """A target is shown as [target], and a backend's message may hold [brackets]:
     rich must not take either for a style tag and drop it."""
-    result = Executor().run(Transaction([ActionSpec("qcow2.internal-create", {"image": "[red]x.qcow2", "name": "n"})],
-                                        base_dir=str(tmp_path)))
+    result = Executor().run(
+        Transaction([ActionSpec("qcow2.internal-create", {"image": "[red]x.qcow2", "name": "n"})], base_dir=str(tmp_path))
+    )
     text = render(result)
     assert result.outcome == "invalid"
     assert f"action #0 [{tmp_path}/[red]x.qcow2] {tmp_path}/[red]x.qcow2 does not exist" in text
-    failed = Executor().run(Transaction([ActionSpec("fault", {"message": "[bold]device[/bold] [busy]"})],
-                                        base_dir="/tmp"))
+    failed = Executor().run(Transaction([ActionSpec("fault", {"message": "[bold]device[/bold] [busy]"})], base_dir="/tmp"))
     assert "[bold]device[/bold] [busy]" in render(failed)

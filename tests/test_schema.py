@@ -20,14 +20,28 @@ from blktx.spec import from_document, parse_spec
 
 REGISTRY = default_registry()
 VALIDATOR = jsonschema.Draft202012Validator(schema(REGISTRY))
-TYPES = ["sim.snapshot", "sim.overlay", "sim.delete", "sim.noop", "fault", "exec", "qcow2.internal-create",
-         "qmp.internal-create", "qmp.external-create"]
+TYPES = [
+    "sim.snapshot",
+    "sim.overlay",
+    "sim.delete",
+    "sim.noop",
+    "fault",
+    "exec",
+    "qcow2.internal-create",
+    "qmp.internal-create",
+    "qmp.external-create",
+]
 
-ANY = st.one_of(st.integers(-2, 3), st.booleans(), st.floats(-1, 2, allow_nan=False),
-                st.sampled_from(["", "x", "do", "tcp:x", "tcp:h:1"]),
-                st.lists(st.sampled_from(["a", "b"]), max_size=2), st.lists(st.integers(0, 2), min_size=1, max_size=2),
-                st.dictionaries(st.sampled_from(["K"]), st.sampled_from(["v"]), max_size=1),
-                st.dictionaries(st.sampled_from(["K"]), st.integers(0, 1), min_size=1, max_size=1))
+ANY = st.one_of(
+    st.integers(-2, 3),
+    st.booleans(),
+    st.floats(-1, 2, allow_nan=False),
+    st.sampled_from(["", "x", "do", "tcp:x", "tcp:h:1"]),
+    st.lists(st.sampled_from(["a", "b"]), max_size=2),
+    st.lists(st.integers(0, 2), min_size=1, max_size=2),
+    st.dictionaries(st.sampled_from(["K"]), st.sampled_from(["v"]), max_size=1),
+    st.dictionaries(st.sampled_from(["K"]), st.integers(0, 1), min_size=1, max_size=1),
+)
 
 
 def good_value(kind: str, choices: Any) -> Any:
@@ -35,7 +49,9 @@ def good_value(kind: str, choices: Any) -> Any:
         "str": st.sampled_from(list(choices) if choices else ["a", "nightly"]),
         "path": st.sampled_from(["w.json", "d/x.qcow2"]),
         "address": st.sampled_from(["vm.qmp", "/run/vm/qmp.sock", "tcp:127.0.0.1:4444", "tcp:[::1]:4444"]),
-        "int": st.integers(-1, 3), "float": st.floats(0, 5, allow_nan=False), "bool": st.booleans(),
+        "int": st.integers(-1, 3),
+        "float": st.floats(0, 5, allow_nan=False),
+        "bool": st.booleans(),
         "list[str]": st.lists(st.sampled_from(["true", "x"]), min_size=1, max_size=2),
         "table[str]": st.dictionaries(st.sampled_from(["A", "B"]), st.sampled_from(["1"]), max_size=2),
     }[kind]
@@ -58,13 +74,17 @@ def documents(draw: Any) -> dict[str, Any]:
     if draw(st.booleans()):
         doc["description"] = "nightly"
     if draw(st.booleans()):
-        doc["options"] = {"jobs": draw(st.integers(1, 4)),
-                          "quiesce": draw(st.sampled_from(["none", "pause", "fsfreeze", "fsfreeze+pause"])),
-                          "retry_delay": draw(st.sampled_from([0, 0.5])), "qcow2": {}}
+        doc["options"] = {
+            "jobs": draw(st.integers(1, 4)),
+            "quiesce": draw(st.sampled_from(["none", "pause", "fsfreeze", "fsfreeze+pause"])),
+            "retry_delay": draw(st.sampled_from([0, 0.5])),
+            "qcow2": {},
+        }
     if draw(st.booleans()):
         return doc
-    where = draw(st.sampled_from(["version", "top", "description", "option", "action", "param", "unknown-param",
-                                  "missing-param", "type"]))
+    where = draw(
+        st.sampled_from(["version", "top", "description", "option", "action", "param", "unknown-param", "missing-param", "type"])
+    )
     bad = draw(ANY)
     action = doc["action"][draw(st.integers(0, len(doc["action"]) - 1))]
     params = [p for p in REGISTRY.types[action["type"]].cls.params]
@@ -98,14 +118,23 @@ def test_schema_and_validator_agree(doc: dict[str, Any]) -> None:
         from blktx.spec import bind
 
         # confinement rules are not the schema's: allow what the rules would refuse
-        bind(from_document(doc, base_dir="/tmp/blktx-schema"), REGISTRY, roots=["/tmp/blktx-schema"], vm_roots=["/"],
-             allow_tcp=True, shared_folders=True)
+        bind(
+            from_document(doc, base_dir="/tmp/blktx-schema"),
+            REGISTRY,
+            roots=["/tmp/blktx-schema"],
+            vm_roots=["/"],
+            allow_tcp=True,
+            shared_folders=True,
+        )
         validator_ok = True
     except InvalidTransaction as exc:
         validator_ok = False
         problems = [str(p) for p in exc.problems]
-    assert schema_ok == validator_ok, (doc, None if validator_ok else problems,
-                                       [e.message for e in VALIDATOR.iter_errors(doc)][:3])
+    assert schema_ok == validator_ok, (
+        doc,
+        None if validator_ok else problems,
+        [e.message for e in VALIDATOR.iter_errors(doc)][:3],
+    )
 
 
 def test_schema_accepts_the_examples() -> None:
@@ -129,8 +158,10 @@ def test_schema_cli_lists_every_installed_type(capsys: pytest.CaptureFixture[str
 ONE_MISTAKE = [
     ('version = 1\n[options]\njbos = 4\n[[action]]\ntype = "sim.noop"\nkey = "a"\n', "'jbos' was unexpected"),
     ('version = 1\n[[action]]\ntype = "sim.snapshto"\ndevice = "a"\nname = "n"\n', "is not one of"),
-    ('version = 1\n[[action]]\ntype = "qcow2.internal-create"\nimgae = "d.qcow2"\nname = "n"\n',
-     "'imgae' was unexpected|'image' is a required property"),
+    (
+        'version = 1\n[[action]]\ntype = "qcow2.internal-create"\nimgae = "d.qcow2"\nname = "n"\n',
+        "'imgae' was unexpected|'image' is a required property",
+    ),
     ('version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = 7\n', "7 is not of type"),
     ('version = 1\n[[action]]\ntype = "fault"\nphase = "later"\n', "'later' is not one of"),
 ]
@@ -154,8 +185,12 @@ def test_taplo_names_the_mistake(tmp_path: Path, text: str, expected: str) -> No
 
     assert main(["schema", "-o", str(tmp_path / "s.json")]) == 0
     (tmp_path / "t.toml").write_text(text)
-    out = subprocess.run(["taplo", "check", "--schema", f"file://{tmp_path / 's.json'}", str(tmp_path / "t.toml")],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        ["taplo", "check", "--schema", f"file://{tmp_path / 's.json'}", str(tmp_path / "t.toml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode != 0
     errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("error:")]
     # every message (taplo repeats one per span) names the key and the mistake

@@ -24,8 +24,14 @@ def problems_of(text: str, registry, tmp_path: Path, **kw):
 def test_every_error_is_reported_at_once_with_line_and_column(registry, tmp_path: Path) -> None:
     problems = problems_of((EXAMPLES / "invalid.toml").read_text(), registry, tmp_path)
     found = [(p.line, p.column, p.action, p.key) for p in problems]
-    assert found == [(6, 1, None, "jbos"), (9, 1, 0, "type"), (13, 1, 1, "device"),
-                     (15, 1, 1, "devise"), (16, 1, 1, "name"), (20, 1, 2, "phase")]
+    assert found == [
+        (6, 1, None, "jbos"),
+        (9, 1, 0, "type"),
+        (13, 1, 1, "device"),
+        (15, 1, 1, "devise"),
+        (16, 1, 1, "name"),
+        (20, 1, 2, "phase"),
+    ]
     hints = {p.key: p.hint for p in problems}
     assert hints["jbos"] == "did you mean 'jobs'?"
     assert hints["type"] == "did you mean 'sim.snapshot'?"
@@ -86,8 +92,7 @@ def test_symlink_escapes_are_refused(registry, tmp_path: Path) -> None:
 def test_python_and_toml_build_the_same_transaction(registry, tmp_path: Path) -> None:
     text = 'version = 1\n[options]\njobs = 3\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = "n"\n'
     from_toml = parse_spec(text, file=str(tmp_path / "t.toml"))
-    from_py = Transaction([ActionSpec("sim.snapshot", {"device": "a", "name": "n"})], {"jobs": 3},
-                          base_dir=str(tmp_path))
+    from_py = Transaction([ActionSpec("sim.snapshot", {"device": "a", "name": "n"})], {"jobs": 3}, base_dir=str(tmp_path))
     a1, o1 = bind(from_toml, registry)
     a2, o2 = bind(from_py, registry)
     assert [(a.type.name, a.params, a.target) for a in a1] == [(a.type.name, a.params, a.target) for a in a2]
@@ -95,8 +100,9 @@ def test_python_and_toml_build_the_same_transaction(registry, tmp_path: Path) ->
 
 
 def test_bad_options_are_reported(registry, tmp_path: Path) -> None:
-    problems = problems_of('version = 1\n[options]\njobs = 0\nquiesce = "pasue"\n[[action]]\ntype = "fault"\n',
-                           registry, tmp_path)
+    problems = problems_of(
+        'version = 1\n[options]\njobs = 0\nquiesce = "pasue"\n[[action]]\ntype = "fault"\n', registry, tmp_path
+    )
     assert [p.key for p in problems] == ["jobs", "quiesce"]
     assert problems[1].hint == "did you mean 'pause'?"
 
@@ -114,14 +120,22 @@ def _mangle(data: bytes, edits: list[tuple[int, bytes]]) -> bytes:
     return data
 
 
-@given(st.one_of(
-    st.binary(max_size=2000),
-    st.text(max_size=500).map(lambda t: t.encode("utf-8")),
-    st.text(max_size=300).map(lambda t: t.encode("utf-16")),
-    st.lists(st.tuples(st.integers(0, 200), st.sampled_from([b"\x00", b"\xff", b"[", b"{", b'"', b"\\u0000", b"=",
-                                                             b"\n", b"[[action]]\n", b"\xc3", b"]" * 50, b"[" * 800])),
-             max_size=6).map(lambda e: _mangle(_VALID, e)),
-))
+@given(
+    st.one_of(
+        st.binary(max_size=2000),
+        st.text(max_size=500).map(lambda t: t.encode("utf-8")),
+        st.text(max_size=300).map(lambda t: t.encode("utf-16")),
+        st.lists(
+            st.tuples(
+                st.integers(0, 200),
+                st.sampled_from(
+                    [b"\x00", b"\xff", b"[", b"{", b'"', b"\\u0000", b"=", b"\n", b"[[action]]\n", b"\xc3", b"]" * 50, b"[" * 800]
+                ),
+            ),
+            max_size=6,
+        ).map(lambda e: _mangle(_VALID, e)),
+    )
+)
 def test_any_bytes_are_refused_with_a_location_or_bound(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
     from blktx.plugins import default_registry
 

@@ -102,19 +102,23 @@ class Base(ActionTypeConformance):
 '''
 
 
-FOREIGN = '''
+FOREIGN = """
     def make_foreign(self, base, action):
         (base / "data.snap").write_text("somebody else's")
         return True
-'''
+"""
 
 
 def run_suite(pytester: pytest.Pytester, type_name: str, foreign: bool = False) -> pytest.RunResult:
-    pytester.makepyfile(test_suite=TYPES + f'''
+    pytester.makepyfile(
+        test_suite=TYPES
+        + f"""
 
 class TestIt(Base):
     type_name = {type_name!r}
-''' + (FOREIGN if foreign else ""))
+"""
+        + (FOREIGN if foreign else "")
+    )
     return pytester.runpytest("-q", "-p", "no:cacheprovider")
 
 
@@ -129,16 +133,24 @@ def test_cancel_that_removes_by_name_fails_with_the_property(pytester: pytest.Py
     """file.good's cancel removes whatever is at its copy's name: a foreign file too."""
     result = run_suite(pytester, "file.good", foreign=True)
     result.assert_outcomes(passed=9, failed=1)
-    result.stdout.fnmatch_lines(["*conformance: cancel never removes what it did not make: an object somebody "
-                                 "else made at the action's name was removed or changed (the run died before do)*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*conformance: cancel never removes what it did not make: an object somebody "
+            "else made at the action's name was removed or changed (the run died before do)*"
+        ]
+    )
 
 
 def test_cancel_that_leaves_a_file_behind_fails_with_the_property(pytester: pytest.Pytester) -> None:
     result = run_suite(pytester, "file.leaks")
     outcomes = result.parseoutcomes()
     assert outcomes["failed"] >= 4
-    result.stdout.fnmatch_lines(["*conformance: cancel after do restores the world*",
-                                 "*conformance: all or none: a rollback (fault in do) left the world changed*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*conformance: cancel after do restores the world*",
+            "*conformance: all or none: a rollback (fault in do) left the world changed*",
+        ]
+    )
 
 
 def test_check_with_side_effects_fails_with_the_property(pytester: pytest.Pytester) -> None:
@@ -153,11 +165,13 @@ def test_cancel_that_is_not_idempotent_fails_with_the_property(pytester: pytest.
 
 
 def test_fixtures_for_real_components_are_loaded_by_the_pytest11_entry_point(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_fx='''
+    pytester.makepyfile(
+        test_fx="""
 def test_image(qcow2_image, blktx_registry):
     from blktx.testing.fixtures import snapshots
     img = qcow2_image("a.qcow2", snapshots=("one",))
     assert [n for _, n in snapshots(img)] == ["one"]
     assert "qcow2.internal-create" in blktx_registry.types
-''')
+"""
+    )
     pytester.runpytest("-q", "-p", "no:cacheprovider").assert_outcomes(passed=1)

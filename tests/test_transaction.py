@@ -25,8 +25,14 @@ from blktx_plugins.sim import make_world, read_world
 
 
 def blktx(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blktx", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, **(env or {})}, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "blktx", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 def external(device: str, overlay: str) -> str:
@@ -72,8 +78,10 @@ def test_a_run_that_needs_recovery_keeps_its_targets_until_recover(tmp_path: Pat
     d = tmp_path / "D"
     d.mkdir()
     device_setup(d)
-    (d / "r1.toml").write_text(external("dev", "ov1.qcow2") + exec_action(
-        "x", do=["true"], cancel=["true"], invalidate=["sh", "-c", f"chattr +i {d}; exit 1"]))
+    (d / "r1.toml").write_text(
+        external("dev", "ov1.qcow2")
+        + exec_action("x", do=["true"], cancel=["true"], invalidate=["sh", "-c", f"chattr +i {d}; exit 1"])
+    )
     (d / "r2.toml").write_text(external("dev", "ov2.qcow2"))
     try:
         first = blktx("run", "--allow-exec", "--json", str(d / "r1.toml"))
@@ -106,11 +114,16 @@ def test_a_run_that_needs_recovery_keeps_its_targets_until_recover(tmp_path: Pat
 def test_a_run_that_starts_during_anothers_checks_never_loses_its_snapshot(tmp_path: Path, wait: bool) -> None:
     d = tmp_path
     device_setup(d)
-    (d / "B.toml").write_text(external("dev", "dev.B.qcow2") + exec_action("slow", check=["sleep", "2"], do=["true"],
-                                                                           cancel=["true"]))
+    (d / "B.toml").write_text(
+        external("dev", "dev.B.qcow2") + exec_action("slow", check=["sleep", "2"], do=["true"], cancel=["true"])
+    )
     (d / "A.toml").write_text(external("dev", "dev.A.qcow2"))
-    b = subprocess.Popen([sys.executable, "-m", "blktx", "run", "--allow-exec", str(d / "B.toml")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    b = subprocess.Popen(
+        [sys.executable, "-m", "blktx", "run", "--allow-exec", str(d / "B.toml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.8)
     a = blktx("run", "--json", *(["--wait", "30"] if wait else []), str(d / "A.toml"))
     assert b.wait(timeout=60) == 0
@@ -132,7 +145,8 @@ def test_wait_covers_the_other_runs_storage_daemon(tmp_path: Path) -> None:
     for i in range(20):
         make_image(d / f"i{i}.qcow2")
     body = "version = 1\n" + "".join(
-        f'[[action]]\ntype = "qcow2.internal-create"\nimage = "i{i}.qcow2"\nname = "s{{n}}"\n' for i in range(20))
+        f'[[action]]\ntype = "qcow2.internal-create"\nimage = "i{i}.qcow2"\nname = "s{{n}}"\n' for i in range(20)
+    )
     (d / "one.toml").write_text(body.replace("{n}", "1") + exec_action("slow", do=["sleep", "1"], cancel=["true"]))
     (d / "two.toml").write_text(body.replace("{n}", "2"))
     first = subprocess.Popen([sys.executable, "-m", "blktx", "run", "--allow-exec", str(d / "one.toml")])
@@ -178,11 +192,29 @@ def test_a_run_in_another_pid_namespace_is_alive(tmp_path: Path) -> None:
         pytest.skip("unshare --pid needs root")
     journal = tmp_path / "j.sqlite"
     make_world(str(tmp_path / "sim-world.json"), ["a"])
-    (tmp_path / "t.toml").write_text('version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = "n"\n'
-                                     '[[action]]\ntype = "exec"\ntarget = "slow"\ndo = ["sleep", "3"]\ncancel = ["true"]\n')
-    inside = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "blktx", "run",
-                               "--allow-exec", "--journal", str(journal), str(tmp_path / "t.toml")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (tmp_path / "t.toml").write_text(
+        'version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = "n"\n'
+        '[[action]]\ntype = "exec"\ntarget = "slow"\ndo = ["sleep", "3"]\ncancel = ["true"]\n'
+    )
+    inside = subprocess.Popen(
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            sys.executable,
+            "-m",
+            "blktx",
+            "run",
+            "--allow-exec",
+            "--journal",
+            str(journal),
+            str(tmp_path / "t.toml"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not (journal.exists() and SqliteJournal(str(journal)).transactions()):
         time.sleep(0.05)
@@ -222,23 +254,29 @@ class FailingJournal(SqliteJournal):
 
 def sim_world(tmp_path: Path) -> str:
     path = str(tmp_path / "sim-world.json")
-    make_world(path, {"a": {"snapshots": {"1": "old"}, "layers": ["a0"], "active": "a0"},
-                      "b": {"snapshots": {}, "layers": ["b0"], "active": "b0"}})
+    make_world(
+        path,
+        {
+            "a": {"snapshots": {"1": "old"}, "layers": ["a0"], "active": "a0"},
+            "b": {"snapshots": {}, "layers": ["b0"], "active": "b0"},
+        },
+    )
     return path
 
 
 def snapshot_then_delete_old() -> list[ActionSpec]:
-    return [ActionSpec("sim.snapshot", {"device": "a", "name": "new"}),
-            ActionSpec("sim.overlay", {"device": "b", "layer": "b1"}),
-            ActionSpec("sim.delete", {"device": "a", "name": "old"})]
+    return [
+        ActionSpec("sim.snapshot", {"device": "a", "name": "new"}),
+        ActionSpec("sim.overlay", {"device": "b", "layer": "b1"}),
+        ActionSpec("sim.delete", {"device": "a", "name": "old"}),
+    ]
 
 
 def test_a_failed_commit_write_rolls_back_and_never_finalizes(tmp_path: Path) -> None:
     path = sim_world(tmp_path)
     before = read_world(path)
     journal = FailingJournal(str(tmp_path / "j.sqlite"), "commit")
-    result = Executor(journal=journal, locker=Locker()).run(
-        Transaction(snapshot_then_delete_old(), base_dir=str(tmp_path)))
+    result = Executor(journal=journal, locker=Locker()).run(Transaction(snapshot_then_delete_old(), base_dir=str(tmp_path)))
     assert result.outcome == "rolled back" and not result.committed, result.summary()
     assert "disk is full" in str(result.failure)
     assert read_world(path) == before, "the old snapshot is kept and the new one removed"
@@ -252,9 +290,12 @@ def test_a_failed_commit_write_keeps_the_replaced_qcow2_snapshot(tmp_path: Path)
     make_image(tmp_path / "a.qcow2", snapshots=("nightly",))
     before = snapshots(tmp_path / "a.qcow2")
     journal = FailingJournal(str(tmp_path / "j.sqlite"), "commit")
-    result = Executor(journal=journal, locker=Locker()).run(Transaction(
-        [ActionSpec("qcow2.internal-create", {"image": "a.qcow2", "name": "nightly", "replace": True})],
-        base_dir=str(tmp_path)))
+    result = Executor(journal=journal, locker=Locker()).run(
+        Transaction(
+            [ActionSpec("qcow2.internal-create", {"image": "a.qcow2", "name": "nightly", "replace": True})],
+            base_dir=str(tmp_path),
+        )
+    )
     assert result.outcome == "rolled back", result.summary()
     assert snapshots(tmp_path / "a.qcow2") == before
 
@@ -277,8 +318,7 @@ def test_a_refused_begin_is_invalid_and_touches_nothing(tmp_path: Path) -> None:
     path = sim_world(tmp_path)
     before = read_world(path)
     journal = FailingJournal(str(tmp_path / "j.sqlite"), "begin")
-    result = Executor(journal=journal, locker=Locker()).run(
-        Transaction(snapshot_then_delete_old(), base_dir=str(tmp_path)))
+    result = Executor(journal=journal, locker=Locker()).run(Transaction(snapshot_then_delete_old(), base_dir=str(tmp_path)))
     assert result.outcome == "invalid" and result.exit_status == 2
     assert "refused BEGIN" in result.problems[0].message
     assert read_world(path) == before and Locker().claims() == []
@@ -307,8 +347,9 @@ def test_an_unwritable_journal_refuses_with_exit_2(tmp_path: Path) -> None:
 def test_a_rerun_after_a_kill_names_the_unfinished_transaction_only(tmp_path: Path) -> None:
     for i in range(3):
         make_image(tmp_path / f"d{i}.qcow2")
-    spec = "version = 1\n" + "".join(f'[[action]]\ntype = "qcow2.internal-create"\nimage = "d{i}.qcow2"\n'
-                                     f'name = "nightly"\n' for i in range(3))
+    spec = "version = 1\n" + "".join(
+        f'[[action]]\ntype = "qcow2.internal-create"\nimage = "d{i}.qcow2"\nname = "nightly"\n' for i in range(3)
+    )
     (tmp_path / "t.toml").write_text(spec)
     killed = blktx("run", str(tmp_path / "t.toml"), env={"BLKTX_CRASH_AFTER": "2"})
     assert killed.returncode == -9
@@ -325,12 +366,22 @@ def test_a_rerun_after_a_kill_names_the_unfinished_transaction_only(tmp_path: Pa
 # -- 10: options declared once, retries >= 0 -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("option, value", [("cancel_retries", -1), ("finalize_retries", -3), ("retry_delay", -0.5),
-                                           ("retry_delay", float("nan")), ("jobs", 0), ("cancel_retries", 10**9)])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("cancel_retries", -1),
+        ("finalize_retries", -3),
+        ("retry_delay", -0.5),
+        ("retry_delay", float("nan")),
+        ("jobs", 0),
+        ("cancel_retries", 10**9),
+    ],
+)
 def test_retries_and_delays_out_of_range_are_refused(tmp_path: Path, option: str, value: Any) -> None:
     sim_world(tmp_path)
-    result = Executor().run(Transaction([ActionSpec("sim.snapshot", {"device": "a", "name": "n"})],
-                                        options={option: value}, base_dir=str(tmp_path)))
+    result = Executor().run(
+        Transaction([ActionSpec("sim.snapshot", {"device": "a", "name": "n"})], options={option: value}, base_dir=str(tmp_path))
+    )
     assert result.outcome == "invalid"
     assert result.problems[0].key == option and "must be" in result.problems[0].message
 
@@ -356,9 +407,13 @@ def test_sighup_rolls_back_like_sigterm(tmp_path: Path) -> None:
     (tmp_path / "t.toml").write_text(
         'version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = "n"\n'
         '[[action]]\ntype = "exec"\ntarget = "slow"\ndo = ["sleep", "2"]\ncancel = ["true"]\n'
-        '[[action]]\ntype = "sim.overlay"\ndevice = "b"\nlayer = "b1"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "blktx", "run", "--allow-exec", "--json", str(tmp_path / "t.toml")],
-                            stdout=subprocess.PIPE, text=True)
+        '[[action]]\ntype = "sim.overlay"\ndevice = "b"\nlayer = "b1"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blktx", "run", "--allow-exec", "--json", str(tmp_path / "t.toml")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and read_world(path) == before:
         time.sleep(0.02)
@@ -398,8 +453,10 @@ def test_two_actions_creating_one_file_are_refused_and_created_paths_are_locked(
     from blktx.plugins import load
 
     registry = load(extra=[("make", MakesAFile())])
-    twice = Transaction([ActionSpec("make.file", {"key": "a", "out": "o.txt"}),
-                         ActionSpec("make.file", {"key": "b", "out": "./o.txt"})], base_dir=str(tmp_path))
+    twice = Transaction(
+        [ActionSpec("make.file", {"key": "a", "out": "o.txt"}), ActionSpec("make.file", {"key": "b", "out": "./o.txt"})],
+        base_dir=str(tmp_path),
+    )
     result = Executor(registry).run(twice)
     assert result.outcome == "invalid" and not (tmp_path / "o.txt").exists()
     (problem,) = result.problems

@@ -45,8 +45,12 @@ def spec(tmp_path: Path, sleep: float, max_window: str = "30s") -> Path:
 
 
 def start(path: Path, journal: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "blktx", "run", "--allow-exec", "--json", "--journal", str(journal),
-                             str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "blktx", "run", "--allow-exec", "--json", "--journal", str(journal), str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_paused(vms: list[VM], timeout: float = 20) -> None:
@@ -68,15 +72,18 @@ def seconds_until_running(vms: list[VM], timeout: float = 10) -> float:
 
 
 def recover(journal: Path) -> list[dict[str, Any]]:
-    out = subprocess.run([sys.executable, "-m", "blktx", "recover", "--allow-exec", "--json", "--journal",
-                          str(journal)], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "blktx", "recover", "--allow-exec", "--json", "--journal", str(journal)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     return json.loads(out.stdout)["transactions"]  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.3, 0.8])
-def test_a_run_killed_inside_the_window_has_its_vms_resumed_without_recover(tmp_path: Path, vms: list[VM],
-                                                                             delay: float) -> None:
+def test_a_run_killed_inside_the_window_has_its_vms_resumed_without_recover(tmp_path: Path, vms: list[VM], delay: float) -> None:
     journal = tmp_path / "j.sqlite"
     proc = start(spec(tmp_path, 3), journal)
     wait_paused(vms)
@@ -147,14 +154,17 @@ def test_a_fenced_transaction_cannot_commit(tmp_path: Path) -> None:
 
     make_world(str(tmp_path / "sim-world.json"), ["a"])
     result = Executor(load(extra=[("f", FenceInside())]), journal=journal, locker=Locker()).run(
-        Transaction([ActionSpec("sim.snapshot", {"device": "a", "name": "n"})], options={"quiesce": "pause"},
-                    base_dir=str(tmp_path)))
+        Transaction(
+            [ActionSpec("sim.snapshot", {"device": "a", "name": "n"})], options={"quiesce": "pause"}, base_dir=str(tmp_path)
+        )
+    )
     assert result.outcome == "rolled back" and "fenced" in str(result.failure)
     assert read_world(str(tmp_path / "sim-world.json"))["devices"]["a"]["snapshots"] == {}
     with pytest.raises(Fenced):
         journal.state(result.txid, TxState.COMMITTED, {})
     committed = Executor(journal=journal, locker=Locker()).run(
-        Transaction([ActionSpec("sim.snapshot", {"device": "a", "name": "m"})], base_dir=str(tmp_path)))
+        Transaction([ActionSpec("sim.snapshot", {"device": "a", "name": "m"})], base_dir=str(tmp_path))
+    )
     assert committed.outcome == "committed"
     assert journal.fence(committed.txid, "too late") is False, "a durable commit is never fenced"
 
@@ -169,6 +179,10 @@ def test_the_cut_is_proven_inside_the_common_window(tmp_path: Path, vms: list[VM
     snaps = [m for m in cut["members"] if m["action"] < 3]
     assert len(snaps) == 3 and all(m["inside"] and m["step"] == "do" for m in snaps)
     assert all(0 <= m["began_ms"] <= m["ended_ms"] <= cut["common_window_ms"] for m in snaps)
-    shown = subprocess.run([sys.executable, "-m", "blktx", "show", json.loads(out)["txid"], "--journal", str(journal)],
-                           capture_output=True, text=True, check=False)
+    shown = subprocess.run(
+        [sys.executable, "-m", "blktx", "show", json.loads(out)["txid"], "--journal", str(journal)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert "point in time: 4 member(s) taken inside the common window of 3 hold(s)" in shown.stdout

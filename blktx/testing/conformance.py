@@ -83,10 +83,15 @@ class ActionTypeConformance:
         return default_registry()
 
     #: The properties about cancel: they do not apply to a finalize type.
-    CANCEL_PROPERTIES: ClassVar[frozenset[str]] = frozenset({
-        "test_do_then_cancel_restores_the_world", "test_invalidate_then_cancel_restores_the_world",
-        "test_cancel_is_idempotent", "test_cancel_after_a_crash_works_from_the_journal",
-        "test_cancel_never_removes_what_it_did_not_make"})
+    CANCEL_PROPERTIES: ClassVar[frozenset[str]] = frozenset(
+        {
+            "test_do_then_cancel_restores_the_world",
+            "test_invalidate_then_cancel_restores_the_world",
+            "test_cancel_is_idempotent",
+            "test_cancel_after_a_crash_works_from_the_journal",
+            "test_cancel_never_removes_what_it_did_not_make",
+        }
+    )
 
     @classmethod
     def not_applicable(cls, test: str) -> str | None:
@@ -97,8 +102,10 @@ class ActionTypeConformance:
             return f"{cls.type_name} is a finalize type: never cancelled"
         if test == "test_cancel_never_removes_what_it_did_not_make" and (not cls.foreign or not cls.changes_world):
             return f"{cls.type_name} makes no object of its own"
-        if test == "test_every_crash_point_is_recovered_in_a_fresh_process" and \
-                default_registry().types.get(cls.type_name) is None:
+        if (
+            test == "test_every_crash_point_is_recovered_in_a_fresh_process"
+            and default_registry().types.get(cls.type_name) is None
+        ):
             return f"{cls.type_name} is not installed as an entry point: a child process cannot load it"
         return None
 
@@ -119,8 +126,12 @@ class ActionTypeConformance:
     def _bind(self, base: Path, params: dict[str, Any]) -> tuple[Executor, Action, RunContext]:
         registry = self.registry()
         executor = Executor(registry)
-        actions, options = bind(Transaction([ActionSpec(self.type_name, params)], base_dir=str(base)), registry,
-                                allow_exec=self.allow_exec, roots=self.roots(base))
+        actions, options = bind(
+            Transaction([ActionSpec(self.type_name, params)], base_dir=str(base)),
+            registry,
+            allow_exec=self.allow_exec,
+            roots=self.roots(base),
+        )
         ctx = RunContext("conformance", options, str(base), registry.pm.hook)
         self._contexts.append(ctx)
         return executor, actions[0], ctx
@@ -141,8 +152,9 @@ class ActionTypeConformance:
         specs = [ActionSpec(self.type_name, params)]
         if fault:
             specs.append(ActionSpec("fault", {"phase": fault}))
-        return Executor(self.registry()).run(Transaction(specs, base_dir=str(base)), allow_exec=self.allow_exec,
-                                             roots=self.roots(base))
+        return Executor(self.registry()).run(
+            Transaction(specs, base_dir=str(base)), allow_exec=self.allow_exec, roots=self.roots(base)
+        )
 
     # -- the properties ----------------------------------------------------------------
 
@@ -150,8 +162,7 @@ class ActionTypeConformance:
         executor, action, ctx, before = self._checked(tmp_path)
         executor.check_actions([action], ctx, None)
         ctx.close()
-        _require(self.observe(tmp_path) == before, "check has no side effects",
-                 "the world changed during check")
+        _require(self.observe(tmp_path) == before, "check has no side effects", "the world changed during check")
 
     def test_do_then_cancel_restores_the_world(self, tmp_path: Path) -> None:
         executor, action, ctx, before = self._checked(tmp_path)
@@ -160,8 +171,11 @@ class ActionTypeConformance:
         self._step(executor, action, ctx, "do", "do succeeds after check")
         self._step(executor, action, ctx, "cancel", "cancel after do succeeds")
         ctx.close()
-        _require(self.observe(tmp_path) == before, "cancel after do restores the world",
-                 "something do made is still there after cancel")
+        _require(
+            self.observe(tmp_path) == before,
+            "cancel after do restores the world",
+            "something do made is still there after cancel",
+        )
 
     def test_invalidate_then_cancel_restores_the_world(self, tmp_path: Path) -> None:
         executor, action, ctx, before = self._checked(tmp_path)
@@ -170,8 +184,11 @@ class ActionTypeConformance:
         for step in ("do", "invalidate", "cancel"):
             self._step(executor, action, ctx, step, f"{step} succeeds")
         ctx.close()
-        _require(self.observe(tmp_path) == before, "cancel after invalidate restores the world",
-                 "the world differs from before the action")
+        _require(
+            self.observe(tmp_path) == before,
+            "cancel after invalidate restores the world",
+            "the world differs from before the action",
+        )
 
     def test_cancel_is_idempotent(self, tmp_path: Path) -> None:
         executor, action, ctx, before = self._checked(tmp_path)
@@ -182,8 +199,7 @@ class ActionTypeConformance:
         once = self.observe(tmp_path)
         self._step(executor, action, ctx, "cancel", "cancel is idempotent (a second cancel succeeds)")
         ctx.close()
-        _require(self.observe(tmp_path) == once == before, "cancel is idempotent",
-                 "a second cancel changed the world")
+        _require(self.observe(tmp_path) == once == before, "cancel is idempotent", "a second cancel changed the world")
 
     def test_cancel_after_a_crash_works_from_the_journal(self, tmp_path: Path) -> None:
         """What ``blktx recover`` does: a new action from the JSON of params and undo."""
@@ -201,15 +217,21 @@ class ActionTypeConformance:
         for attempt in (1, 2):
             self._step(executor, reborn, ctx2, "cancel", f"cancel from the journal succeeds (attempt {attempt})")
         ctx2.close()
-        _require(self.observe(tmp_path) == before, "cancel works from params and undo alone",
-                 "a cancel rebuilt from the journal left something behind")
+        _require(
+            self.observe(tmp_path) == before,
+            "cancel works from params and undo alone",
+            "a cancel rebuilt from the journal left something behind",
+        )
 
     def test_cancel_without_do_changes_nothing(self, tmp_path: Path) -> None:
         executor, action, ctx, before = self._checked(tmp_path)
         self._step(executor, action, ctx, "cancel", "cancel from START succeeds")
         ctx.close()
-        _require(self.observe(tmp_path) == before, "cancel from START changes nothing",
-                 "cancel removed or changed something the action never made")
+        _require(
+            self.observe(tmp_path) == before,
+            "cancel from START changes nothing",
+            "cancel removed or changed something the action never made",
+        )
 
     def test_rolled_back_transaction_leaves_the_world(self, tmp_path: Path) -> None:
         for phase in ("do", "invalidate"):
@@ -217,10 +239,12 @@ class ActionTypeConformance:
             params = self.setup_world(base)
             before = self.observe(base)
             result = self._run(base, params, fault=phase)
-            _require(result.outcome == "rolled back", "a failure later in the transaction rolls back",
-                     f"fault in {phase}: {result.summary()}")
-            _require(self.observe(base) == before, "all or none",
-                     f"a rollback (fault in {phase}) left the world changed")
+            _require(
+                result.outcome == "rolled back",
+                "a failure later in the transaction rolls back",
+                f"fault in {phase}: {result.summary()}",
+            )
+            _require(self.observe(base) == before, "all or none", f"a rollback (fault in {phase}) left the world changed")
 
     def test_finalize_runs_only_after_the_commit_point(self, tmp_path: Path) -> None:
         base = Path(tempfile.mkdtemp(dir=tmp_path))
@@ -231,15 +255,17 @@ class ActionTypeConformance:
         if self.changes_world:
             _require(self.observe(base) != before, "a committed action takes effect", "the world did not change")
         if result.actions[0].type.finalize:
-            _require("finalize" in result.phases, "a finalize action runs after the commit point",
-                     "no finalize phase ran")
+            _require("finalize" in result.phases, "a finalize action runs after the commit point", "no finalize phase ran")
 
     def test_machine_matches_behaviour(self, tmp_path: Path) -> None:
         executor, action, ctx, _ = self._checked(tmp_path)
         lifecycle = action.type.lifecycle
         for step in ("invalidate",):
-            _require(not lifecycle.allowed(step, action.state), "the machine refuses invalidate from START",
-                     "the declared lifecycle allows it")
+            _require(
+                not lifecycle.allowed(step, action.state),
+                "the machine refuses invalidate from START",
+                "the declared lifecycle allows it",
+            )
             try:
                 executor.step(step, [action], ctx)
             except RuntimeError:
@@ -253,8 +279,11 @@ class ActionTypeConformance:
         expected = {"do": "CREATED", "invalidate": "INVALIDATED", "cancel": "CANCELED"}
         for step, state in expected.items():
             self._step(executor, action, ctx, step, f"{step} succeeds")
-            _require(action.state == state, "the declared machine matches behaviour",
-                     f"after {step} the action is {action.state}, not {state}")
+            _require(
+                action.state == state,
+                "the declared machine matches behaviour",
+                f"after {step} the action is {action.state}, not {state}",
+            )
         ctx.close()
 
     def test_cancel_never_removes_what_it_did_not_make(self, tmp_path: Path) -> None:
@@ -267,8 +296,10 @@ class ActionTypeConformance:
             if action.type.finalize:
                 pytest.skip(f"{action.type.name} is a finalize type: it is never cancelled")
             if not self.make_foreign(base, action):
-                pytest.skip(f"{type(self).__name__}.make_foreign makes no foreign object: override it to check "
-                            "that cancel never removes what it did not make")
+                pytest.skip(
+                    f"{type(self).__name__}.make_foreign makes no foreign object: override it to check "
+                    "that cancel never removes what it did not make"
+                )
             with_foreign = self.observe(base)
             if crash_before_do:
                 action.state = "DOING"  # the journal said it began; do never ran
@@ -282,8 +313,11 @@ class ActionTypeConformance:
             executor.step("cancel", [reborn], ctx2)
             ctx2.close()
             when = "the run died before do" if crash_before_do else "do met it"
-            _require(self.observe(base) == with_foreign, "cancel never removes what it did not make",
-                     f"an object somebody else made at the action's name was removed or changed ({when})")
+            _require(
+                self.observe(base) == with_foreign,
+                "cancel never removes what it did not make",
+                f"an object somebody else made at the action's name was removed or changed ({when})",
+            )
 
     def test_every_crash_point_is_recovered_in_a_fresh_process(self, tmp_path: Path) -> None:
         """A real ``blktx run`` in a child process, killed after each journal write in
@@ -305,19 +339,23 @@ class ActionTypeConformance:
                 base = Path(tempfile.mkdtemp(dir=tmp_path))
                 params = self.setup_world(base)
                 if _seen(self.observe(base), base) != before:
-                    pytest.skip(f"{type(self).__name__}.observe(base) differs between two fresh worlds: "
-                                "they cannot be compared")
+                    pytest.skip(f"{type(self).__name__}.observe(base) differs between two fresh worlds: they cannot be compared")
                 code, journal = _child_run(base, self, params, fault, crash_after=n)
                 if code in (0, 1):
                     break
                 _require(code == -9, "a run killed at a journal write dies there", f"exit {code}")
                 recovered = _child_recover(base, self, journal)
-                _require(recovered.returncode == 0, "blktx recover finishes a killed run",
-                         f"kill after write {n}: recover exited {recovered.returncode}: {recovered.stdout.strip()}")
+                _require(
+                    recovered.returncode == 0,
+                    "blktx recover finishes a killed run",
+                    f"kill after write {n}: recover exited {recovered.returncode}: {recovered.stdout.strip()}",
+                )
                 world = _seen(self.observe(base), base)
-                _require(world in (before, after), "after a crash and recover the world is as before or after",
-                         f"kill after write {n}{' (fault in ' + fault + ')' if fault else ''}: {world}, "
-                         f"not {before} nor {after}")
+                _require(
+                    world in (before, after),
+                    "after a crash and recover the world is as before or after",
+                    f"kill after write {n}{' (fault in ' + fault + ')' if fault else ''}: {world}, not {before} nor {after}",
+                )
 
 
 def _seen(world: Any, base: Path) -> str:
@@ -350,8 +388,9 @@ def _child_env(base: Path) -> dict[str, str]:
     return env
 
 
-def _child_run(base: Path, suite: ActionTypeConformance, action_params: dict[str, Any], fault: str | None,
-               crash_after: int | None) -> tuple[int, Path]:
+def _child_run(
+    base: Path, suite: ActionTypeConformance, action_params: dict[str, Any], fault: str | None, crash_after: int | None
+) -> tuple[int, Path]:
     import subprocess
     import sys
 
@@ -367,11 +406,12 @@ def _child_run(base: Path, suite: ActionTypeConformance, action_params: dict[str
     args = [sys.executable, "-m", "blktx", "run", "-", "--journal", str(journal)]
     args += [a for root in suite.roots(base) for a in ("--root", root, "--vm-root", root)]
     args += ["--allow-exec"] if suite.allow_exec else []
-    out = subprocess.run(args, input="\n".join(lines) + "\n", capture_output=True, text=True, env=env, cwd=base,
-                         check=False)
+    out = subprocess.run(args, input="\n".join(lines) + "\n", capture_output=True, text=True, env=env, cwd=base, check=False)
     if crash_after is None and out.returncode not in (0, 1):
-        raise ConformanceError(f"conformance: a real run of {suite.type_name} in a child process exited "
-                               f"{out.returncode}: {(out.stdout + out.stderr).strip()[-2000:]}")
+        raise ConformanceError(
+            f"conformance: a real run of {suite.type_name} in a child process exited "
+            f"{out.returncode}: {(out.stdout + out.stderr).strip()[-2000:]}"
+        )
     return out.returncode, journal
 
 

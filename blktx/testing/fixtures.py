@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-storage-daemon") is None,
-                                    reason="needs qemu-img and qemu-storage-daemon (Debian qemu-utils, "
-                                           "qemu-system-common)")
+needs_qemu_img = pytest.mark.skipif(
+    shutil.which("qemu-img") is None or shutil.which("qemu-storage-daemon") is None,
+    reason="needs qemu-img and qemu-storage-daemon (Debian qemu-utils, qemu-system-common)",
+)
 
 
 def run(*argv: str) -> str:
@@ -81,8 +82,9 @@ def subvolumes(mnt: Path) -> list[str]:
     return sorted(line.split(" path ", 1)[1] for line in out.splitlines() if " path " in line)
 
 
-needs_qemu_system = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
-                                       reason="needs qemu-system-x86_64 (Debian qemu-system-x86)")
+needs_qemu_system = pytest.mark.skipif(
+    shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64 (Debian qemu-system-x86)"
+)
 
 
 def one_command(address: Path | str, cmd: str, args: dict[str, Any] | None = None, *, agent: bool = False) -> Any:
@@ -107,8 +109,18 @@ class VM:
         self.sock = directory / f"{name}.qmp"
         self.ctl = directory / f"{name}.ctl"  # the tests' own monitor: QEMU serves one client per monitor
         self.images = [make_image(directory / f"{name}-d{i}.qcow2", pattern=0x30 + i) for i in range(drives)]
-        argv = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
-                "-qmp", f"unix:{self.sock},server=on,wait=off", "-qmp", f"unix:{self.ctl},server=on,wait=off"]
+        argv = [
+            "qemu-system-x86_64",
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+            f"unix:{self.sock},server=on,wait=off",
+            "-qmp",
+            f"unix:{self.ctl},server=on,wait=off",
+        ]
         if paused:
             argv.append("-S")
         for i, img in enumerate(self.images):

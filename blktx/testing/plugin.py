@@ -29,8 +29,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         cls = getattr(item, "cls", None)
         name = getattr(item, "originalname", None) or item.name
-        if cls is not None and issubclass(cls, ActionTypeConformance) and cls.type_name and \
-                cls.not_applicable(name) is not None:
+        if cls is not None and issubclass(cls, ActionTypeConformance) and cls.type_name and cls.not_applicable(name) is not None:
             dropped.append(item)
         else:
             keep.append(item)

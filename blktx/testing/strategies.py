@@ -32,8 +32,7 @@ def sim_worlds(draw: Any) -> dict[str, Any]:
     devices = {}
     for d in DEVICES:
         names = draw(st.lists(st.sampled_from(NAMES), max_size=3))
-        devices[d] = {"snapshots": {str(i + 1): n for i, n in enumerate(names)},
-                      "layers": [f"{d}.base"], "active": f"{d}.base"}
+        devices[d] = {"snapshots": {str(i + 1): n for i, n in enumerate(names)}, "layers": [f"{d}.base"], "active": f"{d}.base"}
     return devices
 
 
@@ -52,19 +51,39 @@ def sim_transactions(draw: Any, world: dict[str, Any]) -> Spec:
             continue
         used.add(device)
         if kind == "snapshot":
-            actions.append(("sim.snapshot", {"device": device, "name": draw(st.sampled_from(NAMES)),
-                                             "fail": draw(FAIL), "fail_cancel": draw(CANCEL_FAILS)}))
+            actions.append(
+                (
+                    "sim.snapshot",
+                    {
+                        "device": device,
+                        "name": draw(st.sampled_from(NAMES)),
+                        "fail": draw(FAIL),
+                        "fail_cancel": draw(CANCEL_FAILS),
+                    },
+                )
+            )
         elif kind == "overlay":
             overlaid.add(device)
-            actions.append(("sim.overlay", {"device": device, "layer": f"{device}.o{n}",
-                                            "fail": draw(FAIL), "fail_cancel": draw(CANCEL_FAILS)}))
+            actions.append(
+                (
+                    "sim.overlay",
+                    {"device": device, "layer": f"{device}.o{n}", "fail": draw(FAIL), "fail_cancel": draw(CANCEL_FAILS)},
+                )
+            )
         elif kind == "delete":
             existing = sorted(set(world[device]["snapshots"].values()))
             if existing:
-                actions.append(("sim.delete", {
-                    "device": device, "name": draw(st.sampled_from(existing)),
-                    "fail": draw(st.sampled_from(["", "", "", "finalize"])),
-                    "fail_times": draw(st.sampled_from([-1, 1]))}))
+                actions.append(
+                    (
+                        "sim.delete",
+                        {
+                            "device": device,
+                            "name": draw(st.sampled_from(existing)),
+                            "fail": draw(st.sampled_from(["", "", "", "finalize"])),
+                            "fail_times": draw(st.sampled_from([-1, 1])),
+                        },
+                    )
+                )
         else:
             actions.append(("fault", {"phase": draw(st.sampled_from(["do", "invalidate", "invalidate", "check"]))}))
     return actions

@@ -99,8 +99,11 @@ class FileSnapshot(ActionType):
                 os.unlink(path)
 
     def leftovers(self, action: Action) -> list[Leftover]:
-        return [Leftover(action.target, f"snapshot file {p}")
-                for p in (action.undo.get("dest", ""), action.undo.get("tmp", "")) if _ours(p, action.undo.get("made"))]
+        return [
+            Leftover(action.target, f"snapshot file {p}")
+            for p in (action.undo.get("dest", ""), action.undo.get("tmp", ""))
+            if _ours(p, action.undo.get("made"))
+        ]
 
 
 @hookimpl

@@ -29,9 +29,13 @@ def test_group_with_a_qcow2_image(tmp_path: Path, qcow2_image: Any) -> None:
 
     image = qcow2_image("vm.qcow2")
     (tmp_path / "vm.conf").write_text("memory = 1G\n")
-    tx = Transaction([ActionSpec("qcow2.internal-create", {"image": image.name, "name": "nightly"}),
-                      ActionSpec("file.snapshot", {"path": "vm.conf", "dest": "vm.conf.nightly"})],
-                     base_dir=str(tmp_path))
+    tx = Transaction(
+        [
+            ActionSpec("qcow2.internal-create", {"image": image.name, "name": "nightly"}),
+            ActionSpec("file.snapshot", {"path": "vm.conf", "dest": "vm.conf.nightly"}),
+        ],
+        base_dir=str(tmp_path),
+    )
     result = Executor().run(tx)
     assert result.outcome == "committed", result.summary()
     assert (tmp_path / "vm.conf.nightly").read_text() == "memory = 1G\n"
