@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import stat
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from blktx import Refused
 from blktx.params import within_roots
@@ -145,12 +148,62 @@ def _read(fd: int, offset: int, length: int, path: str) -> bytes:
     return data
 
 
+#: Seconds a header read may take before the image is refused: a hard-mounted NFS
+#: server that stopped answering blocks a read forever (and uninterruptibly).
+READ_TIMEOUT = 30.0
+_jobs: queue.SimpleQueue[tuple[str, list[Any], threading.Event]] = queue.SimpleQueue()
+_workers: list[threading.Thread] = []
+_workers_lock = threading.Lock()
+
+
+def _reader() -> None:
+    while True:
+        path, box, done = _jobs.get()
+        try:
+            box.append(_read_image(path))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            box.append(exc)
+        finally:
+            done.set()
+
+
+def _ensure_readers(n: int = 4) -> None:
+    """Daemon threads (a read stuck on a hung mount must not keep the process alive)."""
+    with _workers_lock:
+        _workers[:] = [t for t in _workers if t.is_alive()]
+        while len(_workers) < n:
+            worker = threading.Thread(target=_reader, name="blktx-header", daemon=True)
+            worker.start()
+            _workers.append(worker)
+
+
 def read_image(path: str) -> Header:
     """The header of the qcow2 image ``path`` (see :func:`open_image`), within QEMU's limits.
 
     Raises :class:`Refused` naming the file when it is missing, not a regular file,
-    not qcow2, or breaks a limit.
+    not qcow2, breaks a limit, or cannot be read within :data:`READ_TIMEOUT` (the
+    reading thread is left behind: a read stuck on a hung mount cannot be cancelled;
+    a new reader replaces it).
     """
+    _ensure_readers()
+    box: list[Any] = []
+    done = threading.Event()
+    _jobs.put((path, box, done))
+    if not done.wait(READ_TIMEOUT):
+        with _workers_lock:  # one reader is stuck: the next call starts another
+            _workers.append(threading.Thread(target=_reader, name="blktx-header", daemon=True))
+            _workers[-1].start()
+        raise Refused(
+            f"{path}: reading its header took more than {READ_TIMEOUT:g} s (a hung network mount?)",
+            hint="check the mount; blktx does not wait on it",
+        )
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    header: Header = box[0]
+    return header
+
+
+def _read_image(path: str) -> Header:
     fd = open_image(path)
     try:
         return _parse(fd, path)

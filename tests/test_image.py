@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -98,3 +99,23 @@ def test_the_template_itself_reads(template: bytes, tmp_path: Path) -> None:
     path.write_bytes(template)
     header = read_image(str(path))
     assert [s.name for s in header.snapshots] == ["weekly", "nightly"]
+
+
+def test_a_read_that_hangs_is_refused_at_its_deadline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A hard-mounted NFS server that stopped answering blocks a read forever; here the
+    read is made to hang, and the check gives up at the deadline naming the file."""
+    from blktx_plugins import _image
+
+    release = threading.Event()
+
+    def hung(path: str) -> object:
+        release.wait(30)
+        raise OSError("never answered")
+
+    monkeypatch.setattr(_image, "_read_image", hung)
+    monkeypatch.setattr(_image, "READ_TIMEOUT", 0.3)
+    t = time.monotonic()
+    with pytest.raises(Refused, match=r"took more than 0\.3 s"):
+        _image.read_image(str(tmp_path / "on-nfs.qcow2"))
+    assert time.monotonic() - t < 2
+    release.set()
