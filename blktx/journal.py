@@ -119,7 +119,17 @@ class SqliteJournal:
         self._crash_after = int(crash) if crash else None
 
     def _migrate(self) -> None:
-        """Add the columns that journals written by earlier versions lack."""
+        """Add the columns that journals written by earlier versions lack: in one write
+        transaction, so two processes opening one new journal never both add a column."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._migrate_locked()
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate_locked(self) -> None:
         for table, column, decl in (
             ("tx", "committed", "INTEGER DEFAULT 0"),
             ("action", "output", "TEXT"),

@@ -73,3 +73,12 @@ def test_inside_a_quiesce_window_one_durable_write(tmp_path: Path, registry) -> 
     assert seen["resumed"] - seen["paused"] == 1
     (logged,) = journal.transactions()
     assert logged["committed"] and logged["status"] == "DONE"
+
+
+def test_many_processes_opening_one_new_journal_at_once(tmp_path: Path) -> None:
+    """A run and a `blktx recover` (or a watchdog) may create one journal together."""
+    path = str(tmp_path / "j.sqlite")
+    code = f"from blktx.journal import SqliteJournal; SqliteJournal({path!r})"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(12)]
+    errors = [p.communicate()[1] for p in procs if p.wait() != 0]
+    assert errors == []
