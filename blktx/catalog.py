@@ -47,8 +47,9 @@ def expand(template: str, *, group: str, txid: str, now: float | None = None) ->
         else:
             parts.append({"host": socket.gethostname(), "group": group, "txid": txid}[field])
     name = "".join(parts)
-    if not _NAME.match(name):
-        raise ValueError(f"{name!r} is not a usable name: letters, digits and _ . : @ + = - only, at most 128")
+    why = check_name(name, "the expanded name")
+    if why:
+        raise ValueError(why)
     return name
 
 

@@ -63,9 +63,9 @@ def rebuild(tx: dict[str, Any], registry: Registry, allow_exec: bool) -> tuple[l
         shared_folders=bool(recorded.get("shared_folders")),
     )
     for a, row in zip(actions, tx["actions"], strict=True):
-        a.index, a.state, a.undo = row["index"], row["state"], row["undo"] or {}
+        a.index = row["index"]
         a.target = row["target"]  # as refined by its check; locked with what bind resolved
-    return actions, options
+    return actions, options  # states and undo facts are read again under the claim
 
 
 def _given(registry: Registry, type_name: str, params: dict[str, Any]) -> dict[str, Any]:
