@@ -144,6 +144,16 @@ class ActionType:
         is still there, judged by the identity in ``action.undo`` (a snapshot's id
         and date, an overlay's inode, a subvolume's UUID), never by name alone.
 
+    **Group snapshots** (``blktx revert``/``delete``/``prune``): a type that makes
+    something declares ``revert_type`` and ``delete_type``, the names of the types
+    that bring its member back and remove it, and implements
+    ``revert_params(action)``/``delete_params(action)``: the parameters of that
+    action, from the committed action rebuilt from the catalog (its ``params`` and
+    the identity in ``undo``). Pass the identity on (a snapshot's id *and* date)
+    so that the revert or delete acts on what was made, never on a same-named
+    remake. A revert type is an ordinary undoable type (its cancel restores the
+    state before the revert); a delete type is a finalize type.
+
     **Batches**: ``check_many``/``do_many``/``invalidate_many``/``cancel_many``
     receive every action of this type in a phase, in order (reverse order for
     cancel). The defaults call the single-action callbacks in turn; override them
@@ -158,6 +168,9 @@ class ActionType:
     shares_target: ClassVar[bool] = False
     do_before_quiesce: ClassVar[bool] = False
     lifecycle: ClassVar[Lifecycle] = Lifecycle()
+    #: The types that revert and delete what this type makes; "" when there is none.
+    revert_type: ClassVar[str] = ""
+    delete_type: ClassVar[str] = ""
     #: Whether this type overrides a ``*_many`` method (set at class creation).
     batched: ClassVar[bool] = False
     #: Whether this type overrides ``finish`` (set at class creation).
@@ -200,6 +213,16 @@ class ActionType:
         """Whether what this committed action made is still there, by the identity in
         ``action.undo`` (``blktx list --verify``); None when the type cannot tell."""
         return None
+
+    def revert_params(self, action: Action) -> dict[str, Any]:
+        """The parameters of the ``revert_type`` action that brings back what the
+        committed ``action`` (rebuilt from the catalog) made."""
+        raise NotImplementedError(f"{self.name} declares no revert")
+
+    def delete_params(self, action: Action) -> dict[str, Any]:
+        """The parameters of the ``delete_type`` action that removes what the
+        committed ``action`` (rebuilt from the catalog) made."""
+        raise NotImplementedError(f"{self.name} declares no delete")
 
     # -- batches -----------------------------------------------------------------
 

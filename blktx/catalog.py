@@ -22,11 +22,22 @@ import socket
 import string
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blktx.actiontype import Action
+from blktx.errors import BlktxError, InvalidTransaction, Problem
+
+if TYPE_CHECKING:
+    from blktx.spec import Transaction
 
 _FIELDS = {"now", "host", "group", "txid"}
+
+
+def clock() -> float:
+    """Now, for name templates and the catalog's times (tests replace it: a fake clock)."""
+    return time.time()
+
+
 #: A group or snapshot name as stored: printable, no path separators, no spaces at the ends.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+=-]{0,127}$")
 
@@ -41,7 +52,7 @@ def expand(template: str, *, group: str, txid: str, now: float | None = None) ->
         if field not in _FIELDS or conversion:
             raise ValueError(f"unknown field {{{field}}} (known: {', '.join(sorted(_FIELDS))})")
         if field == "now":
-            parts.append(time.strftime(spec or "%Y%m%d-%H%M%S", time.localtime(now)))
+            parts.append(time.strftime(spec or "%Y%m%d-%H%M%S", time.localtime(clock() if now is None else now)))
         elif spec:
             raise ValueError(f"{{{field}}} takes no format")
         else:
@@ -89,6 +100,18 @@ def members(actions: list[Action]) -> list[dict[str, Any]]:
     ]
 
 
+def commit_change(journal: Any, txid: str, options: Any, actions: list[Action], made: bool) -> None:
+    """Inside the commit write: record the group snapshot this run made, remove the ones
+    it deletes (a delete whose group snapshot is already gone must not commit)."""
+    record, forget = getattr(journal, "catalog", None), getattr(journal, "uncatalog", None)
+    if record is not None and options.group and made:
+        record(txid, options.group, options.snapshot, members(actions), clock())
+    if options.forgets:
+        if forget is None:
+            raise BlktxError("deleting a group snapshot needs the journal that records it")
+        forget(options.forgets)
+
+
 def verify(entry: dict[str, Any], registry: Any) -> list[dict[str, Any]]:
     """Each member of a group snapshot with ``present``: True, False, or None when its
     type cannot tell (:meth:`~blktx.ActionType.member_exists` not implemented)."""
@@ -108,3 +131,74 @@ def verify(entry: dict[str, Any], registry: Any) -> list[dict[str, Any]]:
                 present, why = False, f"{type(exc).__name__}: {exc}"
         out.append({**m, "present": present, **({"why": why} if why else {})})
     return out
+
+
+def label(entry: dict[str, Any]) -> str:
+    """``group@name``: how commands and messages name a group snapshot."""
+    return f"{entry['group']}@{entry['name']}"
+
+
+def plan(
+    entries: list[dict[str, Any]],
+    purpose: str,
+    registry: Any,
+    *,
+    missing_ok: bool = False,
+    keep_current: bool = False,
+) -> Transaction:
+    """The transaction that reverts (``purpose="revert"``, one entry) or deletes
+    (``"delete"``, any number: one all-or-none transaction) group snapshots, each
+    member by its type's ``revert_type``/``delete_type``, from its identity.
+
+    Every member is verified first: one that is gone refuses the whole plan (a delete
+    with ``missing_ok`` skips it), naming the group snapshot, member and target.
+    Raises :class:`InvalidTransaction` listing every problem. Touches nothing.
+    """
+    from blktx.spec import ActionSpec, Transaction
+
+    problems: list[Problem] = []
+    specs: list[ActionSpec] = []
+    for entry in entries:
+        where = label(entry)
+        for m in verify(entry, registry):
+            atype = registry.get(m["type"])
+
+            def refuse(message: str, hint: str | None = None, m: dict[str, Any] = m, where: str = where) -> None:
+                problems.append(
+                    Problem(
+                        f"member #{m['index']} ({m['type']}): {message}", where, action=m["index"], target=m["target"], hint=hint
+                    )
+                )
+
+            if atype is None:
+                refuse(m["why"], hint=f"install the plugin that provides {m['type']}")
+                continue
+            kind = atype.revert_type if purpose == "revert" else atype.delete_type
+            if not kind or registry.get(kind) is None:
+                refuse(f"{m['type']} declares no {purpose}" + (f" ({kind} is not installed)" if kind else ""))
+                continue
+            if m["present"] is False:
+                if purpose == "delete" and missing_ok:
+                    continue
+                refuse(
+                    "is gone" + (f" ({m['why']})" if m.get("why") else "") + f": {where} is incomplete",
+                    hint="`blktx delete --missing-ok` removes the members that are left"
+                    if purpose == "delete"
+                    else "an incomplete group snapshot cannot be reverted: `blktx list --verify` shows what is left",
+                )
+                continue
+            action = Action(m["index"], atype, dict(m["params"]), m["target"])
+            action.undo = dict(m["identity"] or {})
+            try:
+                params = atype.revert_params(action) if purpose == "revert" else atype.delete_params(action)
+            except Exception as exc:  # noqa: BLE001 - the plugin's own words
+                refuse(f"cannot plan the {purpose}: {exc}")
+                continue
+            if keep_current and registry.get(kind).param("keep_current") is not None:
+                params["keep_current"] = True
+            specs.append(ActionSpec(kind, params))
+    if problems:
+        raise InvalidTransaction(problems)
+    names = ", ".join(label(e) for e in entries)
+    file = label(entries[0]) if len(entries) == 1 else f"{len(entries)} group snapshots"
+    return Transaction(specs, file=file, base_dir="/", description=f"{purpose} {names}")

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from blktx import plugins
+from blktx import cli_groups, plugins
 from blktx.context import QUIESCE_MODES
 from blktx.errors import EXIT_INVALID, BlktxError, InvalidTransaction
 from blktx.executor import Executor
@@ -48,6 +48,7 @@ EXAMPLES = {
     "log": ["blktx log --limit 50", "blktx log --json"],
     "show": ["blktx show 20261127T0512            # a unique prefix is enough"],
     "list": ["blktx list web --verify", "blktx list --max-age 25h web        # exit 1 when the newest is older (monitoring)"],
+    **cli_groups.EXAMPLES,
     "schema": ["blktx schema -o blktx.schema.json  # for editors: #:schema ./blktx.schema.json"],
 }
 
@@ -427,12 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("log", "list recent transactions from the journal", cmd_log),
         ("show", "show one transaction from the journal: every action, state, timing, error", cmd_show),
         ("list", "list group snapshots: members, age, and with --verify whether each member is still there", cmd_list),
+        ("revert", "bring every member of a group snapshot back to it, all or none", cli_groups.cmd_revert),
+        ("delete", "delete group snapshots, all or none (after the commit point, finished by recover)", cli_groups.cmd_delete),
+        ("prune", "delete the group snapshots a retention policy does not keep (--dry-run: list them)", cli_groups.cmd_prune),
         ("schema", "print a JSON Schema of the spec format with every installed type's parameters", cmd_schema),
     ]
     subs: dict[str, argparse.ArgumentParser] = {}
     for name, help_text, func in commands:
         epilog = "example:\n" + "".join(f"  {line}\n" for line in EXAMPLES[name])
-        if name in ("run", "check", "recover", "demo"):
+        if name in ("run", "check", "recover", "demo", "revert", "delete", "prune"):
             epilog += "\n" + EXIT_HELP
         p = sub.add_parser(
             name,
@@ -446,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
         subs[name] = p
     for name in ("run", "check"):
         _add_spec_args(subs[name])
-    for name in ("run", "demo", "recover", "log", "show", "list"):
+    cli_groups.add_arguments(subs)
+    for name in ("run", "demo", "recover", "log", "show", "list", "revert", "delete", "prune"):
         subs[name].add_argument(
             "--journal", metavar="PATH", help="the journal file (default $BLKTX_JOURNAL or ~/.local/state/blktx/journal.sqlite)"
         )
@@ -509,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"blktx {args.command}: {exc}", file=sys.stderr)
         return EXIT_INVALID
     except Exception as exc:  # noqa: BLE001 - a message, never a traceback
-        changes = args.command in ("run", "recover", "demo")
+        changes = args.command in ("run", "recover", "demo", "revert", "delete", "prune")
         print(
             f"blktx {args.command}: {type(exc).__name__}: {exc}"
             + ("; the journal knows what may be left: run `blktx recover`" if changes else ""),

@@ -144,6 +144,9 @@ class Options:
     #: The group snapshot this run makes (``blktx.catalog``): its group and expanded name.
     group: str = ""
     snapshot: str = ""
+    #: The group snapshots (their creating transactions' ids) this run deletes: they
+    #: leave the catalog in its commit write (``blktx delete``/``prune``).
+    forgets: tuple[str, ...] = ()
     #: Per-type settings from the spec's ``[options.<plugin>]`` tables.
     extra: dict[str, Any] = field(default_factory=dict)
 

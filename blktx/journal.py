@@ -297,13 +297,23 @@ class SqliteJournal:
                 (state.value, ended, json.dumps(detail, default=str), int(state in _COMMITTED), txid),
             )
 
-    def catalog(self, txid: str, group: str, name: str, members: list[dict[str, Any]]) -> None:
+    def catalog(self, txid: str, group: str, name: str, members: list[dict[str, Any]], when: float | None = None) -> None:
         """Record the group snapshot a transaction makes; called inside the commit's
         durable write (``together``), so it exists exactly when the commit does."""
         with self._write() as db:
             db.execute(
-                "INSERT INTO groupsnap VALUES (?, ?, ?, ?, ?)", (txid, group, name, time.time(), json.dumps(members, default=str))
+                "INSERT INTO groupsnap VALUES (?, ?, ?, ?, ?)",
+                (txid, group, name, time.time() if when is None else when, json.dumps(members, default=str)),
             )
+
+    def uncatalog(self, txids: tuple[str, ...]) -> None:
+        """Remove the group snapshots a delete or prune commits to deleting, inside its
+        commit write. Raises BlktxError when one is no longer there (another
+        transaction deleted it first): that commit must not happen."""
+        with self._write() as db:
+            for txid in txids:
+                if db.execute("DELETE FROM groupsnap WHERE txid = ?", (txid,)).rowcount != 1:
+                    raise BlktxError(f"group snapshot {txid} is no longer in the catalog: deleted by another transaction")
 
     def group_snapshots(self, group: str | None = None) -> list[dict[str, Any]]:
         """Every recorded group snapshot (of ``group``), oldest first."""
@@ -315,6 +325,11 @@ class SqliteJournal:
             {"txid": t, "group": g, "name": n, "time": when, "members": json.loads(m)}
             for t, g, n, when, m in self._db.execute(sql + " ORDER BY time", args)
         ]
+
+    def group_snapshot(self, group: str, name: str) -> dict[str, Any] | None:
+        """The group snapshot ``group@name``, or None."""
+        found = [e for e in self.group_snapshots(group) if e["name"] == name]
+        return found[0] if found else None
 
     def has_group_snapshot(self, group: str, name: str) -> bool:
         return self._db.execute("SELECT 1 FROM groupsnap WHERE grp = ? AND name = ?", (group, name)).fetchone() is not None

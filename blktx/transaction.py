@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from blktx.actiontype import Action, Leftover
-from blktx.catalog import members
+from blktx.catalog import commit_change
 from blktx.checks import check_actions
 from blktx.context import RunContext
 from blktx.dispatch import begin_all, dispatch, implements, point_step
@@ -295,9 +295,7 @@ class TransactionRun:
         with together(journal):
             journal.done(txid, last, undoable)
             journal.state(txid, TxState.COMMITTED, {})
-            record = getattr(journal, "catalog", None)
-            if record is not None and ctx.options.group and undoable:
-                record(txid, ctx.options.group, ctx.options.snapshot, members(self.actions))
+            commit_change(journal, txid, ctx.options, self.actions, bool(undoable))
         self._to("commit")
 
     def _between(self) -> None:

@@ -1,10 +1,11 @@
 """``sim``: a simulated block layer kept in a JSON file, for tests, drills and benchmarks.
 
 A world file holds devices, each with internal snapshots (id -> name), a chain of
-layers, and the active layer::
+layers, the active layer, and optionally the device's data and what each snapshot
+saved of it (``sim.revert`` brings it back)::
 
     {"devices": {"vda": {"snapshots": {"1": "monday"}, "layers": ["vda.base"],
-                         "active": "vda.base"}}}
+                         "active": "vda.base", "data": "tue", "saved": {"1": "mon"}}}}
 
 Every action can be told to fail at a phase (``fail = "do"``) or to fail its cancel
 (``fail_cancel = true``), so that every outcome of the executor can be produced on
@@ -110,6 +111,8 @@ class Snapshot(_SimType):
 
     name = "sim.snapshot"
     shares_target = True
+    revert_type = "sim.revert"
+    delete_type = "sim.delete"
     params = (*_COMMON, Param("name", "str", required=True, doc="the snapshot's name"))
 
     def _check(self, action: Action, dev: dict[str, Any]) -> None:
@@ -124,6 +127,7 @@ class Snapshot(_SimType):
             action.undo["id"] = new_id
             ctx.remember([action])
             dev["snapshots"][str(new_id)] = action.params["name"]
+            dev.setdefault("saved", {})[str(new_id)] = dev.get("data", "")
         self._maybe_fail(action, "do")
 
     def invalidate(self, action: Action, ctx: RunContext) -> None:
@@ -144,10 +148,22 @@ class Snapshot(_SimType):
             dev = self._device(world, action)
             for sid in self._ours(action, dev):
                 del dev["snapshots"][sid]
+                dev.get("saved", {}).pop(sid, None)
 
     def member_exists(self, action: Action) -> bool | None:
         with _world(action.params["world"], write=False) as world:
             return bool(self._ours(action, self._device(world, action)))
+
+    def revert_params(self, action: Action) -> dict[str, Any]:
+        return {
+            "world": action.params["world"],
+            "device": action.params["device"],
+            "id": action.undo["id"],
+            "name": action.params["name"],
+        }
+
+    def delete_params(self, action: Action) -> dict[str, Any]:
+        return self.revert_params(action)
 
     def leftovers(self, action: Action) -> list[Leftover]:
         with _world(action.params["world"], write=False) as world:
@@ -219,6 +235,7 @@ class Delete(_SimType):
         Param("fail", "str", default="", choices=("", "check", "finalize"), doc="fail on purpose"),
         Param("fail_times", "int", default=-1, doc="how many finalize attempts fail (-1: all)"),
         Param("name", "str", required=True, doc="the snapshot's name"),
+        Param("id", "int", default=0, doc="the snapshot's id (0: the oldest of the name)"),
     )
 
     def check(self, action: Action, ctx: RunContext) -> None:
@@ -226,9 +243,12 @@ class Delete(_SimType):
             raise Refused("injected failure in check")
         with _world(action.params["world"], write=False) as world:
             dev = self._device(world, action)
-            ids = sorted(int(i) for i, n in dev["snapshots"].items() if n == action.params["name"])
+            ids = sorted(
+                int(i) for i, n in dev["snapshots"].items() if n == action.params["name"] and action.params["id"] in (0, int(i))
+            )
             if not ids:
-                raise Refused(f"device {action.params['device']!r} has no snapshot {action.params['name']!r}")
+                which = f" (id {action.params['id']})" if action.params["id"] else ""
+                raise Refused(f"device {action.params['device']!r} has no snapshot {action.params['name']!r}{which}")
             claimed: dict[tuple[str, str, int], int] = ctx.resource("sim.delete.claimed", dict)
             key = (action.params["world"], action.params["device"], ids[0])
             if key in claimed:
@@ -245,7 +265,45 @@ class Delete(_SimType):
                 action.undo["failed"] = failed + 1
                 raise ActionFailed("injected failure in finalize")
         with _world(action.params["world"]) as world:
-            self._device(world, action)["snapshots"].pop(str(action.undo["id"]), None)
+            dev = self._device(world, action)
+            dev["snapshots"].pop(str(action.undo["id"]), None)
+            dev.get("saved", {}).pop(str(action.undo["id"]), None)
+
+
+class Revert(_SimType):
+    """Bring a simulated device's data back to an internal snapshot (cancel restores it)."""
+
+    name = "sim.revert"
+    params = (
+        *_COMMON,
+        Param("id", "int", required=True, doc="the snapshot's id"),
+        Param("name", "str", required=True, doc="the snapshot's name (must match the id's)"),
+    )
+
+    def _check(self, action: Action, dev: dict[str, Any]) -> None:
+        sid = str(action.params["id"])
+        if dev["snapshots"].get(sid) != action.params["name"]:
+            raise Refused(f"device {action.params['device']!r} has no snapshot {action.params['name']!r} with id {sid}")
+
+    def do(self, action: Action, ctx: RunContext) -> None:
+        with _world(action.params["world"]) as world:
+            dev = self._device(world, action)
+            self._check(action, dev)
+            # What the device held, durable before it changes: cancel puts it back.
+            action.undo["before"] = dev.get("data", "")
+            ctx.remember([action])
+            dev["data"] = dev.get("saved", {}).get(str(action.params["id"]), "")
+        self._maybe_fail(action, "do")
+
+    def invalidate(self, action: Action, ctx: RunContext) -> None:
+        self._maybe_fail(action, "invalidate")
+
+    def cancel(self, action: Action, ctx: RunContext) -> None:
+        self._cancel_guard(action)
+        if "before" not in action.undo:
+            return  # do never changed the data
+        with _world(action.params["world"]) as world:
+            self._device(world, action)["data"] = action.undo["before"]
 
 
 class Noop(ActionType):
@@ -266,5 +324,5 @@ class Noop(ActionType):
 
 @hookimpl
 def blktx_register_action_types(register: Any) -> None:
-    for cls in (Snapshot, Overlay, Delete, Noop):
+    for cls in (Snapshot, Overlay, Delete, Revert, Noop):
         register(cls)
