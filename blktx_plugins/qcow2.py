@@ -644,7 +644,9 @@ class ExternalCreate(ActionType):
 
 @hookimpl
 def blktx_register_action_types(register: Any) -> None:
-    for cls in (InternalCreate, InternalDelete, ExternalCreate):
+    from blktx_plugins import _qcow2_external, _qcow2_revert
+
+    for cls in (InternalCreate, InternalDelete, ExternalCreate, *_qcow2_revert.TYPES, *_qcow2_external.TYPES):
         register(cls)
 
 
