@@ -24,7 +24,7 @@ from blktx.params import ParamError, did_you_mean, within_roots
 from blktx.plugins import Registry
 
 VERSION = 1
-TOP_KEYS = ["version", "description", "group", "snapshot", "options", "action"]
+TOP_KEYS = ["version", "description", "group", "snapshot", "retention", "options", "action"]
 OPTION_KEYS = spec_options()
 
 
@@ -315,6 +315,24 @@ def confinement(kind: str, value: Any, options: Options) -> tuple[str, str] | No
     return None
 
 
+def _check_retention(value: Any, problem: Any) -> None:
+    """``[retention] keep = {...}`` (read by ``blktx prune --spec``), checked with the spec."""
+    from blktx.retention import parse_policy
+
+    if not isinstance(value, dict):
+        problem("'retention' must be a table", "retention", key="retention", hint="write [retention] keep = {daily = 7}")
+        return
+    for key in value:
+        if key != "keep":
+            problem(f"unknown key {key!r} in [retention]", "retention", key, key=key, hint="the only key is keep = {...}")
+    try:
+        parse_policy(value.get("keep", {}))
+    except ValueError as exc:
+        problem(
+            f"[retention] keep: {exc}", "retention", "keep", key="keep", hint="e.g. keep = { last = 3, daily = 7, weekly = 4 }"
+        )
+
+
 def bind(
     tx: Transaction,
     registry: Registry,
@@ -368,6 +386,8 @@ def bind(
                     key=key,
                     hint=did_you_mean(key, TOP_KEYS) or f"known keys: {', '.join(TOP_KEYS)}",
                 )
+        if "retention" in raw:
+            _check_retention(raw["retention"], problem)
         if "action" in raw and not isinstance(raw["action"], list):
             problem("'action' must be an array of tables", "action", key="action", hint="write each action as [[action]]")
 
