@@ -2,7 +2,8 @@
 
 A world file holds devices, each with internal snapshots (id -> name), a chain of
 layers, the active layer, and optionally the device's data and what each snapshot
-saved of it (``sim.revert`` brings it back)::
+saved of it (``sim.revert`` brings it back; ``"break": "revert"`` makes a revert of the
+device fail after it changed the data)::
 
     {"devices": {"vda": {"snapshots": {"1": "monday"}, "layers": ["vda.base"],
                          "active": "vda.base", "data": "tue", "saved": {"1": "mon"}}}}
@@ -294,6 +295,8 @@ class Revert(_SimType):
             ctx.remember([action])
             dev["data"] = dev.get("saved", {}).get(str(action.params["id"]), "")
         self._maybe_fail(action, "do")
+        if dev.get("break") == "revert":  # a device that fails half-way through a revert (drills)
+            raise ActionFailed(f"device {action.params['device']!r} broke during the revert")
 
     def invalidate(self, action: Action, ctx: RunContext) -> None:
         self._maybe_fail(action, "invalidate")
