@@ -21,17 +21,13 @@ MUTANTS = {
         """        with together(journal):
             journal.done(txid, last, undoable)
             journal.state(txid, TxState.COMMITTED, {})
-            record = getattr(journal, "catalog", None)
-            if record is not None and ctx.options.group and undoable:
-                record(txid, ctx.options.group, ctx.options.snapshot, members(self.actions))
+            commit_change(journal, txid, ctx.options, self.actions, bool(undoable))
         self._to("commit")""",
         """        self._to("commit")
         with contextlib.suppress(Exception), together(journal):
             journal.done(txid, last, undoable)
             journal.state(txid, TxState.COMMITTED, {})
-            record = getattr(journal, "catalog", None)
-            if record is not None and ctx.options.group and undoable:
-                record(txid, ctx.options.group, ctx.options.snapshot, members(self.actions))""",
+            commit_change(journal, txid, ctx.options, self.actions, bool(undoable))""",
     ),
     "drop-cancel-intent": (
         "blktx/transaction.py",
@@ -57,8 +53,14 @@ MUTANTS = {
         """        victims = [a for a in self.undoable if a.state in LIVE_STATES]""",
         """        victims = [a for a in self.undoable if a.state in LIVE_STATES][1:]""",
     ),
+    "delete-keeps-catalog-entry": (
+        "blktx/catalog.py",
+        """        forget(options.forgets)""",
+        """        pass""",
+    ),
 }
 TESTS = {
+    "delete-keeps-catalog-entry": ["tests/test_cli_groups.py"],
     "commit-before-write": ["tests/test_transaction.py"],
     "drop-cancel-intent": ["tests/test_recover.py::test_the_cancel_intent_is_durable_before_any_cancel"],
     "release-at-exit-3": ["tests/test_transaction.py"],
