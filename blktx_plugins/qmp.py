@@ -25,8 +25,9 @@ from typing import Any
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Param, Refused, RunContext, hookimpl
 from blktx_plugins._fs import Private, is_ours, private_file, publish, remove_if_ours
-from blktx_plugins._image import has_protocol, name_problem, open_image, read_header, shown, within
+from blktx_plugins._image import Snapshot, bare, has_protocol, name_problem, open_image, read_header, shown, within
 from blktx_plugins._qemu import Agent, Qmp, StorageDaemon, VmGone, create_overlay, gather, holder
+from blktx_plugins._qmp_internal import pick, same, snapshots_of, twice
 from blktx_plugins._qmp_window import (  # the hooks are re-exported: pluggy finds them here
     _budget,
     _connections,
@@ -45,14 +46,15 @@ def _node_info(node: str, inserted: dict[str, Any]) -> dict[str, Any]:
         "file": inserted["file"],
         "format": inserted["drv"],
         "size": inserted["image"]["virtual-size"],
-        "snapshots": [(s["id"], s["name"]) for s in inserted["image"].get("snapshots", [])],
+        "snapshots": snapshots_of(inserted["image"]),
     }
 
 
 def resolve(conn: Qmp, drive: str, blocks: list[Any] | None = None, timeout: float = 120.0) -> dict[str, Any]:
-    """The node behind ``drive``: its node name, image file, format and snapshots,
-    and ``key``: the drive's id when it is a drive's active node (whatever name
-    the spec used for it), else the node name.
+    """The node behind ``drive``: its node name, image file, format and snapshots
+    (:class:`~blktx_plugins._image.Snapshot`, with their dates), and ``key``: the
+    drive's id when it is a drive's active node (whatever name the spec used for
+    it), else the node name.
 
     ``blocks`` is the VM's ``query-block`` reply, when the caller already has it; a
     drive's active node is found there, any other node in ``query-named-block-nodes``.
@@ -161,18 +163,23 @@ class _QmpType(ActionType):
                             "file": info["file"],
                             "format": info["format"],
                             "size": info["size"],
-                            "before": [i for i, _ in info["snapshots"]],
+                            "before": [s.id for s in info["snapshots"]],
                         }
                     )
                     a.undo.update(_file_facts(info["file"], ctx))
                     self._check(a, info)
                 except Exception as exc:  # noqa: BLE001 - a refusal of this action
                     failures[a.index] = exc
+        failures.update(self._check_group([a for a in actions if a.index not in failures]))
         if failures:
             raise ActionFailures(failures)
 
     def _check(self, action: Action, info: dict[str, Any]) -> None:
         return None
+
+    def _check_group(self, actions: list[Action]) -> dict[int, BaseException]:
+        """Refusals of actions that each passed alone but not together (on one drive)."""
+        return {}
 
     def _check_agents(
         self, vms: list[tuple[Qmp | VmGone, list[Action]]], ctx: RunContext, failures: dict[int, BaseException]
@@ -258,9 +265,16 @@ class _QmpType(ActionType):
 
 
 class InternalCreate(_QmpType):
-    """Create an internal snapshot of a running VM's drive (one QMP transaction per VM)."""
+    """Create an internal snapshot of a running VM's drive (one QMP transaction per VM).
+
+    Several actions may snapshot one drive in one transaction (QEMU iotest 057),
+    each with its own name. After QEMU answered, each snapshot's id and date are
+    recorded (``undo["id"]``, ``undo["date"]``); a cancel deletes only the snapshot
+    with that id, name and date.
+    """
 
     name = "qmp.internal-create"
+    shares_target = True
     params = (*_COMMON, Param("name", "str", required=True, doc="the snapshot's name"))
 
     def _check(self, action: Action, info: dict[str, Any]) -> None:
@@ -271,14 +285,26 @@ class InternalCreate(_QmpType):
                 f"{action.params['vm']}: the snapshot name {shown(action.params['name'])} {problem}",
                 hint="give a non-empty UTF-8 name of at most 255 bytes",
             )
-        same = [i for i, n in info["snapshots"] if n == action.params["name"]]
-        if same:
+        same_name = [s.id for s in info["snapshots"] if s.name == action.params["name"]]
+        if same_name:
             raise Refused(
                 f"drive {action.params['drive']} of VM {action.params['vm']} already has a snapshot named "
-                f"{action.params['name']!r} (id {', '.join(same)})"
+                f"{action.params['name']!r} (id {', '.join(same_name)})"
             )
         if info["format"] != "qcow2":
             raise Refused(f"drive {action.params['drive']} is {info['format']}, not qcow2: no internal snapshots")
+
+    def _check_group(self, actions: list[Action]) -> dict[int, BaseException]:
+        # QEMU refuses a second snapshot of one name on a drive: its transaction would fail.
+        return twice(
+            actions,
+            lambda a: (a.target, a.params["name"]),
+            lambda first, a: (
+                f"actions #{first.index} and #{a.index} both make snapshot {shown(a.params['name'])} on drive "
+                f"{a.params['drive']} of VM {a.params['vm']}"
+            ),
+            "give each snapshot of one drive its own name",
+        )
 
     def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         try:
@@ -305,25 +331,52 @@ class InternalCreate(_QmpType):
             # snapshots that recover can prove are its own. Only a kill between QEMU's
             # answer and this write leaves one "maybe blktx's", reported.
             answered = [a for a in actions if "made" in a.undo]
-            if answered:
-                ctx.remember(answered)
+            try:
+                self._identify([a for a in answered if a.undo["made"] is True], ctx)
+            finally:
+                if answered:
+                    ctx.remember(answered)
 
-    def _judge(self, a: Action, snapshots: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    def _identify(self, made: list[Action], ctx: RunContext) -> None:
+        """Record the id and date of each snapshot QEMU made (one ``query-block`` per
+        VM, all at once): the identity cancel and the catalog go by. Best effort: a
+        VM that does not answer leaves them unknown, and cancel goes by name."""
+        vms = [(c, g) for c, g in self._vms(made, ctx) if isinstance(c, Qmp)]
+        for (conn, group), blocks in zip(vms, gather([(c, "query-block", None) for c, _ in vms], _budget(ctx)), strict=True):
+            for a in [] if isinstance(blocks, BaseException) else group:
+                try:
+                    new = self._new(a, resolve(conn, a.undo["node"], blocks, _budget(ctx))["snapshots"])
+                except Exception:  # noqa: BLE001 - unknown identity: cancel judges by name and the ids before
+                    continue
+                if len(new) == 1:
+                    a.undo["id"], a.undo["date"] = new[0].id, list(new[0].date)
+
+    def _new(self, a: Action, snapshots: list[Snapshot]) -> list[Snapshot]:
+        """The snapshots of this action's name that were not there at the check."""
+        before = set(a.undo.get("before", []))
+        return [s for s in snapshots if s.name == a.params["name"] and s.id not in before]
+
+    def _judge(self, a: Action, snapshots: list[Snapshot]) -> tuple[list[Snapshot], list[Snapshot]]:
         """(the snapshot this action provably made, those it may have made).
 
         QEMU refused the VM's transaction: none (one of that name that appeared
-        after the check is somebody else's). QEMU did it: the one of that name that
-        was not there at the check (QMP refuses a second of one name while it
-        exists). Unknown (the VM or blktx died during do): a new one of that name
-        cannot be told from one made by hand since, so it is left and reported."""
-        if a.undo.get("made") is False:
+        after the check is somebody else's). QEMU did it: the one with the id and
+        date recorded after its answer (gone: a cancel already ran); without them,
+        the one of that name that was not there at the check (QMP refuses a second
+        of one name while it exists). Unknown (the VM or blktx died during do): a
+        new one of that name cannot be told from one made by hand since, so it is
+        left and reported."""
+        made = a.undo.get("made")
+        if made is False:
             return [], []
-        before = set(a.undo.get("before", []))
-        new = [(i, n) for i, n in snapshots if n == a.params["name"] and i not in before]
-        return (new, []) if a.undo.get("made") is True else ([], new)
+        if made is True and "id" in a.undo and "date" in a.undo:
+            mine = Snapshot(a.undo["id"], a.params["name"], (a.undo["date"][0], a.undo["date"][1]))
+            return [s for s in snapshots if same(mine, s)], []
+        new = self._new(a, snapshots)
+        return (new, []) if made is True else ([], new)
 
-    def _unsure(self, a: Action, unsure: list[tuple[str, str]]) -> ActionFailed:
-        listed = ", ".join(f"snapshot {n!r} (id {i})" for i, n in unsure)
+    def _unsure(self, a: Action, unsure: list[Snapshot]) -> ActionFailed:
+        listed = ", ".join(f"snapshot {s.name!r} (id {s.id})" for s in unsure)
         # The VM's own QEMU holds the image's lock all along, so unlike qcow2.* no lock
         # and heartbeat can date who made it: only QEMU's journaled answer proves it.
         return ActionFailed(
@@ -337,12 +390,13 @@ class InternalCreate(_QmpType):
     def cancel_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         def send(conn: Qmp, group: list[Action]) -> None:
             unsure: dict[int, BaseException] = {}
+            blocks = conn.cmd("query-block", timeout=_budget(ctx))  # once per VM: ids are not reused here
             for a in group:
-                ours, maybe = self._judge(a, resolve(conn, a.undo["node"], timeout=_budget(ctx))["snapshots"])
-                for sid, name in ours:
+                ours, maybe = self._judge(a, resolve(conn, a.undo["node"], blocks, _budget(ctx))["snapshots"])
+                for s in ours:
                     conn.cmd(
                         "blockdev-snapshot-delete-internal-sync",
-                        {"device": a.undo["node"], "id": sid, "name": name},
+                        {"device": a.undo["node"], "id": s.id, "name": s.name},
                         timeout=_budget(ctx),
                     )
                 if maybe:
@@ -372,13 +426,15 @@ class InternalCreate(_QmpType):
                 break
             time.sleep(0.1)
         _, snaps, _ = read_header(image)
-        made, maybe = self._judge(a, [(s.id, s.name) for s in snaps])
+        made, maybe = self._judge(a, snaps)
         if made:
             ident = a.undo.get("file_ident")
             daemon = StorageDaemon([image], ctx.txid, {image: ident} if isinstance(ident, list) else None)
             try:
-                for sid, name in made:
-                    daemon.cmd("blockdev-snapshot-delete-internal-sync", {"device": daemon.node[image], "id": sid, "name": name})
+                for s in made:
+                    daemon.cmd(
+                        "blockdev-snapshot-delete-internal-sync", {"device": daemon.node[image], "id": s.id, "name": s.name}
+                    )
             finally:
                 daemon.close()
         if maybe:
@@ -391,35 +447,62 @@ class InternalCreate(_QmpType):
             _, snaps, _ = read_header(action.undo["file_real"])
         except Exception:  # noqa: BLE001 - name what we know
             return [Leftover(action.target, f"maybe snapshot {action.params['name']!r} in {action.undo.get('file')}")]
-        ours, maybe = self._judge(action, [(s.id, s.name) for s in snaps])
-        return [Leftover(action.target, f"snapshot {n!r} (id {i}) in {action.undo['file']}") for i, n in ours] + [
-            Leftover(action.target, f"maybe blktx's: snapshot {n!r} (id {i}) in {action.undo['file']}") for i, n in maybe
+        ours, maybe = self._judge(action, snaps)
+        return [Leftover(action.target, f"snapshot {s.name!r} (id {s.id}) in {action.undo['file']}") for s in ours] + [
+            Leftover(action.target, f"maybe blktx's: snapshot {s.name!r} (id {s.id}) in {action.undo['file']}") for s in maybe
         ]
 
 
 class InternalDelete(_QmpType):
-    """Delete an internal snapshot of a running VM's drive (finalize: after the commit point)."""
+    """Delete an internal snapshot of a running VM's drive (finalize: after the commit point).
+
+    The snapshot is named by ``id``, ``name`` or both, as QMP's
+    ``blockdev-snapshot-delete-internal-sync`` takes it, and optionally by its
+    ``date``. Check records the one it found (id, name, date); do re-reads the
+    drive and deletes it by id and name only while that id still has that name and
+    date (gone: a retry, done).
+    """
 
     name = "qmp.internal-delete"
     finalize = True
-    params = (*_COMMON, Param("name", "str", required=True, doc="the snapshot's name"))
+    shares_target = True
+    params = (
+        *_COMMON,
+        Param("name", "str", default="", doc="the snapshot's name"),
+        Param("id", "str", default="", doc="the snapshot's id (needed when several share the name)"),
+        Param(
+            "date",
+            "str",
+            default="",
+            doc='the snapshot\'s creation time, "SEC.NSEC" (date-sec, a dot, date-nsec as nine digits, as '
+            "query-block reports them): a snapshot with that id but another date is refused",
+        ),
+    )
 
     def _check(self, action: Action, info: dict[str, Any]) -> None:
-        found = [(i, n) for i, n in info["snapshots"] if n == action.params["name"]]
-        if len(found) != 1:
-            raise Refused(
-                f"drive {action.params['drive']} of VM {action.params['vm']} has {len(found)} snapshots "
-                f"named {action.params['name']!r}; exactly one is needed"
-            )
-        action.undo["id"] = found[0][0]
+        p = action.params
+        where = f"drive {p['drive']} of VM {p['vm']}"
+        found = pick(info["snapshots"], p["id"], p["name"], p["date"], where)
+        action.undo["id"], action.undo["name"], action.undo["date"] = found.id, found.name, list(found.date)
+
+    def _check_group(self, actions: list[Action]) -> dict[int, BaseException]:
+        return twice(
+            actions,
+            lambda a: (a.target, a.undo["id"]),
+            lambda first, a: (
+                f"conflicts with action #{first.index}: actions #{first.index} and #{a.index} both delete snapshot "
+                f"{shown(a.undo['name'])} (id {bare(a.undo['id'])}) of drive {a.params['drive']} of VM {a.params['vm']}"
+            ),
+            "delete each snapshot once",
+        )
 
     def do(self, action: Action, ctx: RunContext) -> None:
         conn = self._conn(action, ctx)
-        if (action.undo["id"], action.params["name"]) in resolve(conn, action.undo["node"])["snapshots"]:
-            conn.cmd(
-                "blockdev-snapshot-delete-internal-sync",
-                {"device": action.undo["node"], "id": action.undo["id"], "name": action.params["name"]},
-            )
+        date = action.undo.get("date") or [0, 0]  # an older journal: id and name only
+        mine = Snapshot(action.undo["id"], action.undo.get("name", action.params["name"]), (date[0], date[1]))
+        # gone already (a retry): done; never another point in time that took its id
+        if any(same(mine, s) for s in resolve(conn, action.undo["node"])["snapshots"]):
+            conn.cmd("blockdev-snapshot-delete-internal-sync", {"device": action.undo["node"], "id": mine.id, "name": mine.name})
 
 
 class ExternalCreate(_QmpType):

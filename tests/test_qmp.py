@@ -86,15 +86,17 @@ def test_qemu_error_names_vm_and_drive(tmp_path: Path, vms: list[VM]) -> None:
 
 
 def test_one_vm_named_two_ways_is_one_target(tmp_path: Path, vms: list[VM]) -> None:
-    """Socket paths are resolved against the spec, so locks and conflicts see one VM."""
+    """Socket paths are resolved against the spec, so locks and conflicts see one VM:
+    one snapshot name twice on its drive is refused."""
     result = run(
         tmp_path,
         [
             ("qmp.internal-create", {"vm": "vm0.qmp", "drive": "drive0", "name": "a"}),
-            ("qmp.internal-create", {"vm": f"../{tmp_path.name}/vm0.qmp", "drive": "drive0", "name": "b"}),
+            ("qmp.internal-create", {"vm": f"../{tmp_path.name}/vm0.qmp", "drive": "drive0", "name": "a"}),
         ],
     )
     assert result.outcome == "invalid"
+    assert "actions #0 and #1 both make snapshot 'a'" in result.problems[0].message
     assert result.problems[0].target == f"vm:{tmp_path}/vm0.qmp/drive0" and vms[0].snapshots(0) == []
 
 
@@ -327,11 +329,11 @@ def test_drives_named_by_node_name(tmp_path: Path, vms: list[VM]) -> None:
         tmp_path,
         [
             ("qmp.internal-create", {"vm": "vm0.qmp", "drive": "vm0-n0", "name": "a"}),
-            ("qmp.internal-create", {"vm": "vm0.qmp", "drive": "drive0", "name": "b"}),
+            ("qmp.external-create", {"vm": "vm0.qmp", "drive": "drive0", "overlay": "n0.qcow2"}),
         ],
     )
     assert result.outcome == "invalid" and "conflicts with action #0" in result.problems[0].message
-    assert vms[0].snapshots(0) == ["by-node"]
+    assert vms[0].snapshots(0) == ["by-node"] and not (tmp_path / "n0.qcow2").exists()
 
 
 def test_quiesce_from_the_command_line(tmp_path: Path, vms: list[VM], capsys: pytest.CaptureFixture[str]) -> None:
