@@ -20,7 +20,10 @@ from blktx_plugins.sim import make_world, read_world
 
 class SimBase(ActionTypeConformance):
     def setup_world(self, base: Path) -> dict[str, Any]:
-        make_world(str(base / "sim-world.json"), {"a": {"snapshots": {"1": "old"}, "layers": ["a0"], "active": "a0"}})
+        make_world(
+            str(base / "sim-world.json"),
+            {"a": {"snapshots": {"1": "old"}, "layers": ["a0"], "active": "a0", "data": "now", "saved": {"1": "then"}}},
+        )
         return self.params()
 
     def params(self) -> dict[str, Any]:
@@ -35,6 +38,16 @@ class TestSimSnapshot(SimBase):
 
     def params(self) -> dict[str, Any]:
         return {"device": "a", "name": "n"}
+
+    def change(self, base: Path) -> None:
+        from blktx_plugins.sim import _write
+
+        data = read_world(str(base / "sim-world.json"))
+        data["devices"]["a"]["data"] = "changed"
+        _write(str(base / "sim-world.json"), data)
+
+    def observe_data(self, base: Path) -> Any:
+        return read_world(str(base / "sim-world.json"))["devices"]["a"]["data"]
 
     def make_foreign(self, base: Path, action: Any) -> bool:
         from blktx_plugins.sim import _write
@@ -65,6 +78,14 @@ class TestSimDelete(SimBase):
 
     def params(self) -> dict[str, Any]:
         return {"device": "a", "name": "old"}
+
+
+class TestSimRevert(SimBase):
+    type_name = "sim.revert"
+    foreign = False  # it makes no object of its own: it changes the device's data
+
+    def params(self) -> dict[str, Any]:
+        return {"device": "a", "id": 1, "name": "old"}
 
 
 class TestSimNoop(ActionTypeConformance):

@@ -79,6 +79,17 @@ class ActionTypeConformance:
     #: at the same name (its commands are the spec's): that property does not apply.
     foreign: ClassVar[bool] = True
 
+    def change(self, base: Path) -> None:
+        """Change, as users would, what a committed action's snapshot keeps (write new
+        data to the image or device). Used by the revert properties; the default
+        changes nothing (the properties then show only that a revert of an unchanged
+        world commits and changes nothing users see)."""
+        return None
+
+    def observe_data(self, base: Path) -> Any:
+        """What a revert must bring back: the data users see (default: ``observe``)."""
+        return self.observe(base)
+
     def registry(self) -> Registry:
         return default_registry()
 
@@ -93,6 +104,11 @@ class ActionTypeConformance:
         }
     )
 
+    #: The properties of a type's declared revert.
+    REVERT_PROPERTIES: ClassVar[frozenset[str]] = frozenset(
+        {"test_revert_brings_back_what_create_kept", "test_a_rolled_back_revert_leaves_the_world"}
+    )
+
     @classmethod
     def not_applicable(cls, test: str) -> str | None:
         """Why the property ``test`` does not apply to this type (it is then not
@@ -102,6 +118,11 @@ class ActionTypeConformance:
             return f"{cls.type_name} is a finalize type: never cancelled"
         if test == "test_cancel_never_removes_what_it_did_not_make" and (not cls.foreign or not cls.changes_world):
             return f"{cls.type_name} makes no object of its own"
+        atype = entry.cls if entry is not None else None
+        if test in cls.REVERT_PROPERTIES and (atype is None or not atype.revert_type):
+            return f"{cls.type_name} declares no revert_type"
+        if test == "test_delete_removes_what_create_made" and (atype is None or not atype.delete_type):
+            return f"{cls.type_name} declares no delete_type"
         if (
             test == "test_every_crash_point_is_recovered_in_a_fresh_process"
             and default_registry().types.get(cls.type_name) is None
@@ -245,6 +266,50 @@ class ActionTypeConformance:
                 f"fault in {phase}: {result.summary()}",
             )
             _require(self.observe(base) == before, "all or none", f"a rollback (fault in {phase}) left the world changed")
+
+    def _committed(self, base: Path) -> Action:
+        """A committed action of this type, as the catalog would give it back."""
+        result = self._run(base, self.setup_world(base), fault=None)
+        _require(result.outcome == "committed", "a valid action commits", result.summary())
+        made = result.actions[0]
+        member = Action(made.index, made.type, json.loads(json.dumps(made.params)), made.target)
+        member.undo = json.loads(json.dumps(made.undo))
+        return member
+
+    def _run_type(self, base: Path, kind: str, params: dict[str, Any], fault: str | None) -> Any:
+        specs = [ActionSpec(kind, params), *([ActionSpec("fault", {"phase": fault})] if fault else [])]
+        return Executor(self.registry()).run(
+            Transaction(specs, base_dir=str(base)), allow_exec=self.allow_exec, roots=self.roots(base)
+        )
+
+    def test_revert_brings_back_what_create_kept(self, tmp_path: Path) -> None:
+        """create, change, revert: users see again what they saw at the create."""
+        base = Path(tempfile.mkdtemp(dir=tmp_path))
+        member = self._committed(base)
+        kept = self.observe_data(base)
+        self.change(base)
+        result = self._run_type(base, member.type.revert_type, member.type.revert_params(member), fault=None)
+        _require(result.outcome == "committed", "a revert of a committed action commits", result.summary())
+        _require(self.observe_data(base) == kept, "revert brings back what the create kept", "the data differs")
+
+    def test_a_rolled_back_revert_leaves_the_world(self, tmp_path: Path) -> None:
+        """create, change, a revert that fails later in its transaction: as before it."""
+        for phase in ("do", "invalidate"):
+            base = Path(tempfile.mkdtemp(dir=tmp_path))
+            member = self._committed(base)
+            self.change(base)
+            before = self.observe(base)
+            result = self._run_type(base, member.type.revert_type, member.type.revert_params(member), fault=phase)
+            _require(result.outcome == "rolled back", "a failed revert rolls back", f"fault in {phase}: {result.summary()}")
+            _require(self.observe(base) == before, "cancel of a revert restores the world", f"fault in {phase}")
+
+    def test_delete_removes_what_create_made(self, tmp_path: Path) -> None:
+        """create, then its declared delete: committed, and the member is gone."""
+        base = Path(tempfile.mkdtemp(dir=tmp_path))
+        member = self._committed(base)
+        result = self._run_type(base, member.type.delete_type, member.type.delete_params(member), fault=None)
+        _require(result.outcome == "committed", "a delete of a committed action commits", result.summary())
+        _require(member.type.member_exists(member) is not True, "a deleted member is gone", "member_exists says present")
 
     def test_finalize_runs_only_after_the_commit_point(self, tmp_path: Path) -> None:
         base = Path(tempfile.mkdtemp(dir=tmp_path))
