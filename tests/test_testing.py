@@ -175,3 +175,75 @@ def test_image(qcow2_image, blktx_registry):
 """
     )
     pytester.runpytest("-q", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+LOSSY = '''
+import os
+from blktx import ActionType, Param, Refused, hookimpl
+
+
+class Lossy(ActionType):
+    """Its cancel reads what do made from a class attribute, not from action.undo:
+    right in the process that ran do, lost in the one that recovers."""
+
+    name = "lossy.copy"
+    params = (Param("path", "path", required=True),)
+    made = {}
+
+    def target(self, action):
+        return action.params["path"]
+
+    def check(self, action, ctx):
+        if os.path.exists(action.params["path"] + ".snap"):
+            raise Refused("exists")
+
+    def do(self, action, ctx):
+        Lossy.made[action.target] = action.params["path"] + ".snap"
+        with open(Lossy.made[action.target], "x") as fh:
+            fh.write("copy")
+
+    def cancel(self, action, ctx):
+        path = Lossy.made.get(action.target)
+        if path and os.path.exists(path):
+            os.unlink(path)
+
+
+@hookimpl
+def blktx_register_action_types(register):
+    register(Lossy)
+'''
+
+
+def test_a_cancel_that_loses_its_undo_data_fails_crash_and_recover(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Installed as an entry point (a dist-info on PYTHONPATH), so that a child
+    process loads it: every in-process property passes, the real crash of a run
+    and `blktx recover` in a fresh process catches it."""
+    pytester.makepyfile(lossy_plugin=LOSSY)
+    info = pytester.path / "lossy_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lossy-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[blktx]\nlossy = lossy_plugin\n")
+    pytester.makepyfile(
+        test_lossy="""
+from blktx.testing import ActionTypeConformance
+
+
+class TestLossy(ActionTypeConformance):
+    type_name = "lossy.copy"
+    foreign = False
+
+    def setup_world(self, base):
+        (base / "data").write_text("precious")
+        return {"path": "data"}
+
+    def observe(self, base):
+        return sorted((p.name, p.read_bytes()) for p in base.iterdir() if p.is_file() and p.suffix != ".sqlite")
+"""
+    )
+    monkeypatch.setenv("PYTHONPATH", str(pytester.path))
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=9, failed=1)
+    result.stdout.fnmatch_lines(["*FAILED*test_every_crash_point_is_recovered_in_a_fresh_process*"])
+    result.stdout.fnmatch_lines(["*conformance: after a crash and recover the world is as before or after*"])
