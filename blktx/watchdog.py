@@ -12,21 +12,31 @@ run holds:
 
 End of file before ``d`` means the run died (the kernel closed its end of the
 pipe): the watchdog acts at once. A window open past its budget plus a grace
-period means the run hangs or was stopped: the watchdog kills it (a stopped run
-still holds the VMs' monitor connections, so nothing could resume them while it
-lives) and acts. To act is to *fence* the transaction in the journal — its commit
-write is refused from then on, so the group is never committed with a point in
-time that was not held — unless the commit is already durable, then to resume
-every hold the journal lists as not resumed (newest first, through the plugins'
-own ``blktx_resume`` hooks) and record that. ``blktx recover`` finishes the rest.
+period means the run hangs or was stopped: the watchdog fences it first, then
+*severs* it: a stopped run still holds the VMs' monitor connections (a QEMU
+monitor serves one client), so the watchdog takes a copy of each of the run's
+sockets (``pidfd_getfd(2)``, as root) and shuts it down; QEMU sees its client gone
+and accepts the watchdog's own connection. The run itself is left alive: when it
+wakes, its connections are closed and its commit write is refused, so it rolls
+back (exit 1, or 3 when a cancel cannot finish) and ``blktx recover`` ends it.
+Only where the kernel refuses ``pidfd_getfd`` is the run killed instead.
+
+To act is to *fence* the transaction in the journal — its commit write is refused
+from then on, so the group is never committed with a point in time that was not
+held — unless the commit is already durable, then to resume every hold the
+journal lists as not resumed (newest first, through the plugins' own
+``blktx_resume`` hooks) and record that. ``blktx recover`` finishes the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,11 +107,7 @@ def watch(stream: IO[bytes], budget: float, pid: int) -> str | None:
         timeout = None if opened is None else max(0.0, opened + budget + GRACE - time.monotonic())
         ready, _, _ = select.select([fd], [], [], timeout)
         if not ready:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            return f"the run (pid {pid}) held its quiesce window past {budget:g} s + {GRACE:g} s and was killed"
+            return OVERRAN + f"the run (pid {pid}) held its quiesce window past {budget:g} s + {GRACE:g} s"
         data = os.read(fd, 64)
         if not data:
             return f"the run (pid {pid}) died inside its quiesce window"
@@ -112,6 +118,47 @@ def watch(stream: IO[bytes], budget: float, pid: int) -> str | None:
                 opened = None
             elif byte == ord("d"):
                 return None
+
+
+#: How ``watch`` marks a run that is alive but overran (it must be fenced and severed first).
+OVERRAN = "overran: "
+_PIDFD_GETFD = 438  # x86_64, aarch64 and every architecture using the generic table
+
+
+def sever(pid: int) -> str:
+    """Shut down every socket of the run ``pid`` (monitors, agents, database sessions)
+    through copies taken with ``pidfd_getfd(2)``: their peers see the run gone and
+    take new clients. Kills the run instead when the kernel refuses; says which."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return "it was already gone"
+    severed = 0
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            fd = libc.syscall(_PIDFD_GETFD, pidfd, int(name), 0)
+            if fd < 0:
+                if ctypes.get_errno() in (errno.EPERM, errno.ENOSYS, errno.EACCES):
+                    os.kill(pid, signal.SIGKILL)
+                    return f"it was killed (pidfd_getfd: {os.strerror(ctypes.get_errno())})"
+                continue  # closed meanwhile
+            with socket.socket(fileno=fd) as sock:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                    severed += 1
+                except OSError:
+                    pass  # not connected (a listener): nothing held through it
+    except FileNotFoundError:
+        return "it was already gone"
+    finally:
+        os.close(pidfd)
+    return f"its {severed} connection(s) were shut down; it rolls back when it runs again"
 
 
 def take_over(journal_path: str, txid: str, why: str) -> list[str]:
@@ -163,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     why = watch(sys.stdin.buffer, args.budget, args.pid)
     if why is None:
         return 0
+    if why.startswith(OVERRAN):
+        # Alive: fence before anything, so that it cannot commit once its holds end
+        # (already committed: they just need ending), then free what it holds.
+        from blktx.journal import SqliteJournal
+
+        why = why[len(OVERRAN) :]
+        SqliteJournal(args.journal).fence(args.txid, why)
+        why = f"{why}; {sever(args.pid)}"
     for note in take_over(args.journal, args.txid, why):
         try:
             print(f"blktx watchdog {args.txid}: {note}", file=sys.stderr, flush=True)

@@ -265,8 +265,13 @@ class Qmp:
         self._client = client
 
     async def execute(self, name: str, args: dict[str, Any] | None = None, timeout: float = 120.0) -> Any:
-        from qemu.qmp import ExecuteError
+        from qemu.qmp import ExecuteError, Runstate
 
+        if self._client is not None and self._client.runstate != Runstate.RUNNING:
+            # Lost before this command was sent (the watchdog severed a stopped run, the
+            # peer closed): nothing of it reached the peer, so a fresh connection is safe.
+            await self.disconnect()
+            await self.open()
         try:
             return await asyncio.wait_for(self._client.execute(name, args), timeout)
         except ExecuteError as exc:
