@@ -76,6 +76,11 @@ def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
         out.print(table)
         if len(result.actions) > limit:
             out.print(f"... and {len(result.actions) - limit} more actions (use --json for all)")
+    for a in result.actions[:limit]:
+        if a.output and not result.problems:
+            text = a.output.strip()
+            text = text if len(text) <= 500 else text[:500] + " … (--json has it all)"
+            out.print(f"#{a.index} {a.type.name}: {text}", markup=False, highlight=False)
     for hold in result.holds:
         window = f"{hold.window * 1000:.1f} ms" if hold.window is not None else "not resumed"
         out.print(f"quiesced {hold.target} ({hold.kind}): {window}", markup=False)

@@ -128,7 +128,8 @@ class Snapshot(_SimType):
             action.undo["id"] = new_id
             ctx.remember([action])
             dev["snapshots"][str(new_id)] = action.params["name"]
-            dev.setdefault("saved", {})[str(new_id)] = dev.get("data", "")
+            if "data" in dev:  # a device with data: the snapshot keeps what it held
+                dev.setdefault("saved", {})[str(new_id)] = dev["data"]
         self._maybe_fail(action, "do")
 
     def invalidate(self, action: Action, ctx: RunContext) -> None:
