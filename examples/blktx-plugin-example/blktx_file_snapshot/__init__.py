@@ -44,7 +44,7 @@ class FileSnapshot(ActionType):
     name = "file.snapshot"
     params = (
         Param("path", "path", required=True, doc="the file to snapshot"),
-        Param("dest", "path", default="", doc="the snapshot file (default: <path>.snap); must not exist"),
+        Param("dest", "path", default="", doc="the snapshot file (default: <path>.snap); must not exist", creates=True),
     )
 
     def target(self, action: Action) -> str:
@@ -97,6 +97,10 @@ class FileSnapshot(ActionType):
         for path in (action.undo.get("dest", ""), action.undo.get("tmp", "")):
             if _ours(path, action.undo.get("made")):
                 os.unlink(path)
+
+    def member_exists(self, action: Action) -> bool | None:
+        """For ``blktx list --verify``: the snapshot is still at dest, as the very file this action made."""
+        return _ours(action.undo.get("dest", ""), action.undo.get("made"))
 
     def leftovers(self, action: Action) -> list[Leftover]:
         return [

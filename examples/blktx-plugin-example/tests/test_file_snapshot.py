@@ -70,3 +70,27 @@ def test_a_file_that_appears_at_dest_after_the_check_survives_the_cancel(tmp_pat
     assert executor.step("cancel", actions, ctx) == []
     assert (tmp_path / "a.snap").read_text() == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.snap"]
+
+
+def test_member_exists_by_identity_not_by_name(tmp_path: Path) -> None:
+    """``blktx list --verify``: the committed snapshot is there; a same-named remake is not it."""
+    (tmp_path / "a").write_text("data")
+    result = Executor().run(Transaction([ActionSpec("file.snapshot", {"path": "a"})], base_dir=str(tmp_path)))
+    assert result.outcome == "committed", result.summary()
+    member = result.actions[0]
+    assert member.type.member_exists(member) is True
+    (tmp_path / "remake").write_text("data")  # made while the snapshot exists: another inode
+    (tmp_path / "remake").replace(tmp_path / "a.snap")
+    assert member.type.member_exists(member) is False
+    (tmp_path / "a.snap").unlink()
+    assert member.type.member_exists(member) is False
+
+
+def test_two_actions_making_one_dest_are_refused_at_check(tmp_path: Path) -> None:
+    """``dest`` is declared ``creates=True``: it is claimed like a target."""
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("b")
+    specs = [ActionSpec("file.snapshot", {"path": p, "dest": "same.snap"}) for p in ("a", "b")]
+    result = Executor().run(Transaction(specs, base_dir=str(tmp_path)))
+    assert result.outcome == "invalid" and "creates" in result.problems[0].message, result.summary()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
