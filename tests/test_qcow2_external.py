@@ -1,0 +1,438 @@
+"""Group snapshots of qcow2.external-create reverted and deleted (qcow2.external-revert,
+qcow2.external-delete), through the CLI, on real images checked with qemu-img and qemu-io.
+
+The layout: ``vm`` is a symlink over ``base.qcow2``; group snapshots s1, s2, s3 of group
+``app`` each add an overlay ``vm.sK.qcow2``, and the first MiB k gets pattern k+1 after
+sK. So s1's point in time is base.qcow2 (its frozen image), s2's is vm.s1.qcow2, s3's
+is vm.s2.qcow2, and the device shows one more MiB than s3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu_helpers import make_image, needs_qemu_img, world
+
+from blktx import Action, ActionSpec, Executor, Transaction, load_spec
+from blktx.journal import SqliteJournal
+from blktx.locks import Locker
+from blktx.plugins import default_registry
+
+pytestmark = needs_qemu_img
+
+SPEC = """version = 1
+group = "{group}"
+snapshot = "s{k}"
+[[action]]
+type = "qcow2.external-create"
+device = "img/vm"
+overlay = "img/vm.s{k}.qcow2"
+"""
+
+#: What each point in time shows: the pattern of MiB 0, 1, 2 and 3 (0: never written).
+S1, S2, S3, NOW = [1, 0, 0, 0], [1, 2, 0, 0], [1, 2, 3, 0], [1, 2, 3, 4]
+
+
+def blktx(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "blktx", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False
+    )
+
+
+def sees(path: Path, expected: list[int]) -> bool:
+    """Whether reading through ``path`` (its whole chain, read-only) shows ``expected``."""
+    reads = [a for mb, p in enumerate(expected) for a in ("-c", f"read -P {p} {mb}M 1M")]
+    out = subprocess.run(["qemu-io", "-r", "-U", "-f", "qcow2", *reads, str(path)], capture_output=True, text=True)
+    return out.returncode == 0 and "verification failed" not in out.stdout + out.stderr and "Fail" not in out.stdout
+
+
+def clean(path: Path) -> bool:
+    return subprocess.run(["qemu-img", "check", "-U", str(path)], capture_output=True).returncode == 0
+
+
+def build(root: Path, group: str = "app") -> Path:
+    """``root/img`` with the device and three group snapshots of ``group`` (see the module)."""
+    img = root / "img"
+    img.mkdir()
+    make_image(img / "base.qcow2", pattern=1)
+    os.symlink("base.qcow2", img / "vm")
+    for k in (1, 2, 3):
+        spec = root / f"{group}-s{k}.toml"
+        spec.write_text(SPEC.format(group=group, k=k))
+        # as `blktx run` does, in this process (a second per run saved)
+        with journal() as j:
+            result = Executor(default_registry(), journal=j, locker=Locker()).run(load_spec(str(spec)))
+        assert result.outcome == "committed", result.summary()
+        subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-c", f"write -P {k + 1} {k}M 1M", str(img / "vm")], check=True, capture_output=True
+        )
+    assert (
+        sees(img / "vm", NOW) and sees(img / "vm.s2.qcow2", S3) and sees(img / "vm.s1.qcow2", S2) and sees(img / "base.qcow2", S1)
+    )
+    return img
+
+
+@pytest.fixture
+def img(tmp_path: Path) -> Path:
+    return build(tmp_path)
+
+
+@contextlib.contextmanager
+def journal() -> Iterator[SqliteJournal]:
+    """The test's journal, closed at once: a second connection left open in this process
+    would lose its SQLite locks when the next one opens the file (POSIX locks are the
+    process's), while the CLI's processes write it."""
+    j = SqliteJournal(os.environ["BLKTX_JOURNAL"])
+    try:
+        yield j
+    finally:
+        j.close()
+
+
+def entry(ref: str) -> dict[str, Any]:
+    group, _, name = ref.partition("@")
+    with journal() as j:
+        found = j.group_snapshot(group, name)
+    assert found is not None, ref
+    return found  # type: ignore[no-any-return]
+
+
+def names(group: str = "app") -> list[str]:
+    with journal() as j:
+        return [e["name"] for e in j.group_snapshots(group)]
+
+
+def member(ref: str) -> Action:
+    """The committed external-create of the group snapshot, as the catalog gives it back."""
+    (m,) = entry(ref)["members"]
+    registry = default_registry()
+    action = Action(m["index"], registry.get(m["type"]), m["params"], m["target"])
+    action.undo = dict(m["identity"])
+    return action
+
+
+def saved(img: Path, tmp: Path, *names: str) -> dict[str, Path]:
+    """A standalone copy of what each image shows now (``qemu-img convert``)."""
+    copies = {}
+    for name in names:
+        copies[name] = tmp / f"saved-{name}.qcow2"
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "qcow2", str(img / name), str(copies[name])], check=True)
+    return copies
+
+
+def same(a: Path, b: Path) -> bool:
+    return subprocess.run(["qemu-img", "compare", "-U", str(a), str(b)], capture_output=True).returncode == 0
+
+
+# -- revert ------------------------------------------------------------------------------
+
+
+def test_revert_brings_the_device_back_and_keeps_the_abandoned_branch(img: Path) -> None:
+    out = blktx("revert", "--json", "app@s2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    assert result["outcome"] == "committed"
+    (action,) = result["actions"]
+    assert action["type"] == "qcow2.external-revert"
+    link = os.readlink(img / "vm")
+    assert link.startswith("vm.s1.revert-") and link.endswith(".qcow2") and result["txid"] in link
+    assert sees(img / "vm", S2) and clean(img / "vm")
+    info = subprocess.run(["qemu-img", "info", "-U", str(img / "vm")], capture_output=True, text=True).stdout
+    assert "backing file: ./vm.s1.qcow2" in info and "backing file format: qcow2" in info
+    # the abandoned branch is kept, named, and still shows what the device showed
+    assert str(img / "vm.s3.qcow2") in action["output"] and "kept" in action["output"]
+    assert sees(img / "vm.s3.qcow2", NOW)
+    # the frozen image is only a backing file: writing through the device leaves the point in time
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 0 1M", str(img / "vm")], check=True, capture_output=True)
+    assert sees(img / "vm.s1.qcow2", S2) and names() == ["s1", "s2", "s3"]
+    # every group snapshot is still complete and can be reverted to, again and again
+    assert blktx("list", "--verify", "--json", "app").returncode == 0
+    for ref, expected in (("app@s3", S3), ("app@s1", S1), ("app@s2", S2)):
+        out = blktx("revert", ref)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert sees(img / "vm", expected) and clean(img / "vm")
+
+
+def test_keep_current_is_the_default_and_the_flag_is_accepted(img: Path) -> None:
+    out = blktx("revert", "--keep-current", "--json", "app@s3")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sees(img / "vm", S3) and sees(img / "vm.s3.qcow2", NOW)
+
+
+def revert_spec(root: Path, ref: str, **extra: Any) -> Path:
+    params = member(ref).type.revert_params(member(ref))
+    lines = [f"{k} = {json.dumps(v)}" for k, v in {**params, **extra}.items()]
+    spec = root / "revert.toml"
+    spec.write_text('version = 1\n[[action]]\ntype = "qcow2.external-revert"\n' + "\n".join(lines) + "\n")
+    return spec
+
+
+def test_discard_current_removes_the_branch_top_after_the_commit_point(img: Path) -> None:
+    out = blktx("run", "--json", str(revert_spec(img.parent, "app@s2", discard_current=True)))
+    assert out.returncode == 0, out.stdout + out.stderr
+    (action,) = json.loads(out.stdout)["actions"]
+    assert action["output"].endswith(f"{img / 'vm.s3.qcow2'}: removed")
+    assert not (img / "vm.s3.qcow2").exists() and sees(img / "vm", S2)
+    # s3's point in time is its frozen image, still there: s3 stays complete and revertible
+    assert blktx("list", "--verify", "app").returncode == 0
+    assert blktx("revert", "app@s3").returncode == 0 and sees(img / "vm", S3)
+
+
+def test_discard_current_keeps_a_branch_top_something_else_depends_on(img: Path) -> None:
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "vm.s3.qcow2", "-F", "qcow2", str(img / "clone.qcow2")], check=True
+    )
+    out = blktx("run", "--json", str(revert_spec(img.parent, "app@s2", discard_current=True)))
+    assert out.returncode == 0, out.stdout + out.stderr
+    (action,) = json.loads(out.stdout)["actions"]
+    assert f"{img / 'clone.qcow2'} depends on it" in action["output"]
+    assert sees(img / "clone.qcow2", NOW)
+
+
+@pytest.mark.parametrize("phase", ["do", "invalidate"])
+def test_a_failed_revert_rolls_back_to_exactly_the_world_before(img: Path, phase: str) -> None:
+    before = world(img)
+    params = member("app@s2").type.revert_params(member("app@s2"))
+    result = Executor(default_registry()).run(
+        Transaction([ActionSpec("qcow2.external-revert", params), ActionSpec("fault", {"phase": phase})], base_dir=str(img))
+    )
+    assert result.outcome == "rolled back", result.summary()
+    assert world(img) == before and sees(img / "vm", NOW)
+
+
+def test_revert_is_refused_when_the_frozen_image_was_replaced(img: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.qcow2"
+    subprocess.run(["cp", str(img / "vm.s1.qcow2"), str(copy)], check=True)
+    os.replace(copy, img / "vm.s1.qcow2")  # same name, same content, another file
+    before = world(img)
+    out = blktx("revert", "--json", "app@s2")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "is gone" in json.loads(out.stdout)["problems"][0]["message"]  # member_exists: not the frozen image
+    params = member("app@s2").type.revert_params(member("app@s2"))
+    result = Executor(default_registry()).run(Transaction([ActionSpec("qcow2.external-revert", params)], base_dir=str(img)))
+    assert result.outcome == "invalid" and "was replaced" in result.problems[0].message
+    assert world(img) == before
+
+
+def test_a_group_snapshot_journaled_without_the_frozen_images_identity_is_not_reverted(img: Path) -> None:
+    action = member("app@s2")
+    del action.undo["ident"]
+    with pytest.raises(ValueError, match="no identity"):
+        action.type.revert_params(action)
+
+
+# -- images in use -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def holder(img: Path) -> Any:
+    """A qemu-storage-daemon with the device's active image open (as a VM would)."""
+    import time
+
+    from blktx_plugins._qemu import holder as who
+
+    top = os.path.realpath(img / "vm")
+    proc = subprocess.Popen(
+        [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=file,node-name=f0,filename={top}",
+            "--blockdev",
+            "driver=qcow2,node-name=n0,file=f0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while who(top) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_revert_and_delete_refuse_an_image_in_use_naming_the_process(img: Path, holder: Any) -> None:
+    before = world(img)
+    for command in ("revert", "delete"):
+        out = blktx(command, "--json", "app@s2")
+        assert out.returncode == 2, out.stdout + out.stderr
+        (problem,) = json.loads(out.stdout)["problems"]
+        assert f"is in use by qemu-storage-daemon (pid {holder.pid})" in problem["message"]
+    assert world(img) == before and names() == ["s1", "s2", "s3"]
+
+
+# -- delete --------------------------------------------------------------------------------
+
+
+def test_delete_keeps_every_other_point_in_time(img: Path, tmp_path: Path) -> None:
+    keep = saved(img, tmp_path, "vm.s1.qcow2", "vm.s2.qcow2", "vm")
+    out = blktx("delete", "--json", "app@s1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout)["outcome"] == "committed"
+    assert not (img / "base.qcow2").exists() and names() == ["s2", "s3"]
+    for name, copy in keep.items():
+        assert same(img / name, copy) and clean(img / name), name
+    info = subprocess.run(["qemu-img", "info", "-U", str(img / "vm.s1.qcow2")], capture_output=True, text=True).stdout
+    assert "backing file" not in info  # base merged into it
+    # the middle one: vm.s1.qcow2 merged into vm.s2.qcow2 (s3's own frozen image)
+    assert blktx("delete", "app@s2").returncode == 0
+    assert not (img / "vm.s1.qcow2").exists() and names() == ["s3"]
+    assert same(img / "vm.s2.qcow2", keep["vm.s2.qcow2"]) and same(img / "vm", keep["vm"])
+    assert blktx("list", "--verify", "app").returncode == 0
+    assert blktx("revert", "app@s3").returncode == 0 and sees(img / "vm", S3) and clean(img / "vm")
+
+
+@pytest.mark.parametrize("refs", [["app@s1", "app@s2"], ["app@s2", "app@s1"], ["app@s3", "app@s2", "app@s1"]])
+def test_deleting_neighbours_in_one_transaction(img: Path, tmp_path: Path, refs: list[str]) -> None:
+    keep = saved(img, tmp_path, "vm.s2.qcow2", "vm")
+    out = blktx("delete", *refs)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not (img / "base.qcow2").exists() and not (img / "vm.s1.qcow2").exists()
+    assert same(img / "vm", keep["vm"]) and clean(img / "vm")
+    if "app@s3" in refs:
+        assert names() == [] and not (img / "vm.s2.qcow2").exists()
+        assert sorted(p.name for p in img.iterdir()) == ["vm", "vm.s3.qcow2"]
+    else:
+        assert names() == ["s3"] and same(img / "vm.s2.qcow2", keep["vm.s2.qcow2"])
+
+
+def test_delete_is_refused_when_a_revert_made_a_branch(img: Path) -> None:
+    assert blktx("revert", "app@s2").returncode == 0
+    before = world(img)
+    out = blktx("delete", "--json", "app@s2")  # vm.s1.qcow2 backs the revert's overlay and vm.s2.qcow2
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "a branch" in json.loads(out.stdout)["problems"][0]["message"]
+    out = blktx("delete", "--json", "app@s3")  # vm.s2.qcow2 is on the abandoned branch
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "is not in the chain of" in json.loads(out.stdout)["problems"][0]["message"]
+    assert world(img) == before and names() == ["s1", "s2", "s3"]
+    # base.qcow2 has one child, in the device's chain: s1 can go, and both branches keep their data
+    assert blktx("delete", "app@s1").returncode == 0
+    assert sees(img / "vm", S2) and sees(img / "vm.s3.qcow2", NOW)
+    # the abandoned branch removed by hand: s3's frozen image is used by nothing any more
+    (img / "vm.s3.qcow2").unlink()
+    assert blktx("delete", "app@s3").returncode == 0
+    assert not (img / "vm.s2.qcow2").exists() and sees(img / "vm", S2) and names() == ["s2"]
+
+
+def test_delete_refuses_a_frozen_image_with_internal_snapshots(img: Path) -> None:
+    subprocess.run(["qemu-img", "snapshot", "-c", "mine", str(img / "base.qcow2")], check=True)
+    before = world(img)
+    out = blktx("delete", "--json", "app@s1")
+    assert out.returncode == 2 and "holds internal snapshots ('mine')" in json.loads(out.stdout)["problems"][0]["message"]
+    assert world(img) == before
+
+
+def test_a_delete_killed_between_its_rebase_and_the_unlink_is_finished(img: Path) -> None:
+    """The rebase (safe: the guest view is unchanged) happened, the unlink did not: do, run
+    again, finds the frozen image in no chain and used by nothing, and removes it."""
+    from blktx.context import RunContext
+    from blktx.spec import bind
+
+    registry = default_registry()
+    params = member("app@s2").type.delete_params(member("app@s2"))
+    actions, options = bind(Transaction([ActionSpec("qcow2.external-delete", params)], base_dir=str(img)), registry)
+    ctx = RunContext("20260101T000000-0wned000", options, str(img), registry.pm.hook)
+    assert Executor(registry).check_actions(actions, ctx, None) == []
+    assert actions[0].undo["above"][0] == str(img / "vm.s2.qcow2")
+    subprocess.run(
+        ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "./base.qcow2", "-F", "qcow2", str(img / "vm.s2.qcow2")], check=True
+    )
+    assert (img / "vm.s1.qcow2").exists() and sees(img / "vm.s2.qcow2", S3)
+    actions[0].type.do(actions[0], ctx)
+    assert not (img / "vm.s1.qcow2").exists() and sees(img / "vm.s2.qcow2", S3) and sees(img / "vm", NOW)
+    actions[0].type.do(actions[0], ctx)  # and again: gone already, done
+
+
+# -- crashes -------------------------------------------------------------------------------
+
+
+def crash_each_write(command: list[str], settle: Any) -> list[str]:
+    """Run ``command`` killed after its 1st, 2nd... journal write, each followed by
+    ``blktx recover`` and ``settle()`` (which checks the world and returns "before" or
+    "after"), until it runs to the end. Returns what each crash settled to."""
+    seen = []
+    for n in range(1, 40):
+        out = blktx(*command, env={"BLKTX_CRASH_AFTER": str(n)})
+        if out.returncode != -signal.SIGKILL:
+            assert out.returncode == 0, out.stdout + out.stderr
+            return seen
+        rec = blktx("recover")
+        assert rec.returncode == 0, rec.stdout + rec.stderr
+        seen.append(settle())
+    raise AssertionError("the command never ran to its end")
+
+
+def test_a_revert_killed_after_each_journal_write_is_recovered_to_before_or_after(img: Path) -> None:
+    before = world(img)
+
+    def settle() -> str:
+        if os.readlink(img / "vm") == "vm.s3.qcow2":
+            assert world(img) == before and sees(img / "vm", NOW)
+            return "before"
+        overlay = img / os.readlink(img / "vm")
+        assert sorted(world(img)["files"]) == sorted([*before["files"], overlay.name])
+        assert sees(img / "vm", S2) and clean(img / "vm")
+        # back to the world before, by hand, for the next crash point
+        os.symlink("vm.s3.qcow2", img / "vm.tmp")
+        os.replace(img / "vm.tmp", img / "vm")
+        overlay.unlink()
+        assert world(img) == before
+        return "after"
+
+    seen = crash_each_write(["revert", "app@s2"], settle)
+    assert "before" in seen and "after" in seen, seen
+
+
+def test_a_delete_killed_after_each_journal_write_is_recovered_to_before_or_after(tmp_path: Path) -> None:
+    seen: list[str] = []
+    for n in range(1, 40):
+        root = tmp_path / f"n{n}"
+        root.mkdir()
+        img = build(root, group=f"app{n}")
+        out = blktx("delete", f"app{n}@s2", env={"BLKTX_CRASH_AFTER": str(n)})
+        if out.returncode != -signal.SIGKILL:
+            assert out.returncode == 0, out.stdout + out.stderr
+            break
+        rec = blktx("recover")
+        assert rec.returncode == 0, rec.stdout + rec.stderr
+        left = names(f"app{n}")
+        for name, expected in (("base.qcow2", S1), ("vm.s2.qcow2", S3), ("vm", NOW)):
+            assert sees(img / name, expected) and clean(img / name), (n, name)
+        if left == ["s1", "s2", "s3"]:
+            assert (img / "vm.s1.qcow2").exists() and sees(img / "vm.s1.qcow2", S2)
+            seen.append("before")
+        else:
+            assert left == ["s1", "s3"] and not (img / "vm.s1.qcow2").exists(), (n, left)
+            seen.append("after")
+        assert sorted(p.name for p in img.iterdir() if p.name != "vm.s1.qcow2") == [
+            "base.qcow2",
+            "vm",
+            "vm.s2.qcow2",
+            "vm.s3.qcow2",
+        ]
+    else:
+        raise AssertionError("the delete never ran to its end")
+    assert "before" in seen and "after" in seen, seen
+
+
+def test_a_device_named_through_a_symlinked_folder(tmp_path: Path) -> None:
+    """The catalog keeps the device's path as the spec named it; the images are found by
+    their real paths, so the image above is not mistaken for a second child."""
+    (tmp_path / "real").mkdir()
+    os.symlink("real", tmp_path / "link")
+    img = build(tmp_path / "link")
+    assert entry("app@s2")["members"][0]["params"]["device"] == str(tmp_path / "link" / "img" / "vm")
+    out = blktx("delete", "app@s2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not (img / "vm.s1.qcow2").exists() and sees(img / "vm", NOW) and sees(img / "vm.s2.qcow2", S3)
+    assert blktx("revert", "app@s3").returncode == 0 and sees(img / "vm", S3)
