@@ -145,6 +145,7 @@ def plan(
     *,
     missing_ok: bool = False,
     keep_current: bool = False,
+    discard_current: bool = False,
 ) -> Transaction:
     """The transaction that reverts (``purpose="revert"``, one entry) or deletes
     (``"delete"``, any number: one all-or-none transaction) group snapshots, each
@@ -194,8 +195,9 @@ def plan(
             except Exception as exc:  # noqa: BLE001 - the plugin's own words
                 refuse(f"cannot plan the {purpose}: {exc}")
                 continue
-            if keep_current and registry.get(kind).param("keep_current") is not None:
-                params["keep_current"] = True
+            for flag, on in (("keep_current", keep_current), ("discard_current", discard_current)):
+                if on and registry.get(kind).param(flag) is not None:  # a revert type that offers the choice
+                    params[flag] = True
             specs.append(ActionSpec(kind, params))
     if problems:
         raise InvalidTransaction(problems)

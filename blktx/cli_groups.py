@@ -60,6 +60,7 @@ def _run_plan(args: argparse.Namespace, entries: list[dict[str, Any]], purpose: 
             registry,
             missing_ok=getattr(args, "missing_ok", False),
             keep_current=getattr(args, "keep_current", False),
+            discard_current=getattr(args, "discard_current", False),
         )
         txid = new_txid()
         # The catalog's paths were confined when the group snapshot was made: the roots
@@ -197,10 +198,17 @@ def _show_prune(
 def add_arguments(subs: dict[str, argparse.ArgumentParser]) -> None:
     """The arguments of ``revert``, ``delete`` and ``prune``."""
     subs["revert"].add_argument("ref", metavar="GROUP@NAME", help="the group snapshot to bring every member back to")
-    subs["revert"].add_argument(
+    keep = subs["revert"].add_mutually_exclusive_group()
+    keep.add_argument(
         "--keep-current",
         action="store_true",
-        help="keep what each member held before the revert (its safety snapshot or branch) instead of removing it",
+        help="keep what each member held before the revert (qcow2 internal: the safety snapshot; btrfs: the "
+        "subvolume set aside) instead of removing it after the commit point",
+    )
+    keep.add_argument(
+        "--discard-current",
+        action="store_true",
+        help="remove the abandoned branch of external qcow2 members after the commit point (kept and listed by default)",
     )
     subs["delete"].add_argument("ref", nargs="+", metavar="GROUP@NAME", help="the group snapshots to delete, all or none")
     subs["prune"].add_argument("group", nargs="?", help="the group to prune (default: the spec's, with --spec)")

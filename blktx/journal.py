@@ -101,7 +101,11 @@ class SqliteJournal:
                 "(default ~/.local/state/blktx), mode 0600"
             )
         try:
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+            # Made 0600 here if new. Never opened and closed when it exists: closing any
+            # descriptor of the file drops every POSIX lock this process holds on it,
+            # those of another connection to this journal too (SQLite's own locks).
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")

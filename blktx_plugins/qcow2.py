@@ -186,6 +186,8 @@ class InternalCreate(ActionType):
     # offline images: nothing a quiesce pauses writes to them, so do runs before the window
     do_before_quiesce = True
     shares_target = True
+    revert_type = "qcow2.internal-revert"
+    delete_type = "qcow2.internal-delete"
     params = (
         Param("image", "path", required=True, doc="the qcow2 image file"),
         Param("name", "str", required=True, doc="the snapshot's name"),
@@ -408,6 +410,18 @@ class InternalCreate(ActionType):
         made = {tuple(m) for m in action.undo.get("made", []) if isinstance(m, list)}
         return bool(made) and any(tuple(_ident(s)) in made for s in self._new(action))
 
+    def revert_params(self, action: Action) -> dict[str, Any]:
+        """The snapshot this committed action made, by identity: its id *and* date (``undo["made"]``)."""
+        from blktx_plugins._qcow2_revert import date_text
+
+        made = [m for m in action.undo.get("made", []) if isinstance(m, list) and len(m) == 3]
+        if len(made) != 1:
+            raise ValueError(f"the journal records no single snapshot made in {action.params['image']} ({made})")
+        sid, sec, nsec = made[0]
+        return {"image": action.params["image"], "name": action.params["name"], "id": sid, "date": date_text((sec, nsec))}
+
+    delete_params = revert_params
+
     def leftovers(self, action: Action) -> list[Leftover]:
         ours, unsure = self._judge(action)
         image = _image(action)
@@ -426,12 +440,15 @@ class InternalDelete(ActionType):
         Param("image", "path", required=True, doc="the qcow2 image file"),
         Param("name", "str", default="", doc="the snapshot's name"),
         Param("id", "str", default="", doc="the snapshot's id (needed when several share the name)"),
+        Param("date", "str", default="", doc='when QEMU made it, "SEC.NSEC": a snapshot of that id with another date is refused'),
     )
 
     def target(self, action: Action) -> str:
         return str(action.params["image"])
 
     def check_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
+        from blktx_plugins._qcow2_revert import refuse_other_date
+
         _fds_allow(actions, ctx)
 
         def check(a: Action) -> None:
@@ -448,6 +465,7 @@ class InternalDelete(ActionType):
                     f"{image} has {len(found)} snapshots named {shown(name)} (ids {', '.join(bare(s.id) for s in found)})",
                     hint='give id = "..." to say which',
                 )
+            refuse_other_date(a, image, found[0])  # the catalog deletes by identity: id *and* date
             if (image, found[0].id) in claimed:
                 raise Refused(
                     f"conflicts with action #{claimed[image, found[0].id]}: both delete snapshot "
@@ -476,6 +494,8 @@ class ExternalCreate(ActionType):
     name = "qcow2.external-create"
     # offline images: nothing a quiesce pauses writes to them, so do runs before the window
     do_before_quiesce = True
+    revert_type = "qcow2.external-revert"
+    delete_type = "qcow2.external-delete"
     params = (
         Param("device", "path", required=True, doc="the stable symlink that users open; it points to the current image"),
         Param("overlay", "path", required=True, doc="the new overlay file to create", creates=True),
@@ -625,8 +645,20 @@ class ExternalCreate(ActionType):
             remove_if_ours(action.undo.get("tmp", ""), made)
 
     def member_exists(self, action: Action) -> bool | None:
-        """The overlay this committed action made is still the file at its name (by inode)."""
-        return is_ours(action.params["overlay"], action.undo.get("made"))
+        """Its point in time is still there (:func:`blktx_plugins._qcow2_external.member_exists`)."""
+        from blktx_plugins import _qcow2_external as ext
+
+        return ext.member_exists(action)
+
+    def revert_params(self, action: Action) -> dict[str, Any]:
+        from blktx_plugins import _qcow2_external as ext
+
+        return ext.revert_params(action)
+
+    def delete_params(self, action: Action) -> dict[str, Any]:
+        from blktx_plugins import _qcow2_external as ext
+
+        return ext.delete_params(action)
 
     def leftovers(self, action: Action) -> list[Leftover]:
         found = []

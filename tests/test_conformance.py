@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -100,8 +101,23 @@ class TestSimNoop(ActionTypeConformance):
 
 
 class Qcow2Base(ActionTypeConformance):
+    #: The image or device users read and write (for the revert properties).
+    data = "d.qcow2"
+
     def observe(self, base: Path) -> Any:
         return world(base)
+
+    def change(self, base: Path) -> None:
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 0x66 0 64k", str(base / self.data))
+
+    def observe_data(self, base: Path) -> Any:
+        """What the guest sees through the image or device: its raw content."""
+        raw = base.parent / (base.name + ".raw")
+        run("qemu-img", "convert", "-O", "raw", str(base / self.data), str(raw))
+        try:
+            return hashlib.sha256(raw.read_bytes()).hexdigest()
+        finally:
+            raw.unlink()
 
 
 @needs_qemu_img
@@ -142,6 +158,7 @@ class TestQcow2InternalDelete(Qcow2Base):
 @needs_qemu_img
 class TestQcow2ExternalCreate(Qcow2Base):
     type_name = "qcow2.external-create"
+    data = "vm"
 
     def setup_world(self, base: Path) -> dict[str, Any]:
         make_image(base / "vm.base.qcow2", pattern=0x42)

@@ -416,11 +416,17 @@ class ActionTypeConformance:
                     f"kill after write {n}: recover exited {recovered.returncode}: {recovered.stdout.strip()}",
                 )
                 world = _seen(self.observe(base), base)
+                where = f"kill after write {n}{' (fault in ' + fault + ')' if fault else ''}"
                 _require(
                     world in (before, after),
                     "after a crash and recover the world is as before or after",
-                    f"kill after write {n}{' (fault in ' + fault + ')' if fault else ''}: {world}, not {before} nor {after}",
+                    f"{where}: {world}, not {before} nor {after}",
                 )
+                said = {t["outcome"] for t in json.loads(recovered.stdout or "{}").get("transactions", [])}
+                if said == {"rolled back"}:
+                    _require(world == before, "recover says rolled back: the world is as before", f"{where}: {world}")
+                elif said == {"committed"}:
+                    _require(world == after, "recover says committed: the world is as after", f"{where}: {world}")
 
 
 def _seen(world: Any, base: Path) -> str:
@@ -484,6 +490,6 @@ def _child_recover(base: Path, suite: ActionTypeConformance, journal: Path) -> A
     import subprocess
     import sys
 
-    args = [sys.executable, "-m", "blktx", "recover", "--journal", str(journal)]
+    args = [sys.executable, "-m", "blktx", "recover", "--json", "--journal", str(journal)]
     args += ["--allow-exec"] if suite.allow_exec else []
     return subprocess.run(args, capture_output=True, text=True, env=_child_env(base), cwd=base, check=False)
