@@ -17,7 +17,6 @@ is at most what both limits leave (:func:`batch_limit`), and a group larger than
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import resource
@@ -142,6 +141,8 @@ class Daemons:
         return self.of[image].node[image]
 
     def each(self, calls: dict[StorageDaemon, list[tuple[Any, str, dict[str, Any]]]], timeout: float = 120.0) -> dict[Any, Any]:
+        import asyncio
+
         """Run each daemon's commands in order, all daemons at once: ``{key: reply
         or its ActionFailed}`` for every ``(key, command, arguments)``. A daemon's
         later commands still run after one failed (each is reported on its own)."""

@@ -7,7 +7,6 @@ process is started and the image is opened read-only.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import json
@@ -23,7 +22,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import asyncio
 
 from blktx import ActionFailed, Refused
 from blktx_plugins._fs import Private
@@ -198,6 +200,8 @@ class _Loop:
 
     @classmethod
     def get(cls) -> asyncio.AbstractEventLoop:
+        import asyncio
+
         with cls._lock:
             if cls._loop is None or cls._pid != os.getpid():  # a forked child has no loop thread
                 loop = asyncio.new_event_loop()
@@ -207,6 +211,8 @@ class _Loop:
 
 
 def run_async(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    import asyncio
+
     """Run ``coro`` on the shared QMP loop and wait for it (from any thread but the loop's)."""
     if timeout is not None:
         coro = asyncio.wait_for(coro, timeout)
@@ -238,6 +244,8 @@ class Qmp:
     @classmethod
     def open_many(cls, addresses: list[str], timeout: float = 10.0) -> dict[str, Qmp | VmGone]:
         """Connect to every address at once: each one's connection, or why it failed."""
+        import asyncio
+
         conns = [cls(a, timeout, connect=False) for a in addresses]
 
         async def all_of() -> list[Any]:
@@ -247,6 +255,8 @@ class Qmp:
         return {c.address: (c if r is None else r) for c, r in zip(conns, got, strict=True)}
 
     async def open(self) -> None:
+        import asyncio
+
         from qemu.qmp import QMPClient
 
         target: Any = self.address
@@ -265,6 +275,8 @@ class Qmp:
         self._client = client
 
     async def execute(self, name: str, args: dict[str, Any] | None = None, timeout: float = 120.0) -> Any:
+        import asyncio
+
         from qemu.qmp import ExecuteError, Runstate
 
         if self._client is not None and self._client.runstate != Runstate.RUNNING:
@@ -287,6 +299,8 @@ class Qmp:
         return self._client is not None
 
     async def disconnect(self) -> None:
+        import asyncio
+
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(Exception):  # closing a dead connection
@@ -315,6 +329,8 @@ class Agent(Qmp):
 
 
 def gather(calls: list[tuple[Qmp, str, dict[str, Any] | None]], timeout: float = 120.0) -> list[Any]:
+    import asyncio
+
     """Send one command to each of many connections at once; each call's reply, or
     its exception (:class:`ActionFailed` or :class:`VmGone`, also when it took more
     than ``timeout`` seconds) in its place."""
