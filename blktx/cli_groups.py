@@ -27,13 +27,16 @@ def _entry(args: argparse.Namespace, ref: str) -> dict[str, Any] | Problem:
 
     group, at, name = ref.partition("@")
     if not at or not group or not name:
-        return Problem(f"{ref!r} is not GROUP@NAME", hint="`blktx list` shows the group snapshots, e.g. web@nightly-20261127")
+        return Problem(
+            f"{ref!r} is not GROUP@NAME", "command line", hint="`blktx list` shows the group snapshots, e.g. web@nightly-20261127"
+        )
     journal = _cli()._journal(args)
     entry = journal.group_snapshot(group, name)
     if entry is None:
         known = [label(e) for e in journal.group_snapshots(group)][-5:]
         return Problem(
             f"no group snapshot {ref} in {journal.path}",
+            "command line",
             hint=("the newest of the group: " + ", ".join(known)) if known else "`blktx list` shows the group snapshots",
         )
     return entry  # type: ignore[no-any-return]
@@ -131,12 +134,13 @@ def _policy(args: argparse.Namespace) -> tuple[str, Any] | Problem:
         try:
             policy = parse_keep_arg(args.keep)
         except ValueError as exc:
-            return Problem(f"--keep {args.keep!r}: {exc}", hint="e.g. --keep last=3,daily=7,weekly=4")
+            return Problem(f"--keep {args.keep!r}: {exc}", "command line", hint="e.g. --keep last=3,daily=7,weekly=4")
     if not group:
-        return Problem("which group? give GROUP or --spec FILE", hint="blktx prune web --keep daily=7")
+        return Problem("which group? give GROUP or --spec FILE", "command line", hint="blktx prune web --keep daily=7")
     if policy is None or policy.empty():
         return Problem(
             f"no retention policy for group {group!r}: prune would delete every group snapshot",
+            args.spec or "command line",
             hint="give --keep last=3,daily=7 or [retention] keep = {...} in the spec (--spec FILE)",
         )
     return group, policy
