@@ -15,6 +15,10 @@ check journals before the snapshot exists; a cancel deletes a snapshot of the
 name only when it carries that token, so one made by somebody else is never
 touched.
 
+Group snapshots: ``libvirt.snapshot-delete`` removes a member through libvirt and
+``libvirt.snapshot-revert`` is refused at check (:mod:`blktx_plugins._libvirt_catalog`);
+both are given the member's token and refuse a same-named snapshot without it.
+
 Quiesce: with ``quiesce = "fsfreeze"`` each running domain's guest filesystems
 are frozen through libvirt (``virDomainFSFreeze``; the domain needs a connected
 guest agent), with ``"pause"`` every running domain is suspended; both are ended
@@ -280,6 +284,8 @@ class Snapshot(_LibvirtType):
     """An external disk-only snapshot of a libvirt domain's disks, made and undone through libvirt."""
 
     name = "libvirt.snapshot"
+    revert_type = "libvirt.snapshot-revert"
+    delete_type = "libvirt.snapshot-delete"
     params = (
         *_DOMAIN,
         Param("name", "str", required=True, doc="the snapshot's name (libvirt's snapshot list shows it)"),
@@ -412,6 +418,24 @@ class Snapshot(_LibvirtType):
             what = f"snapshot {action.params['name']!r} of domain {action.params['domain']}"
         return [Leftover(action.target, what + (f" (overlays {files})" if files else ""))]
 
+    def revert_params(self, action: Action) -> dict[str, Any]:
+        return self.delete_params(action)
+
+    def delete_params(self, action: Action) -> dict[str, Any]:
+        """The domain by its UUID (a renamed domain is still found, a same-named other
+        one is not), the snapshot's name and the token that proves it is this one."""
+        if not action.undo.get("token"):
+            raise ValueError(
+                f"the catalog holds no ownership token for snapshot {action.params['name']!r} of domain "
+                f"{action.params['domain']}: it could not be told from a same-named remake"
+            )
+        return {
+            "uri": action.params["uri"],
+            "domain": action.undo.get("uuid") or action.params["domain"],
+            "name": action.params["name"],
+            "token": action.undo["token"],
+        }
+
     def member_exists(self, action: Action) -> bool | None:
         if libvirt is None or "token" not in action.undo:
             return None
@@ -425,51 +449,6 @@ class Snapshot(_LibvirtType):
             return snap is not None and _ours(snap, action.undo["token"])
         finally:
             conn.close()
-
-
-class SnapshotDelete(_LibvirtType):
-    """Delete a domain's snapshot through libvirt (finalize: after the commit point)."""
-
-    name = "libvirt.snapshot-delete"
-    finalize = True
-    params = (*_DOMAIN, Param("name", "str", required=True, doc="the snapshot to delete"))
-
-    def check(self, action: Action, ctx: RunContext) -> None:
-        conn, dom = self._identify(action, ctx)
-        where = f"domain {action.params['domain']} at {action.params['uri']}"
-        snap = _find(dom, action.params["name"])
-        if snap is None:
-            raise Refused(f"{where} has no snapshot named {action.params['name']!r}")
-        root = ET.fromstring(snap.getXMLDesc(0))
-        external = any(d.get("snapshot") == "external" for d in root.findall("./disks/disk"))
-        version = conn.getLibVersion()
-        if external and version < DELETE_EXTERNAL:
-            raise Refused(
-                f"{where}: deleting external snapshot {action.params['name']!r} needs libvirt >= "
-                f"{version_text(DELETE_EXTERNAL)}; this host runs {version_text(version)}"
-            )
-        if snap.numChildren(0):
-            raise Refused(
-                f"{where}: snapshot {action.params['name']!r} has newer snapshots based on it", hint="delete those first"
-            )
-        action.undo["created"] = root.findtext("creationTime")
-
-    def do(self, action: Action, ctx: RunContext) -> None:
-        _, dom = self._open(action, ctx)
-        snap = _find(dom, action.params["name"])
-        if snap is None:
-            return  # already deleted (a retry)
-        if ET.fromstring(snap.getXMLDesc(0)).findtext("creationTime") != action.undo.get("created"):
-            raise ActionFailed(
-                f"snapshot {action.params['name']!r} of domain {action.params['domain']} is not the "
-                "one checked (another of the name was made since): it was left alone"
-            )
-        try:
-            snap.delete(0)
-        except libvirt.libvirtError as exc:
-            raise ActionFailed(
-                f"domain {action.params['domain']}: deleting snapshot {action.params['name']!r}: {_msg(exc)}"
-            ) from None
 
 
 # -- quiesce ---------------------------------------------------------------------------
@@ -567,5 +546,7 @@ def blktx_resume_many(ctx: RunContext, holds: list[Hold]) -> list[Hold] | None:
 
 @hookimpl
 def blktx_register_action_types(register: Any) -> None:
-    for cls in (Snapshot, SnapshotDelete):
+    from blktx_plugins import _libvirt_catalog
+
+    for cls in (Snapshot, *_libvirt_catalog.TYPES):
         register(cls)
