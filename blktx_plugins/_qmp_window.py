@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from blktx import Action, ActionFailed, Hold, RunContext, hookimpl
 from blktx_plugins._qemu import Agent, Qmp, VmGone, gather, run_async
+from blktx_plugins._qmp_monitor import Monitor, MonitorBusy
 
 
 class _Window:
@@ -78,7 +79,7 @@ class _Connections:
             conn.close()
 
 
-def _connections(ctx: RunContext, kind: type[Qmp] = Qmp) -> _Connections:
+def _connections(ctx: RunContext, kind: type[Qmp] = Monitor) -> _Connections:
     def make() -> _Connections:
         conns = _Connections(kind)
         ctx.on_close(conns.close)
@@ -87,7 +88,7 @@ def _connections(ctx: RunContext, kind: type[Qmp] = Qmp) -> _Connections:
     return ctx.resource(f"qmp:{kind.__name__}", make)
 
 
-def _open_all(ctx: RunContext, addresses: Sequence[str], kind: type[Qmp] = Qmp) -> list[Qmp]:
+def _open_all(ctx: RunContext, addresses: Sequence[str], kind: type[Qmp] = Monitor) -> list[Qmp]:
     """The run's connections to ``addresses`` (made together if new); raises if one fails."""
     got = _connections(ctx, kind).many(addresses)
     for conn in got.values():
@@ -197,19 +198,20 @@ def _resume_cmd(hold: Hold) -> tuple[type[Qmp], str, str]:
     """How to end a hold: the connection kind, its address and the command."""
     if hold.kind == "qga.freeze":
         return Agent, hold.data["agent"], "guest-fsfreeze-thaw"
-    return Qmp, hold.data["address"], "cont"
+    return Monitor, hold.data["address"], "cont"
 
 
 async def _end(ctx: RunContext, hold: Hold, conn: Qmp | VmGone) -> None:
     """``cont`` a VM (on a running VM it changes nothing) or thaw a guest. A dead VM
     has nothing left to resume; a live VM whose agent does not answer is still
-    frozen, and that is raised."""
+    frozen, and a VM whose monitor another client holds may still be paused: both
+    are raised."""
     try:
         if isinstance(conn, VmGone):
             raise conn
         await conn.execute(_resume_cmd(hold)[2], timeout=_resume_budget(ctx))
-    except VmGone:
-        if hold.kind == "qga.freeze" and await _vm_alive(ctx, hold.data["vm"]):
+    except VmGone as exc:
+        if isinstance(exc, MonitorBusy) or (hold.kind == "qga.freeze" and await _vm_alive(ctx, hold.data["vm"])):
             raise
     hold.end = time.monotonic()
 
@@ -220,10 +222,12 @@ async def _vm_alive(ctx: RunContext, address: str) -> bool:
     mine = conn is None
     try:
         if conn is None:
-            conn = Qmp(address, connect=False)
+            conn = Monitor(address, connect=False)
             await conn.open()
         await conn.execute("query-status", timeout=5)
         return True
+    except MonitorBusy:
+        return True  # held by another client: QEMU lives
     except VmGone:
         return False
     finally:

@@ -12,22 +12,26 @@ through its guest agent first and thawed last; a guest already frozen stays
 frozen. If a VM dies during the transaction the rest of the group rolls back,
 and its own actions are undone offline on its image files once QEMU's lock is
 gone.
+
+``qmp.external-create`` (:mod:`blktx_plugins._qmp_external`) keeps its switch
+across a restart of the VM when given ``device``, the symlink the VM's ``-drive``
+opens; a monitor that another client holds (libvirt's) is refused at check within
+about a second (:mod:`blktx_plugins._qmp_monitor`).
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Param, Refused, RunContext, hookimpl
-from blktx_plugins._fs import Private, is_ours, private_file, publish, remove_if_ours
 from blktx_plugins._image import Snapshot, bare, has_protocol, name_problem, open_image, read_header, shown, within
-from blktx_plugins._qemu import Agent, Qmp, StorageDaemon, VmGone, create_overlay, gather, holder
+from blktx_plugins._qemu import Agent, Qmp, StorageDaemon, VmGone, gather, holder
 from blktx_plugins._qmp_internal import pick, same, snapshots_of, twice
+from blktx_plugins._qmp_monitor import MonitorBusy
 from blktx_plugins._qmp_window import (  # the hooks are re-exported: pluggy finds them here
     _budget,
     _connections,
@@ -144,7 +148,12 @@ class _QmpType(ActionType):
         live = [(c, g) for c, g in vms if isinstance(c, Qmp)]
         for conn, group in vms:
             if isinstance(conn, VmGone):
-                refusal = Refused(str(conn), hint="is the VM running, and is its -qmp socket at that path?")
+                hint = (
+                    "QEMU serves one client per monitor: give blktx one of its own (a second -qmp), or end the other client"
+                    if isinstance(conn, MonitorBusy)
+                    else "is the VM running, and is its -qmp socket at that path?"
+                )
+                refusal = Refused(str(conn), hint=hint)
                 failures.update({a.index: refusal for a in group})
         if "fsfreeze" in ctx.options.quiesce:
             self._check_agents(vms, ctx, failures)
@@ -410,7 +419,7 @@ class InternalCreate(_QmpType):
         except ActionFailures as exc:
             failures = exc.failures
         for a in actions:  # a dead VM's image is undone offline once QEMU's lock is gone
-            if isinstance(failures.get(a.index), VmGone):
+            if isinstance(failures.get(a.index), VmGone) and not isinstance(failures.get(a.index), MonitorBusy):
                 try:
                     self._cancel_offline(a, ctx)
                     del failures[a.index]
@@ -505,147 +514,9 @@ class InternalDelete(_QmpType):
             conn.cmd("blockdev-snapshot-delete-internal-sync", {"device": action.undo["node"], "id": mine.id, "name": mine.name})
 
 
-class ExternalCreate(_QmpType):
-    """Create an overlay file for a running VM's drive and switch the drive to it."""
-
-    # do makes the overlay file and node; only the switch (invalidate) needs the VM paused.
-    do_before_quiesce = True
-
-    name = "qmp.external-create"
-    params = (*_COMMON, Param("overlay", "path", required=True, doc="the new overlay file; must not exist", creates=True))
-
-    def _check(self, action: Action, info: dict[str, Any]) -> None:
-        if os.path.lexists(action.params["overlay"]):
-            raise Refused(f"overlay {action.params['overlay']} already exists", hint="choose a new name")
-        if has_protocol(info["file"]) or not info["file"].startswith("/"):
-            # the overlay names its backing file by what the VM opened: it must be a file
-            raise Refused(
-                f"drive {action.params['drive']} of VM {action.params['vm']} is opened as "
-                f"{shown(info['file'])}, not a file path [rule confined-paths]: an overlay cannot name it"
-            )
-        action.undo["overlay_node"] = f"blktx{action.index}-{secrets.token_hex(4)}"
-        action.undo["tmp"] = f"{action.params['overlay']}.blktx-{secrets.token_hex(6)}"
-
-    def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
-        """Make every overlay file at once (``qemu-img`` processes side by side), then
-        add each as a node of its VM, all VMs at once."""
-        failures: dict[int, BaseException] = {}
-        privates: dict[int, Private] = {}
-        for a in actions:
-            try:
-                privates[a.index] = private_file(a.params["overlay"], a.undo["tmp"])
-                a.undo["made"] = privates[a.index].ident
-            except Exception as exc:  # noqa: BLE001 - this action's failure
-                failures[a.index] = exc
-
-        def make(a: Action) -> None:
-            try:
-                # size given: the backing file is locked by the running VM; QMP told its size.
-                create_overlay(
-                    privates[a.index], a.params["overlay"], a.undo["file"], a.undo["format"], a.undo["size"], relative=False
-                )
-                try:
-                    publish(privates[a.index], a.params["overlay"])
-                except FileExistsError:
-                    raise ActionFailed(f"overlay {a.params['overlay']} appeared after the check; it was left alone") from None
-            except Exception as exc:  # noqa: BLE001 - this action's failure
-                failures[a.index] = exc
-
-        try:
-            # Every overlay's identity is durable (one write) before any is published:
-            # cancel removes a file at the overlay's name only if it is that inode.
-            ctx.remember([a for a in actions if a.index in privates])
-            with ThreadPoolExecutor(max_workers=min(len(actions), 8), thread_name_prefix="blktx-overlay") as pool:
-                list(pool.map(make, [a for a in actions if a.index in privates]))
-        finally:
-            for private in privates.values():
-                private.close()
-        made = [a for a in actions if a.index not in failures]
-        conns = _connections(ctx).many([a.params["vm"] for a in made])
-        calls: list[tuple[Qmp, str, dict[str, Any] | None]] = []
-        for a in made:
-            conn = conns[a.params["vm"]]
-            if isinstance(conn, VmGone):
-                failures[a.index] = conn
-                continue
-            calls.append(
-                (
-                    conn,
-                    "blockdev-add",
-                    {
-                        "driver": "qcow2",
-                        "node-name": a.undo["overlay_node"],
-                        "file": {"driver": "file", "filename": a.params["overlay"]},
-                        "backing": None,
-                    },
-                )
-            )
-        added = [a for a in made if a.index not in failures]
-        for a, reply in zip(added, gather(calls), strict=True):
-            if isinstance(reply, BaseException):
-                failures[a.index] = reply
-        if failures:
-            raise ActionFailures(failures)
-
-    def invalidate_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
-        self._per_vm_cmd(
-            actions,
-            ctx,
-            lambda group: (
-                "transaction",
-                {
-                    "actions": [
-                        {"type": "blockdev-snapshot", "data": {"node": a.undo["node"], "overlay": a.undo["overlay_node"]}}
-                        for a in group
-                    ]
-                },
-            ),
-        )
-
-    def cancel(self, action: Action, ctx: RunContext) -> None:
-        if "node" not in action.undo:
-            return
-        try:
-            conn = self._conn(action, ctx)
-            self._unswitch(conn, action)
-        except VmGone:
-            pass  # the switch lived in the dead QEMU's memory only; the file goes below
-        remove_if_ours(action.params["overlay"], action.undo.get("made"))
-        remove_if_ours(action.undo.get("tmp", ""), action.undo.get("made"))
-
-    def _unswitch(self, conn: Qmp, action: Action) -> None:
-        top, base = action.undo["overlay_node"], action.undo["node"]
-        nodes = {n["node-name"]: n for n in conn.cmd("query-named-block-nodes", {"flat": True})}
-        if top not in nodes:
-            return
-        if nodes[top].get("backing_file"):
-            # Switched: merge whatever the guest wrote into the old image, then pivot back.
-            job = f"blktx-undo-{action.index}"
-            conn.cmd("block-commit", {"job-id": job, "device": top, "base-node": base})
-            self._wait_job(conn, job, ready=True)
-            conn.cmd("job-complete", {"id": job})
-            self._wait_job(conn, job, ready=False)
-        conn.cmd("blockdev-del", {"node-name": top})
-
-    @staticmethod
-    def _wait_job(conn: Qmp, job: str, ready: bool) -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            jobs = {j["device"]: j for j in conn.cmd("query-block-jobs")}
-            if (ready and jobs.get(job, {}).get("ready")) or (not ready and job not in jobs):
-                return
-            time.sleep(0.005)
-        raise ActionFailed(f"VM {conn.address}: block job {job} did not finish in 120 s")
-
-    def leftovers(self, action: Action) -> list[Leftover]:
-        found = []
-        overlay = action.params["overlay"]
-        if is_ours(overlay, action.undo.get("made")):
-            found.append(Leftover(action.target, f"overlay file {overlay} (the drive may use it)"))
-        return found
-
-
 @hookimpl
 def blktx_register_action_types(register: Any) -> None:
+    from blktx_plugins._qmp_external import ExternalCreate
+
     for cls in (InternalCreate, InternalDelete, ExternalCreate):
         register(cls)
