@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 from blktx import ActionFailed, Refused
 from blktx_plugins._fs import Private
 from blktx_plugins._image import QCOW2_MAGIC, Header, check_chain, open_image, open_verified, read_image
+from blktx_plugins._qcow2_format import write_overlay
 
 # QEMU's image locking takes OFD locks on bytes 100.. (permissions held) and
 # 200.. (permissions not shared) of an image it has open.
@@ -117,14 +118,18 @@ def create_overlay(private: Private, overlay: str, backing: str, fmt: str, size:
     The caller records ``private.ident`` (journaled with ``ctx.remember``) and then
     publishes it at ``overlay`` (:func:`~blktx_plugins._fs.publish`), so that a
     cancel removes the overlay only when it is that very file. The backing file is
-    not opened (``-u``; its format ``-F`` and ``size`` are given): the overlay is
-    written through its descriptor. ``relative``: name the backing file by
+    not opened (its format and ``size`` are given): the overlay is written through
+    its descriptor and made durable (:func:`~blktx_plugins._qcow2_format.write_overlay`). ``relative``: name the backing file by
     :func:`backing_name`; a running VM's node needs the absolute name it opened.
     """
     name = backing_name(overlay, backing) if relative else backing
     if not name.startswith(("/", "./")):
         raise ActionFailed(f"{overlay}: backing name {name!r} is neither absolute nor ./-relative")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", name, "-F", fmt, "-u", private.path, str(size), pass_fds=(private.fd,))
+    try:
+        # written directly and made durable: no process per overlay (blktx_plugins._qcow2_format)
+        write_overlay(private.fd, name, fmt, size)
+    except ValueError:  # what only qemu-img knows how to write (an odd size, a long name): let it say
+        qemu_img("create", "-q", "-f", "qcow2", "-b", name, "-F", fmt, "-u", private.path, str(size), pass_fds=(private.fd,))
 
 
 def qemu_img(*args: str, timeout: float = 120, pass_fds: tuple[int, ...] = ()) -> str:
