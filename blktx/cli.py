@@ -54,7 +54,8 @@ EXAMPLES = {
 
 ENV_HELP = """
 environment:
-  BLKTX_JOURNAL=PATH        the journal (default ~/.local/state/blktx/journal.sqlite)
+  BLKTX_JOURNAL=PATH        the journal (default /var/lib/blktx/journal.sqlite as root,
+                            else ~/.local/state/blktx/journal.sqlite)
   BLKTX_LOCK_DIR=DIR        where runs claim their targets, whichever journal they use
                             (default /var/lib/blktx/locks as root, else ~/.local/state/blktx/locks)
   BLKTX_LOAD_PLUGINS=a,b    load only these plugins (entry-point names); empty: none
@@ -267,7 +268,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
                 out.print(f"    warning: {warning}", markup=False)
     if any(i["outcome"] == "invalid" for i in report):
         return EXIT_INVALID
-    return 3 if any(i["outcome"] in ("needs recovery", "running") for i in report) else 0
+    # A transaction whose run is alive is not this recover's to finish (nor a failure):
+    # it is reported and left to its run, so that a timer's `recover` before its own
+    # run does not fail because a manual revert or another group is running.
+    return 3 if any(i["outcome"] == "needs recovery" for i in report) else 0
 
 
 def cmd_log(args: argparse.Namespace) -> int:
@@ -453,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli_groups.add_arguments(subs)
     for name in ("run", "demo", "recover", "log", "show", "list", "revert", "delete", "prune"):
         subs[name].add_argument(
-            "--journal", metavar="PATH", help="the journal file (default $BLKTX_JOURNAL or ~/.local/state/blktx/journal.sqlite)"
+            "--journal",
+            metavar="PATH",
+            help="the journal (default $BLKTX_JOURNAL, or /var/lib/blktx/journal.sqlite as root, else ~/.local/state/blktx/)",
         )
     for name in ("run", "demo"):
         subs[name].add_argument(

@@ -69,10 +69,17 @@ def _dumps(value: Any) -> str:
     return "{}" if not value and isinstance(value, dict) else json.dumps(value)
 
 
+#: Root's journal: one per host, beside the lock folder, whoever's shell or unit runs blktx.
+SYSTEM_JOURNAL = "/var/lib/blktx/journal.sqlite"
+
+
 def default_path() -> str:
-    """``$BLKTX_JOURNAL``, else ``$XDG_STATE_HOME/blktx/journal.sqlite`` (``~/.local/state``)."""
+    """``$BLKTX_JOURNAL``; else, as root, :data:`SYSTEM_JOURNAL`; else
+    ``$XDG_STATE_HOME/blktx/journal.sqlite`` (``~/.local/state``)."""
     if os.environ.get("BLKTX_JOURNAL"):
         return os.environ["BLKTX_JOURNAL"]
+    if os.geteuid() == 0:
+        return SYSTEM_JOURNAL
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "blktx", "journal.sqlite")
 
@@ -86,7 +93,7 @@ class SqliteJournal:
         if early and not os.path.isdir(os.path.dirname(self.path)):  # never make folders through it
             raise BlktxError(
                 f"refusing the journal {self.path}: {early}; keep it in a folder only you can write "
-                "(default ~/.local/state/blktx), mode 0600"
+                "(default /var/lib/blktx as root, else ~/.local/state/blktx), mode 0600"
             )
         try:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
@@ -98,7 +105,7 @@ class SqliteJournal:
         if why:
             raise BlktxError(
                 f"refusing the journal {self.path}: {why}; keep it in a folder only you can write "
-                "(default ~/.local/state/blktx), mode 0600"
+                "(default /var/lib/blktx as root, else ~/.local/state/blktx), mode 0600"
             )
         try:
             # Made 0600 here if new. Never opened and closed when it exists: closing any

@@ -47,7 +47,7 @@ def console(stream: TextIO | None = None) -> Console:
     if not stream.isatty():
         columns = os.environ.get("COLUMNS", "")
         width = int(columns) if columns.isdigit() and int(columns) > 0 else LOG_WIDTH
-    return Console(file=stream, highlight=False, width=width, soft_wrap=width == LOG_WIDTH)
+    return Console(file=stream, highlight=False, emoji=False, width=width, soft_wrap=width == LOG_WIDTH)
 
 
 def print_json(data: Any, stream: TextIO | None = None) -> None:
@@ -180,7 +180,7 @@ class Progress:
     def __init__(self, stream: TextIO) -> None:
         from rich.progress import Progress as RichProgress
 
-        self._bar = RichProgress(console=Console(file=stream), transient=True)
+        self._bar = RichProgress(console=Console(file=stream, emoji=False, highlight=False), transient=True)
         self._task: Any = None
         self._pending = 0
         self._last = 0.0

@@ -21,6 +21,8 @@ def commands(unit: Path) -> list[list[str]]:
     for section in parser.sections():
         for key, value in parser[section].items():
             if key.startswith("Exec"):
+                # systemd splits $VAR into words: as /etc/blktx/web.env would set it
+                value = value.replace("$BLKTX_RUN_ARGS", "--root /srv/vm --vm-root /run/vms")
                 found.append(shlex.split(value.lstrip("-").replace("%i", "web")))
     return found
 

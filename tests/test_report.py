@@ -48,3 +48,13 @@ def test_text_from_specs_and_backends_is_printed_as_is_not_as_markup(tmp_path) -
     assert f"action #0 [{tmp_path}/[red]x.qcow2] {tmp_path}/[red]x.qcow2 does not exist" in text
     failed = Executor().run(Transaction([ActionSpec("fault", {"message": "[bold]device[/bold] [busy]"})], base_dir="/tmp"))
     assert "[bold]device[/bold] [busy]" in render(failed)
+
+
+def test_emoji_codes_in_names_are_printed_as_written() -> None:
+    """`:x:` in a snapshot or exec target name is text: an operator copies it back."""
+    from blktx.report import console
+
+    failed = Executor().run(Transaction([ActionSpec("fault", {"message": "pre:x:084754 and :smile:"})], base_dir="/tmp"))
+    buf = io.StringIO()
+    print_result(failed, console(buf))
+    assert "pre:x:084754 and :smile:" in buf.getvalue()

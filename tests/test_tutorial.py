@@ -325,7 +325,7 @@ def test_the_tutorial_has_what_the_test_follows() -> None:
     blocks = read_blocks()
     commands = [c for b in blocks if b.kind == "run" for c in b.commands]
     assert len(commands) >= 40 and sum(len(c.checks) for c in commands) >= 50
-    assert [b.arg for b in blocks if b.kind == "file"] == ["/etc/blktx/web.toml"]
+    assert [b.arg for b in blocks if b.kind == "file"] == ["/etc/blktx/web.toml", "/etc/blktx/web.env"]
     everything = " ".join(c.text for c in commands)
     for command in ("blktx check", "blktx run", "blktx list", "blktx prune", "blktx revert", "blktx delete", "blktx recover"):
         assert command in everything, f"the tutorial runs no {command}"
@@ -344,9 +344,11 @@ def test_every_blktx_command_the_tutorials_units_run_parses() -> None:
 
     text = TUTORIAL.read_text()
     lines = re.findall(r"^Exec\w*=(/\S*blktx\b.*)$", text, flags=re.M)
-    assert any("--root /srv/vm" in line for line in lines), "the drop-in adds --root"
+    env = re.search(r"^BLKTX_RUN_ARGS=(.*)$", text, flags=re.M)
+    assert env is not None and "--root /srv/vm" in env.group(1), "web.env gives the service --root"
+    assert any("$BLKTX_RUN_ARGS" in line for line in lines), "the service passes it to blktx run"
     for line in lines:
-        argv = shlex.split(line.replace("%i", "web"))
+        argv = shlex.split(line.replace("$BLKTX_RUN_ARGS", env.group(1)).replace("%i", "web"))
         build_parser().parse_args(argv[1:])  # exits (SystemExit) on an unknown option
 
 
