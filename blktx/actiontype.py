@@ -171,6 +171,9 @@ class ActionType:
     #: The types that revert and delete what this type makes; "" when there is none.
     revert_type: ClassVar[str] = ""
     delete_type: ClassVar[str] = ""
+    #: Why a member of this type cannot be reverted, and what to do instead (shown by
+    #: ``blktx revert`` when ``revert_type`` is empty).
+    no_revert: ClassVar[str] = ""
     #: Whether this type overrides a ``*_many`` method (set at class creation).
     batched: ClassVar[bool] = False
     #: Whether this type overrides ``finish`` (set at class creation).

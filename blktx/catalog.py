@@ -176,7 +176,8 @@ def plan(
                 continue
             kind = atype.revert_type if purpose == "revert" else atype.delete_type
             if not kind or registry.get(kind) is None:
-                refuse(f"{m['type']} declares no {purpose}" + (f" ({kind} is not installed)" if kind else ""))
+                why = atype.no_revert if purpose == "revert" and not kind else ""
+                refuse(why or f"{m['type']} declares no {purpose}" + (f" ({kind} is not installed)" if kind else ""))
                 continue
             if m["present"] is False:
                 if purpose == "delete" and missing_ok:

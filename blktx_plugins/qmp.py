@@ -285,6 +285,34 @@ class InternalCreate(_QmpType):
     name = "qmp.internal-create"
     shares_target = True
     params = (*_COMMON, Param("name", "str", required=True, doc="the snapshot's name"))
+    delete_type = "qmp.internal-delete"
+    no_revert = (
+        "a running VM's drive cannot be brought back in place (QEMU applies no internal snapshot live): "
+        "stop the VM, then revert its image with qcow2.internal-revert (image, id and date: `blktx list --json`)"
+    )
+
+    def delete_params(self, action: Action) -> dict[str, Any]:
+        """Deleted live, by the id and date QEMU gave it (a same-named remake is never deleted)."""
+        from blktx_plugins._qmp_internal import date_text
+
+        date = action.undo.get("date")
+        if not action.undo.get("id") or not isinstance(date, list):
+            raise ValueError("the catalog has no id and date of this snapshot (made by an older blktx)")
+        keep = ("vm", "drive", "agent", "freeze")
+        return {
+            **{k: action.params[k] for k in keep if action.params.get(k) is not None},
+            "name": action.params["name"],
+            "id": str(action.undo["id"]),
+            "date": date_text(date),
+        }
+
+    def member_exists(self, action: Action) -> bool | None:
+        """The snapshot with the id and date QEMU gave it is still in the drive's image
+        (read from the file's header, without the VM's monitor)."""
+        image, sid, date = action.undo.get("file_real"), action.undo.get("id"), action.undo.get("date")
+        if not image or not sid or not isinstance(date, list):
+            return None
+        return any(s.id == sid and list(s.date) == date for s in read_header(image)[1])
 
     def _check(self, action: Action, info: dict[str, Any]) -> None:
         problem = name_problem(action.params["name"])

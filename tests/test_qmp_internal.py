@@ -241,3 +241,41 @@ def test_a_delete_never_removes_another_point_in_time_that_took_the_id(tmp_path:
     assert not result.pending and result.actions[0].undo["id"] == s2[0]
     after = listed(vm, 0)
     assert after[0] == s1 and after[1][:2] == s2[:2] and after[1] != s2, (after, s2)  # same id and name, another date
+
+
+def test_a_live_group_snapshot_is_listed_deleted_by_id_and_date_and_its_revert_refused(
+    tmp_path: Path, vms: list[VM], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from blktx.cli import main
+
+    def cli(*args: str) -> tuple[int, dict[str, Any]]:
+        status = main([*args, "--json"])
+        return status, json.loads(capsys.readouterr().out)
+
+    vm = vms[0]
+    spec = tmp_path / "live.toml"
+    spec.write_text(
+        'version = 1\ngroup = "live"\nsnapshot = "s1"\n'
+        + "".join(f'[[action]]\ntype = "qmp.internal-create"\nvm = "{vm.sock.name}"\ndrive = "drive{d}"\n' for d in range(2))
+    )
+    monkeypatch.chdir(tmp_path)
+    assert cli("run", str(spec))[0] == 0
+    _, listing = cli("list", "live", "--verify")
+    (entry,) = listing["group_snapshots"]
+    assert entry["state"] == "complete", entry
+    status, result = cli("revert", "live@s1")
+    assert status == 2 and "stop the VM" in result["problems"][0]["message"]
+    assert [n for _, n, _, _ in listed(vm, 0)] == ["s1"], "nothing touched"
+    # drive1's member deleted and remade by hand under the same name: gone by identity
+    vm.qmp("blockdev-snapshot-delete-internal-sync", {"device": "drive1", "name": "s1"})
+    time.sleep(1.1)  # another date, whatever id QEMU gives it
+    make(vm, 1, "s1")
+    status, result = cli("delete", "live@s1")
+    assert status == 2 and "is gone" in result["problems"][0]["message"], result
+    status, result = cli("delete", "--missing-ok", "live@s1")
+    assert status == 0, result
+    assert listed(vm, 0) == [] and [n for _, n, _, _ in listed(vm, 1)] == ["s1"], "the remake is never deleted"
+    assert vm.running()
+    assert cli("list", "live")[1]["group_snapshots"] == []
