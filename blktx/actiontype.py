@@ -217,6 +217,23 @@ class ActionType:
         ``action.undo`` (``blktx list --verify``); None when the type cannot tell."""
         return None
 
+    def catalog_member(self, action: Action) -> dict[str, Any] | None:
+        """How the catalog records what this committed action made, or None for nothing.
+
+        By default the action itself: its type, target, parameters and the identity in
+        ``undo``. A revert type returns the state it kept (``keep_current``) as the
+        member of the type that could have made it (a safety snapshot as a
+        ``qcow2.internal-create`` member), so that ``blktx revert --keep-current``
+        lists it as a group snapshot of its own, to revert to or delete; else None.
+        """
+        return {
+            "index": action.index,
+            "type": self.name,
+            "target": action.target,
+            "params": action.params,
+            "identity": action.undo,
+        }
+
     def revert_params(self, action: Action) -> dict[str, Any]:
         """The parameters of the ``revert_type`` action that brings back what the
         committed ``action`` (rebuilt from the catalog) made."""

@@ -93,19 +93,16 @@ class Naming:
 def members(actions: list[Action]) -> list[dict[str, Any]]:
     """What the catalog keeps of each action that made something: enough to find it
     again by identity (the plugin's journaled undo facts) and to revert or delete it."""
-    return [
-        {"index": a.index, "type": a.type.name, "target": a.target, "params": a.params, "identity": a.undo}
-        for a in actions
-        if not a.type.finalize
-    ]
+    return [m for m in (a.type.catalog_member(a) for a in actions if not a.type.finalize) if m is not None]
 
 
 def commit_change(journal: Any, txid: str, options: Any, actions: list[Action], made: bool) -> None:
     """Inside the commit write: record the group snapshot this run made, remove the ones
     it deletes (a delete whose group snapshot is already gone must not commit)."""
     record, forget = getattr(journal, "catalog", None), getattr(journal, "uncatalog", None)
-    if record is not None and options.group and made:
-        record(txid, options.group, options.snapshot, members(actions), clock())
+    kept = members(actions) if options.group and made else []
+    if record is not None and kept:
+        record(txid, options.group, options.snapshot, kept, clock())
     if options.forgets:
         if forget is None:
             raise BlktxError("deleting a group snapshot needs the journal that records it")

@@ -81,6 +81,10 @@ def _run_plan(args: argparse.Namespace, entries: list[dict[str, Any]], purpose: 
         status: int = cli._invalid(exc, args)
         return status
     options.group, options.snapshot = "", ""
+    if purpose == "revert" and getattr(args, "keep_current", False):
+        # what the members held before the revert: a group snapshot of its own, listed,
+        # to revert to or delete (each revert type's catalog_member says what it kept)
+        options.group, options.snapshot = entries[0]["group"], "before-revert-" + time.strftime("%Y%m%d-%H%M%S")
     options.forgets = tuple(e["txid"] for e in entries) if purpose == "delete" else ()
     if not args.json and sys.stderr.isatty():
         registry.pm.register(Progress(sys.stderr), name="blktx-progress")

@@ -354,6 +354,19 @@ class Revert(ActionType):
     def target(self, action: Action) -> str:
         return str(action.params["path"])
 
+    def catalog_member(self, action: Action) -> dict[str, Any] | None:
+        """With keep_current, what ``path`` held, set aside: as the btrfs.snapshot member
+        that could have made it, so that it can be reverted to or deleted by its UUID."""
+        if not action.params["keep_current"] or not action.undo.get("live_uuid"):
+            return None
+        return {
+            "index": action.index,
+            "type": Snapshot.name,
+            "target": action.undo["aside"],
+            "params": {"source": action.params["path"], "dest": action.undo["aside"], "readonly": False},
+            "identity": {"uuid": action.undo["live_uuid"]},
+        }
+
     def check(self, action: Action, ctx: RunContext) -> None:
         path, snap, uuid = action.params["path"], action.params["snapshot"], action.params["uuid"]
         if os.path.islink(path):

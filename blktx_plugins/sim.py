@@ -282,6 +282,9 @@ class Revert(_SimType):
         Param("name", "str", required=True, doc="the snapshot's name (must match the id's)"),
     )
 
+    def catalog_member(self, action: Action) -> dict[str, Any] | None:
+        return None  # keeps nothing: the data it replaced is gone after the commit point
+
     def _check(self, action: Action, dev: dict[str, Any]) -> None:
         sid = str(action.params["id"])
         if dev["snapshots"].get(sid) != action.params["name"]:

@@ -326,6 +326,16 @@ def test_keep_current_keeps_what_each_member_held_and_says_where(
     outputs = [a["output"] for a in result["actions"]]
     assert any(f".data.blktx-before-{txid}" in o and before["data"][0] in o for o in outputs), outputs
     assert sorted(now) == sorted([*before, f".data.blktx-before-{txid}", f".logs.blktx-before-{txid}"])
+    # the kept state is a group snapshot of its own: listed, complete, to go back to or delete
+    status, listing = cli(capsys, "list", "app", "--verify")
+    kept = [e for e in listing["group_snapshots"] if e["name"].startswith("before-revert-")]
+    assert len(kept) == 1 and kept[0]["state"] == "complete" and kept[0]["txid"] == txid, listing
+    status, result = cli(capsys, "revert", f"app@{kept[0]['name']}")
+    assert status == 0, result
+    assert all(state(mnt)[sub][1] == before[sub][1] for sub in ("data", "logs")), "back to what it held"
+    status, result = cli(capsys, "delete", f"app@{kept[0]['name']}")
+    assert status == 0, result
+    assert not [n for n in state(mnt) if n.startswith(f".data.blktx-before-{txid}")], "deleted by its UUID"
 
 
 def holding(path: Path) -> subprocess.Popen[str]:
