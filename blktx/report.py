@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -15,7 +16,7 @@ from rich.table import Table
 from blktx.events import Event
 from blktx.hookspecs import hookimpl
 from blktx.plugins import Registry
-from blktx.result import COMMITTED, Result
+from blktx.result import COMMITTED, Result, action_json
 
 _STYLE = {
     "INVALIDATED": "green",
@@ -50,8 +51,44 @@ def console(stream: TextIO | None = None) -> Console:
     return Console(file=stream, highlight=False, emoji=False, width=width, soft_wrap=width == LOG_WIDTH)
 
 
+#: How every JSON document is printed: ``json.dumps(data, indent=2, default=str)``.
+_ENCODER = json.JSONEncoder(indent=2, default=str)
+#: Pieces of JSON text gathered before one write to the stream.
+_BATCH = 4096
+
+
 def print_json(data: Any, stream: TextIO | None = None) -> None:
-    (stream or sys.stdout).write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Print ``data`` as ``json.dumps(data, indent=2, default=str)`` does, and a newline,
+    written as it is encoded: the document never exists whole in memory.
+
+    A :class:`Result` is printed as its :meth:`~Result.to_json` would be, byte for
+    byte, without building that dict: its fields, then its actions one at a time.
+    """
+    out = stream or sys.stdout
+    pieces = _result_pieces(data) if isinstance(data, Result) else _ENCODER.iterencode(data)
+    batch: list[str] = []
+    for piece in pieces:
+        batch.append(piece)
+        if len(batch) >= _BATCH:
+            out.write("".join(batch))
+            batch.clear()
+    batch.append("\n")
+    out.write("".join(batch))
+
+
+def _result_pieces(result: Result) -> Iterator[str]:
+    head = _ENCODER.encode(result.json_head())
+    # The head ends "\n}": the actions go before that brace, one indent level in
+    # (JSON text holds no raw newline but these, so indenting by replace is exact).
+    yield head[:-2] + ',\n  "actions": ['
+    if not result.actions:
+        yield "]\n}"
+        return
+    separator = "\n    "
+    for a in result.actions:
+        yield separator + _ENCODER.encode(action_json(a)).replace("\n", "\n    ")
+        separator = ",\n    "
+    yield "\n  ]\n}"
 
 
 def print_result(result: Result, out: Console, *, limit: int = 200) -> None:

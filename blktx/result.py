@@ -91,6 +91,13 @@ class Result:
         return f"needs recovery ({state}): " + ", ".join(parts or ["interrupted"]) + "; run `blktx recover`"
 
     def to_json(self) -> dict[str, Any]:
+        """The whole report as one dict; ``actions`` is its last key."""
+        return {**self.json_head(), "actions": [action_json(a) for a in self.actions]}
+
+    def json_head(self) -> dict[str, Any]:
+        """Every field of :meth:`to_json` but ``actions``, in the same order: a
+        printer writes this, then the actions one at a time (:func:`action_json`),
+        and never holds the whole report of a 100,000-action run."""
         return {
             "txid": self.txid,
             "outcome": self.outcome,
@@ -110,7 +117,6 @@ class Result:
             "pending": [f.to_json() for f in self.pending],
             "holds": [{"kind": h.kind, "target": h.target, "window": h.window} for h in self.holds],
             "warnings": self.warnings,
-            "actions": [action_json(a) for a in self.actions],
         }
 
 
