@@ -214,6 +214,73 @@ def test_a_failing_member_rolls_every_image_back(
     assert after == before
 
 
+def test_a_safety_name_taken_after_the_check_touches_no_image(
+    app: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Somebody makes a snapshot of the safety name in one image between check and do:
+    the batch stops before any image is touched, and that snapshot is left alone."""
+    check = _qcow2_revert.InternalRevert.check
+
+    def then_take_the_name(self: Any, action: Any, ctx: Any) -> None:
+        check(self, action, ctx)
+        if action.params["image"] == str(app / "d1.qcow2"):
+            run("qemu-img", "snapshot", "-c", action.undo["safety"], str(app / "d1.qcow2"))
+
+    monkeypatch.setattr(_qcow2_revert.InternalRevert, "check", then_take_the_name)
+    before = state(app)
+    status, result = cli(capsys, "revert", "app@s1")
+    assert status == 1 and result["outcome"] == "rolled back", result
+    assert "appeared after the check; it was left alone" in result["failure"]["message"], result["failure"]
+    after = state(app)
+    taken = after["d1.qcow2"][0]
+    assert [n for _, n in taken] == ["s1", f"blktx-before-revert-{result['txid']}"], "somebody else's snapshot stays"
+    assert {k: v for k, v in after.items() if k != "d1.qcow2"} == {k: v for k, v in before.items() if k != "d1.qcow2"}
+    assert after["d1.qcow2"][1] == before["d1.qcow2"][1] and all(holds(app / n, NEW) for n in IMAGES)
+
+
+def test_the_group_is_snapshotted_and_cleaned_up_in_one_daemon_batch_each(
+    app: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The safety snapshots of all images: one batch of storage daemons; their deletion
+    after the commit point: one more (not one daemon per image)."""
+    started: list[list[list[str]]] = []
+    real = _qcow2_revert.Daemons
+    deleted: list[dict[int, Any]] = []
+    real_delete = _qcow2_revert._delete_snapshots
+
+    def daemons(groups: list[list[str]], *args: Any) -> Any:
+        started.append(groups)
+        return real(groups, *args)
+
+    def delete(plan: dict[int, Any], *args: Any) -> None:
+        deleted.append(plan)
+        real_delete(plan, *args)
+
+    monkeypatch.setattr(_qcow2_revert, "Daemons", daemons)
+    monkeypatch.setattr(_qcow2_revert, "_delete_snapshots", delete)
+    status, result = cli(capsys, "revert", "app@s1")
+    assert status == 0, result
+    assert [sorted(os.path.basename(i) for g in groups for i in g) for groups in started] == [IMAGES]
+    assert len(deleted) == 1 and sorted(len(v) for v in deleted[0].values()) == [1, 1, 1], deleted
+    for i, name in enumerate(IMAGES):
+        assert holds(app / name, i + 1) and snapshots(app / name) == [("1", "s1")] and clean(app / name)
+
+
+def test_qemu_img_runs_only_while_blktx_is_its_parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard around each qemu-img: the death signal armed, then the command run only
+    if its parent is still blktx (here: a pid that is not the parent's, as after blktx
+    died before the signal was armed: not run)."""
+    if _qcow2_revert._trampoline() is None:
+        pytest.skip("setpriv with --pdeathsig is not installed: the preexec_fn is used")
+    ran = tmp_path / "ran"
+    argv, preexec = _qcow2_revert._dying_with_blktx(["touch", str(ran)])
+    assert preexec is None and subprocess.run(argv, check=False).returncode == 0 and ran.exists()
+    ran.unlink()
+    monkeypatch.setattr(os, "getpid", lambda: 1)  # not this test's pid: the parent seems gone
+    argv, _ = _qcow2_revert._dying_with_blktx(["touch", str(ran)])
+    assert subprocess.run(argv, check=False).returncode != 0 and not ran.exists()
+
+
 # -- (d) refusals touch nothing --------------------------------------------------------------
 
 
