@@ -81,10 +81,11 @@ def _run_plan(args: argparse.Namespace, entries: list[dict[str, Any]], purpose: 
         status: int = cli._invalid(exc, args)
         return status
     options.group, options.snapshot = "", ""
-    if purpose == "revert" and getattr(args, "keep_current", False):
-        # what the members held before the revert: a group snapshot of its own, listed,
-        # to revert to or delete (each revert type's catalog_member says what it kept)
-        options.group, options.snapshot = entries[0]["group"], "before-revert-" + time.strftime("%Y%m%d-%H%M%S")
+    if purpose == "revert":
+        # What the members held before the revert and is kept (--keep-current; an external
+        # member's branch unless --discard-current) is a group snapshot of its own, listed,
+        # to revert to or delete; each revert type's catalog_member says what it kept.
+        options.group, options.snapshot = entries[0]["group"], f"before-revert-{txid}"
     options.forgets = tuple(e["txid"] for e in entries) if purpose == "delete" else ()
     if not args.json and sys.stderr.isatty():
         registry.pm.register(Progress(sys.stderr), name="blktx-progress")

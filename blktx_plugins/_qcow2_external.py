@@ -218,6 +218,20 @@ class ExternalRevert(ActionType):
     def target(self, action: Action) -> str:
         return str(action.params["device"])
 
+    def catalog_member(self, action: Action) -> dict[str, Any] | None:
+        """The abandoned branch (unless discarded): its top, the image the device pointed
+        to, as the point in time of a qcow2.external-create member, to revert to or delete."""
+        current, current_id, made = action.undo.get("current"), action.undo.get("current_id"), action.undo.get("made")
+        if action.params["discard_current"] or not isinstance(current_id, list) or current == action.params["image"]:
+            return None
+        return {
+            "index": action.index,
+            "type": "qcow2.external-create",
+            "target": action.target,
+            "params": {"device": action.params["device"], "overlay": action.undo.get("overlay", ""), "reuse": False},
+            "identity": {"old": current, "ident": current_id, "made": made},
+        }
+
     def check(self, action: Action, ctx: RunContext) -> None:
         device, frozen = action.params["device"], action.params["image"]
         if action.params["discard_current"] and action.params["keep_current"]:

@@ -222,6 +222,20 @@ class InternalRevert(ActionType):
     def target(self, action: Action) -> str:
         return str(action.params["image"])
 
+    def catalog_member(self, action: Action) -> dict[str, Any] | None:
+        """With keep_current, the safety snapshot as the qcow2.internal-create member that
+        could have made it (by its id and date), to revert to or delete; else nothing."""
+        made = self._made(action)
+        if not action.params["keep_current"] or made is None:
+            return None
+        return {
+            "index": action.index,
+            "type": "qcow2.internal-create",
+            "target": action.target,
+            "params": {"image": action.params["image"], "name": made.name, "replace": False},
+            "identity": {"made": [[made.id, made.date[0], made.date[1]]]},
+        }
+
     # -- check -------------------------------------------------------------------------
 
     def check(self, action: Action, ctx: RunContext) -> None:

@@ -72,7 +72,9 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, 
 
 
 def catalog() -> list[str]:
-    return [e["name"] for e in SqliteJournal(os.environ["BLKTX_JOURNAL"]).group_snapshots("app")]
+    """The group's snapshots of the schedule (not what a revert kept: see the test)."""
+    names = [e["name"] for e in SqliteJournal(os.environ["BLKTX_JOURNAL"]).group_snapshots("app")]
+    return [n for n in names if not n.startswith("before-revert-")]
 
 
 def check_world(base: Path, kept: list[int]) -> None:
@@ -136,6 +138,11 @@ def test_ten_ticks_prune_revert_delete(base: Path, capsys: pytest.CaptureFixture
     assert (base / "mnt" / "data" / "file").read_text() == "gen 7"
     assert read_world(str(base / "sim-world.json"))["devices"]["a"]["data"] == "gen 7"
     check_world(base, kept)
+    # the abandoned external branch (generation 42) is kept, and listed as a group snapshot of its own
+    status, listing = cli(capsys, "list", "app", "--verify")
+    (branch,) = [e for e in listing["group_snapshots"] if e["name"] == f"before-revert-{result['txid']}"]
+    assert branch["state"] == "complete" and [m["type"] for m in branch["members"]] == ["qcow2.external-create"]
+    assert reads(Path(branch["members"][0]["identity"]["old"]), 42)
 
     # the oldest goes; the reverted-to one now has a branch (the abandoned generation 42): refused, nothing touched
     status, result = cli(capsys, "delete", "app@t5")
@@ -149,3 +156,9 @@ def test_ten_ticks_prune_revert_delete(base: Path, capsys: pytest.CaptureFixture
     assert sorted(os.listdir(base)) == before
     check_world(base, [7, 9])
     assert reads(base / "dev", 7), "the guest still sees the reverted data"
+    # the branch goes: nothing depends on its top, which leaves the folder with it
+    top = Path(branch["members"][0]["identity"]["old"])
+    status, result = cli(capsys, "delete", f"app@{branch['name']}")
+    assert status == 0, result
+    assert not top.exists()
+    check_world(base, [7, 9])

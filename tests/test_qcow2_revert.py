@@ -166,9 +166,18 @@ def test_keep_current_keeps_the_state_before_the_revert_and_names_it(app: Path, 
         assert clean(app / name)
     outputs = [a.get("output", "") for a in result["actions"]]
     assert all(f"kept the state before the revert as snapshot {safety} (id 2" in o for o in outputs), outputs
-    # the kept snapshot is the state before the revert
-    run("qemu-img", "snapshot", "-a", safety, str(app / "d1.qcow2"))
-    assert holds(app / "d1.qcow2", NEW)
+    # the kept state is a group snapshot of its own, listed and complete
+    status, listing = cli(capsys, "list", "app", "--verify")
+    (kept,) = [e for e in listing["group_snapshots"] if e["name"] == f"before-revert-{result['txid']}"]
+    assert kept["state"] == "complete" and [m["params"]["name"] for m in kept["members"]] == [safety] * len(IMAGES)
+    # going back to it brings the state before the revert back, everywhere
+    status, again = cli(capsys, "revert", f"app@{kept['name']}")
+    assert status == 0, again
+    assert all(holds(app / name, NEW) for name in IMAGES)
+    # and deleting it removes exactly those safety snapshots (by id and date)
+    status, gone = cli(capsys, "delete", f"app@{kept['name']}")
+    assert status == 0, gone
+    assert all(snapshots(app / name) == [("1", "s1")] for name in IMAGES)
 
 
 # -- (c) a member that fails rolls every image back ----------------------------------------
