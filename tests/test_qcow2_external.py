@@ -107,8 +107,15 @@ def entry(ref: str) -> dict[str, Any]:
 
 
 def names(group: str = "app") -> list[str]:
+    """The group's own snapshots (not the branches reverts kept: :func:`kept`)."""
     with journal() as j:
-        return [e["name"] for e in j.group_snapshots(group)]
+        return [e["name"] for e in j.group_snapshots(group) if not e["name"].startswith("before-revert-")]
+
+
+def kept(group: str = "app") -> list[dict[str, Any]]:
+    """The group snapshots of what reverts kept (``before-revert-TXID``)."""
+    with journal() as j:
+        return [e for e in j.group_snapshots(group) if e["name"].startswith("before-revert-")]
 
 
 def member(ref: str) -> Action:
@@ -154,6 +161,10 @@ def test_revert_brings_the_device_back_and_keeps_the_abandoned_branch(img: Path)
     # the frozen image is only a backing file: writing through the device leaves the point in time
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 0 1M", str(img / "vm")], check=True, capture_output=True)
     assert sees(img / "vm.s1.qcow2", S2) and names() == ["s1", "s2", "s3"]
+    # the abandoned branch is listed as a group snapshot of its own, its top by identity
+    (branch,) = kept()
+    assert branch["name"] == f"before-revert-{result['txid']}"
+    assert [m["identity"]["old"] for m in branch["members"]] == [str(img / "vm.s3.qcow2")]
     # every group snapshot is still complete and can be reverted to, again and again
     assert blktx("list", "--verify", "--json", "app").returncode == 0
     for ref, expected in (("app@s3", S3), ("app@s1", S1), ("app@s2", S2)):
