@@ -15,16 +15,24 @@ could not undo (see docs/backends.md). Nothing of the group is touched.
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import xml.etree.ElementTree as ET
 
 from blktx import Action, ActionFailed, ActionType, Param, Refused, RunContext
-from blktx_plugins.libvirt import _DOMAIN, DELETE_EXTERNAL, REVERT_EXTERNAL, _find, _LibvirtType, _msg, _ours, version_text
-
-try:
-    import libvirt
-except ImportError:  # pragma: no cover - reported at check (the plugin's _need_libvirt)
-    libvirt = None
+from blktx_plugins.libvirt import (
+    _DOMAIN,
+    DELETE_EXTERNAL,
+    REVERT_EXTERNAL,
+    _find,
+    _LibvirtType,
+    _msg,
+    _ours,
+    libvirt,
+    version_text,
+    xml,
+)
 
 _NAME = Param("name", "str", required=True, doc="the snapshot's name")
 _TOKEN = Param(
@@ -82,7 +90,7 @@ class SnapshotDelete(_LibvirtType):
         conn, dom = self._identify(action, ctx)
         name = action.params["name"]
         snap = _owned(action, dom)
-        root = ET.fromstring(snap.getXMLDesc(0))
+        root = xml(snap.getXMLDesc(0))
         version = conn.getLibVersion()
         if _external(root) and version < DELETE_EXTERNAL:
             raise Refused(
@@ -113,7 +121,7 @@ class SnapshotDelete(_LibvirtType):
         if token:
             if not _ours(snap, token):
                 return  # ours is gone (a retry, or deleted by hand): this one of the name is somebody else's
-        elif ET.fromstring(snap.getXMLDesc(0)).findtext("creationTime") != action.undo.get("created"):
+        elif xml(snap.getXMLDesc(0)).findtext("creationTime") != action.undo.get("created"):
             raise ActionFailed(
                 f"snapshot {name!r} of {_where(action)} is not the one checked (another of the name was made since): "
                 "it was left alone"
@@ -134,7 +142,7 @@ class SnapshotRevert(_LibvirtType):
         conn, dom = self._identify(action, ctx)
         name = action.undo.get("domain_name") or action.params["domain"]
         snap = _owned(action, dom)
-        kind = "external" if _external(ET.fromstring(snap.getXMLDesc(0))) else "internal"
+        kind = "external" if _external(xml(snap.getXMLDesc(0))) else "internal"
         version = conn.getLibVersion()
         what = f"reverting {kind} snapshot {action.params['name']} of domain {name}"
         if kind == "external" and version < REVERT_EXTERNAL:

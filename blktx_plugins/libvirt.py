@@ -33,21 +33,58 @@ import secrets
 import threading
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-from xml.sax.saxutils import escape, quoteattr
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Hold, Leftover, Param, Refused, RunContext, hookimpl
 
-try:
-    import libvirt
-except ImportError:  # pragma: no cover - reported at check
-    libvirt = None
+if TYPE_CHECKING:
+    import xml.etree.ElementTree as ET
+
+
+def _load() -> Any:
+    """libvirt-python, or None when it is not installed (reported at check)."""
+    try:
+        import libvirt as module
+    except ImportError:  # pragma: no cover - reported at check
+        return None
+    return module
+
+
+class _Lazy:
+    """``libvirt``, imported on first use: 15 ms at every start of blktx otherwise
+    (``blktx types``, ``check`` of a spec without libvirt actions)."""
+
+    def __getattr__(self, name: str) -> Any:
+        module = _load()
+        if module is None:
+            raise ImportError("libvirt-python is not installed: pip install 'blktx[libvirt]'")
+        return getattr(module, name)
+
+
+libvirt: Any = _Lazy()
+
+
+def xml(text: str) -> ET.Element:
+    """Parse libvirt's XML (ElementTree imported on first use)."""
+    import xml.etree.ElementTree as ElementTree
+
+    return ElementTree.fromstring(text)
+
+
+def escape(text: str) -> str:
+    """``text`` as XML character data."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def quoteattr(text: str) -> str:
+    """``text`` as a quoted XML attribute value."""
+    return '"' + escape(text).replace('"', "&quot;") + '"'
+
 
 __all__ = ["blktx_quiesce", "blktx_register_action_types", "blktx_resume", "blktx_resume_many", "open_connection"]
 
@@ -89,7 +126,7 @@ def version_text(number: int) -> str:
 
 
 def _need_libvirt() -> Any:
-    if libvirt is None:
+    if _load() is None:
         raise Refused(
             "the libvirt action types need the Python module libvirt (libvirt-python)",
             hint="pip install 'blktx[libvirt]' (it builds against libvirt-dev and pkg-config)",
@@ -217,7 +254,7 @@ def _domain_state(dom: Any) -> str:
 
 def disks(dom: Any) -> dict[str, str]:
     """Each writable disk of the domain (target dev -> its active image, or ``""``)."""
-    root = ET.fromstring(dom.XMLDesc(0))
+    root = xml(dom.XMLDesc(0))
     out = {}
     for disk in root.findall("./devices/disk"):
         target = disk.find("target")
@@ -231,14 +268,14 @@ def disks(dom: Any) -> dict[str, str]:
 def agent_state(dom: Any) -> str | None:
     """The guest agent channel's state (``connected``, ``disconnected``), or None
     when the domain has no guest agent channel."""
-    for target in ET.fromstring(dom.XMLDesc(0)).findall("./devices/channel/target"):
+    for target in xml(dom.XMLDesc(0)).findall("./devices/channel/target"):
         if target.get("name") == "org.qemu.guest_agent.0":
             return target.get("state") or "unknown"
     return None
 
 
 def _ours(snap: Any, token: str) -> bool:
-    desc = ET.fromstring(snap.getXMLDesc(0)).findtext("description") or ""
+    desc = xml(snap.getXMLDesc(0)).findtext("description") or ""
     return token in desc.split()
 
 
@@ -360,7 +397,7 @@ class Snapshot(_LibvirtType):
             action.undo["made"] = False  # ATOMIC: libvirt made nothing
             raise ActionFailed(f"domain {action.params['domain']} at {action.params['uri']}: {_msg(exc)}") from None
         action.undo["made"] = True
-        action.undo["created"] = ET.fromstring(snap.getXMLDesc(0)).findtext("creationTime")
+        action.undo["created"] = xml(snap.getXMLDesc(0)).findtext("creationTime")
 
     def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         """Every domain's snapshot at once, each in its own thread, bounded by the window."""
@@ -437,7 +474,7 @@ class Snapshot(_LibvirtType):
         }
 
     def member_exists(self, action: Action) -> bool | None:
-        if libvirt is None or "token" not in action.undo:
+        if _load() is None or "token" not in action.undo:
             return None
         conn = open_connection(action.params["uri"])
         try:
@@ -538,7 +575,7 @@ def blktx_resume(ctx: RunContext, hold: Hold) -> bool | None:
 def blktx_resume_many(ctx: RunContext, holds: list[Hold]) -> list[Hold] | None:
     """Resume (or thaw) every domain of a run of holds at once, one thread each."""
     ours = [h for h in holds if h.kind in (PAUSE, FREEZE)]
-    if not ours or libvirt is None:
+    if not ours or _load() is None:
         return None
     results = _all_at_once([partial(_end, ctx, h) for h in ours], _resume_budget(ctx))
     return [h for h, r in zip(ours, results, strict=True) if not isinstance(r, BaseException)]
