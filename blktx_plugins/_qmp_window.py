@@ -7,7 +7,6 @@ The hooks are re-exported by :mod:`blktx_plugins.qmp`, the plugin pluggy loads.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Sequence
@@ -124,6 +123,8 @@ def _stamped(
         return await conn.execute(*command, timeout=timeout)
 
     async def all_of() -> list[Any]:
+        import asyncio  # only where commands are sent (start-up stays light)
+
         return await asyncio.gather(*(one(*x) for x in zip(holds, conns, commands, strict=True)), return_exceptions=True)
 
     return run_async(all_of())
@@ -257,6 +258,8 @@ def blktx_resume_many(ctx: RunContext, holds: list[Hold]) -> list[Hold] | None:
     got = _connections(ctx, kind).many([_resume_cmd(h)[1] for h in ours])
 
     async def all_of() -> list[Any]:
+        import asyncio
+
         return await asyncio.gather(*(_end(ctx, h, got[_resume_cmd(h)[1]]) for h in ours), return_exceptions=True)
 
     return [h for h, failed in zip(ours, run_async(all_of()), strict=True) if failed is None]
