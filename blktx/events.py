@@ -49,7 +49,9 @@ class Hold:
 def proof_of_cut(holds: list[Hold], actions: list[Any], cut: dict[int, tuple[str, float, float]]) -> dict[str, Any] | None:
     """Whether every member's point-in-time step (``cut``: action index -> step, its
     ``perf_counter`` start and end) ran inside the window that all ``holds`` shared,
-    from the last hold taken to the first one ended. None without holds."""
+    from the last hold taken to the first one ended. None without holds. A hold whose
+    plugin knows better than blktx's clock when it began and ended (QEMU's STOP and
+    RESUME events) carries those times and ``data["clock"]``."""
     import time
 
     held = [h for h in holds if h.start and h.end is not None]
@@ -83,6 +85,9 @@ def proof_of_cut(holds: list[Hold], actions: list[Any], cut: dict[int, tuple[str
     return {
         "common_window_ms": round((last - first) * 1000, 3),
         "holds": len(held),
+        # "qemu": every hold's bounds are its VM's own STOP and RESUME events; else blktx's
+        # clock around the commands that took and ended them (a wider, safe window)
+        "clock": "qemu" if all(h.data.get("clock") == "qemu" for h in held) else "blktx",
         "inside": all(m["inside"] is not False for m in members),
         "members": members,
     }

@@ -193,7 +193,8 @@ def _cut_line(cut: dict[str, Any]) -> str:
     if cut["inside"]:
         return (
             f"point in time: {len(taken)} member(s) taken inside the common window of {cut['holds']} hold(s) "
-            f"({cut['common_window_ms']:.1f} ms)"
+            f"({cut['common_window_ms']:.1f} ms"
+            + (", bounded by the VMs' STOP and RESUME events)" if cut.get("clock") == "qemu" else ")")
         )
     outside = [str(m["action"]) for m in cut["members"] if m["inside"] is False]
     return f"point in time NOT shown: action(s) #{', #'.join(outside)} ran outside the common window"

@@ -296,6 +296,18 @@ class Qmp:
         except Exception as exc:  # noqa: BLE001 - EOF, a reset or a timeout: the peer is gone or hung
             raise VmGone(f"{self.what} {self.address} stopped answering during {name}: {exc or type(exc).__name__}") from None
 
+    def event_time(self, name: str) -> float | None:
+        """When QEMU says the event ``name`` (``STOP``, ``RESUME``) last happened, as
+        ``time.monotonic()`` seconds, from the events received since the last call
+        (which are consumed); None when none came. Call it on the QMP loop."""
+        if self._client is None:
+            return None
+        stamps = [e.get("timestamp", {}) for e in self._client.events.clear() if e.get("event") == name]
+        if not stamps:
+            return None
+        wall = stamps[-1].get("seconds", 0) + stamps[-1].get("microseconds", 0) / 1e6
+        return float(wall - (time.time() - time.monotonic()))
+
     def cmd(self, name: str, args: dict[str, Any] | None = None, timeout: float = 120.0) -> Any:
         return run_async(self.execute(name, args, timeout))
 

@@ -119,8 +119,15 @@ def _stamped(
     hold's start just before its command leaves; the replies or exceptions."""
 
     async def one(hold: Hold, conn: Qmp, command: tuple[str, dict[str, Any] | None]) -> Any:
+        if command[0] == "stop":
+            conn.event_time("STOP")  # forget older events: only this stop's counts
         hold.start = time.monotonic()
-        return await conn.execute(*command, timeout=timeout)
+        reply = await conn.execute(*command, timeout=timeout)
+        stopped = conn.event_time("STOP") if command[0] == "stop" else None
+        if stopped is not None and hold.start <= stopped <= time.monotonic():
+            # QEMU's own word for when the VM stopped (its STOP event): the window's start
+            hold.start, hold.data["clock"] = stopped, "qemu"
+        return reply
 
     async def all_of() -> list[Any]:
         import asyncio  # only where commands are sent (start-up stays light)
@@ -210,7 +217,15 @@ async def _end(ctx: RunContext, hold: Hold, conn: Qmp | VmGone) -> None:
     try:
         if isinstance(conn, VmGone):
             raise conn
-        await conn.execute(_resume_cmd(hold)[2], timeout=_resume_budget(ctx))
+        command = _resume_cmd(hold)[2]
+        if command == "cont":
+            conn.event_time("RESUME")
+        sent = time.monotonic()
+        await conn.execute(command, timeout=_resume_budget(ctx))
+        resumed = conn.event_time("RESUME") if command == "cont" else None
+        if resumed is not None and sent <= resumed <= time.monotonic() and hold.data.get("clock") == "qemu":
+            hold.end = resumed  # QEMU's RESUME event: the window's end, on the same clock as its start
+            return
     except VmGone as exc:
         if isinstance(exc, MonitorBusy) or (hold.kind == "qga.freeze" and await _vm_alive(ctx, hold.data["vm"])):
             raise

@@ -179,6 +179,7 @@ def test_the_cut_is_proven_inside_the_common_window(tmp_path: Path, vms: list[VM
     assert proc.returncode == 0, out + err
     cut = json.loads(out)["cut"]
     assert cut["inside"] is True and cut["holds"] == 3
+    assert cut["clock"] == "qemu", "the window's bounds are the VMs' own STOP and RESUME events"
     snaps = [m for m in cut["members"] if m["action"] < 3]
     assert len(snaps) == 3 and all(m["inside"] and m["step"] == "do" for m in snaps)
     assert all(0 <= m["began_ms"] <= m["ended_ms"] <= cut["common_window_ms"] for m in snaps)
