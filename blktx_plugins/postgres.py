@@ -5,8 +5,10 @@ cluster (its data directory, its WAL directory, tablespaces, each snapshotted by
 another action of the group) restorable as a backup. With a quiesce mode set:
 
 - ``do`` (before the window) creates the action's ``dest`` folder, privately and
-  then published without replacing, its identity journaled first;
-- the quiesce hook connects with psycopg 3, announces its hold, and runs
+  then published without replacing, its identity journaled first, opens the
+  session the backup will run on and runs ``CHECKPOINT`` (when the role may), so
+  that the checkpoint ``pg_backup_start`` asks for inside the window is short;
+- the quiesce hook announces its hold and runs
   ``pg_backup_start(label, fast => true)`` on one session that it keeps (one
   ``ctx.resource`` per action) until after the commit point; a temporary physical
   replication slot on that session keeps the backup's WAL from being recycled;
@@ -47,6 +49,8 @@ KIND = "postgres.backup"
 STATE = "blktx-backup.json"
 #: Seconds a resume, a check or a new process waits for the server.
 TIMEOUT = 10.0
+#: The checkpoint before the window may write much: it is outside the window.
+CHECKPOINT_TIMEOUT = 300.0
 
 
 def _psycopg() -> Any:
@@ -86,7 +90,8 @@ class Session:
         with self.lock:
             if timeout is not None:  # statement_timeout cannot be a bound parameter of SET
                 self.conn.execute("SELECT set_config('statement_timeout', %s, false)", (str(max(1, int(timeout * 1000))),))
-            rows: list[tuple[Any, ...]] = self.conn.execute(sql, args).fetchall()
+            cursor = self.conn.execute(sql, args)
+            rows: list[tuple[Any, ...]] = cursor.fetchall() if cursor.description is not None else []
             return rows
 
     def close(self) -> None:
@@ -99,6 +104,18 @@ def connect(params: dict[str, Any], txid: str, timeout: float) -> Session:
         conninfo(params), autocommit=True, connect_timeout=max(1, int(timeout)), application_name=f"blktx {txid}"[:63]
     )
     return Session(conn)
+
+
+def _session(ctx: RunContext, action: Action) -> Session:
+    """The one session of ``action``'s backup in this run (opened by do, before the window)."""
+    params = dict(action.params)
+
+    def made() -> Session:
+        s = connect(params, ctx.txid, _remaining(ctx, 1.0))
+        ctx.on_close(s.close)
+        return s
+
+    return ctx.resource(_key(ctx.txid, action.index), made)
 
 
 def _key(txid: str, index: int) -> str:
@@ -247,6 +264,14 @@ class Backup(ActionType):
         except FileExistsError:
             raise ActionFailed(f"{dest} appeared after the check; it was left alone") from None
         _set_state(dest, status="in progress", txid=ctx.txid)
+        # Before the window: the session the backup will run on, and a checkpoint now,
+        # so that the one pg_backup_start(fast) asks for inside the window has little
+        # left to write (a role that may not checkpoint skips it: the window is longer).
+        session = _session(ctx, action)
+        may = "SELECT rolsuper OR pg_has_role('pg_checkpoint', 'MEMBER') FROM pg_roles WHERE rolname = current_user"
+        if session.query(may)[0][0]:
+            session.query("CHECKPOINT", timeout=CHECKPOINT_TIMEOUT)
+            action.undo["checkpointed"] = True
 
     def invalidate(self, action: Action, ctx: RunContext) -> None:
         """The last step before the commit point: the backup is still held."""
@@ -343,14 +368,7 @@ def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> None:
             },
         )
         ctx.holding([hold])
-        params = dict(a.params)
-
-        def made(params: dict[str, Any] = params) -> Session:
-            s = connect(params, ctx.txid, _remaining(ctx, 1.0))
-            ctx.on_close(s.close)
-            return s
-
-        session = ctx.resource(_key(ctx.txid, a.index), made)
+        session = _session(ctx, a)
         started = session.query("SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()")[0][0]
         hold.data.update(pid=session.pid, backend_start=started)
         ctx.holding([hold])  # journaled again, now with the backend to end from another process
