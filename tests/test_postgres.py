@@ -230,7 +230,7 @@ def test_group_with_the_participant_restores_every_committed_row(cluster: Cluste
     during = w.acked
     time.sleep(0.5)
     w.stop()
-    assert code == 0, [a.get("error") for a in result["actions"]]
+    assert code == 0, ([a.get("error") for a in result["actions"]], err)
     backup = c.data.parent / "nightly.backup"
     label = (backup / "backup_label").read_text()
     assert "LABEL: nightly" in label and "START WAL LOCATION" in label
