@@ -77,7 +77,7 @@ def _registry(args: argparse.Namespace) -> plugins.Registry:
 
 def _emit(result: Result, args: argparse.Namespace) -> int:
     if args.json:
-        print_json(result.to_json())
+        print_json(result)  # streamed, action by action: the report never exists whole
     else:
         print_result(result, console())
     return result.exit_status
@@ -103,7 +103,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.json and sys.stderr.isatty():
         registry.pm.register(Progress(sys.stderr), name="blktx-progress")
     executor = Executor(registry, journal=_journal(args), locker=_locker(args))
-    result = executor.run(tx, allow_exec=args.allow_exec, roots=_roots(args), overrides=_overrides(args), **_trust(args))
+    from blktx.executor import new_txid
+    from blktx.spec import bind
+
+    txid = new_txid()
+    try:
+        actions, options = bind(
+            tx, registry, allow_exec=args.allow_exec, roots=_roots(args), overrides=_overrides(args), txid=txid, **_trust(args)
+        )
+    except InvalidTransaction as exc:
+        return _emit(Result(txid, TxState.INVALID, problems=exc.problems), args)
+    base_dir, file, description = tx.base_dir, tx.file, tx.description
+    # The parsed document and its line map served bind; the run keeps only its actions
+    # (at 100,000 actions they are ~130 MB that would live to the end of the run).
+    del tx
+    result = executor.run_actions(actions, options, base_dir=base_dir, file=file, txid=txid, description=description)
     return _emit(result, args)
 
 

@@ -55,9 +55,13 @@ class Transaction:
     #: The parsed TOML document, when the transaction came from one.
     raw: dict[str, Any] | None = field(default=None, repr=False)
     _positions: dict[tuple[Any, ...], tuple[int, int]] = field(default_factory=dict, repr=False)
+    #: The spec's text, scanned for positions only when a problem needs one.
+    _text: str | None = field(default=None, repr=False)
 
     def where(self, *path: Any) -> tuple[int | None, int | None]:
         """The line and column of a key (``("action", 0, "image")``), as near as known."""
+        if self._text is not None:  # first asked: scan now (a valid spec never needs it)
+            self._positions, self._text = _positions(self._text), None
         while path:
             if path in self._positions:
                 return self._positions[path]
@@ -69,8 +73,9 @@ _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\"' -]+?)\s*\]\]?")
 _KEY = re.compile(r"^(\s*)([A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')\s*=")
 
 
-def _positions(text: str) -> dict[tuple[Any, ...], tuple[int, int]]:
-    """Line and column of every table header and top-level key of each table.
+def _positions(text: str, only: str | None = None) -> dict[tuple[Any, ...], tuple[int, int]]:
+    """Line and column of every table header and top-level key of each table (with
+    ``only``: of the headers of that array of tables alone, ``[[action]]``).
 
     tomli gives no positions for valid documents, so this scans the lines; it is
     only used to point at a problem, never to read values.
@@ -90,9 +95,10 @@ def _positions(text: str) -> dict[tuple[Any, ...], tuple[int, int]]:
                     table = (name, counts[name])
                 else:
                     table = tuple(name.split("."))
-                found.setdefault(table, (lineno, header.start(1) + 1))
+                if only is None or table[0] == only:
+                    found.setdefault(table, (lineno, header.start(1) + 1))
                 continue
-            key = _KEY.match(stripped)
+            key = _KEY.match(stripped) if only is None else None
             if key:
                 found.setdefault((*table, key.group(2).strip("\"'")), (lineno, key.start(2) + 1))
         depth += stripped.count("[") - stripped.count("]") if "=" in stripped or depth else 0
@@ -154,7 +160,11 @@ def parse_spec(text: str, file: str | None = None, base_dir: str | None = None) 
                 )
             ]
         )
-    return from_document(doc, file=file, base_dir=base_dir, positions=_positions(text))
+    # Only the [[action]] lines now (every action carries its line); every other
+    # position when a problem asks for it (at 100,000 actions the full map is ~70 MB).
+    tx = from_document(doc, file=file, base_dir=base_dir, positions=_positions(text, only="action"))
+    tx._text = text
+    return tx
 
 
 def _max_depth(text: str) -> int:
