@@ -47,6 +47,35 @@ def _refuse(args: argparse.Namespace, problems: list[Problem]) -> int:
     return status
 
 
+def _trust_of(args: argparse.Namespace, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The roots, VM roots and tcp permission the transactions that made ``entries``
+    ran with (their journaled options); refused when one's record is gone."""
+    journal = _cli()._journal(args)
+    roots: list[str] = []
+    vm_roots: list[str] = []
+    allow_tcp = False
+    problems = []
+    for e in entries:
+        made = journal.transaction(e["txid"])
+        options = (made or {}).get("options") or {}
+        if not options.get("roots"):
+            problems.append(
+                Problem(
+                    f"the journal no longer holds the run that made {e['group']}@{e['name']} ({e['txid']}): "
+                    "the folders its members may be in are unknown",
+                    "command line",
+                    hint="delete its members by hand, then remove the entry with --missing-ok",
+                )
+            )
+            continue
+        roots += [r for r in options["roots"] if r not in roots]
+        vm_roots += [r for r in options.get("vm_roots") or [] if r not in vm_roots]
+        allow_tcp = allow_tcp or bool(options.get("allow_tcp"))
+    if problems:
+        raise InvalidTransaction(problems)
+    return {"roots": roots, "vm_roots": vm_roots, "allow_tcp": allow_tcp}
+
+
 def _run_plan(args: argparse.Namespace, entries: list[dict[str, Any]], purpose: str) -> int:
     """Plan the revert or delete of ``entries`` and run it as one transaction."""
     from blktx.catalog import plan
@@ -66,17 +95,12 @@ def _run_plan(args: argparse.Namespace, entries: list[dict[str, Any]], purpose: 
             discard_current=getattr(args, "discard_current", False),
         )
         txid = new_txid()
-        # The catalog's paths were confined when the group snapshot was made: the roots
-        # are its own; the folders' safety is checked again by every type's check.
-        actions, options = bind(
-            tx,
-            registry,
-            roots=["/"],
-            txid=txid,
-            vm_roots=["/"],
-            allow_tcp=True,
-            shared_folders=args.allow_shared_folders,
-        )
+        # The trust the group snapshots were made under, never more: their runs' roots,
+        # VM roots and tcp permission (journaled with each), so that what a revert or
+        # delete resolves today (a symlink re-pointed, a backing file renamed) is confined
+        # as it was then. Shared folders only if the caller allows them now.
+        trust = _trust_of(args, entries)
+        actions, options = bind(tx, registry, txid=txid, shared_folders=args.allow_shared_folders, **trust)
     except InvalidTransaction as exc:
         status: int = cli._invalid(exc, args)
         return status

@@ -250,6 +250,11 @@ class ExternalRevert(ActionType):
         if fmt == "qcow2":
             check_chain(frozen, ctx.options.roots)
         current = os.path.realpath(device)
+        if os.path.lexists(device) and not within(current, ctx.options.roots):
+            raise Refused(
+                f"device {device} points outside the roots its group snapshot was made under (to {current}); left alone",
+                hint="re-point it at its image, or give the image's folder with --root when the group snapshot is made",
+            )
         current_id = identity(os.stat(current)) if os.path.exists(current) else None
         who = holder(current) if current_id else None
         if who:
@@ -489,6 +494,8 @@ class ExternalDelete(ActionType):
         _ident_param(action, "overlay_id")
         if not os.path.lexists(frozen):
             raise Refused(f"the group snapshot's image {frozen} is gone", hint="blktx delete --missing-ok skips it")
+        if os.path.islink(frozen) or not within(os.path.realpath(frozen), ctx.options.roots):
+            raise Refused(f"{frozen} is a symlink or lies outside the roots its group snapshot was made under; left alone")
         fmt, _, ident = image_format(frozen)
         if want and ident != want:
             raise Refused(f"{frozen} is not the image the group snapshot froze (inode {ident[1]}, not {want[1]}); left alone")

@@ -447,3 +447,18 @@ def test_a_device_named_through_a_symlinked_folder(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert not (img / "vm.s1.qcow2").exists() and sees(img / "vm", NOW) and sees(img / "vm.s2.qcow2", S3)
     assert blktx("revert", "app@s3").returncode == 0 and sees(img / "vm", S3)
+
+
+def test_a_device_re_pointed_outside_the_roots_is_refused_and_its_target_never_touched(img: Path) -> None:
+    """Somebody re-points the device at a file outside the folders the group snapshots
+    were made under (a root-only file): a revert must neither discard nor keep it."""
+    victim = img.parent.parent / (img.parent.name + "-victim")
+    victim.mkdir(mode=0o700)
+    (victim / "shadow").write_text("secret")
+    os.unlink(img / "vm")
+    os.symlink(victim / "shadow", img / "vm")
+    for args in (("--discard-current", "app@s1"), ("app@s2",)):
+        out = blktx("revert", "--json", *args)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "outside the" in json.loads(out.stdout)["problems"][0]["message"]
+    assert (victim / "shadow").read_text() == "secret" and kept() == []
