@@ -14,11 +14,14 @@ the subvolume set aside is deleted unless ``keep_current``.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
 import shutil
+import struct
 import subprocess
+import uuid as uuidlib
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionType, Leftover, Param, Refused, RunContext, hookimpl
@@ -33,6 +36,19 @@ def btrfs(*args: str) -> str:
     if out.returncode != 0:
         raise ActionFailed(f"btrfs {' '.join(args[:2])}: {(out.stderr or out.stdout).strip()}")
     return out.stdout
+
+
+def _listed(near: str, uuid: str) -> str:
+    """Where on the filesystem of ``near``'s folder the subvolume ``uuid`` is now, or ""."""
+    folder = os.path.dirname(near) or "."
+    try:
+        out = btrfs("subvolume", "list", "-u", folder)
+    except ActionFailed:
+        return ""
+    for line in out.splitlines():
+        if f" uuid {uuid.lower()} " in line + " " and " path " in line:
+            return line.split(" path ", 1)[1]
+    return ""
 
 
 def subvolume_info(path: str) -> dict[str, str] | None:
@@ -192,6 +208,45 @@ def holders(path: str) -> list[str]:
     return found
 
 
+# ioctls (linux/btrfs.h): the subvolume an open descriptor is in, and deleting one by id
+_IOC_GET_SUBVOL_INFO = (2 << 30) | (504 << 16) | (0x94 << 8) | 60  # _IOR(0x94, 60, 504-byte args)
+_IOC_SNAP_DESTROY_V2 = (1 << 30) | (4096 << 16) | (0x94 << 8) | 63  # _IOW(0x94, 63, btrfs_ioctl_vol_args_v2)
+_SUBVOL_SPEC_BY_ID = 1 << 4
+_SUBVOL_ROOT_INODE = 256
+
+
+def delete_subvolume(path: str, uuid: str) -> bool:
+    """Delete the subvolume at ``path`` only if it is the one with ``uuid``: opened
+    without following a last symlink, its UUID read from that descriptor, and deleted
+    by its id on that very filesystem, so that nothing swapped in at the name after the
+    check (a symlink, a rename) is ever what goes. False when ``path`` is not it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False  # gone, a symlink, not a folder: not it
+    try:
+        if os.fstat(fd).st_ino != _SUBVOL_ROOT_INODE:
+            return False
+        info = bytearray(504)
+        fcntl.ioctl(fd, _IOC_GET_SUBVOL_INFO, info)
+        if str(uuidlib.UUID(bytes=bytes(info[296:312]))) != uuid.lower():
+            return False
+        treeid = struct.unpack_from("<Q", info, 0)[0]
+        parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+    try:
+        args = bytearray(4096)
+        struct.pack_into("<QQQ", args, 0, 0, 0, _SUBVOL_SPEC_BY_ID)
+        struct.pack_into("<Q", args, 56, treeid)
+        fcntl.ioctl(parent, _IOC_SNAP_DESTROY_V2, args)
+    except OSError as exc:
+        raise ActionFailed(f"deleting subvolume {path} (UUID {uuid}): {exc.strerror}") from None
+    finally:
+        os.close(parent)
+    return True
+
+
 class Snapshot(ActionType):
     """Snapshot a btrfs subvolume (read-only unless readonly = false)."""
 
@@ -256,7 +311,7 @@ class Snapshot(ActionType):
 
     def cancel(self, action: Action, ctx: RunContext) -> None:
         for path in self._ours(action):
-            btrfs("subvolume", "delete", path)
+            delete_subvolume(path, action.undo["uuid"])
 
     def member_exists(self, action: Action) -> bool | None:
         """The snapshot is still at its dest, as the very subvolume this run made."""
@@ -326,10 +381,12 @@ class Delete(ActionType):
         action.undo["uuid"] = info.get("UUID", "")
 
     def do(self, action: Action, ctx: RunContext) -> None:
-        info = subvolume_info(action.params["path"])
-        if info is None or info.get("UUID") != action.undo["uuid"]:
-            return  # already deleted (a retry, or recover rolling forward)
-        btrfs("subvolume", "delete", action.params["path"])
+        if not delete_subvolume(action.params["path"], action.undo["uuid"]):
+            # Not at its name: deleted already (a retry, recover rolling forward), or moved
+            # away, which is refused rather than reported done.
+            moved = _listed(action.params["path"], action.undo["uuid"])
+            if moved:
+                raise ActionFailed(f"subvolume UUID {action.undo['uuid']} was moved to {moved}; left alone")
 
 
 class Revert(ActionType):
@@ -369,8 +426,14 @@ class Revert(ActionType):
 
     def check(self, action: Action, ctx: RunContext) -> None:
         path, snap, uuid = action.params["path"], action.params["snapshot"], action.params["uuid"]
-        if os.path.islink(path):
-            raise Refused(f"{path} is a symlink", hint="name the subvolume itself")
+        for name in (path, snap):
+            # a folder on the way re-pointed (a symlink swapped in for a folder) would
+            # make the rename swap somebody else's subvolume: the real path or nothing
+            if os.path.realpath(name) != os.path.normpath(name):
+                raise Refused(
+                    f"{name} goes through a symlink (it resolves to {os.path.realpath(name)})",
+                    hint="name the subvolume by its real path",
+                )
         live = subvolume_info(path)
         if live is None:
             raise Refused(f"{path} is not a btrfs subvolume")
@@ -482,7 +545,7 @@ class Revert(ActionType):
         if new_uuid:
             for where in (path, undo["new"]):
                 if uuid_at(where) == new_uuid:
-                    btrfs("subvolume", "delete", where)
+                    delete_subvolume(where, new_uuid)
         if undo.get("moved") and live_uuid and uuid_at(undo["aside"]) == live_uuid:
             try:
                 rename_noreplace(undo["aside"], path)
@@ -504,7 +567,7 @@ class Revert(ActionType):
             )
             return
         if live_uuid and uuid_at(aside) == live_uuid:
-            btrfs("subvolume", "delete", aside)
+            delete_subvolume(aside, live_uuid)
 
     def leftovers(self, action: Action) -> list[Leftover]:
         path, undo = action.params["path"], action.undo

@@ -524,3 +524,51 @@ def test_delete_removes_exactly_the_members_and_refuses_a_remake(
     status, result = cli(capsys, "delete", "--missing-ok", "app@s2")
     assert status == 0, result
     assert "logs.s2" not in state(mnt) and state(mnt)["data.s2"] == remade["data.s2"], "the remake stays"
+
+
+def test_a_delete_acts_on_the_uuid_never_on_what_the_name_leads_to(btrfs_mount: Path) -> None:
+    """A symlink swapped in at the name (to a subvolume that is not ours), or our
+    subvolume moved away: nothing is deleted that is not the checked UUID, and a
+    move is not reported as done."""
+    from blktx_plugins.btrfs import delete_subvolume
+
+    run_cmd = subprocess.run
+    run_cmd(["btrfs", "subvolume", "create", str(btrfs_mount / "precious")], check=True, capture_output=True)
+    result = run(btrfs_mount, [("btrfs.snapshot", {"source": "data", "dest": "snap"})])
+    assert result.outcome == "committed"
+    ours = result.actions[0].undo["uuid"]
+    theirs = info(btrfs_mount / "precious")["UUID"]
+    (btrfs_mount / "snap").rename(btrfs_mount / "moved")
+    os.symlink("precious", btrfs_mount / "snap")
+    assert delete_subvolume(str(btrfs_mount / "snap"), theirs) is False, "a symlink at the name is never followed"
+    assert delete_subvolume(str(btrfs_mount / "snap"), ours) is False
+    assert (btrfs_mount / "precious").is_dir() and (btrfs_mount / "moved").is_dir()
+    done = run(btrfs_mount, [("btrfs.delete", {"path": "moved", "uuid": ours})])
+    assert done.outcome == "committed" and not (btrfs_mount / "moved").exists(), "by its UUID, wherever it is named"
+    # checked at its name, then moved before the finalize step: refused, not "already deleted"
+    again = run(btrfs_mount, [("btrfs.snapshot", {"source": "data", "dest": "snap2"})])
+    uuid2 = again.actions[0].undo["uuid"]
+    from blktx_plugins import btrfs as plugin
+
+    real_do = plugin.Delete.do
+
+    def move_first(self: Any, action: Any, ctx: Any) -> None:
+        if (btrfs_mount / "snap2").exists():  # once: the finalize step is retried
+            (btrfs_mount / "snap2").rename(btrfs_mount / "elsewhere")
+        real_do(self, action, ctx)
+
+    plugin.Delete.do = move_first  # type: ignore[method-assign]
+    try:
+        moved = run(btrfs_mount, [("btrfs.delete", {"path": "snap2", "uuid": uuid2})])
+    finally:
+        plugin.Delete.do = real_do  # type: ignore[method-assign]
+    assert moved.outcome == "needs recovery" and "was moved to elsewhere" in str(moved.pending), moved.summary()
+    assert (btrfs_mount / "elsewhere").is_dir() and (btrfs_mount / "precious").is_dir()
+
+
+def test_a_revert_through_a_symlinked_folder_is_refused(mnt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    group_snapshot(mnt, tmp_path, capsys)
+    os.rename(mnt / "data", mnt / "data.real")
+    os.symlink("data.real", mnt / "data")
+    status, result = cli(capsys, "revert", "app@s1")
+    assert status == 2 and "goes through a symlink" in json.dumps(result["problems"]), result
