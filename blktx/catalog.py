@@ -65,12 +65,13 @@ def expand(template: str, *, group: str, txid: str, now: float | None = None) ->
 
 
 def check_name(name: str, what: str) -> str | None:
-    """Why ``name`` cannot be a group or snapshot name, or None."""
-    return (
-        None
-        if _NAME.match(name)
-        else (f"{what} {name!r} is not a usable name: letters, digits and _ . : @ + = - only, at most 128")
-    )
+    """Why ``name`` cannot be a group or snapshot name, or None. A group's name has no
+    ``@``: commands name a group snapshot ``GROUP@NAME``."""
+    group = what.startswith("group")
+    if _NAME.fullmatch(name) and not (group and "@" in name):
+        return None
+    allowed = "_ . : + = -" if group else "_ . : @ + = -"
+    return f"{what} {name!r} is not a usable name: letters, digits and {allowed} only, at most 128"
 
 
 def default_group(spec_file: str | None) -> str:
@@ -78,7 +79,7 @@ def default_group(spec_file: str | None) -> str:
     -> ``my-spec``), else ``default``."""
     if not spec_file or spec_file == "<stdin>":
         return "default"
-    stem = re.sub(r"[^A-Za-z0-9_.:@+=-]+", "-", os.path.splitext(os.path.basename(spec_file))[0]).strip("-._")
+    stem = re.sub(r"[^A-Za-z0-9_.:+=-]+", "-", os.path.splitext(os.path.basename(spec_file))[0]).strip("-._")
     return stem[:128] if _NAME.match(stem[:128] or "-") else "default"
 
 

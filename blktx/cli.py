@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from blktx import cli_groups, plugins
 from blktx.context import QUIESCE_MODES
-from blktx.errors import EXIT_INVALID, BlktxError, InvalidTransaction
+from blktx.errors import EXIT_INVALID, BlktxError, InvalidTransaction, Problem
 from blktx.executor import Executor
 from blktx.report import Progress, console, print_json, print_result, print_shown, print_types, types_json
 from blktx.result import Result
@@ -335,9 +335,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     import time
 
-    from blktx.catalog import verify
+    from blktx.catalog import check_name, verify
     from blktx.context import duration
 
+    why = check_name(args.group, "group") if args.group is not None else None
+    if why:
+        return _emit(Result("-", TxState.INVALID, problems=[Problem(why, "command line", key="group")]), args)
     journal = _journal(args)
     entries = journal.group_snapshots(args.group)
     registry = _registry(args) if args.verify else None
@@ -389,6 +392,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     if stale:
         print(f"blktx list: {stale}", file=sys.stderr)
     return status
+
+
+def _duration_arg(text: str) -> str:
+    """``--max-age``: a duration blktx understands, or argparse's usage error (exit 2)."""
+    from blktx.context import duration
+
+    try:
+        duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration ({exc}); e.g. 90m, 25h, 2d") from None
+    return text
 
 
 def _age(seconds: float) -> str:
@@ -505,7 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="check each member is still there, by its identity (snapshot id and date, inode, UUID)",
     )
     subs["list"].add_argument(
-        "--max-age", metavar="DURATION", help="exit 1 when the newest complete group snapshot is older (e.g. 25h, 90m)"
+        "--max-age",
+        metavar="DURATION",
+        type=_duration_arg,
+        help="exit 1 when the newest complete group snapshot is older (e.g. 25h, 90m)",
     )
     subs["run"].add_argument("--jobs", type=int, metavar="N", help="run up to N steps at once (overrides the spec)")
     for name in ("run", "check"):

@@ -23,12 +23,15 @@ def _cli() -> Any:
 
 def _entry(args: argparse.Namespace, ref: str) -> dict[str, Any] | Problem:
     """The catalog entry ``GROUP@NAME`` names, or the problem saying why there is none."""
-    from blktx.catalog import label
+    from blktx.catalog import check_name, label
 
     group, at, name = ref.partition("@")
-    if not at or not group or not name:
+    why = check_name(group, "group") or check_name(name, "snapshot name") if at else None
+    if not at or not group or not name or why:
         return Problem(
-            f"{ref!r} is not GROUP@NAME", "command line", hint="`blktx list` shows the group snapshots, e.g. web@nightly-20261127"
+            why or f"{ref!r} is not GROUP@NAME",
+            "command line",
+            hint="`blktx list` shows the group snapshots, e.g. web@nightly-20261127",
         )
     journal = _cli()._journal(args)
     entry = journal.group_snapshot(group, name)
@@ -76,6 +79,20 @@ def _trust_of(args: argparse.Namespace, entries: list[dict[str, Any]]) -> dict[s
     return {"roots": roots, "vm_roots": vm_roots, "allow_tcp": allow_tcp}
 
 
+def _forget_only(args: argparse.Namespace, entries: list[dict[str, Any]]) -> int:
+    """Group snapshots none of whose members is left: only their catalog entries go
+    (one write; nothing else exists to touch)."""
+    from blktx.catalog import label
+
+    _cli()._journal(args).uncatalog(tuple(e["txid"] for e in entries))
+    names = [label(e) for e in entries]
+    if args.json:
+        print_json({"outcome": "committed", "exit_status": 0, "forgotten": names, "why": "no member was left"})
+    else:
+        console().print(f"no member was left of {', '.join(names)}: removed from the catalog", markup=False)
+    return 0
+
+
 def _run_plan(args: argparse.Namespace, entries: list[dict[str, Any]], purpose: str) -> int:
     """Plan the revert or delete of ``entries`` and run it as one transaction."""
     from blktx.catalog import plan
@@ -94,6 +111,8 @@ def _run_plan(args: argparse.Namespace, entries: list[dict[str, Any]], purpose: 
             keep_current=getattr(args, "keep_current", False),
             discard_current=getattr(args, "discard_current", False),
         )
+        if purpose == "delete" and not tx.actions:  # --missing-ok, and not one member left
+            return _forget_only(args, entries)
         txid = new_txid()
         # The trust the group snapshots were made under, never more: their runs' roots,
         # VM roots and tcp permission (journaled with each), so that what a revert or
@@ -141,7 +160,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def _policy(args: argparse.Namespace) -> tuple[str, Any] | Problem:
     """The group and retention policy to prune by: the command line's, else the spec's."""
-    from blktx.catalog import default_group
+    from blktx.catalog import check_name, default_group
     from blktx.retention import parse_keep_arg, parse_policy
     from blktx.spec import load_spec
 
@@ -151,6 +170,9 @@ def _policy(args: argparse.Namespace) -> tuple[str, Any] | Problem:
             tx = load_spec(args.spec)
         except InvalidTransaction as exc:
             return exc.problems[0]
+        raw_group = (tx.raw or {}).get("group", "")
+        if not isinstance(raw_group, str):
+            return Problem("'group' must be a string", tx.file, tx.where("group")[0], key="group")
         group = group or tx.group or default_group(tx.file)
         keep = (tx.raw or {}).get("retention", {}).get("keep") if isinstance((tx.raw or {}).get("retention"), dict) else None
         if keep is not None and not args.keep:
@@ -166,6 +188,9 @@ def _policy(args: argparse.Namespace) -> tuple[str, Any] | Problem:
             return Problem(f"--keep {args.keep!r}: {exc}", "command line", hint="e.g. --keep last=3,daily=7,weekly=4")
     if not group:
         return Problem("which group? give GROUP or --spec FILE", "command line", hint="blktx prune web --keep daily=7")
+    why = check_name(group, "group")
+    if why:
+        return Problem(why, args.spec or "command line", key="group")
     if policy is None or policy.empty():
         return Problem(
             f"no retention policy for group {group!r}: prune would delete every group snapshot",

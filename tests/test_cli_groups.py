@@ -225,3 +225,29 @@ def test_killed_at_every_journal_write_recover_gives_the_before_or_the_after_wor
     else:
         pytest.fail("every run was killed")
     assert False in outcomes[:-1] and True in outcomes, "kills fell before and after the commit point"
+
+
+def test_a_group_snapshot_with_no_member_left_is_removed_with_missing_ok(world: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(capsys, "run", str(world / "t.toml"))[0] == 0
+    (name,) = catalog()
+    set_data(world, "x", snapshots={})
+    assert cli(capsys, "delete", f"app@{name}")[0] == 2
+    status, result = cli(capsys, "delete", "--missing-ok", f"app@{name}")
+    assert status == 0 and result["forgotten"] == [f"app@{name}"], result
+    assert catalog() == []
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (("revert", "\udcff@x"), "is not a usable name"),
+        (("revert", "web@prod@n1"), "no group snapshot"),
+        (("list", "bad group"), "is not a usable name"),
+        (("prune", "a@b", "--keep", "last=1"), "is not a usable name"),
+    ],
+)
+def test_bad_names_on_the_command_line_are_refused_cleanly(
+    capsys: pytest.CaptureFixture[str], args: tuple[str, ...], why: str
+) -> None:
+    status, result = cli(capsys, *args)
+    assert status == 2 and why in result["problems"][0]["message"], result
