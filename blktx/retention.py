@@ -32,6 +32,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 from blktx.params import did_you_mean
 
@@ -162,12 +163,14 @@ def select(snapshots: Sequence[tuple[str, float]], policy: Policy, *, tz: dateti
     stamps = [(key, _stamp(key, when, tz)) for key, when in newest_first]
     for bucket, period_of in _PERIODS.items():
         wanted = policy.count(bucket)
-        seen: set[str] = set()
+        seen: set[tuple[str, Any]] = set()
         for key, stamp in stamps:
             if len(seen) >= wanted:
                 break
             period = period_of(stamp)
-            if period not in seen:
-                seen.add(period)
+            # the hour that repeats when clocks go back is two hours: told apart by offset
+            token = (period, stamp.utcoffset() if bucket == "hourly" else None)
+            if token not in seen:
+                seen.add(token)
                 kept.setdefault(key, []).append(f"{bucket} {period}")
     return kept

@@ -103,11 +103,19 @@ def test_tz_moves_period_boundaries() -> None:
     assert select(snaps, Policy(daily=1), tz=minus5) == {"late": ["daily 2026-11-26"]}
 
 
-def test_dst_fall_back_hour_is_one_period() -> None:
+def test_dst_fall_back_hour_is_two_real_hours() -> None:
+    """The hour that repeats when clocks go back is two hours of snapshots: hourly = 4
+    keeps the 4 taken an hour apart (one per real hour), not 3."""
     berlin = ZoneInfo("Europe/Berlin")  # 2026-10-25 03:00 CEST -> 02:00 CET
     snaps = [(f"s{i}", at(2026, 10, 24, 23, 30) + i * HOUR) for i in range(4)]  # 01:30, 02:30, 02:30, 03:30 local
-    kept = select(snaps, Policy(hourly=10), tz=berlin)
-    assert kept == {"s3": ["hourly 2026-10-25T03"], "s2": ["hourly 2026-10-25T02"], "s0": ["hourly 2026-10-25T01"]}
+    kept = select(snaps, Policy(hourly=4), tz=berlin)
+    assert kept == {
+        "s3": ["hourly 2026-10-25T03"],
+        "s2": ["hourly 2026-10-25T02"],
+        "s1": ["hourly 2026-10-25T02"],
+        "s0": ["hourly 2026-10-25T01"],
+    }
+    assert select(snaps, Policy(daily=1), tz=berlin) == {"s3": ["daily 2026-10-25"]}, "still one day"
 
 
 @pytest.fixture
