@@ -91,6 +91,20 @@ class Naming:
     name: str
 
 
+def group_problem(journal: Any, options: Any, file: str | None, base_dir: str) -> str | None:
+    """Why this run may not add to its group: the group was only the spec file's name,
+    and another spec file's runs made group snapshots of it (two ``nightly.toml`` in two
+    folders would share one retention and prune each other's)."""
+    files = getattr(journal, "group_files", None)
+    if not options.group_defaulted or files is None or not file or file == "<stdin>":
+        return None
+    mine = os.path.join(base_dir, os.path.basename(file))
+    others = sorted(f for f in files(options.group) if f != mine)
+    if not others:
+        return None
+    return f"the group {options.group!r} (this spec's file name) already holds group snapshots made by {others[0]}"
+
+
 def members(actions: list[Action]) -> list[dict[str, Any]]:
     """What the catalog keeps of each action that made something: enough to find it
     again by identity (the plugin's journaled undo facts) and to revert or delete it."""

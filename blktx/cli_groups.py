@@ -123,7 +123,7 @@ def _run_plan(args: argparse.Namespace, entries: list[dict[str, Any]], purpose: 
     except InvalidTransaction as exc:
         status: int = cli._invalid(exc, args)
         return status
-    options.group, options.snapshot = "", ""
+    options.group, options.snapshot, options.group_defaulted = "", "", False
     if purpose == "revert":
         # What the members held before the revert and is kept (--keep-current; an external
         # member's branch unless --discard-current) is a group snapshot of its own, listed,

@@ -147,6 +147,8 @@ class Options:
     #: The group snapshots (their creating transactions' ids) this run deletes: they
     #: leave the catalog in its commit write (``blktx delete``/``prune``).
     forgets: tuple[str, ...] = ()
+    #: The spec named no group: it is the spec file's name (``blktx.catalog.default_group``).
+    group_defaulted: bool = False
     #: Per-type settings from the spec's ``[options.<plugin>]`` tables.
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -342,6 +342,11 @@ class SqliteJournal:
         found = [e for e in self.group_snapshots(group) if e["name"] == name]
         return found[0] if found else None
 
+    def group_files(self, group: str) -> set[str]:
+        """The spec files (absolute: their folder and name) whose runs made group snapshots of ``group``."""
+        sql = "SELECT DISTINCT tx.file, tx.base_dir FROM groupsnap JOIN tx ON tx.txid = groupsnap.txid WHERE groupsnap.grp = ?"
+        return {os.path.join(d or "/", os.path.basename(f)) for f, d in self._db.execute(sql, (group,)) if f}
+
     def has_group_snapshot(self, group: str, name: str) -> bool:
         return self._db.execute("SELECT 1 FROM groupsnap WHERE grp = ? AND name = ?", (group, name)).fetchone() is not None
 

@@ -551,4 +551,5 @@ def bind(
         raise InvalidTransaction(problems)
     if naming is not None:
         options.group, options.snapshot = naming.group, naming.name
+        options.group_defaulted = not tx.group
     return actions, options

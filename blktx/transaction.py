@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from blktx.actiontype import Action, Leftover
-from blktx.catalog import commit_change
+from blktx.catalog import commit_change, group_problem
 from blktx.checks import check_actions
 from blktx.context import RunContext
 from blktx.dispatch import begin_all, dispatch, implements, point_step
@@ -188,6 +188,9 @@ class TransactionRun:
         problems = check_actions(self.actions, self.ctx, self.file)
         taken = getattr(self.journal, "has_group_snapshot", None)
         opts = self.ctx.options
+        clash = group_problem(self.journal, opts, self.file, self.ctx.base_dir) if opts.group and self.undoable else None
+        if clash:
+            problems.append(Problem(clash, self.file, key="group", hint='name this spec\'s group: group = "web"'))
         if taken is not None and opts.group and self.undoable and taken(opts.group, opts.snapshot):
             problems.append(
                 Problem(

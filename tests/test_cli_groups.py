@@ -251,3 +251,22 @@ def test_bad_names_on_the_command_line_are_refused_cleanly(
 ) -> None:
     status, result = cli(capsys, *args)
     assert status == 2 and why in result["problems"][0]["message"], result
+
+
+def test_two_specs_of_one_file_name_never_share_a_defaulted_group(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two nightly.toml in two folders, no group named: the second is refused (they
+    would share one retention and prune each other's), until it names its group."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        make_world(str(tmp_path / folder / "sim-world.json"), ["d"])
+        (tmp_path / folder / "nightly.toml").write_text(
+            'version = 1\nsnapshot = "n-{txid}"\n[[action]]\ntype = "sim.snapshot"\ndevice = "d"\n'
+        )
+    assert cli(capsys, "run", str(tmp_path / "a" / "nightly.toml"))[0] == 0
+    assert cli(capsys, "run", str(tmp_path / "a" / "nightly.toml"))[0] == 0, "the same spec again: its own group"
+    status, result = cli(capsys, "run", str(tmp_path / "b" / "nightly.toml"))
+    assert status == 2 and "already holds group snapshots made by" in result["problems"][0]["message"], result
+    assert read_world(str(tmp_path / "b" / "sim-world.json"))["devices"]["d"]["snapshots"] == {}
+    text = (tmp_path / "b" / "nightly.toml").read_text()
+    (tmp_path / "b" / "nightly.toml").write_text(text.replace("version = 1\n", 'version = 1\ngroup = "b-nightly"\n'))
+    assert cli(capsys, "run", str(tmp_path / "b" / "nightly.toml"))[0] == 0
