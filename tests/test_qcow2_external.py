@@ -462,3 +462,21 @@ def test_a_device_re_pointed_outside_the_roots_is_refused_and_its_target_never_t
         assert out.returncode == 2, out.stdout + out.stderr
         assert "outside the" in json.loads(out.stdout)["problems"][0]["message"]
     assert (victim / "shadow").read_text() == "secret" and kept() == []
+
+
+def test_a_frozen_image_re_pointed_outside_the_roots_is_never_merged(img: Path) -> None:
+    """Its backing file changed to a file outside the roots (a root-only secret): a delete
+    would have qemu-img read that file into the image above: refused, nothing touched."""
+    victim = img.parent.parent / (img.parent.name + "-secret")
+    victim.mkdir(mode=0o700)
+    (victim / "shadow").write_bytes(b"ROOTSECRET" * 1000)
+    subprocess.run(
+        ["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", str(victim / "shadow"), "-F", "raw", str(img / "base.qcow2")],
+        check=True,
+        capture_output=True,
+    )
+    before = world(img)
+    out = blktx("delete", "--json", "app@s1")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "outside" in json.loads(out.stdout)["problems"][0]["message"]
+    assert world(img) == before and names() == ["s1", "s2", "s3"]
