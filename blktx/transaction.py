@@ -293,6 +293,8 @@ class TransactionRun:
             self._between()
         self._timed("invalidate", undoable)
         self._within_budget()
+        if quiesced:  # every point in time is taken: the window ends before the durable writes
+            self.resume_holds()
         # The commit point: the last phase's results and COMMITTED, one durable write.
         # Only once it has returned is the transaction committed.
         with together(journal):

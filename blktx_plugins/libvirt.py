@@ -404,9 +404,9 @@ class Snapshot(_LibvirtType):
         results = _all_at_once(
             [partial(self._create, a, ctx) for a in actions], _budget(ctx), _pending(ctx), [a.index for a in actions]
         )
-        answered = [a for a in actions if "made" in a.undo]
-        if answered:
-            ctx.remember(answered)  # libvirt's answer is durable at once
+        # libvirt's answers ("made", "created") are journaled with do's results, after the
+        # window: no write inside it. A run killed before that leaves them unrecorded, and
+        # cancel still finds exactly its snapshot by the token journaled before the window.
         failures = {a.index: r for a, r in zip(actions, results, strict=True) if isinstance(r, BaseException)}
         if failures:
             raise ActionFailures(failures)
