@@ -123,6 +123,7 @@ class TransactionRun:
         #: While a window is open: each action's point-in-time step (perf_counter start, end).
         self.cut: dict[int, tuple[str, float, float]] = {}
         self.window_opened: float | None = None
+        self._ended_window = False  # resume_holds() ran for the run's own holds
         self._remember_lock = threading.Lock()
         self.result = Result(txid, state, actions=actions, description=description)
         self.undoable = [a for a in actions if not a.type.finalize]
@@ -493,6 +494,9 @@ class TransactionRun:
         """Resume every hold not yet resumed, newest first: each run of holds of one
         kind through ``blktx_resume_many`` when a plugin takes them together, the rest
         one by one (many at once). A hold that could not be resumed is a leftover."""
+        if holds is None and self._ended_window:
+            return  # ended once in this run (before its commit write): what failed is a leftover already
+        self._ended_window = holds is None
         waiting = [h for h in (self.result.holds if holds is None else holds) if h.end is None]
         runs: list[list[Hold]] = []
         for hold in reversed(waiting):
