@@ -392,12 +392,16 @@ class Snapshot(_LibvirtType):
         _, dom = self._open(action, ctx)
         flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
         try:
-            snap = dom.snapshotCreateXML(self._xml(action, ctx, dom), flags)
+            text = _prepared(ctx).pop(action.index, None) or self._xml(action, ctx, dom)
+            snap = dom.snapshotCreateXML(text, flags)
         except libvirt.libvirtError as exc:
             action.undo["made"] = False  # ATOMIC: libvirt made nothing
             raise ActionFailed(f"domain {action.params['domain']} at {action.params['uri']}: {_msg(exc)}") from None
         action.undo["made"] = True
-        action.undo["created"] = xml(snap.getXMLDesc(0)).findtext("creationTime")
+        if ctx.window_deadline is not None:  # read when the window has ended (blktx_resume*)
+            _unstamped(ctx).append((action, snap))
+        else:
+            action.undo["created"] = xml(snap.getXMLDesc(0)).findtext("creationTime")
 
     def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         """Every domain's snapshot at once, each in its own thread, bounded by the window."""
@@ -491,6 +495,33 @@ class Snapshot(_LibvirtType):
 # -- quiesce ---------------------------------------------------------------------------
 
 
+def _unstamped(ctx: RunContext) -> list[tuple[Action, Any]]:
+    """Snapshots made inside the window whose creation time is read after it."""
+    return ctx.resource("libvirt:unstamped", list)
+
+
+def _stamp_created(ctx: RunContext) -> None:
+    """The creation time of each snapshot made inside the window (its identity in the
+    catalog), read once the domains run again, before the commit write."""
+    pending = _unstamped(ctx)
+    while pending:
+        action, snap = pending.pop()
+        try:
+            action.undo["created"] = xml(snap.getXMLDesc(0)).findtext("creationTime")
+        except libvirt.libvirtError:
+            pass  # left out: a delete then refuses this member rather than guess
+
+
+def _held(ctx: RunContext) -> dict[str, Any]:
+    """This run's handles of the domains it quiesced, by UUID (none in a new process)."""
+    return ctx.resource("libvirt:held", dict)
+
+
+def _prepared(ctx: RunContext) -> dict[int, str]:
+    """Each snapshot's XML, written before the window (by action index)."""
+    return ctx.resource("libvirt:xml", dict)
+
+
 def _hold_domain(ctx: RunContext, hold: Hold) -> Any | None:
     conn = connection(ctx, hold.data["uri"])
     try:
@@ -520,6 +551,11 @@ def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> list[Hold]:
     for a in ours:
         if a.target not in domains:
             domains[a.target] = (a.params["uri"], lookup(connection(ctx, a.params["uri"]), a.undo["uuid"]))
+    # Everything a domain's snapshot needs is read before the window: the window holds
+    # only suspend, the snapshots and resume (as by hand).
+    for a in ours:
+        _prepared(ctx)[a.index] = a.type._xml(a, ctx, domains[a.target][1])  # type: ignore[attr-defined]
+    _held(ctx).update({d.UUIDString(): d for _, d in domains.values()})
     states = _all_at_once([partial(_domain_state, d) for _, d in domains.values()], _budget(ctx))
     running = [(t, u, d) for (t, (u, d)), s in zip(domains.items(), states, strict=True) if s == "running"]
     holds: list[Hold] = []
@@ -539,13 +575,16 @@ def blktx_quiesce(ctx: RunContext, actions: Sequence[Action]) -> list[Hold]:
 def _end(ctx: RunContext, hold: Hold) -> None:
     """Resume a suspended domain or thaw a frozen guest; nothing for a domain that is
     gone or shut off, or was never suspended (a run killed before it did)."""
-    dom = _hold_domain(ctx, hold)
+    dom = _held(ctx).get(hold.data["uuid"]) or _hold_domain(ctx, hold)
     if dom is not None:
-        state = _domain_state(dom)
         try:
-            if hold.kind == PAUSE and state == "paused":
-                dom.resume()
-            elif hold.kind == FREEZE and state == "running":
+            if hold.kind == PAUSE:
+                try:
+                    dom.resume()  # at once: no round trip before it inside the window
+                except libvirt.libvirtError:
+                    if _domain_state(dom) == "paused":
+                        raise  # still paused: a real failure
+            elif hold.kind == FREEZE and _domain_state(dom) == "running":
                 dom.fsThaw()
         except libvirt.libvirtError as exc:
             raise ActionFailed(
@@ -566,6 +605,7 @@ def blktx_resume(ctx: RunContext, hold: Hold) -> bool | None:
         return None
     _need_libvirt()
     result = _all_at_once([partial(_end, ctx, hold)], _resume_budget(ctx))[0]
+    _stamp_created(ctx)
     if isinstance(result, BaseException):
         raise result
     return True
@@ -578,6 +618,7 @@ def blktx_resume_many(ctx: RunContext, holds: list[Hold]) -> list[Hold] | None:
     if not ours or _load() is None:
         return None
     results = _all_at_once([partial(_end, ctx, h) for h in ours], _resume_budget(ctx))
+    _stamp_created(ctx)
     return [h for h, r in zip(ours, results, strict=True) if not isinstance(r, BaseException)]
 
 
