@@ -14,7 +14,8 @@ embedded QEMU driver (``qemu:///embed?root=DIR``, in this process), in one run:
   embedded driver it runs the same calls one domain after another in-process,
   which is the loop's floor.
 
-Each snapshot is deleted (merged back) between rounds, outside the clock.
+Each snapshot is deleted (merged back) between runs, outside the clock; the methods
+run interleaved, their order rotated each repeat.
 
     python bench/libvirt_group.py
     python bench/libvirt_group.py --domains 1 4 --repeat 3 --json
@@ -75,7 +76,7 @@ def with_blktx(base: Path, uri: str, doms: list[Any], name: str) -> tuple[list[f
     result = Executor(journal=journal, locker=Locker(str(base / "locks"))).run(spec, roots=[str(base)])
     wall = time.perf_counter() - t0
     if result.outcome != "committed":
-        raise SystemExit(result.summary())
+        raise SystemExit(result.summary() + "\n" + "\n".join(str(p) for p in result.problems[:3]))
     return [h.window or 0.0 for h in result.holds], wall
 
 
@@ -109,17 +110,22 @@ def main() -> None:
                 "hand_wall": [],
                 "loop_wall": [],
             }
+
+            order = ["blktx", "hand", "loop"]
             for r in range(args.repeat):
-                w, t = with_blktx(base, uri, doms, f"x{r}")
-                got["blktx_window"].append(max(w))
-                got["blktx_wall"].append(t)
-                clean(doms)
-                w, t = by_hand(doms, f"h{r}", together=True)
-                got["hand_window"].append(max(w))
-                got["hand_wall"].append(t)
-                clean(doms)
-                got["loop_wall"].append(by_hand(doms, f"l{r}", together=False)[1])
-                clean(doms)
+                # interleaved, the order rotated each repeat: no method always runs first
+                for kind in order[r % 3 :] + order[: r % 3]:
+                    if kind == "blktx":
+                        w, t = with_blktx(base, uri, doms, f"x{r}")
+                        got["blktx_window"].append(max(w))
+                        got["blktx_wall"].append(t)
+                    elif kind == "hand":
+                        w, t = by_hand(doms, f"h{r}", together=True)
+                        got["hand_window"].append(max(w))
+                        got["hand_wall"].append(t)
+                    else:
+                        got["loop_wall"].append(by_hand(doms, f"l{r}", together=False)[1])
+                    clean(doms)
             for dom in doms:
                 dom.destroy()
                 dom.undefine()
