@@ -103,16 +103,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.json and sys.stderr.isatty():
         registry.pm.register(Progress(sys.stderr), name="blktx-progress")
     executor = Executor(registry, journal=_journal(args), locker=_locker(args))
-    from blktx.executor import new_txid
-    from blktx.spec import bind
-
-    txid = new_txid()
-    try:
-        actions, options = bind(
-            tx, registry, allow_exec=args.allow_exec, roots=_roots(args), overrides=_overrides(args), txid=txid, **_trust(args)
-        )
-    except InvalidTransaction as exc:
-        return _emit(Result(txid, TxState.INVALID, problems=exc.problems), args)
+    bound = executor.bind(tx, allow_exec=args.allow_exec, roots=_roots(args), overrides=_overrides(args), **_trust(args))
+    if isinstance(bound, Result):
+        return _emit(bound, args)
+    txid, actions, options = bound
     base_dir, file, description = tx.base_dir, tx.file, tx.description
     # The parsed document and its line map served bind; the run keeps only its actions
     # (at 100,000 actions they are ~130 MB that would live to the end of the run).

@@ -66,13 +66,10 @@ class Executor:
     ) -> Result:
         """Validate and run every check. Touches nothing (and takes no lock).
         ``overrides`` and ``trust`` as for :meth:`run`."""
-        txid = new_txid()
-        try:
-            actions, options = bind(
-                tx, self.registry, allow_exec=allow_exec, roots=roots, overrides=overrides, txid=txid, **trust
-            )
-        except InvalidTransaction as exc:
-            return Result(txid, TxState.INVALID, problems=exc.problems, checked_only=True)
+        bound = self.bind(tx, checked_only=True, allow_exec=allow_exec, roots=roots, overrides=overrides, **trust)
+        if isinstance(bound, Result):
+            return bound
+        txid, actions, options = bound
         ctx = RunContext(txid, options, tx.base_dir, self.registry.pm.hook)
         try:
             problems = check_actions(actions, ctx, tx.file)
@@ -99,14 +96,22 @@ class Executor:
         spec's options; ``allow_exec``, ``roots`` and ``trust`` (``vm_roots``,
         ``allow_tcp``, ``shared_folders``) are the caller's, never the spec's: see
         docs/security.md."""
+        bound = self.bind(tx, allow_exec=allow_exec, roots=roots, overrides=overrides, **trust)
+        if isinstance(bound, Result):
+            return bound
+        txid, actions, options = bound
+        return self.run_actions(actions, options, base_dir=tx.base_dir, file=tx.file, txid=txid, description=tx.description)
+
+    def bind(self, tx: Transaction, *, checked_only: bool = False, **given: Any) -> tuple[str, list[Action], Options] | Result:
+        """``tx`` bound for a run: a new transaction id, its actions and options; or the
+        INVALID result naming every problem. ``given``: :func:`~blktx.spec.bind`'s
+        caller settings (``allow_exec``, ``roots``, ``overrides``, trust). Touches nothing."""
         txid = new_txid()
         try:
-            actions, options = bind(
-                tx, self.registry, allow_exec=allow_exec, roots=roots, overrides=overrides, txid=txid, **trust
-            )
+            actions, options = bind(tx, self.registry, txid=txid, **given)
         except InvalidTransaction as exc:
-            return Result(txid, TxState.INVALID, problems=exc.problems)
-        return self.run_actions(actions, options, base_dir=tx.base_dir, file=tx.file, txid=txid, description=tx.description)
+            return Result(txid, TxState.INVALID, problems=exc.problems, checked_only=checked_only)
+        return txid, actions, options
 
     def run_actions(
         self,

@@ -22,10 +22,12 @@ import os
 import resource
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from blktx import ActionFailed
 from blktx_plugins._qemu import StorageDaemon, child_nofile, run_async
+
+T = TypeVar("T")
 
 #: A daemon costs ~20 ms of start and a process: a batch smaller than this is not split.
 MIN_PER_DAEMON = 8
@@ -141,11 +143,10 @@ class Daemons:
         return self.of[image].node[image]
 
     def each(self, calls: dict[StorageDaemon, list[tuple[Any, str, dict[str, Any]]]], timeout: float = 120.0) -> dict[Any, Any]:
-        import asyncio
-
         """Run each daemon's commands in order, all daemons at once: ``{key: reply
         or its ActionFailed}`` for every ``(key, command, arguments)``. A daemon's
         later commands still run after one failed (each is reported on its own)."""
+        import asyncio
 
         async def one(d: StorageDaemon, todo: list[tuple[Any, str, dict[str, Any]]]) -> list[tuple[Any, Any]]:
             got = []
@@ -167,6 +168,26 @@ class Daemons:
                 else:
                     out[key] = reply
         return out
+
+    def snapshot(self, named: Sequence[tuple[T, str, str]]) -> list[tuple[list[T], Any]]:
+        """Make the internal snapshot ``name`` of each ``(key, image, name)``: one QMP
+        ``transaction`` per daemon (all or nothing within it), daemons at once. Each
+        daemon's keys with its reply, or the ActionFailed it ended in."""
+        mine: dict[StorageDaemon, list[tuple[T, str, str]]] = {}
+        for item in named:
+            mine.setdefault(self.of[item[1]], []).append(item)
+        snapshots = {
+            d: [
+                {"type": "blockdev-snapshot-internal-sync", "data": {"device": self.node(image), "name": name}}
+                for _, image, name in items
+            ]
+            for d, items in mine.items()
+        }
+        replies = self.each(
+            {d: [(d, "transaction", {"actions": actions})] for d, actions in snapshots.items()},
+            timeout=120 + 0.5 * max(map(len, mine.values())),
+        )
+        return [([key for key, _, _ in items], replies[d]) for d, items in mine.items()]
 
     def close(self) -> None:
         if len(self.daemons) == 1:

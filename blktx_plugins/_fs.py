@@ -119,3 +119,23 @@ def fsync_dir(path: str) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def swap_link(device: str, swap: str, expected: str, text: str) -> None:
+    """Compare and swap the symlink ``device``: only while it says ``expected``, make it
+    say ``text``, atomically and durably (a new symlink under the private name ``swap``,
+    ``rename(2)`` over the device; ``symlink(2)`` fails rather than replace whatever has
+    that private name). A symlink a killed swap left at ``swap`` is removed first."""
+    if os.readlink(device) != expected:
+        return
+    drop_link(swap, (expected, text))
+    os.symlink(text, swap)
+    os.replace(swap, device)
+    fsync_dir(os.path.dirname(device))
+
+
+def drop_link(swap: str, ours: tuple[str, ...]) -> None:
+    """Remove what a killed swap left under the private name ``swap``: only a symlink
+    saying one of ``ours`` (the two things that swap writes), never anything else."""
+    if swap and os.path.islink(swap) and os.readlink(swap) in ours:
+        os.unlink(swap)

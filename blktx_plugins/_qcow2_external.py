@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionType, Leftover, Param, Refused, RunContext
-from blktx_plugins._fs import fsync_dir, identity, is_ours, private_file, publish, remove_if_ours
+from blktx_plugins._fs import drop_link, fsync_dir, identity, is_ours, private_file, publish, remove_if_ours, swap_link
 from blktx_plugins._image import MAX_CHAIN, Header, check_chain, open_verified, read_image, shown, within
 from blktx_plugins._qemu import backing_name, create_overlay, die_with_parent, holder, image_format
 
@@ -311,20 +311,11 @@ class ExternalRevert(ActionType):
             return False
 
     def _swap(self, action: Action, expected: str, text: str) -> None:
-        """Compare and swap the device symlink (as qcow2.external-create does): only while
-        it says ``expected``; a new symlink under this action's private name renamed over it."""
-        device, swap = action.params["device"], action.undo["swap"]
-        if os.readlink(device) != expected:
-            return
-        self._drop_swap(action)
-        os.symlink(text, swap)
-        os.replace(swap, device)
-        fsync_dir(os.path.dirname(device))
+        """Compare and swap the device symlink (:func:`~blktx_plugins._fs.swap_link`)."""
+        swap_link(action.params["device"], action.undo["swap"], expected, text)
 
     def _drop_swap(self, action: Action) -> None:
-        swap = action.undo.get("swap", "")
-        if swap and os.path.islink(swap) and os.readlink(swap) in (_link_text(action), action.undo["link"]):
-            os.unlink(swap)
+        drop_link(action.undo.get("swap", ""), (_link_text(action), action.undo["link"]))
 
     def invalidate(self, action: Action, ctx: RunContext) -> None:
         device, current = action.params["device"], action.undo["current"]

@@ -47,10 +47,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Param, Refused, RunContext
+from blktx.dispatch import dispatch
 from blktx_plugins._daemons import Daemons, batches
 from blktx_plugins._image import Snapshot, bare, check_chain, open_verified, read_header, shown
 from blktx_plugins._qemu import VmGone, die_with_parent, holder
@@ -191,12 +191,7 @@ def _each_image(
                 failures[a.index] = exc
 
     workers = min(len(actions), ctx.options.jobs if ctx.options.jobs > 1 else (os.cpu_count() or 1))
-    if workers <= 1:
-        for a in actions:
-            one(a)
-    else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blktx-qemu-img") as pool:
-            list(pool.map(one, actions))
+    dispatch(actions, one, workers, name="blktx-qemu-img")
     return failures, skipped
 
 
@@ -330,32 +325,7 @@ class InternalRevert(ActionType):
             # Durable before any image is touched: do began, and what was there. A
             # snapshot of the safety name with another id is from here on this action's.
             ctx.remember(actions)
-            mine: dict[Any, list[Action]] = {}
-            for a in actions:
-                mine.setdefault(daemons.of[_image(a)], []).append(a)
-            replies = daemons.each(
-                {
-                    d: [
-                        (
-                            d,
-                            "transaction",
-                            {
-                                "actions": [
-                                    {
-                                        "type": "blockdev-snapshot-internal-sync",
-                                        "data": {"device": daemons.node(_image(a)), "name": a.undo["safety"]},
-                                    }
-                                    for a in acts
-                                ]
-                            },
-                        )
-                    ]
-                    for d, acts in mine.items()
-                },
-                timeout=120 + 0.5 * max(map(len, mine.values())),
-            )
-            for d, acts in mine.items():
-                reply = replies[d]
+            for acts, reply in daemons.snapshot([(a, _image(a), a.undo["safety"]) for a in actions]):
                 for a in acts:
                     if isinstance(reply, ActionFailed):
                         # refused (all or nothing) or died half-way (VmGone): without

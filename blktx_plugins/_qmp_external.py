@@ -26,7 +26,7 @@ from typing import Any
 
 from blktx import Action, ActionFailed, ActionFailures, Leftover, Param, Refused, RunContext
 from blktx.states import INVALIDATED
-from blktx_plugins._fs import Private, fsync_dir, is_ours, private_file, publish, remove_if_ours
+from blktx_plugins._fs import Private, drop_link, is_ours, private_file, publish, remove_if_ours, swap_link
 from blktx_plugins._image import has_protocol, shown
 from blktx_plugins._qemu import Qmp, VmGone, create_overlay, gather
 from blktx_plugins._qmp_monitor import MonitorBusy
@@ -202,23 +202,11 @@ class ExternalCreate(_QmpType):
         return [st.st_dev, st.st_ino] == action.undo.get("made")
 
     def _swap(self, action: Action, expected: str, text: str) -> None:
-        """Compare and swap the device symlink: only while it says ``expected``, make it
-        say ``text``, atomically (a new symlink under this action's private name,
-        ``rename(2)`` over the device)."""
-        device, swap = action.params["device"], action.undo["swap"]
-        if os.readlink(device) != expected:
-            return
-        self._drop_swap(action)
-        os.symlink(text, swap)
-        os.replace(swap, device)
-        fsync_dir(os.path.dirname(device))
+        """Compare and swap the device symlink (:func:`~blktx_plugins._fs.swap_link`)."""
+        swap_link(action.params["device"], action.undo["swap"], expected, text)
 
     def _drop_swap(self, action: Action) -> None:
-        """Remove a symlink a killed swap left under this action's private name (only a
-        symlink saying one of the two things this action writes)."""
-        swap = action.undo.get("swap", "")
-        if swap and os.path.islink(swap) and os.readlink(swap) in (self._link_text(action), action.undo["link"]):
-            os.unlink(swap)
+        drop_link(action.undo.get("swap", ""), (self._link_text(action), action.undo["link"]))
 
     def _repoint(self, action: Action) -> None:
         device = action.params["device"]

@@ -27,7 +27,7 @@ from typing import Any
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Param, Refused, RunContext, hookimpl
 from blktx_plugins._daemons import Daemons, batches, fd_problem
-from blktx_plugins._fs import fsync_dir, is_ours, private_file, publish, remove_if_ours
+from blktx_plugins._fs import drop_link, is_ours, private_file, publish, remove_if_ours, swap_link
 from blktx_plugins._image import (
     Snapshot,
     bare,
@@ -265,33 +265,8 @@ class InternalCreate(ActionType):
         # add a snapshot, so the new one of each name is QEMU's, made for us.
         try:
             self._started(fresh, ctx, {image: d.heartbeat for image, d in daemons.of.items()})
-            mine: dict[Any, list[Action]] = {}
-            for a in fresh:
-                mine.setdefault(daemons.of[_image(a)], []).append(a)
-            replies = daemons.each(
-                {
-                    d: [
-                        (
-                            d,
-                            "transaction",
-                            {
-                                "actions": [
-                                    {
-                                        "type": "blockdev-snapshot-internal-sync",
-                                        "data": {"device": daemons.node(_image(a)), "name": a.params["name"]},
-                                    }
-                                    for a in acts
-                                ]
-                            },
-                        )
-                    ]
-                    for d, acts in mine.items()
-                },
-                timeout=120 + 0.5 * max(map(len, mine.values())),
-            )
             failures: dict[int, BaseException] = {}
-            for d, acts in mine.items():
-                reply = replies[d]
+            for acts, reply in daemons.snapshot([(a, _image(a), a.params["name"]) for a in fresh]):
                 if isinstance(reply, ActionFailed):
                     for a in acts:
                         failures[a.index] = reply
@@ -595,24 +570,11 @@ class ExternalCreate(ActionType):
         return [st.st_dev, st.st_ino] == action.undo.get("made")
 
     def _swap(self, action: Action, expected: str, text: str) -> None:
-        """Compare and swap the device symlink: only while it says ``expected``, make it
-        say ``text``, atomically (a new symlink under this action's private name,
-        ``rename(2)`` over the device). ``symlink(2)`` fails rather than replace
-        whatever has that private name."""
-        device, swap = action.params["device"], action.undo["swap"]
-        if os.readlink(device) != expected:
-            return
-        self._drop_swap(action)
-        os.symlink(text, swap)
-        os.replace(swap, device)
-        fsync_dir(os.path.dirname(device))
+        """Compare and swap the device symlink (:func:`~blktx_plugins._fs.swap_link`)."""
+        swap_link(action.params["device"], action.undo["swap"], expected, text)
 
     def _drop_swap(self, action: Action) -> None:
-        """Remove a symlink a killed swap left under this action's private name (never
-        anything else: it must be a symlink saying one of the two things we write)."""
-        swap = action.undo.get("swap", "")
-        if swap and os.path.islink(swap) and os.readlink(swap) in (self._link_text(action), action.undo["link"]):
-            os.unlink(swap)
+        drop_link(action.undo.get("swap", ""), (self._link_text(action), action.undo["link"]))
 
     def invalidate(self, action: Action, ctx: RunContext) -> None:
         device, overlay = action.params["device"], action.params["overlay"]
