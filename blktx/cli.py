@@ -8,13 +8,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rich.markup import escape
-
 from blktx import cli_groups, plugins
 from blktx.context import QUIESCE_MODES
 from blktx.errors import EXIT_INVALID, BlktxError, InvalidTransaction, Problem
 from blktx.executor import Executor
-from blktx.report import Progress, console, print_json, print_result, print_shown, print_types, types_json
+from blktx.plain import escape
+from blktx.report import Progress, console, print_json, print_result, print_shown, print_types, table, types_json
 from blktx.result import Result
 from blktx.spec import Transaction, load_spec
 from blktx.states import TxLifecycle, TxState
@@ -289,15 +288,14 @@ def cmd_log(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"journal": _journal(args).path, "transactions": txs})
         return 0
-    from rich.table import Table
-
-    table = Table(show_edge=False, pad_edge=False)
+    out = console()
+    rows = table(out)
     for col in ("txid", "started", "outcome", "state", "actions", "seconds", "spec", "description"):
-        table.add_column(col, no_wrap=col in ("txid", "started", "outcome", "state"))
+        rows.add_column(col, no_wrap=col in ("txid", "started", "outcome", "state"))
     for t in txs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["started"]))
         secs = f"{t['seconds']:.3f}" if t["seconds"] is not None else "-"
-        table.add_row(
+        rows.add_row(
             t["txid"],
             started,
             t["outcome"],
@@ -307,7 +305,7 @@ def cmd_log(args: argparse.Namespace) -> int:
             escape(t["file"] or "(python)"),
             escape(t["description"] or ""),
         )
-    console().print(table)
+    out.print(rows)
     return 0
 
 
@@ -361,20 +359,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"journal": journal.path, "group_snapshots": entries, **({"stale": stale} if stale else {})})
         return status
-    from rich.table import Table
-
     out = console()
-    table = Table(show_edge=False, pad_edge=False)
+    rows = table(out)
     for col in ("group", "name", "taken", "age", "members", "state", "txid"):
-        table.add_column(col, no_wrap=col in ("taken", "age", "state", "txid"))
+        rows.add_column(col, no_wrap=col in ("taken", "age", "state", "txid"))
     for e in entries:
         taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
         missing = [m for m in e["members"] if m.get("present") is False]
         state = e["state"] + (f" ({len(missing)} missing)" if missing else "")
-        table.add_row(
+        rows.add_row(
             escape(e["group"]), escape(e["name"]), taken, _age(e["age_seconds"]), str(len(e["members"])), state, e["txid"]
         )
-    out.print(table)
+    out.print(rows)
     for e in entries:
         for m in e["members"]:
             if m.get("present") is False:

@@ -10,11 +10,9 @@ import subprocess
 import tempfile
 from typing import Any
 
-from rich.console import Console
-
 from blktx.executor import Executor
 from blktx.plugins import Registry
-from blktx.report import print_result
+from blktx.report import Console, print_result
 from blktx.result import Result
 from blktx.spec import load_spec
 

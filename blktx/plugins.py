@@ -6,7 +6,8 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from importlib import metadata
+from importlib import import_module
+from typing import NamedTuple
 
 import pluggy
 
@@ -85,6 +86,96 @@ def declaration_problems(cls: object) -> list[str]:
     return found
 
 
+class EntryPoint(NamedTuple):
+    """One ``[blktx]`` line of an installed distribution's ``entry_points.txt``."""
+
+    name: str
+    value: str
+    #: The ``*.dist-info`` (or ``*.egg-info``) folder it was read from.
+    where: str
+
+    def load(self) -> object:
+        module, _, attr = self.value.partition(":")
+        found: object = import_module(module.strip())
+        for part in filter(None, attr.strip().split(".")):
+            found = getattr(found, part)
+        return found
+
+    @property
+    def dist(self) -> str:
+        """``name version`` from the distribution's ``METADATA`` (read only for messages)."""
+        fields: dict[str, str] = {}
+        for meta in ("METADATA", "PKG-INFO"):
+            try:
+                with open(os.path.join(self.where, meta), encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        if not line.strip():
+                            break
+                        key, _, value = line.partition(":")
+                        fields.setdefault(key.strip().lower(), value.strip())
+                break
+            except OSError:
+                continue
+        stem = os.path.basename(self.where).rsplit(".", 1)[0]
+        name, _, version = stem.partition("-")
+        return f"{fields.get('name', name)} {fields.get('version', version or '?')}"
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def entry_points(group: str = "") -> list[EntryPoint]:
+    """The entry points of ``group`` of every distribution on ``sys.path``.
+
+    What ``importlib.metadata.entry_points(group=...)`` returns for distributions
+    installed as folders (``*.dist-info``, ``*.egg-info``; editable installs
+    included), a distribution found twice counted once (the first on ``sys.path``),
+    without importing ``importlib.metadata`` and ``email`` (~18 ms of every start).
+    Distributions inside zip files on ``sys.path`` are not seen.
+    """
+    group = group or ENTRY_POINT_GROUP
+    found: list[EntryPoint] = []
+    seen: set[str] = set()
+    for entry in sys.path:
+        folder = entry or "."
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            continue
+        for name in names:
+            if not name.endswith((".dist-info", ".egg-info")):
+                continue
+            dist = _normalized(name.rsplit(".", 1)[0].partition("-")[0])
+            if dist in seen:
+                continue
+            seen.add(dist)
+            where = os.path.join(folder, name)
+            try:
+                with open(os.path.join(where, "entry_points.txt"), encoding="utf-8") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            found.extend(EntryPoint(k, v, where) for k, v in _section(text, group))
+    return found
+
+
+def _section(text: str, group: str) -> list[tuple[str, str]]:
+    """``name = value`` lines of ``[group]`` in an ``entry_points.txt`` (an INI file)."""
+    lines: list[tuple[str, str]] = []
+    inside = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            inside = line == f"[{group}]"
+        elif inside and "=" in line:
+            key, _, value = line.partition("=")
+            lines.append((key.strip(), re.sub(r"\s*\[.*\]\s*$", "", value.strip())))
+    return lines
+
+
 def _allowed() -> set[str] | None:
     value = os.environ.get("BLKTX_LOAD_PLUGINS")
     if value is None:
@@ -104,8 +195,8 @@ def load(extra: list[tuple[str, object]] | None = None) -> Registry:
     pm.add_hookspecs(hookspecs)
     registry = Registry(pm)
     allowed = _allowed()
-    by_name: dict[str, list[metadata.EntryPoint]] = {}
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    by_name: dict[str, list[EntryPoint]] = {}
+    for ep in entry_points(ENTRY_POINT_GROUP):
         if allowed is None or ep.name in allowed:
             group = by_name.setdefault(ep.name, [])
             if not any(e.value == ep.value for e in group):  # one distribution seen twice on sys.path
@@ -114,7 +205,7 @@ def load(extra: list[tuple[str, object]] | None = None) -> Registry:
         eps = by_name[name]
         if len(eps) > 1:
             # Loading either would silently drop the other's types: load neither, say who.
-            who = ", ".join(f"{_dist(ep)} ({ep.value})" for ep in eps)
+            who = ", ".join(f"{ep.dist} ({ep.value})" for ep in eps)
             registry.problems.append(
                 PluginProblem(
                     name, f"entry point name {name!r} is claimed by {who}; none of them was loaded: rename one entry point"
@@ -134,11 +225,6 @@ def load(extra: list[tuple[str, object]] | None = None) -> Registry:
         pm.trace.root.setwriter(sys.stderr.write)
         pm.enable_tracing()
     return registry
-
-
-def _dist(ep: metadata.EntryPoint) -> str:
-    dist = getattr(ep, "dist", None)
-    return f"{dist.name} {dist.version}" if dist is not None else "an unknown distribution"
 
 
 def _add(registry: Registry, name: str, plugin: object) -> None:

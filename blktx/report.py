@@ -1,4 +1,5 @@
-"""Rendering results and registries for people (rich tables) and for scripts (JSON)."""
+"""Rendering results and registries for people (rich tables on a terminal, plain
+text in logs) and for scripts (JSON)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,21 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
+from blktx import plain
 from blktx.events import Event
 from blktx.hookspecs import hookimpl
+from blktx.plain import escape
 from blktx.plugins import Registry
 from blktx.result import COMMITTED, Result, action_json
+
+
+class Console(Protocol):
+    """Where people's output goes: a rich ``Console`` on a terminal, else :class:`blktx.plain.Console`."""
+
+    def print(self, value: Any = "", *, markup: bool = True, highlight: bool = False) -> None: ...
+
 
 _STYLE = {
     "INVALIDATED": "green",
@@ -41,14 +47,35 @@ LOG_WIDTH = 100_000
 
 
 def console(stream: TextIO | None = None) -> Console:
-    """A console for people: on a terminal, its width (``$COLUMNS`` when set); piped
-    to a file, journald or cron mail, ``$COLUMNS`` or no folding at all."""
+    """A console for people: on a terminal, rich at its width (``$COLUMNS`` when set);
+    piped to a file, journald or cron mail, plain lines never folded
+    (:mod:`blktx.plain`), or rich folding at ``$COLUMNS`` when that is set."""
     stream = stream or sys.stdout
     width = None
     if not stream.isatty():
         columns = os.environ.get("COLUMNS", "")
-        width = int(columns) if columns.isdigit() and int(columns) > 0 else LOG_WIDTH
-    return Console(file=stream, highlight=False, emoji=False, width=width, soft_wrap=width == LOG_WIDTH)
+        if not (columns.isdigit() and int(columns) > 0):
+            return plain.Console(stream)
+        width = int(columns)
+    from rich.console import Console as Rich
+
+    return Rich(file=stream, highlight=False, emoji=False, width=width)
+
+
+def table(out: Console) -> Any:
+    """A table for ``out``: rich's where rich prints, else a :class:`blktx.plain.Table`."""
+    if isinstance(out, plain.Console):
+        return plain.Table()
+    from rich.table import Table
+
+    return Table(show_edge=False, pad_edge=False)
+
+
+def _action_table(out: Console) -> Any:
+    found = table(out)
+    for col in ("#", "type", "target", "state", "time", "error"):
+        found.add_column(col, overflow="fold", no_wrap=col in ("#", "type", "state", "time"))
+    return found
 
 
 #: How every JSON document is printed: ``json.dumps(data, indent=2, default=str)``.
@@ -96,13 +123,11 @@ def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
         for p in result.problems:
             out.print(f"[red]error[/red]: {escape(str(p))}", markup=True, highlight=False)
     if result.actions and not result.problems:
-        table = Table(title=None, show_edge=False, pad_edge=False)
-        for col in ("#", "type", "target", "state", "time", "error"):
-            table.add_column(col, overflow="fold", no_wrap=col in ("#", "type", "state", "time"))
+        rows = _action_table(out)
         for a in result.actions[:limit]:
             took = sum((a.durations or {}).values())
             state = a.state if not result.checked_only else "checked"
-            table.add_row(
+            rows.add_row(
                 str(a.index),
                 escape(a.type.name),
                 escape(a.target),
@@ -110,7 +135,7 @@ def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
                 f"{took * 1000:.1f} ms" if took else "",
                 escape(a.error or ""),
             )
-        out.print(table)
+        out.print(rows)
         if len(result.actions) > limit:
             out.print(f"... and {len(result.actions) - limit} more actions (use --json for all)")
     for a in result.actions[:limit]:
@@ -158,12 +183,10 @@ def print_shown(tx: dict[str, Any], out: Console) -> None:
         f"spec: {tx.get('file') or '(python)'}" + (f" - {tx['description']}" if tx.get("description") else ""), markup=False
     )
     out.print(f"started {started}{took}; {len(tx['actions'])} action(s)", markup=False)
-    table = Table(show_edge=False, pad_edge=False)
-    for col in ("#", "type", "target", "state", "time", "error"):
-        table.add_column(col, overflow="fold", no_wrap=col in ("#", "type", "state", "time"))
+    rows = _action_table(out)
     for a in tx["actions"]:
         ms = sum((a["durations"] or {}).values()) * 1000
-        table.add_row(
+        rows.add_row(
             str(a["index"]),
             escape(a["type"]),
             escape(a["target"]),
@@ -171,7 +194,7 @@ def print_shown(tx: dict[str, Any], out: Console) -> None:
             f"{ms:.1f} ms" if ms else "",
             escape(a["error"] or ""),
         )
-    out.print(table)
+    out.print(rows)
     for h in tx["holds"]:
         state = "resumed" if h["resumed"] else "NOT resumed: `blktx recover` resumes it"
         out.print(f"quiesced {h['target']} ({h['kind']}): {state}", markup=False)
@@ -216,9 +239,10 @@ class Progress:
     """A ``blktx_event`` plugin that draws one progress bar per phase on a terminal."""
 
     def __init__(self, stream: TextIO) -> None:
+        from rich.console import Console as Rich
         from rich.progress import Progress as RichProgress
 
-        self._bar = RichProgress(console=Console(file=stream, emoji=False, highlight=False), transient=True)
+        self._bar = RichProgress(console=Rich(file=stream, emoji=False, highlight=False), transient=True)
         self._task: Any = None
         self._pending = 0
         self._last = 0.0
