@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import string
 import time
 from dataclasses import dataclass
@@ -56,7 +55,7 @@ def expand(template: str, *, group: str, txid: str, now: float | None = None) ->
         elif spec:
             raise ValueError(f"{{{field}}} takes no format")
         else:
-            parts.append({"host": socket.gethostname(), "group": group, "txid": txid}[field])
+            parts.append({"host": os.uname().nodename, "group": group, "txid": txid}[field])
     name = "".join(parts)
     why = check_name(name, "the expanded name")
     if why:

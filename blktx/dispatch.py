@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from blktx.actiontype import Action, ActionType
@@ -26,6 +25,8 @@ def dispatch(
             if stop():
                 return
         return
+    from concurrent.futures import ThreadPoolExecutor  # not imported by a serial run
+
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix=name) as pool:
         list(pool.map(work, units))
 

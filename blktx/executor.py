@@ -7,10 +7,10 @@ contract it keeps.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
@@ -40,7 +40,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def new_txid() -> str:
-    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(4).hex()
 
 
 class Executor:

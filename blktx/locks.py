@@ -28,7 +28,6 @@ import errno
 import fcntl
 import json
 import os
-import sqlite3
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -86,6 +85,8 @@ class Claim:
 def journal_state(journal: str, txid: str) -> TxState | str | None:
     """The transaction's state in ``journal``; None when it has no such row; a string
     saying why when the journal cannot be read."""
+    import sqlite3  # only when a claim is met: not on every start
+
     try:
         with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=5)) as db:
             row = db.execute("SELECT status FROM tx WHERE txid = ?", (txid,)).fetchone()

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from blktx.actiontype import Action, Leftover
 from blktx.catalog import commit_change, group_problem
@@ -28,7 +28,9 @@ from blktx.events import Event, Hold, proof_of_cut
 from blktx.locks import Claim, NullLocker
 from blktx.result import Failure, Result
 from blktx.states import CANCELED, CREATED, DOING, INVALIDATED, LIVE_STATES, START, TX_FINAL, TxLifecycle, TxState
-from blktx.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from blktx.watchdog import Watchdog
 
 
 class Journal(Protocol):
@@ -63,15 +65,13 @@ class NullJournal:
 
 
 def together(journal: Journal) -> contextlib.AbstractContextManager[None]:
-    """The journal's way of making several writes one (``SqliteJournal.together``),
-    or nothing for a journal without one."""
+    """The journal's way of making several writes one (``SqliteJournal.together``), or nothing."""
     batch = getattr(journal, "together", None)
     return batch() if batch is not None else contextlib.nullcontext()
 
 
 class Interrupt:
-    """Why the run should stop (a signal's name, or a caller's request), shared
-    between the signal handler, :meth:`Executor.interrupt` and the run."""
+    """Why the run stops (a signal's name, a caller's request): for the signal handler, ``Executor.interrupt``, the run."""
 
     def __init__(self) -> None:
         self.why: str | None = None
@@ -273,10 +273,10 @@ class TransactionRun:
         early = [a for a in undoable if a.type.do_before_quiesce] if quiesced else []
         late = [a for a in undoable if not a.type.do_before_quiesce] if early else undoable
         if quiesced and self.journal.path and os.environ.get("BLKTX_WATCHDOG") != "0":
-            # The dead-man switch, started early so that it is ready when the window opens.
+            from blktx.watchdog import Watchdog  # the dead-man switch, started early: ready when the window opens
+
             self.watchdog = Watchdog(self.journal.path, txid, ctx.options.max_window)
-        # The do intent (every action may begin, its undo facts) goes before the window:
-        # recover cancels an action the journal says began, whether or not its do ran.
+        # The do intent (every action may begin, its undo facts) goes before the window: recover cancels what began.
         if quiesced:
             journal.intent(txid, "quiesce", self.actions)
         journal.intent(txid, "do", undoable)

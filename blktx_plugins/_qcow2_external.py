@@ -25,7 +25,6 @@ overlay made by group snapshot k-1.
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 import subprocess
 from dataclasses import dataclass
@@ -270,7 +269,7 @@ class ExternalRevert(ActionType):
             raise Refused(f"overlay {overlay} already exists", hint="choose a new name")
         if not os.access(os.path.dirname(overlay), os.W_OK):
             raise Refused(f"cannot create files in {os.path.dirname(overlay)}")
-        token = f"blktx-{ctx.txid}-{secrets.token_hex(4)}"
+        token = f"blktx-{ctx.txid}-{os.urandom(4).hex()}"
         action.undo.update(
             {
                 "link": os.readlink(device),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -64,8 +63,8 @@ class ExternalCreate(_QmpType):
                 f"drive {action.params['drive']} of VM {action.params['vm']} is opened as "
                 f"{shown(info['file'])}, not a file path [rule confined-paths]: an overlay cannot name it"
             )
-        action.undo["overlay_node"] = f"blktx{action.index}-{secrets.token_hex(4)}"
-        action.undo["tmp"] = f"{action.params['overlay']}.blktx-{secrets.token_hex(6)}"
+        action.undo["overlay_node"] = f"blktx{action.index}-{os.urandom(4).hex()}"
+        action.undo["tmp"] = f"{action.params['overlay']}.blktx-{os.urandom(6).hex()}"
         if action.params.get("device"):
             self._check_device(action, {**info, "file": file})
 
@@ -88,7 +87,7 @@ class ExternalCreate(_QmpType):
         folder = os.path.dirname(device)
         if not os.access(folder, os.W_OK):
             raise Refused(f"cannot re-point device {device}: its folder {folder} is not writable")
-        action.undo.update({"link": os.readlink(device), "old": current, "swap": f"{device}.blktx-{secrets.token_hex(6)}"})
+        action.undo.update({"link": os.readlink(device), "old": current, "swap": f"{device}.blktx-{os.urandom(6).hex()}"})
 
     def do_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         """Make every overlay file at once (``qemu-img`` processes side by side), then

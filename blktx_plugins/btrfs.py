@@ -17,11 +17,9 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import secrets
 import shutil
 import struct
 import subprocess
-import uuid as uuidlib
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionType, Leftover, Param, Refused, RunContext, hookimpl
@@ -229,6 +227,8 @@ def delete_subvolume(path: str, uuid: str) -> bool:
             return False
         info = bytearray(504)
         fcntl.ioctl(fd, _IOC_GET_SUBVOL_INFO, info)
+        import uuid as uuidlib  # here, not at start-up
+
         if str(uuidlib.UUID(bytes=bytes(info[296:312]))) != uuid.lower():
             return False
         treeid = struct.unpack_from("<Q", info, 0)[0]
@@ -277,7 +277,7 @@ class Snapshot(ActionType):
         action.undo["source_uuid"] = info.get("UUID", "")
         # A private name in dest's folder, recorded before it is created (the do intent).
         folder, base = os.path.split(dest)
-        action.undo["tmp"] = os.path.join(folder, f".{base}.blktx-{ctx.txid}-{secrets.token_hex(4)}")
+        action.undo["tmp"] = os.path.join(folder, f".{base}.blktx-{ctx.txid}-{os.urandom(4).hex()}")
 
     def do(self, action: Action, ctx: RunContext) -> None:
         dest, tmp = action.params["dest"], action.undo["tmp"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import signal
 import subprocess
 import tempfile
@@ -103,7 +102,7 @@ class Exec(ActionType):
                 "running external commands is not allowed (pass --allow-exec)"
             )
         argv: list[str] = action.params[phase]
-        token = secrets.token_hex(12)
+        token = os.urandom(12).hex()
         env = {
             **os.environ,
             **(action.params["env"] or {}),

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import threading
 import time
@@ -140,7 +139,7 @@ def _ours(path: str, ident: list[int] | None) -> bool:
 
 def _write(folder: str, name: str, data: bytes) -> None:
     """A complete file or none: written under a private name, fsynced, renamed."""
-    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}")
+    tmp = os.path.join(folder, f".{name}.{os.urandom(4).hex()}")
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
     try:
         _write_all(fd, data)
@@ -252,7 +251,7 @@ class Backup(ActionType):
                 hint="grant them, or set save_wal = false and archive the WAL yourself",
             )
         folder, base = os.path.split(dest)
-        action.undo["tmp"] = os.path.join(folder, f".{base}.blktx-{ctx.txid}-{secrets.token_hex(4)}")
+        action.undo["tmp"] = os.path.join(folder, f".{base}.blktx-{ctx.txid}-{os.urandom(4).hex()}")
 
     def do(self, action: Action, ctx: RunContext) -> None:
         dest, tmp = action.params["dest"], action.undo["tmp"]
