@@ -11,7 +11,6 @@ removal only of the recorded identity.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
@@ -107,6 +106,8 @@ def remove_if_ours(path: str, ident: list[int] | None) -> bool:
 def rename_noreplace(src: str, dst: str) -> None:
     """``renameat2(RENAME_NOREPLACE)``: unlike ``rename(2)``, never replaces ``dst``
     (an empty folder included); ``FileExistsError`` if anything is there."""
+    import ctypes  # here: every start of blktx would pay for it
+
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) != 0:
         err = ctypes.get_errno()

@@ -16,11 +16,10 @@ timeout is reported as busy or hung too: never as a VM that died.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
-import socket
 import stat
 import struct
+from typing import TYPE_CHECKING
 
 from blktx_plugins._qemu import Qmp, VmGone
 
@@ -99,6 +98,8 @@ def _unix_waiting(path: str) -> bool | None:
 def _unix_listeners() -> list[tuple[tuple[int, int], int]]:
     """Every listening unix socket bound to a file: ((inode, dev) of the file, the
     connections in its queue)."""
+    import socket  # here: every start of blktx would pay for it
+
     request = struct.pack(
         "=BBHIIIII", socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, 0, _UDIAG_SHOW_VFS | _UDIAG_SHOW_RQLEN, 0xFFFFFFFF, 0xFFFFFFFF
     )
@@ -135,9 +136,16 @@ def _unix_listeners() -> list[tuple[tuple[int, int], int]]:
 # -- TCP ports of this host: /proc/net/tcp --------------------------------------------------
 
 
+if TYPE_CHECKING:
+    import ipaddress
+
+
 def _local(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
     """The addresses ``host`` names when it is this host's (an address literal one can
     bind, or ``localhost``); None otherwise (no name is looked up)."""
+    import ipaddress
+    import socket
+
     names = ["127.0.0.1", "::1"] if host == "localhost" else [host.strip("[]")]
     try:
         addresses = [ipaddress.ip_address(n) for n in names]
@@ -154,6 +162,8 @@ def _local(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address] | N
 
 
 def _tcp_waiting(host_port: str) -> bool | None:
+    import ipaddress
+
     host, port = host_port.rsplit(":", 1)
     addresses = _local(host)
     if addresses is None:
