@@ -12,7 +12,7 @@ from blktx import cli_groups, plugins
 from blktx.context import QUIESCE_MODES
 from blktx.errors import EXIT_INVALID, BlktxError, InvalidTransaction, Problem
 from blktx.executor import Executor
-from blktx.plain import escape
+from blktx.plain import escape, record
 from blktx.report import Progress, console, print_json, print_result, print_shown, print_types, table, types_json
 from blktx.result import Result
 from blktx.spec import Transaction, load_spec
@@ -70,7 +70,7 @@ def _registry(args: argparse.Namespace) -> plugins.Registry:
     if not getattr(args, "json", False):
         err = console(sys.stderr)
         for problem in registry.problems:
-            err.print(f"[yellow]warning[/yellow]: {escape(str(problem))}", highlight=False)
+            err.print(f"[yellow]warning[/yellow]: {record(str(problem))}", highlight=False)
     return registry
 
 

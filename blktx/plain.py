@@ -37,6 +37,12 @@ def escape(markup: str) -> str:
     return markup
 
 
+def record(text: str) -> str:
+    """``text`` escaped for markup and made one line (``\\n``, ``\\t`` shown): an error,
+    warning or leftover is one record, on a terminal and in a log alike."""
+    return escape(text.translate(_SHOWN))
+
+
 def render(markup: str) -> str:
     """The text of console markup: tags dropped, escaped brackets and backslashes kept."""
     if "[" not in markup:

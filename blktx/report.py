@@ -13,7 +13,7 @@ from typing import Any, Protocol, TextIO
 from blktx import plain
 from blktx.events import Event
 from blktx.hookspecs import hookimpl
-from blktx.plain import escape
+from blktx.plain import escape, record
 from blktx.plugins import Registry
 from blktx.result import COMMITTED, Result, action_json
 
@@ -121,7 +121,7 @@ def _result_pieces(result: Result) -> Iterator[str]:
 def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
     if result.problems:
         for p in result.problems:
-            out.print(f"[red]error[/red]: {escape(str(p))}", markup=True, highlight=False)
+            out.print(f"[red]error[/red]: {record(str(p))}", markup=True, highlight=False)
     if result.actions and not result.problems:
         rows = _action_table(out)
         for a in result.actions[:limit]:
@@ -149,11 +149,11 @@ def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
     if result.cut is not None:
         out.print(_cut_line(result.cut), markup=False)
     for lo in result.leftovers:
-        out.print(f"[red]left behind[/red]: {escape(str(lo))}")
+        out.print(f"[red]left behind[/red]: {record(str(lo))}")
     for f in result.pending:
-        out.print("[yellow]pending finalize[/yellow]: " + escape(f"action #{f.action} ({f.type}) on {f.target}: {f.message}"))
+        out.print("[yellow]pending finalize[/yellow]: " + record(f"action #{f.action} ({f.type}) on {f.target}: {f.message}"))
     for w in result.warnings:
-        out.print(f"[yellow]warning[/yellow]: {escape(w)}")
+        out.print(f"[yellow]warning[/yellow]: {record(w)}")
     colour = "green" if result.outcome == COMMITTED else "red" if result.problems or result.leftovers else "yellow"
     out.print(f"[bold {colour}]{escape(result.summary())}[/]")
 

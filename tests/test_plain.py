@@ -104,3 +104,17 @@ def test_a_check_in_a_log_does_not_import_rich(tmp_path) -> None:  # type: ignor
     assert out.returncode == 0, out.stderr
     assert "check passed" in out.stdout
     assert out.stdout.splitlines()[-2:] == ["NO-RICH", "NO-METADATA"]
+
+
+def test_an_error_with_a_newline_is_one_record(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from blktx.errors import Problem
+    from blktx.report import print_result
+    from blktx.result import Result
+    from blktx.states import TxState
+
+    out = io.StringIO()
+    problem = Problem("qemu-img: Could not open\nerror: forged record", file="spec.toml", line=3)
+    print_result(Result("t", TxState.INVALID, problems=[problem]), plain.Console(out))
+    first, *rest = out.getvalue().splitlines()
+    assert first.startswith("error: spec.toml:3") and first.endswith("Could not open\\nerror: forged record")
+    assert not any(line.startswith("error:") for line in rest)
