@@ -13,19 +13,29 @@ raised to the hard one (:func:`~blktx_plugins._qemu.child_nofile`); blktx holds 
 batch's descriptors while it spawns that daemon, one spawn at a time. So a batch
 is at most what both limits leave (:func:`batch_limit`), and a group larger than
 ``daemons x batch`` gets more daemons rather than a failed open.
+
+Each daemon's thread in :meth:`Daemons.close` goes on, once that daemon has exited
+and so holds its images no more, to record VM clock 0 in the snapshots it made
+(:func:`~blktx_plugins._qcow2_format.zero_vm_clocks`): the daemon records the host's
+clock there, ``qemu-img snapshot -c`` 0.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import resource
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from blktx import ActionFailed
+from blktx_plugins._image import Snapshot
+from blktx_plugins._qcow2_format import zero_vm_clocks
 from blktx_plugins._qemu import StorageDaemon, child_nofile, run_async
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -113,6 +123,7 @@ class Daemons:
     def __init__(self, groups: list[list[str]], txid: str, idents: dict[str, list[int]]) -> None:
         self.daemons: list[StorageDaemon] = []
         self.of: dict[str, StorageDaemon] = {}
+        self.idents = idents
         if not groups:
             return
 
@@ -189,9 +200,22 @@ class Daemons:
         )
         return [([key for key, _, _ in items], replies[d]) for d, items in mine.items()]
 
-    def close(self) -> None:
+    def close(self, made: Mapping[str, Sequence[Snapshot]] | None = None) -> None:
+        """Quit every daemon, all at once; then, in each daemon's thread once it has
+        exited, record VM clock 0 in the snapshots ``made`` (by image) that it made.
+        That step is cosmetic: its failure is logged, never raised."""
+
+        def one(d: StorageDaemon) -> None:
+            d.close()  # returns once the daemon has exited: its descriptors and locks are gone
+            for image in d.node:
+                if made and made.get(image):
+                    try:
+                        zero_vm_clocks(image, self.idents.get(image), made[image])
+                    except Exception as exc:  # noqa: BLE001 - cosmetic: the snapshot is made either way
+                        log.debug("%s: VM clock of the new snapshot left as QEMU wrote it: %s", image, exc)
+
         if len(self.daemons) == 1:
-            self.daemons[0].close()
+            one(self.daemons[0])
         elif self.daemons:
             with ThreadPoolExecutor(max_workers=len(self.daemons), thread_name_prefix="blktx-qsd") as pool:
-                list(pool.map(StorageDaemon.close, self.daemons))
+                list(pool.map(one, self.daemons))

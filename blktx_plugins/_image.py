@@ -116,6 +116,17 @@ class Header:
     backing_format: str | None
     data_file: str | None
     ident: list[int]
+    #: Each snapshot's table entry: where it lies in the file and its VM clock.
+    entries: list[Entry] = field(default_factory=list, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A snapshot's entry in the snapshot table (QEMU's docs/interop/qcow2.txt)."""
+
+    offset: int  # of the entry's first byte, in the file
+    snapshot: Snapshot
+    vm_clock_nsec: int  # bytes 24..31 of the entry
 
 
 def open_image(path: str) -> int:
@@ -211,6 +222,12 @@ def _read_image(path: str) -> Header:
         os.close(fd)
 
 
+def read_open(fd: int, path: str) -> Header:
+    """The header of the qcow2 image open as ``fd`` (named ``path`` in errors), read
+    in this thread, within the same limits as :func:`read_image`."""
+    return _parse(fd, path)
+
+
 def read_header(path: str) -> tuple[int, list[Snapshot], str | None]:
     """The qcow2 version, internal snapshots and backing file name of ``path``."""
     h = read_image(path)
@@ -254,8 +271,9 @@ def _parse(fd: int, path: str) -> Header:
         if not 104 <= header_len <= cluster:
             raise bad(f"header_length {header_len}")
     backing_format, data_file = _extensions(fd, path, header_len, backing_off or cluster, bad)
-    snaps = _snapshots(fd, path, nb, snap_off, st.st_size, bad) if nb else []
-    return Header(version, size, snaps, backing, backing_format, data_file, [st.st_dev, st.st_ino])
+    entries = _snapshots(fd, path, nb, snap_off, st.st_size, bad) if nb else []
+    snaps = [e.snapshot for e in entries]
+    return Header(version, size, snaps, backing, backing_format, data_file, [st.st_dev, st.st_ino], entries)
 
 
 def _extensions(fd: int, path: str, start: int, end: int, bad: Callable[[str], Refused]) -> tuple[str | None, str | None]:
@@ -279,7 +297,7 @@ def _extensions(fd: int, path: str, start: int, end: int, bad: Callable[[str], R
     return backing_format, data_file
 
 
-def _snapshots(fd: int, path: str, nb: int, offset: int, file_size: int, bad: Callable[[str], Refused]) -> list[Snapshot]:
+def _snapshots(fd: int, path: str, nb: int, offset: int, file_size: int, bad: Callable[[str], Refused]) -> list[Entry]:
     # Read as the entries need it, 64 KiB at a time, never past QEMU's limit on the
     # whole table nor the end of the file.
     limit = min(MAX_SNAPSHOTS_SIZE, max(0, file_size - offset))
@@ -297,7 +315,7 @@ def _snapshots(fd: int, path: str, nb: int, offset: int, file_size: int, bad: Ca
     snaps, pos = [], 0
     for _ in range(nb):
         upto(pos + 40)
-        (_l1, _l1size, id_len, name_len, dsec, dnsec, _vm, _vmsize, extra) = struct.unpack_from(">QIHHIIQII", table, pos)
+        (_l1, _l1size, id_len, name_len, dsec, dnsec, vm_clock, _vmsize, extra) = struct.unpack_from(">QIHHIIQII", table, pos)
         if extra > MAX_SNAPSHOT_EXTRA:
             raise bad(f"snapshot extra data of {extra} bytes")
         start = pos + 40 + extra
@@ -305,8 +323,8 @@ def _snapshots(fd: int, path: str, nb: int, offset: int, file_size: int, bad: Ca
         upto(end)
         sid = bytes(table[start : start + id_len]).decode("utf-8", "surrogateescape")
         name = bytes(table[start + id_len : end]).decode("utf-8", "surrogateescape")
+        snaps.append(Entry(offset + pos, Snapshot(sid, name, (dsec, dnsec)), vm_clock))
         pos = end + (8 - (end - pos) % 8) % 8
-        snaps.append(Snapshot(sid, name, (dsec, dnsec)))
     return snaps
 
 

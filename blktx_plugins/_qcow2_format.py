@@ -1,4 +1,7 @@
-"""An empty qcow2 overlay written directly, without a ``qemu-img`` process per image.
+"""qcow2 structures written directly, without a ``qemu-img`` process per image: an
+empty overlay, and the VM clock of an internal snapshot blktx made.
+
+An empty overlay:
 
 An overlay that holds no data yet is a fixed structure (QEMU's docs/interop/qcow2.txt):
 a version 3 header with the backing file's name and format, one refcount table, one
@@ -8,12 +11,25 @@ feature-name table: ``qemu-img check`` finds it clean and QEMU opens it as it op
 its own. It is written through a descriptor in one ``pwritev`` and made durable with
 ``fdatasync`` (as ``qemu-img`` does when it closes the image), so a crash leaves
 either no overlay (the caller publishes it only afterwards) or a whole one.
+
+The VM clock: QEMU records in each internal snapshot the guest's clock when it was
+made (bytes 24..31 of its snapshot table entry, ``vm_clock_nsec``). A snapshot that
+``qemu-storage-daemon`` makes gets the host's realtime clock there, which
+``qemu-img snapshot -l`` shows as some 500,000 hours; ``qemu-img snapshot -c``
+records 0. :func:`zero_vm_clocks` writes 0 into the entries of the snapshots blktx
+made offline, once no process has the image open (QEMU may rewrite or move the
+table of an image it has open): a cosmetic step, whose caller ignores its failure.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import struct
+from collections.abc import Sequence
+
+from blktx_plugins._image import Snapshot, open_verified, read_open
 
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
@@ -87,3 +103,46 @@ def write_overlay(fd: int, backing: str, backing_format: str, size: int) -> None
         if data:
             os.pwrite(fd, data, offset)
     os.fdatasync(fd)
+
+
+#: Where ``vm_clock_nsec`` lies in a snapshot table entry (docs/interop/qcow2.txt).
+VM_CLOCK_OFFSET = 24
+#: QEMU's image locking takes OFD locks on bytes 100.. (permissions held) and
+#: 200.. (permissions not shared) of an image it has open (as ``_qemu.holder`` reads them).
+_QEMU_LOCK_START, _QEMU_LOCK_LEN = 100, 200
+
+
+def zero_vm_clocks(path: str, ident: list[int] | None, snaps: Sequence[Snapshot]) -> int:
+    """Record VM clock 0, as ``qemu-img snapshot -c`` does, in the table entries of
+    ``snaps`` (each found by id, name *and* date) of the image ``path``, the file
+    checked as ``ident`` (device, inode); return how many entries were written.
+
+    Only while no process holds the image: QEMU's lock bytes are taken exclusively
+    for the moment of the write (a QEMU process that has the image open holds them,
+    and one that opens it meanwhile is refused its lock), and the table is read
+    again under them. Each write is 8 aligned bytes, one sector: a crash leaves the
+    entry with QEMU's clock or with 0, never torn. Not made durable (cosmetic: no
+    ``fsync``). Raises :class:`OSError` or :class:`~blktx.Refused` when it cannot.
+    """
+    checked = open_verified(path, ident)  # the checked file, by identity
+    try:
+        # Writable through the checked descriptor (never the path again): same inode.
+        fd = os.open(f"/proc/self/fd/{checked}", os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
+    finally:
+        os.close(checked)
+    try:
+        lock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _QEMU_LOCK_START, _QEMU_LOCK_LEN, 0)
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise OSError(exc.errno, f"{path} is held by another process (QEMU image lock); left alone") from None
+            raise
+        written = 0
+        for entry in read_open(fd, path).entries:
+            if entry.vm_clock_nsec and any(entry.snapshot.same(s) for s in snaps):
+                os.pwrite(fd, bytes(8), entry.offset + VM_CLOCK_OFFSET)
+                written += 1
+        return written
+    finally:
+        os.close(fd)  # releases the lock

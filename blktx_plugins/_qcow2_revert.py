@@ -311,6 +311,7 @@ class InternalRevert(ActionType):
         # From here until close each daemon holds its images' locks: nobody else can
         # add a snapshot, so the one new snapshot of the safety name is QEMU's, made for us.
         failures: dict[int, BaseException] = {}
+        made: dict[str, list[Snapshot]] = {}
         try:
             present = {a.index: read_header(_image(a))[1] for a in actions}
             for a in actions:
@@ -342,8 +343,12 @@ class InternalRevert(ActionType):
                     # The state before the revert, by identity (read under the lock):
                     # once journaled, cancel applies it back.
                     a.undo["made"] = _ident(new[0])
+            if not failures:  # else rolled back: cancel deletes them
+                made = {_image(a): [s] for a in actions if (s := self._made(a)) is not None}
         finally:
-            daemons.close()
+            # Once each daemon has exited, the safety snapshots get VM clock 0 (as
+            # qemu-img's), not the host clock it recorded (cosmetic; before any -a).
+            daemons.close(made)
         # Durable before any data changes, one write for all; after the daemons closed
         # the images (a run killed here leaves them consistent, without leaked
         # clusters). Killed before it, cancel finds each one by its name, as above.

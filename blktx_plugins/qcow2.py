@@ -263,6 +263,7 @@ class InternalCreate(ActionType):
         daemons = Daemons(batches(sorted({_image(a) for a in fresh}), ctx.options.jobs), ctx.txid, _idents(fresh))
         # From here until close each daemon holds its images' locks: nobody else can
         # add a snapshot, so the new one of each name is QEMU's, made for us.
+        made: dict[str, list[Snapshot]] = {}
         try:
             self._started(fresh, ctx, {image: d.heartbeat for image, d in daemons.of.items()})
             failures: dict[int, BaseException] = {}
@@ -278,8 +279,11 @@ class InternalCreate(ActionType):
             ctx.remember(fresh)  # before close releases the locks
             if failures:
                 raise ActionFailures(failures)
+            # Once each daemon has exited, its snapshots get VM clock 0 (as qemu-img's),
+            # not the host clock it recorded; found by id, name and date, as journaled.
+            made = {_image(a): [Snapshot(m[0], a.params["name"], (m[1], m[2])) for m in a.undo["made"]] for a in fresh}
         finally:
-            daemons.close()
+            daemons.close(made)
             unknown = [a for a in fresh if "made" not in a.undo]
             if unknown:
                 # A daemon died under us (close has reaped it): its locks are gone by

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from hypothesis import strategies as st
 from qemu_helpers import chain, make_image, needs_qemu_img, same_data, snapshots, world
 
 from blktx import ActionSpec, Executor, Transaction
+from blktx.journal import SqliteJournal
 from blktx.plugins import default_registry
 
 pytestmark = needs_qemu_img
@@ -787,3 +790,63 @@ def test_two_devices_writing_one_overlay_are_refused_at_check(tmp_path: Path) ->
     (problem,) = result.problems
     assert problem.action == 1 and f"creates {tmp_path / 'new.qcow2'}, as action #0" in problem.message
     assert world(tmp_path) == before
+
+
+# -- the VM clock of an offline snapshot (issue 17 item 8) ------------------------------------
+
+
+def qemu_snapshots(path: Path) -> dict[str, dict[str, Any]]:
+    """Each snapshot of ``path`` by name, as QEMU lists it (``qemu-img info
+    --output=json``: this qemu-img's ``snapshot -l`` has no JSON output)."""
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, text=True, check=True)
+    return {s["name"]: s for s in json.loads(out.stdout).get("snapshots", [])}
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_an_offline_internal_snapshot_records_vm_clock_0_as_qemu_img_does(tmp_path: Path, jobs: int) -> None:
+    """qemu-storage-daemon records the host's clock as a snapshot's VM clock
+    (``qemu-img snapshot -l`` showed some 498,000 hours); once blktx's daemons have
+    exited it writes 0 there, as ``qemu-img snapshot -c`` records: in exactly the
+    snapshots the run made, their id, name and date those the journal keeps."""
+    n = 24  # with jobs = 3, three daemons: each one's images patched in its own thread
+    for i in range(n):
+        make_image(tmp_path / f"d{i}.qcow2", size="1M", snapshots=("weekly",) if i % 5 == 0 else ())
+    # somebody else's snapshot, with a VM clock of its own (2 h and 123 ns): left alone
+    _patch(tmp_path / "d0.qcow2", _snap_table(tmp_path / "d0.qcow2") + 24, ">Q", 7_200_000_000_123)
+    spec = tmp_path / "t.toml"
+    spec.write_text(
+        f"version = 1\n[options]\njobs = {jobs}\n"
+        + "".join(f'[[action]]\ntype = "qcow2.internal-create"\nimage = "d{i}.qcow2"\nname = "nightly"\n' for i in range(n))
+    )
+    journal = tmp_path / "journal.sqlite"
+    out = subprocess.run(
+        [sys.executable, "-m", "blktx", "run", str(spec), "--journal", str(journal)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    (entry,) = SqliteJournal(str(journal)).group_snapshots()
+    made = {m["target"]: m["identity"]["made"] for m in entry["members"]}
+    for i in range(n):
+        image = tmp_path / f"d{i}.qcow2"
+        snaps = qemu_snapshots(image)
+        ours = snaps["nightly"]
+        assert (ours["vm-clock-sec"], ours["vm-clock-nsec"]) == (0, 0), ours
+        assert made[str(image)] == [[ours["id"], ours["date-sec"], ours["date-nsec"]]], "id, name and date unchanged"
+        if i == 0:
+            assert (snaps["weekly"]["vm-clock-sec"], snaps["weekly"]["vm-clock-nsec"]) == (7200, 123)
+        elif i % 5 == 0:
+            assert (snaps["weekly"]["vm-clock-sec"], snaps["weekly"]["vm-clock-nsec"]) == (0, 0)
+        check = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True, check=False)
+        assert check.returncode == 0 and "No errors were found on the image." in check.stdout, check.stdout + check.stderr
+
+
+def test_a_vm_clock_that_cannot_be_written_fails_nothing(images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VM clock is cosmetic: a failure to write it neither fails nor rolls back the run."""
+    from blktx_plugins import _daemons
+
+    def fail(*_: Any) -> int:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_daemons, "zero_vm_clocks", fail)
+    result = run(images, group(20))
+    assert result.outcome == "committed", result.summary()
+    assert all("nightly" in qemu_snapshots(images / f"d{i}.qcow2") for i in range(20))

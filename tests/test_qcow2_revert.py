@@ -180,6 +180,27 @@ def test_keep_current_keeps_the_state_before_the_revert_and_names_it(app: Path, 
     assert all(snapshots(app / name) == [("1", "s1")] for name in IMAGES)
 
 
+def test_the_kept_state_records_vm_clock_0_its_identity_unchanged(app: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The safety snapshot, made through qemu-storage-daemon as the group's own are,
+    records VM clock 0 as ``qemu-img snapshot -c`` does (not the host's clock), and
+    keeps the id, name and date the catalog records."""
+    from blktx.journal import SqliteJournal
+
+    status, result = cli(capsys, "revert", "--keep-current", "app@s1")
+    assert status == 0, result
+    safety = f"blktx-before-revert-{result['txid']}"
+    (kept,) = [e for e in SqliteJournal(os.environ["BLKTX_JOURNAL"]).group_snapshots("app") if e["txid"] == result["txid"]]
+    made = {m["params"]["image"]: m["identity"]["made"] for m in kept["members"]}
+    for name in IMAGES:
+        out = run("qemu-img", "info", "-U", "--output=json", str(app / name))
+        snaps = {s["name"]: s for s in json.loads(out)["snapshots"]}
+        for snap in (snaps["s1"], snaps[safety]):
+            assert (snap["vm-clock-sec"], snap["vm-clock-nsec"]) == (0, 0), snap
+        ours = snaps[safety]
+        assert made[str(app / name)] == [[ours["id"], ours["date-sec"], ours["date-nsec"]]]
+        assert clean(app / name)
+
+
 # -- (c) a member that fails rolls every image back ----------------------------------------
 
 
