@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shlex
 import time
 from collections.abc import Sequence
@@ -518,7 +517,7 @@ class ExternalCreate(ActionType):
             raise Refused(f"cannot create files in {os.path.dirname(overlay)}")
         # Private names, unique to this action and recorded before they are created:
         # the overlay when the filesystem has no unnamed files, and the symlink swap.
-        token = f"blktx-{ctx.txid}-{secrets.token_hex(4)}"
+        token = f"blktx-{ctx.txid}-{os.urandom(4).hex()}"
         action.undo.update(
             {
                 "link": os.readlink(device),
