@@ -14,7 +14,7 @@ from pathlib import Path
 from blktx import hookspecs
 from blktx.context import spec_options
 from blktx.states import CORE_TRANSITIONS, TX_TRANSITIONS, Lifecycle, TxLifecycle
-from blktx.status import STATUS
+from blktx.status import ACTION_WORDS, STATUS
 
 
 def hook_names() -> list[str]:
@@ -60,6 +60,13 @@ def lifecycle_md() -> str:
     ]
     lines += [f"| `{t.trigger}` | {t.source} | {t.dest} | {t.why} |" for t in CORE_TRANSITIONS]
     lines += [
+        "",
+        "The tables of `blktx run`, `check` and `show` print an action's state in these",
+        "words; `--json` and the journal keep the state's name.",
+        "",
+        "| state | printed |",
+        "| --- | --- |",
+        *(f"| {state} | {word} |" for state, word in ACTION_WORDS.items()),
         "",
         "## The transaction lifecycle",
         "",

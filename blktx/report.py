@@ -16,6 +16,7 @@ from blktx.hookspecs import hookimpl
 from blktx.plain import escape, record
 from blktx.plugins import Registry
 from blktx.result import COMMITTED, Result, action_json
+from blktx.status import action_word
 
 
 class Console(Protocol):
@@ -35,9 +36,10 @@ _STYLE = {
 
 
 def _state(state: str, shown: str | None = None) -> str:
-    """A state for a table cell, coloured when it has a colour; never broken markup."""
+    """An action's state for a table cell, in people's words (:data:`blktx.status.ACTION_WORDS`),
+    coloured when it has a colour; never broken markup."""
     style = _STYLE.get(state)
-    text = escape(shown or state)
+    text = escape(shown or action_word(state))
     return f"[{style}]{text}[/]" if style else text
 
 
@@ -126,7 +128,7 @@ def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
         rows = _action_table(out)
         for a in result.actions[:limit]:
             took = sum((a.durations or {}).values())
-            state = a.state if not result.checked_only else "checked"
+            state = None if not result.checked_only else "checked"
             rows.add_row(
                 str(a.index),
                 escape(a.type.name),

@@ -48,5 +48,21 @@ STATUS: dict[TxState, Status] = {
 }
 
 
+#: How an action's state reads in the tables of ``run`` and ``show``; ``--json``
+#: keeps the machine's names (docs/lifecycle.md). A plugin's own extra state reads as itself.
+ACTION_WORDS: dict[str, str] = {
+    "START": "not started",
+    "DOING": "started",  # the intent is durable: do may have run, perhaps half-way
+    "CREATED": "done",  # made, not switched over (a finalize step: done)
+    "INVALIDATED": "in effect",  # switched over: committed with the transaction
+    "CANCELED": "undone",
+    "CANCEL_FAILED": "cancel failed",
+}
+
+
+def action_word(state: str) -> str:
+    return ACTION_WORDS.get(state, state)
+
+
 def status(state: TxState | str) -> Status:
     return STATUS[TxState(state)]

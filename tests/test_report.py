@@ -21,7 +21,7 @@ def test_table_shows_every_action_and_the_summary() -> None:
         Transaction([ActionSpec("sim.noop", {"key": "a"}), ActionSpec("fault", {"message": "boom"})], base_dir="/tmp")
     )
     text = render(result)
-    assert "sim:noop/a" in text and "CANCELED" in text and "boom" in text
+    assert "sim:noop/a" in text and "undone" in text and "boom" in text
     assert text.strip().splitlines()[-1] == "rolled back: action #1 (fault) on fault:#1 failed in do: boom; nothing changed"
     assert json.loads(json.dumps(result.to_json()))["failure"]["message"] == "boom"
 
