@@ -3,6 +3,7 @@ refusals at once. Touches nothing."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from blktx.actiontype import Action, ActionType
@@ -17,6 +18,10 @@ def check_actions(actions: list[Action], ctx: RunContext, file: str | None) -> l
 
     def refuse(a: Action, exc: BaseException) -> None:
         hint = exc.hint if isinstance(exc, Refused) else None
+        missing = exc.missing if isinstance(exc, Refused) else None
+        if missing and file and ctx.base_dir != os.getcwd() and missing.startswith(ctx.base_dir.rstrip("/") + "/"):
+            where = f"relative paths in {file} resolve against its folder {ctx.base_dir}, not the current folder"
+            hint = f"{hint}; {where}" if hint else where
         problems.append(Problem(str(exc) or type(exc).__name__, file, a.line, None, a.index, None, a.target, hint))
 
     by_index = {a.index: a for a in actions}

@@ -55,12 +55,16 @@ class BlktxError(Exception):
 
 
 class Refused(BlktxError):
-    """Raised by ``ActionType.check`` to refuse an action; nothing has been touched."""
+    """Raised by ``ActionType.check`` to refuse an action; nothing has been touched.
 
-    def __init__(self, reason: str, hint: str | None = None) -> None:
+    ``missing``: the path that does not exist, when that is the reason; the report then
+    says where the spec's relative paths resolve (its folder, not the current one)."""
+
+    def __init__(self, reason: str, hint: str | None = None, *, missing: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.hint = hint
+        self.missing = missing
 
 
 class ActionFailed(BlktxError):

@@ -247,22 +247,28 @@ def from_document(
     return tx
 
 
+#: The caller's own descriptors (``-``, ``/dev/stdin``, ``<(generate)``): read whatever
+#: they are, a pipe included; relative paths resolve against the current folder.
+_DESCRIPTORS = ("/dev/stdin", "/dev/fd/", "/proc/self/fd/")
+
+
 def load_spec(path: str) -> Transaction:
     """Read and parse a spec file. Raises :class:`InvalidTransaction` naming the file."""
-    if path == "-":  # the spec on stdin: relative paths resolve against the current folder
+    if path == "-":
         data = sys.stdin.buffer.read(MAX_SPEC_BYTES + 1)
         return parse_spec(_decode(data, "<stdin>"), file="<stdin>", base_dir=os.getcwd())
+    descriptor = os.path.abspath(path).startswith(_DESCRIPTORS)
     try:
         # O_NONBLOCK: a FIFO in place of the spec must not hang the run
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if descriptor else os.O_NONBLOCK))
     except (OSError, ValueError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else str(exc)
         raise InvalidTransaction([Problem(f"cannot read the spec: {why}", file=path, hint="check the path")]) from None
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not descriptor and not stat.S_ISREG(os.fstat(fd).st_mode):
             raise InvalidTransaction([Problem("the spec is not a regular file", file=path, hint="give the path of a TOML file")])
         data = fh.read(MAX_SPEC_BYTES + 1)
-    return parse_spec(_decode(data, path), file=path)
+    return parse_spec(_decode(data, path), file=path, base_dir=os.getcwd() if descriptor else None)
 
 
 def _decode(data: bytes, path: str) -> str:

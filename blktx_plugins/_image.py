@@ -135,7 +135,7 @@ def open_image(path: str) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
-        raise Refused(f"{path} does not exist", hint="check the path") from None
+        raise Refused(f"{path} does not exist", hint="check the path", missing=path) from None
     except IsADirectoryError:
         raise Refused(f"{path} is a directory, not an image") from None
     except PermissionError:

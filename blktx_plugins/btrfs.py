@@ -273,7 +273,7 @@ class Snapshot(ActionType):
         if os.path.lexists(dest):
             raise Refused(f"{dest} already exists", hint="choose a new destination")
         if not os.path.isdir(os.path.dirname(dest)):
-            raise Refused(f"{os.path.dirname(dest)} does not exist")
+            raise Refused(f"{os.path.dirname(dest)} does not exist", missing=os.path.dirname(dest))
         action.undo["source_uuid"] = info.get("UUID", "")
         # A private name in dest's folder, recorded before it is created (the do intent).
         folder, base = os.path.split(dest)

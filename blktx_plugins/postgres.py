@@ -217,7 +217,7 @@ class Backup(ActionType):
         if os.path.lexists(dest):
             raise Refused(f"{dest} already exists", hint="choose a new destination")
         if not os.path.isdir(os.path.dirname(dest)):
-            raise Refused(f"{os.path.dirname(dest)} does not exist")
+            raise Refused(f"{os.path.dirname(dest)} does not exist", missing=os.path.dirname(dest))
         try:
             session = connect(p, ctx.txid, TIMEOUT)
         except ActionFailed as exc:

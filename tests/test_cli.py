@@ -224,6 +224,44 @@ def test_a_spec_on_stdin_resolves_paths_against_the_current_folder(tmp_path: Pat
     assert str(tmp_path) in json.loads(out.stdout)["actions"][0]["target"]
 
 
+def test_dev_stdin_and_a_process_substitution_read_as_stdin_does(tmp_path: Path) -> None:
+    """``/dev/stdin`` (a redirected file or a pipe) and ``<(generate)`` are the caller's
+    own descriptors: read whatever they are, relative paths against the current folder
+    (not ``/dev``); a FIFO at a spec's path is still refused, never waited on."""
+    import os
+    import subprocess
+    import sys
+
+    from blktx_plugins.sim import make_world
+
+    make_world(str(tmp_path / "sim-world.json"), ["a"])
+    (tmp_path / "s.toml").write_text('version = 1\n[[action]]\ntype = "sim.snapshot"\ndevice = "a"\nname = "n"\n')
+    blktx = f"{sys.executable} -m blktx run --json --journal j.sqlite"
+    for how in (f"{blktx} /dev/stdin < s.toml", f"cat s.toml | {blktx} /dev/stdin", f"{blktx} <(cat s.toml)"):
+        (tmp_path / "j.sqlite").unlink(missing_ok=True)
+        make_world(str(tmp_path / "sim-world.json"), ["a"])
+        out = subprocess.run(["bash", "-c", how], cwd=tmp_path, capture_output=True, text=True, check=False)
+        assert out.returncode == 0, (how, out.stdout, out.stderr)
+        assert str(tmp_path) in json.loads(out.stdout)["actions"][0]["target"], how
+    os.mkfifo(tmp_path / "fifo.toml")
+    out = blktx_cli("check", str(tmp_path / "fifo.toml"))
+    assert out.returncode == 2 and "not a regular file" in out.stdout
+
+
+def test_a_missing_relative_path_says_it_resolves_against_the_specs_folder(tmp_path: Path) -> None:
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "s.toml").write_text(
+        'version = 1\n[[action]]\ntype = "qcow2.internal-create"\nimage = "vm/disk.qcow2"\nname = "n"\n'
+    )
+    out = blktx_cli("check", "specs/s.toml", cwd=tmp_path)
+    assert out.returncode == 2
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("error:")]
+    assert f"{tmp_path}/specs/vm/disk.qcow2 does not exist" in line
+    assert f"relative paths in specs/s.toml resolve against its folder {tmp_path}/specs, not the current folder" in line
+    out = blktx_cli("check", "s.toml", cwd=tmp_path / "specs")  # there, the current folder is the spec's
+    assert "does not exist" in out.stdout and "resolve against" not in out.stdout
+
+
 def test_description_is_stored_and_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     journal = str(tmp_path / "j.sqlite")
     (tmp_path / "t.toml").write_text(
