@@ -28,6 +28,7 @@ and by ``blktx recover``. Domains already paused stay paused.
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import threading
@@ -119,6 +120,8 @@ CALL_TIMEOUT = 300.0
 
 _loop_lock = threading.Lock()
 _loop_ready = False
+#: The process's one connection to each embedded driver (``qemu:///embed?root=DIR``).
+_embedded: dict[str, Any] = {}
 
 
 def version_text(number: int) -> str:
@@ -177,8 +180,52 @@ def uri_key(uri: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+def embedded(uri: str) -> bool:
+    """Whether ``uri`` names a driver embedded in this process (``qemu:///embed?root=DIR``)."""
+    parts = urlsplit(uri)
+    return not parts.netloc and parts.path.rstrip("/") == "/embed"
+
+
+def _embedded_connection(uri: str) -> Any:
+    """The process's one connection to the embedded driver at ``uri``, opened once and
+    kept: libvirt (9.0) registers the embedded driver anew at every open, and the 16th
+    open in one process fails ("Too many drivers, cannot register QEMU"), so a process
+    that ran 15 transactions could run no more. The driver lives in this process
+    anyway; the connection ends with it."""
+    with _loop_lock:
+        conn = _embedded.get(uri)
+    if conn is not None:
+        try:
+            if conn.isAlive():
+                return conn
+        except libvirt.libvirtError:
+            pass
+    conn = open_connection(uri)
+    with _loop_lock:
+        if not _embedded:  # closed before the interpreter tears libvirt's module down
+            atexit.register(_close_embedded)
+        _embedded.setdefault(uri, conn)
+        if _embedded[uri] is not conn:  # another thread opened it meanwhile
+            conn.close()
+        return _embedded[uri]
+
+
+def _close_embedded() -> None:
+    with _loop_lock:
+        conns = list(_embedded.values())
+        _embedded.clear()
+    for conn in conns:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - the process is ending
+            pass
+
+
 def connection(ctx: RunContext, uri: str) -> Any:
-    """The run's one connection to ``uri``, closed when the run ends."""
+    """The run's one connection to ``uri``, closed when the run ends (the process's
+    one connection, kept, for an embedded driver)."""
+    if embedded(uri):
+        return ctx.resource(f"libvirt:{uri}", partial(_embedded_connection, uri))
 
     def make() -> Any:
         conn = open_connection(uri)
@@ -480,7 +527,8 @@ class Snapshot(_LibvirtType):
     def member_exists(self, action: Action) -> bool | None:
         if _load() is None or "token" not in action.undo:
             return None
-        conn = open_connection(action.params["uri"])
+        uri = action.params["uri"]
+        conn = _embedded_connection(uri) if embedded(uri) else open_connection(uri)
         try:
             try:
                 dom = lookup(conn, action.undo.get("uuid") or action.params["domain"])
@@ -489,7 +537,8 @@ class Snapshot(_LibvirtType):
             snap = _find(dom, action.params["name"])
             return snap is not None and _ours(snap, action.undo["token"])
         finally:
-            conn.close()
+            if not embedded(uri):
+                conn.close()
 
 
 # -- quiesce ---------------------------------------------------------------------------

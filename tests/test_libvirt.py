@@ -179,6 +179,21 @@ def test_checks_refuse_with_the_reason(tmp_path: Path, embed: tuple[str, Any], d
     assert seen(domains[0])["snapshots"] == []
 
 
+def test_a_process_runs_any_number_of_transactions_on_one_embedded_driver(
+    tmp_path: Path, embed: tuple[str, Any], domains: list[Any]
+) -> None:
+    """libvirt (9.0) registers an embedded driver anew at each open and refuses the
+    16th open in a process ("Too many drivers"): runs share one connection to it."""
+    from blktx_plugins import libvirt as plugin
+
+    uri, _ = embed
+    for n in range(20):
+        result = Executor().check(Transaction([ActionSpec(SNAP, {"uri": uri, "domain": domains[0].name(), "name": f"n{n}"})]))
+        assert result.outcome == "checked", result.summary()
+    assert plugin.embedded(uri) and not plugin.embedded("qemu+ssh://host/system") and not plugin.embedded("qemu:///system")
+    assert plugin._embedded[uri].isAlive()
+
+
 def test_listed_disks_only(tmp_path: Path, embed: tuple[str, Any], domains: list[Any]) -> None:
     uri, _ = embed
     dom = domains[0]
