@@ -156,9 +156,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     registry = _registry(args)
     entry = registry.types.get(args.type)
     if entry is None:
-        from blktx.params import did_you_mean
-
-        hint = did_you_mean(args.type, [*sorted(registry.types), "transaction"]) or "`blktx types` lists them"
+        hint = registry.unknown(args.type, others=("transaction",))
         print(f"blktx graph: unknown action type {args.type!r} ({hint})", file=sys.stderr)
         return EXIT_INVALID
     lifecycle = entry.cls.lifecycle

@@ -472,7 +472,6 @@ def bind(
     if not tx.actions and (raw is None or "action" not in raw or isinstance(raw.get("action"), list)):
         problem("the transaction has no actions", hint="add at least one [[action]] table")
 
-    names = sorted(registry.types)
     actions: list[Action] = []
     for i, spec in enumerate(tx.actions):
         if "__bad__" in spec.params:
@@ -492,7 +491,7 @@ def bind(
                 "type",
                 action=i,
                 key="type",
-                hint=did_you_mean(spec.type, names) or "`blktx types` lists the installed types",
+                hint=registry.unknown(spec.type),
             )
             continue
         declared = {p.name: p for p in atype.params}

@@ -126,3 +126,38 @@ def test_two_distributions_claiming_one_entry_point_name_is_an_error_naming_both
     (problem,) = [p for p in data["problems"] if p["plugin"] == "qcow2"]
     assert "clash 1.0" in problem["message"] and "blktx " in problem["message"], problem
     assert not any(t["name"].startswith("qcow2.") for t in data["types"]), "neither silently wins"
+
+
+def test_a_type_of_a_plugin_that_did_not_load_is_explained_never_swapped_for_a_live_one(tmp_path) -> None:
+    """Issue 17 item 9: with the ``qcow2`` entry point claimed twice, a spec of
+    ``qcow2.internal-create`` says the plugin did not load and why, and suggests no
+    other plugin's type (``qmp.internal-create`` is a live VM's, not an image file's)."""
+    import os
+    import subprocess
+    import sys
+
+    dist = tmp_path / "clash-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: clash\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[blktx]\nqcow2 = clash_plugin\n")
+    (tmp_path / "clash_plugin.py").write_text("")
+    (tmp_path / "s.toml").write_text('version = 1\n[[action]]\ntype = "qcow2.internal-create"\nimage = "a.qcow2"\nname = "n"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "blktx", "check", str(tmp_path / "s.toml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        check=False,
+    )
+    assert out.returncode == 2
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("error:")]
+    assert "unknown action type 'qcow2.internal-create'" in line and "plugin 'qcow2' did not load" in line, line
+    assert "clash 1.0" in line and "qmp." not in line, line
+
+
+def test_a_guess_from_another_plugin_says_so() -> None:
+    registry = load()
+    assert registry.unknown("qcow2.internal-crate") == "did you mean 'qcow2.internal-create'?"
+    hint = registry.unknown("qcwo2.internal-create")
+    assert hint.startswith("did you mean 'qcow2.internal-create'?") and "a type of plugin 'qcow2', not 'qcwo2'" in hint
+    assert registry.unknown("zzz.qqq") == "`blktx types` lists the installed types"
