@@ -7,7 +7,7 @@ from blktx.context import Options, RunContext
 from blktx.errors import ActionFailed, ActionFailures, BlktxError, InvalidTransaction, Problem, Refused
 from blktx.events import Event, Hold
 from blktx.executor import Executor
-from blktx.hookspecs import hookimpl
+from blktx.hookspecs import Register, hookimpl
 from blktx.params import Param
 from blktx.result import Result
 from blktx.spec import ActionSpec, Transaction, load_spec, parse_spec
@@ -36,6 +36,7 @@ __all__ = [
     "Param",
     "Problem",
     "Refused",
+    "Register",
     "Result",
     "RunContext",
     "Transaction",

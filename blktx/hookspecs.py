@@ -7,8 +7,8 @@ name).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import pluggy
 
@@ -16,6 +16,13 @@ if TYPE_CHECKING:
     from blktx.actiontype import Action, ActionType
     from blktx.context import RunContext
     from blktx.events import Event, Hold
+
+
+class Register(Protocol):
+    """What :func:`blktx_register_action_types` is given: call it once per type."""
+
+    def __call__(self, cls: type[ActionType], /) -> None: ...
+
 
 hookspec = pluggy.HookspecMarker("blktx")
 #: Mark a function of your plugin module as a blktx hook implementation.
@@ -27,7 +34,7 @@ hookimpl = pluggy.HookimplMarker("blktx")
 
 
 @hookspec
-def blktx_register_action_types(register: Callable[[type[ActionType]], None]) -> None:
+def blktx_register_action_types(register: Register) -> None:
     """Register the action types this plugin provides.
 
     :param register: call it once per :class:`~blktx.ActionType` subclass. The core

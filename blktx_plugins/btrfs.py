@@ -22,7 +22,7 @@ import struct
 import subprocess
 from typing import Any
 
-from blktx import Action, ActionFailed, ActionType, Leftover, Param, Refused, RunContext, hookimpl
+from blktx import Action, ActionFailed, ActionType, Leftover, Param, Refused, Register, RunContext, hookimpl
 from blktx_plugins._fs import fsync_dir, rename_noreplace
 
 
@@ -599,7 +599,7 @@ class Revert(ActionType):
 
 
 @hookimpl
-def blktx_register_action_types(register: Any) -> None:
+def blktx_register_action_types(register: Register) -> None:
     register(Snapshot)
     register(Delete)
     register(Revert)

@@ -27,7 +27,7 @@ import tempfile
 import time
 from typing import Any
 
-from blktx import Action, ActionFailed, ActionType, Param, Refused, RunContext, hookimpl
+from blktx import Action, ActionFailed, ActionType, Param, Refused, Register, RunContext, hookimpl
 
 TAIL = 4096
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -185,5 +185,5 @@ def _suppress() -> Any:
 
 
 @hookimpl
-def blktx_register_action_types(register: Any) -> None:
+def blktx_register_action_types(register: Register) -> None:
     register(Exec)

@@ -4,9 +4,7 @@ whole group roll back."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from blktx import Action, ActionFailed, ActionType, Param, Refused, RunContext, hookimpl
+from blktx import Action, ActionFailed, ActionType, Param, Refused, Register, RunContext, hookimpl
 
 
 class Fault(ActionType):
@@ -38,5 +36,5 @@ class Fault(ActionType):
 
 
 @hookimpl
-def blktx_register_action_types(register: Any) -> None:
+def blktx_register_action_types(register: Register) -> None:
     register(Fault)

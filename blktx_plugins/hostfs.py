@@ -21,9 +21,8 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Sequence
-from typing import Any
 
-from blktx import Action, ActionType, Hold, Param, Refused, RunContext, hookimpl
+from blktx import Action, ActionType, Hold, Param, Refused, Register, RunContext, hookimpl
 
 FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
@@ -70,7 +69,7 @@ def _ioctl(path: str, request: int) -> None:
 
 
 @hookimpl
-def blktx_register_action_types(register: Any) -> None:
+def blktx_register_action_types(register: Register) -> None:
     register(FsFreeze)
 
 

@@ -41,7 +41,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from blktx import Action, ActionFailed, ActionType, Hold, Leftover, Param, Refused, RunContext, hookimpl
+from blktx import Action, ActionFailed, ActionType, Hold, Leftover, Param, Refused, Register, RunContext, hookimpl
 from blktx_plugins._fs import fsync_dir, rename_noreplace
 
 KIND = "postgres.backup"
@@ -346,7 +346,7 @@ class Backup(ActionType):
 
 
 @hookimpl
-def blktx_register_action_types(register: Any) -> None:
+def blktx_register_action_types(register: Register) -> None:
     register(Backup)
 
 

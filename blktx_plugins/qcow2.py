@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Param, Refused, RunContext, hookimpl
+from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Param, Refused, Register, RunContext, hookimpl
 from blktx_plugins._daemons import Daemons, batches, fd_problem
 from blktx_plugins._fs import drop_link, is_ours, private_file, publish, remove_if_ours, swap_link
 from blktx_plugins._image import (
@@ -640,10 +640,11 @@ class ExternalCreate(ActionType):
 
 
 @hookimpl
-def blktx_register_action_types(register: Any) -> None:
+def blktx_register_action_types(register: Register) -> None:
     from blktx_plugins import _qcow2_external, _qcow2_revert
 
-    for cls in (InternalCreate, InternalDelete, ExternalCreate, *_qcow2_revert.TYPES, *_qcow2_external.TYPES):
+    types: tuple[type[ActionType], ...] = (InternalCreate, InternalDelete, ExternalCreate)
+    for cls in (*types, *_qcow2_revert.TYPES, *_qcow2_external.TYPES):
         register(cls)
 
 

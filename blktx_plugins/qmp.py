@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Param, Refused, RunContext, hookimpl
+from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Param, Refused, Register, RunContext, hookimpl
 from blktx_plugins._image import Snapshot, bare, has_protocol, name_problem, open_image, read_header, shown, within
 from blktx_plugins._qemu import Agent, Qmp, StorageDaemon, VmGone, gather, holder
 from blktx_plugins._qmp_internal import pick, same, snapshots_of, twice
@@ -543,7 +543,7 @@ class InternalDelete(_QmpType):
 
 
 @hookimpl
-def blktx_register_action_types(register: Any) -> None:
+def blktx_register_action_types(register: Register) -> None:
     from blktx_plugins._qmp_external import ExternalCreate
 
     for cls in (InternalCreate, InternalDelete, ExternalCreate):

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from blktx import Action, ActionFailed, ActionType, Leftover, Param, Refused, RunContext, hookimpl
+from blktx import Action, ActionFailed, ActionType, Leftover, Param, Refused, Register, RunContext, hookimpl
 
 PHASES = ("", "check", "do", "invalidate")
 
@@ -330,6 +330,6 @@ class Noop(ActionType):
 
 
 @hookimpl
-def blktx_register_action_types(register: Any) -> None:
+def blktx_register_action_types(register: Register) -> None:
     for cls in (Snapshot, Overlay, Delete, Revert, Noop):
         register(cls)

@@ -7,9 +7,8 @@ import fcntl
 import os
 import shutil
 import stat
-from typing import Any
 
-from blktx import Action, ActionFailed, ActionType, Leftover, Param, Refused, RunContext, hookimpl
+from blktx import Action, ActionFailed, ActionType, Leftover, Param, Refused, Register, RunContext, hookimpl
 
 FICLONE = 0x40049409  # ioctl: make dest share src's blocks (btrfs, XFS)
 
@@ -111,5 +110,5 @@ class FileSnapshot(ActionType):
 
 
 @hookimpl
-def blktx_register_action_types(register: Any) -> None:
+def blktx_register_action_types(register: Register) -> None:
     register(FileSnapshot)
