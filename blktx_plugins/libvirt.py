@@ -436,7 +436,9 @@ class Snapshot(_LibvirtType):
         return "".join(lines) + "</disks></domainsnapshot>"
 
     def _create(self, action: Action, ctx: RunContext) -> None:
-        _, dom = self._open(action, ctx)
+        # inside a window, the handle its quiesce took: no lookup (a round trip to a
+        # remote host) between suspend and resume
+        dom = _held(ctx).get(action.undo.get("uuid", "")) or self._open(action, ctx)[1]
         flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
         try:
             text = _prepared(ctx).pop(action.index, None) or self._xml(action, ctx, dom)
