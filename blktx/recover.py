@@ -62,6 +62,7 @@ def rebuild(tx: dict[str, Any], registry: Registry, allow_exec: bool) -> tuple[l
         allow_tcp=bool(recorded.get("allow_tcp")),
         shared_folders=bool(recorded.get("shared_folders")),
     )
+    options.extra = dict(recorded.get("extra") or {})  # the [options.<plugin>] tables, as the run had them
     for a, row in zip(actions, tx["actions"], strict=True):
         a.index = row["index"]
         a.target = row["target"]  # as refined by its check; locked with what bind resolved

@@ -327,8 +327,8 @@ def test_plugins_md_options_example_runs(pytester: pytest.Pytester) -> None:
     pytester.runpytest("-q", "-p", "no:cacheprovider").assert_outcomes(passed=2)
 
 
-def test_a_recovered_run_has_no_plugin_options_as_plugins_md_says() -> None:
-    """plugins.md: `blktx recover` rebuilds the actions without the [options.<plugin>] tables."""
+def test_a_recovered_run_has_the_plugin_options_the_run_had_as_plugins_md_says() -> None:
+    """plugins.md: `blktx recover` gives cancels the run's [options.<plugin>] tables."""
     from blktx.context import Options
     from blktx.plugins import load
     from blktx.recover import rebuild
@@ -336,8 +336,10 @@ def test_a_recovered_run_has_no_plugin_options_as_plugins_md_says() -> None:
     recorded = Options(extra={"sim": {"x": 1}})
     row = {"type": "sim.noop", "params": {"key": "k"}, "index": 0, "target": "sim:k"}
     _, options = rebuild({"options": recorded.__dict__, "actions": [row], "base_dir": str(ROOT)}, load(), False)
-    assert options.extra == {}
-    assert "without these tables" in " ".join((ROOT / "docs" / "plugins.md").read_text().split())
+    assert options.extra == {"sim": {"x": 1}}
+    assert "`blktx recover` gives its cancels the same `ctx.options.extra`" in " ".join(
+        (ROOT / "docs" / "plugins.md").read_text().split()
+    )
 
 
 def test_the_docs_table_names_each_property_as_its_failure_message_does() -> None:
