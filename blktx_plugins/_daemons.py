@@ -27,7 +27,6 @@ import math
 import os
 import resource
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from blktx import ActionFailed
@@ -217,5 +216,7 @@ class Daemons:
         if len(self.daemons) == 1:
             one(self.daemons[0])
         elif self.daemons:
+            from concurrent.futures import ThreadPoolExecutor  # here: not at every start
+
             with ThreadPoolExecutor(max_workers=len(self.daemons), thread_name_prefix="blktx-qsd") as pool:
                 list(pool.map(one, self.daemons))

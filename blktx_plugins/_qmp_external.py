@@ -20,7 +20,6 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionFailures, Leftover, Param, Refused, RunContext
@@ -119,6 +118,8 @@ class ExternalCreate(_QmpType):
             # Every overlay's identity is durable (one write) before any is published:
             # cancel removes a file at the overlay's name only if it is that inode.
             ctx.remember([a for a in actions if a.index in privates])
+            from concurrent.futures import ThreadPoolExecutor  # here: not at every start
+
             with ThreadPoolExecutor(max_workers=min(len(actions), 8), thread_name_prefix="blktx-overlay") as pool:
                 list(pool.map(make, [a for a in actions if a.index in privates]))
         finally:

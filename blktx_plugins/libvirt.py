@@ -30,21 +30,18 @@ from __future__ import annotations
 
 import atexit
 import os
-import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from blktx import Action, ActionFailed, ActionFailures, ActionType, Hold, Leftover, Param, Refused, RunContext, hookimpl
+from blktx import Action, ActionFailed, ActionFailures, ActionType, Hold, Leftover, Param, Refused, Register, RunContext, hookimpl
 
 if TYPE_CHECKING:
     import xml.etree.ElementTree as ET
+    from concurrent.futures import Future
 
 
 def _load() -> Any:
@@ -237,6 +234,8 @@ def connection(ctx: RunContext, uri: str) -> Any:
 
 def lookup(conn: Any, ref: str) -> Any:
     """The domain named ``ref`` (a UUID or a name) on ``conn``."""
+    import uuid  # here: not at every start of blktx
+
     try:
         uuid.UUID(ref)
     except ValueError:
@@ -264,6 +263,9 @@ def _all_at_once(
     in its thread: ``pending`` keeps its future under its key, for a cancel to wait)."""
     if not calls:
         return []
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import wait as wait_futures
+
     pool = ThreadPoolExecutor(max_workers=min(len(calls), 32), thread_name_prefix="blktx-libvirt")
     futures = [pool.submit(c) for c in calls]
     pool.shutdown(wait=False)
@@ -412,7 +414,7 @@ class Snapshot(_LibvirtType):
         action.undo.update(
             {
                 "uri_key": uri_key(p["uri"]),
-                "token": f"blktx-{ctx.txid}-{secrets.token_hex(8)}",
+                "token": f"blktx-{ctx.txid}-{os.urandom(8).hex()}",
                 "state": state,
                 "disks": {d: have[d] for d in chosen},
                 "overlays": {d: f"{os.path.splitext(have[d])[0]}.{name}" for d in chosen if have[d]},
@@ -477,6 +479,8 @@ class Snapshot(_LibvirtType):
             return  # never checked: nothing was made
         late = _pending(ctx).pop(action.index, None)
         if late is not None:  # a create that outlived its step: let it end first
+            from concurrent.futures import wait as wait_futures
+
             wait_futures([late], timeout=CALL_TIMEOUT)
         try:
             _, dom = self._open(action, ctx)
@@ -674,8 +678,9 @@ def blktx_resume_many(ctx: RunContext, holds: list[Hold]) -> list[Hold] | None:
 
 
 @hookimpl
-def blktx_register_action_types(register: Any) -> None:
+def blktx_register_action_types(register: Register) -> None:
     from blktx_plugins import _libvirt_catalog
 
-    for cls in (Snapshot, *_libvirt_catalog.TYPES):
+    types: tuple[type[ActionType], ...] = (Snapshot, *_libvirt_catalog.TYPES)
+    for cls in types:
         register(cls)

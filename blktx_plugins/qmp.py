@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Param, Refused, Register, RunContext, hookimpl
@@ -243,6 +242,8 @@ class _QmpType(ActionType):
         if len(vms) == 1:
             one(*vms[0])
         else:
+            from concurrent.futures import ThreadPoolExecutor  # here: not at every start
+
             with ThreadPoolExecutor(max_workers=min(len(vms), 32), thread_name_prefix="blktx-qmp") as pool:
                 list(pool.map(lambda vm: one(*vm), vms))
         if failures:

@@ -39,3 +39,19 @@ def test_ruff_format_clean() -> None:
         text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_plugin_types_its_register_argument() -> None:
+    """Issue 17 item 14: ``register`` is ``blktx.Register``, never ``Any``, in every built-in
+    plugin and in the example package."""
+    import ast
+
+    files = [*ROOT.glob("blktx_plugins/*.py"), *ROOT.glob("examples/*/*/__init__.py")]
+    seen = 0
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name == "blktx_register_action_types":
+                seen += 1
+                (arg,) = node.args.args
+                assert arg.annotation is not None and ast.unparse(arg.annotation) == "Register", path
+    assert seen >= 10, seen
