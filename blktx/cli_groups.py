@@ -254,34 +254,41 @@ def _show_prune(
 
 
 def add_arguments(subs: dict[str, argparse.ArgumentParser]) -> None:
-    """The arguments of ``revert``, ``delete`` and ``prune``."""
-    subs["revert"].add_argument("ref", metavar="GROUP@NAME", help="the group snapshot to bring every member back to")
-    keep = subs["revert"].add_mutually_exclusive_group()
-    keep.add_argument(
-        "--keep-current",
-        action="store_true",
-        help="keep what each member held before the revert (qcow2 internal: the safety snapshot; btrfs: the "
-        "subvolume set aside) instead of removing it after the commit point",
-    )
-    keep.add_argument(
-        "--discard-current",
-        action="store_true",
-        help="remove the abandoned branch of external qcow2 members after the commit point (kept and listed by default)",
-    )
-    subs["delete"].add_argument("ref", nargs="+", metavar="GROUP@NAME", help="the group snapshots to delete, all or none")
-    subs["prune"].add_argument("group", nargs="?", help="the group to prune (default: the spec's, with --spec)")
-    subs["prune"].add_argument("--spec", metavar="FILE", help="take the group and [retention] keep from this spec")
-    subs["prune"].add_argument(
-        "--keep", metavar="RULES", help="retention rules, replacing the spec's: last=3,hourly=24,daily=7,weekly=4,monthly=6"
-    )
-    subs["prune"].add_argument("--dry-run", action="store_true", help="list what would be deleted and why; delete nothing")
-    for name in ("delete", "prune"):
-        subs[name].add_argument(
-            "--missing-ok",
+    """The arguments of ``revert``, ``delete`` and ``prune`` (those of them in ``subs``)."""
+    if "revert" in subs:
+        subs["revert"].add_argument("ref", metavar="GROUP@NAME", help="the group snapshot to bring every member back to")
+        keep = subs["revert"].add_mutually_exclusive_group()
+        keep.add_argument(
+            "--keep-current",
             action="store_true",
-            help="delete what is left of group snapshots whose members were removed by hand (otherwise refused)",
+            help="keep what each member held before the revert (qcow2 internal: the safety snapshot; btrfs: the "
+            "subvolume set aside) instead of removing it after the commit point",
         )
+        keep.add_argument(
+            "--discard-current",
+            action="store_true",
+            help="remove the abandoned branch of external qcow2 members after the commit point (kept and listed by default)",
+        )
+    if "delete" in subs:
+        subs["delete"].add_argument("ref", nargs="+", metavar="GROUP@NAME", help="the group snapshots to delete, all or none")
+    if "prune" in subs:
+        prune = subs["prune"]
+        prune.add_argument("group", nargs="?", help="the group to prune (default: the spec's, with --spec)")
+        prune.add_argument("--spec", metavar="FILE", help="take the group and [retention] keep from this spec")
+        prune.add_argument(
+            "--keep", metavar="RULES", help="retention rules, replacing the spec's: last=3,hourly=24,daily=7,weekly=4,monthly=6"
+        )
+        prune.add_argument("--dry-run", action="store_true", help="list what would be deleted and why; delete nothing")
+    for name in ("delete", "prune"):
+        if name in subs:
+            subs[name].add_argument(
+                "--missing-ok",
+                action="store_true",
+                help="delete what is left of group snapshots whose members were removed by hand (otherwise refused)",
+            )
     for name in ("revert", "delete", "prune"):
+        if name not in subs:
+            continue
         subs[name].add_argument(
             "--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to SECONDS for targets locked by another run"
         )

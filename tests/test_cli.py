@@ -311,3 +311,17 @@ def test_a_failed_cancel_is_reported_in_text_with_its_state(tmp_path: Path) -> N
     out = blktx_cli("run", "--journal", str(tmp_path / "j.sqlite"), str(tmp_path / "c.toml"))
     assert out.returncode == 3 and "cancel failed" in out.stdout and "left behind" in out.stdout, out.stderr
     assert "MarkupError" not in out.stderr
+
+
+def test_a_command_built_alone_parses_and_helps_as_in_the_whole_parser() -> None:
+    """main() builds only the given command's parser (start-up): each must be the same."""
+    from blktx.cli import EXAMPLES, build_parser
+
+    def sub(parser: Any, name: str) -> Any:
+        return parser._subparsers._group_actions[0].choices[name]
+
+    whole = build_parser()
+    for name in EXAMPLES:
+        assert sub(build_parser(name), name).format_help() == sub(whole, name).format_help(), name
+    argv = ["run", "--json", "--wait", "3", "--jobs", "2", "--quiesce", "pause", "spec.toml"]
+    assert vars(build_parser("run").parse_args(argv)) == vars(whole.parse_args(argv))
