@@ -42,7 +42,7 @@ def lock_owners(targets: list[str]) -> dict[str, str]:
     return owners
 
 
-def untrusted_folders(path: str) -> str | None:
+def untrusted_folders(path: str, seen: dict[tuple[str, bool], str | None] | None = None) -> str | None:
     """Why others than root and the caller could swap or add files at ``path``'s
     folder, or None. As sshd's StrictModes: the folder and each of its ancestors
     must be owned by root or the caller; the folder itself must not be writable
@@ -56,7 +56,14 @@ def untrusted_folders(path: str) -> str | None:
     # others from renaming it). A file, or a path still to be made: its folder too.
     whole = os.path.isdir(path) and not os.path.islink(path)
     folder = os.path.dirname(path)
-    return _untrusted_chain(folder, strict=not whole) or _untrusted_chain(os.path.realpath(folder), strict=not whole)
+    if seen is None:
+        return _untrusted_chain(folder, strict=not whole) or _untrusted_chain(os.path.realpath(folder), strict=not whole)
+    # ``seen``: the judgement of each folder, kept by the caller for one moment (a
+    # spec's paths bound together): 500 images in one folder judge it once.
+    key = (folder, whole)
+    if key not in seen:
+        seen[key] = _untrusted_chain(folder, strict=not whole) or _untrusted_chain(os.path.realpath(folder), strict=not whole)
+    return seen[key]
 
 
 def _untrusted_chain(folder: str, strict: bool = True) -> str | None:

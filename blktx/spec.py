@@ -302,8 +302,11 @@ def _decode(data: bytes, path: str) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def confinement(kind: str, value: Any, options: Options) -> tuple[str, str] | None:
-    """Why a path or address breaks a rule of docs/security.md (message, hint), or None."""
+def confinement(
+    kind: str, value: Any, options: Options, seen: dict[tuple[str, bool], str | None] | None = None
+) -> tuple[str, str] | None:
+    """Why a path or address breaks a rule of docs/security.md (message, hint), or None.
+    ``seen``: folders already judged in this bind (see :func:`~blktx.identity.untrusted_folders`)."""
     if kind == "address" and isinstance(value, str) and value.startswith("tcp:"):
         if not options.allow_tcp:
             return (
@@ -321,7 +324,7 @@ def confinement(kind: str, value: Any, options: Options) -> tuple[str, str] | No
             "move it under the spec's directory or widen with --root DIR" + (" or --vm-root DIR" if kind == "address" else ""),
         )
     if not options.shared_folders:
-        why = untrusted_folders(value)
+        why = untrusted_folders(value, seen)
         if why:
             return (
                 f"{value}: {why} [rule trusted-folders]: another user could swap what blktx acts on",
@@ -473,6 +476,7 @@ def bind(
         problem("the transaction has no actions", hint="add at least one [[action]] table")
 
     actions: list[Action] = []
+    folders: dict[tuple[str, bool], str | None] = {}  # each folder judged once per bind
     for i, spec in enumerate(tx.actions):
         if "__bad__" in spec.params:
             problem("an action must be a table", "action", i, action=i)
@@ -517,7 +521,7 @@ def bind(
                 bad = True
                 problem(str(exc), "action", i, key, action=i, key=key, hint=exc.hint)
                 continue
-            refusal = confinement(param.kind, values[key], options)
+            refusal = confinement(param.kind, values[key], options, folders)
             if refusal is not None:
                 bad = True
                 problem(refusal[0], "action", i, key, action=i, key=key, hint=refusal[1])

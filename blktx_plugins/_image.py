@@ -21,9 +21,8 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from blktx import Refused
 from blktx.params import within_roots
@@ -162,20 +161,36 @@ def _read(fd: int, offset: int, length: int, path: str) -> bytes:
 #: Seconds a header read may take before the image is refused: a hard-mounted NFS
 #: server that stopped answering blocks a read forever (and uninterruptibly).
 READ_TIMEOUT = 30.0
-_jobs: queue.SimpleQueue[tuple[str, list[Any], threading.Event]] = queue.SimpleQueue()
+
+
+class _Batch:
+    """Paths a reader thread reads one after another; ``found`` grows as it goes."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = paths
+        self.found: list[Header | BaseException] = []
+        self.moved = threading.Condition()
+        self.abandoned = False  # its caller gave up on it: read no further
+
+
+_jobs: queue.SimpleQueue[_Batch] = queue.SimpleQueue()
 _workers: list[threading.Thread] = []
 _workers_lock = threading.Lock()
 
 
 def _reader() -> None:
     while True:
-        path, box, done = _jobs.get()
-        try:
-            box.append(_read_image(path))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            box.append(exc)
-        finally:
-            done.set()
+        batch = _jobs.get()
+        for path in batch.paths:
+            if batch.abandoned:
+                break
+            try:
+                got: Header | BaseException = _read_image(path)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                got = exc
+            with batch.moved:
+                batch.found.append(got)
+                batch.moved.notify()
 
 
 def _ensure_readers(n: int = 4) -> None:
@@ -188,6 +203,47 @@ def _ensure_readers(n: int = 4) -> None:
             _workers.append(worker)
 
 
+def read_images(paths: Sequence[str]) -> list[Header | BaseException]:
+    """The headers of ``paths`` (see :func:`read_image`), each a :class:`Header` or what
+    :func:`read_image` would raise for it, in order.
+
+    One reader thread reads them one after another: one hand-off per batch, not per
+    image (~16 µs an image instead of ~77). Every read still has :data:`READ_TIMEOUT`:
+    the image whose read outlives it is refused (the stuck thread is left behind and
+    replaced) and the rest go on in another reader.
+    """
+    out: list[Header | BaseException] = []
+    todo = list(paths)
+    while todo:
+        _ensure_readers()
+        batch = _Batch(todo)
+        _jobs.put(batch)
+        with batch.moved:
+            while len(batch.found) < len(todo):
+                seen = len(batch.found)
+                deadline = time.monotonic() + READ_TIMEOUT
+                while len(batch.found) == seen and time.monotonic() < deadline:
+                    batch.moved.wait(deadline - time.monotonic())
+                if len(batch.found) == seen:
+                    break
+            found, batch.abandoned = list(batch.found), True
+        out.extend(found)
+        if len(found) == len(todo):
+            break
+        stuck = todo[len(found)]
+        with _workers_lock:  # one reader is stuck: another takes its place
+            _workers.append(threading.Thread(target=_reader, name="blktx-header", daemon=True))
+            _workers[-1].start()
+        out.append(
+            Refused(
+                f"{stuck}: reading its header took more than {READ_TIMEOUT:g} s (a hung network mount?)",
+                hint="check the mount; blktx does not wait on it",
+            )
+        )
+        todo = todo[len(found) + 1 :]
+    return out
+
+
 def read_image(path: str) -> Header:
     """The header of the qcow2 image ``path`` (see :func:`open_image`), within QEMU's limits.
 
@@ -196,22 +252,10 @@ def read_image(path: str) -> Header:
     reading thread is left behind: a read stuck on a hung mount cannot be cancelled;
     a new reader replaces it).
     """
-    _ensure_readers()
-    box: list[Any] = []
-    done = threading.Event()
-    _jobs.put((path, box, done))
-    if not done.wait(READ_TIMEOUT):
-        with _workers_lock:  # one reader is stuck: the next call starts another
-            _workers.append(threading.Thread(target=_reader, name="blktx-header", daemon=True))
-            _workers[-1].start()
-        raise Refused(
-            f"{path}: reading its header took more than {READ_TIMEOUT:g} s (a hung network mount?)",
-            hint="check the mount; blktx does not wait on it",
-        )
-    if isinstance(box[0], BaseException):
-        raise box[0]
-    header: Header = box[0]
-    return header
+    (got,) = read_images([path])
+    if isinstance(got, BaseException):
+        raise got
+    return got
 
 
 def _read_image(path: str) -> Header:

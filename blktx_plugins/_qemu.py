@@ -74,10 +74,13 @@ def _process_with(path: str) -> str | None:
     return None
 
 
-def check_writable_image(path: str, roots: list[str]) -> Header:
+def check_writable_image(path: str, roots: list[str], read: Header | BaseException | None = None) -> Header:
     """Refuse an image that is missing, not qcow2, read-only, in use, or whose chain
-    leaves the roots (:func:`~blktx_plugins._image.check_chain`); return its header."""
-    header = check_chain(path, roots)
+    leaves the roots (:func:`~blktx_plugins._image.check_chain`); return its header.
+    ``read``: its header (or why it could not be read) from a batch read of many."""
+    if isinstance(read, BaseException):
+        raise read
+    header = check_chain(path, roots, read)
     if not os.access(path, os.W_OK):
         raise Refused(f"{path} is not writable", hint="check its permissions")
     who = holder(path)

@@ -28,6 +28,7 @@ from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Pa
 from blktx_plugins._daemons import Daemons, batches, fd_problem
 from blktx_plugins._fs import drop_link, is_ours, private_file, publish, remove_if_ours, swap_link
 from blktx_plugins._image import (
+    Header,
     Snapshot,
     bare,
     check_chain,
@@ -36,6 +37,7 @@ from blktx_plugins._image import (
     open_verified,
     read_header,
     read_image,
+    read_images,
     shown,
 )
 from blktx_plugins._qemu import (
@@ -80,13 +82,20 @@ def _fds_allow(actions: Sequence[Action], ctx: RunContext) -> None:
         raise Refused(problem, hint="raise the limit: ulimit -n N in the shell, LimitNOFILE= for a service")
 
 
-def _checked(a: Action, ctx: RunContext) -> list[Snapshot]:
+def _checked(a: Action, ctx: RunContext, read: dict[str, Header | BaseException] | None = None) -> Header:
     """Check ``a``'s image (and its chain) as a writable, unused qcow2 image under the
-    roots; record what it resolved to and its identity; return its snapshots."""
+    roots; record what it resolved to and its identity; return its header. ``read``:
+    the headers of the group's images, read in one batch (:func:`_read_all`)."""
     real = os.path.realpath(a.params["image"])
-    header = check_writable_image(real, ctx.options.roots)
+    header = check_writable_image(real, ctx.options.roots, (read or {}).get(real))
     a.undo["real"], a.undo["ident"] = real, header.ident
-    return header.snapshots
+    return header
+
+
+def _read_all(paths: Sequence[str]) -> dict[str, Header | BaseException]:
+    """The headers of ``paths`` read in one batch (one reader hand-off, not one each)."""
+    unique = sorted(set(paths))
+    return dict(zip(unique, read_images(unique), strict=True))
 
 
 def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequence[Action], txid: str, jobs: int = 1) -> None:
@@ -204,6 +213,7 @@ class InternalCreate(ActionType):
     def check_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         _fds_allow(actions, ctx)
         names: dict[tuple[str, str], int] = {}
+        read = _read_all([os.path.realpath(a.params["image"]) for a in actions])
 
         def check(a: Action) -> None:
             image, name = a.params["image"], a.params["name"]
@@ -213,8 +223,9 @@ class InternalCreate(ActionType):
                     f"{self.name} action #{a.index} on {image}: the snapshot name {shown(name)} {problem}",
                     hint="give a non-empty UTF-8 name of at most 255 bytes",
                 )
-            snaps = _checked(a, ctx)
-            if read_image(_image(a)).data_file is not None:
+            header = _checked(a, ctx, read)
+            snaps = header.snapshots
+            if header.data_file is not None:
                 raise Refused(
                     f"{image} keeps its data in an external data file: QEMU makes no internal snapshots of such an image"
                 )
@@ -249,8 +260,12 @@ class InternalCreate(ActionType):
         """Durable before anything changes an image: do has begun, the ids there now,
         and (daemon) the heartbeat file, by image, that will bound when its daemon's
         locks were released."""
+        read = _read_all([_image(a) for a in actions])
         for a in actions:
-            a.undo["present"] = [s.id for s in read_header(_image(a))[1]]
+            header = read[_image(a)]
+            if isinstance(header, BaseException):
+                raise header
+            a.undo["present"] = [s.id for s in header.snapshots]
             a.undo["started"] = time.time()
             if heartbeat:
                 a.undo["heartbeat"] = heartbeat[_image(a)]
@@ -273,8 +288,9 @@ class InternalCreate(ActionType):
                         if not isinstance(reply, VmGone):  # refused (all or nothing), not died half-way
                             a.undo["made"] = []
                 else:
+                    read = _read_all([_image(a) for a in acts])
                     for a in acts:
-                        a.undo["made"] = [_ident(s) for s in self._new(a)]
+                        a.undo["made"] = [_ident(s) for s in self._new(a, read)]
             ctx.remember(fresh)  # before close releases the locks
             if failures:
                 raise ActionFailures(failures)
@@ -321,14 +337,21 @@ class InternalCreate(ActionType):
         finally:
             ctx.remember(replacing)
 
-    def _new(self, a: Action) -> list[Snapshot]:
-        """Snapshots of this action's name that were not there when do started."""
+    def _new(self, a: Action, read: dict[str, Header | BaseException] | None = None) -> list[Snapshot]:
+        """Snapshots of this action's name that were not there when do started
+        (``read``: the image's header from a batch, else read now)."""
         known = set(a.undo.get("present", a.undo.get("before", [])))
-        try:
-            _, snaps, _ = read_header(_image(a))
-        except Refused:
+        header = (read or {}).get(_image(a))
+        if header is None:
+            try:
+                header = read_image(_image(a))
+            except Refused:
+                return []
+        if isinstance(header, Refused):
             return []
-        return [s for s in snaps if s.name == a.params["name"] and s.id not in known]
+        if isinstance(header, BaseException):
+            raise header
+        return [s for s in header.snapshots if s.name == a.params["name"] and s.id not in known]
 
     def _judge(self, a: Action) -> tuple[list[Snapshot], list[Snapshot]]:
         """(what is provably this action's, what may be but cannot be proven)."""
@@ -433,7 +456,7 @@ class InternalDelete(ActionType):
             image, name, sid = a.params["image"], a.params["name"], a.params["id"]
             if not name and not sid:
                 raise Refused("give the snapshot's name or id", hint='name = "..." or id = "..."')
-            snaps = _checked(a, ctx)
+            snaps = _checked(a, ctx).snapshots
             found = [s for s in snaps if (not name or s.name == name) and (not sid or s.id == sid)]
             if not found:
                 listed = ", ".join(f"{bare(s.id)}:{shown(s.name)}" for s in snaps) or "none"
