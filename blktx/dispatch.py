@@ -40,17 +40,21 @@ def begin_all(actions: Sequence[Action]) -> None:
 
 @contextlib.contextmanager
 def no_gc_rescans(actions: Sequence[Action]) -> Iterator[None]:
-    """The actions live for the whole run: keep the cyclic GC from rescanning them on
-    every collection, which made large runs superlinear."""
+    """The actions live for the whole run, and what the run adds to them (timings,
+    undo facts, journal text) too: keep the cyclic GC from rescanning them on every
+    collection, which made large runs superlinear. Large runs collect no cycles until
+    they end (the few a plugin makes wait for then)."""
     import gc
 
     frozen = len(actions) >= 1000 and gc.isenabled()
     if frozen:
         gc.freeze()
+        gc.disable()
     try:
         yield
     finally:
         if frozen:
+            gc.enable()
             gc.unfreeze()
 
 
