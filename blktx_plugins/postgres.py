@@ -324,7 +324,7 @@ class Backup(ActionType):
         except ActionFailed:
             raise
         except Exception as exc:  # noqa: BLE001 - a recycled segment cannot come back: say so, once
-            if own and "No such file" in str(exc):
+            if own and getattr(exc, "sqlstate", None) == "58P01":  # undefined_file: the segment was recycled
                 _set_state(dest, wal_saved=False, wal_missing=str(exc))
                 return
             raise ActionFailed(f"saving the backup's WAL: {exc}") from None

@@ -111,14 +111,19 @@ def _delete_snapshots(plan: dict[int, list[tuple[str, Snapshot]]], actions: Sequ
         try:
             daemons = Daemons(batches(images, jobs), txid, idents)
             break
-        except ActionFailed as exc:
-            # A killed run's daemon may hold an image's lock for a moment more.
-            if "lock" not in str(exc) or attempt == 9:
+        except ActionFailed:
+            # A killed run's daemon may hold an image's lock for a moment more: wait
+            # while some process holds one (QEMU's lock bytes say so), never longer.
+            if attempt == 9 or not any(holder(image) for image in images):
                 raise
             time.sleep(0.3)
     failures: dict[int, BaseException] = {}
     try:
-        headers = {image: read_image(image) for image in images}
+        read = _read_all(images)
+        headers = {image: h for image, h in read.items() if not isinstance(h, BaseException)}
+        for h in read.values():
+            if isinstance(h, BaseException):
+                raise h
         calls: dict[Any, list[tuple[Any, str, dict[str, Any]]]] = {}
         for a in actions:
             for image, snap in plan.get(a.index, []):
