@@ -503,11 +503,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sp.add_argument("--output", "-o", metavar="FILE", help="write it to FILE instead of stdout")
     for sp in on("recover"):
         sp.add_argument("txid", nargs="?", help="only this transaction (a prefix is enough)")
-    for sp in on("recover"):
         sp.add_argument(
             "--forget", action="store_true", help="with TXID: what it left is settled by hand; end it and release its targets"
         )
-    for sp in on("recover"):
         sp.add_argument(
             "--allow-exec",
             action="store_true",
@@ -519,13 +517,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sp.add_argument("txid", help="the transaction id (a unique prefix is enough); see `blktx log`")
     for sp in on("list"):
         sp.add_argument("group", nargs="?", help="only this group")
-    for sp in on("list"):
         sp.add_argument(
             "--verify",
             action="store_true",
             help="check each member is still there, by its identity (snapshot id and date, inode, UUID)",
         )
-    for sp in on("list"):
         sp.add_argument(
             "--max-age",
             metavar="DURATION",
