@@ -119,7 +119,8 @@ def test_a_stopped_run_is_taken_over_at_its_budget(tmp_path: Path, vms: list[VM]
 
 def test_a_window_past_its_budget_rolls_back_in_the_run(tmp_path: Path, vms: list[VM]) -> None:
     journal = tmp_path / "j.sqlite"
-    proc = start(spec(tmp_path, 1.0, max_window="300ms"), journal)
+    # 0.6 s in the window: past its 0.3 s budget, well before the watchdog acts (0.3 s + GRACE)
+    proc = start(spec(tmp_path, 0.6, max_window="300ms"), journal)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 1, out + err
     result = json.loads(out)
