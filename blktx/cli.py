@@ -12,7 +12,7 @@ from blktx import cli_groups, plugins
 from blktx.context import QUIESCE_MODES
 from blktx.errors import EXIT_INVALID, BlktxError, InvalidTransaction, Problem
 from blktx.executor import Executor
-from blktx.plain import escape, record
+from blktx.plain import record, shown
 from blktx.report import Progress, console, print_json, print_result, print_shown, print_types, table, types_json
 from blktx.result import Result
 from blktx.spec import Transaction, load_spec
@@ -264,13 +264,14 @@ def cmd_recover(args: argparse.Namespace) -> int:
     else:
         out = console()
         if not report:
-            out.print(f"nothing to recover in {_journal(args).path}")
+            out.print(f"nothing to recover in {shown(_journal(args).path)}", markup=False)
         for item in report:
-            extra = "".join(f"\n    left: {x}" for x in item.get("left", []))
             how = f" ({item['message']})" if item["message"] != item["outcome"] else ""
-            out.print(f"{item['txid']}: {item['outcome']}{how}{extra}", markup=False)
+            out.print(shown(f"{item['txid']}: {item['outcome']}{how}"), markup=False)
+            for left in item.get("left", []):
+                out.print(f"    left: {shown(str(left))}", markup=False)
             for warning in item.get("warnings", []):
-                out.print(f"    warning: {warning}", markup=False)
+                out.print(f"    warning: {shown(str(warning))}", markup=False)
     if any(i["outcome"] == "invalid" for i in report):
         return EXIT_INVALID
     # A transaction whose run is alive is not this recover's to finish (nor a failure):
@@ -300,8 +301,8 @@ def cmd_log(args: argparse.Namespace) -> int:
             t["status"],
             str(t["actions"]),
             secs,
-            escape(t["file"] or "(python)"),
-            escape(t["description"] or ""),
+            record(t["file"] or "(python)"),
+            record(t["description"] or ""),
         )
     out.print(rows)
     return 0
@@ -366,15 +367,17 @@ def cmd_list(args: argparse.Namespace) -> int:
         missing = [m for m in e["members"] if m.get("present") is False]
         state = e["state"] + (f" ({len(missing)} missing)" if missing else "")
         rows.add_row(
-            escape(e["group"]), escape(e["name"]), taken, _age(e["age_seconds"]), str(len(e["members"])), state, e["txid"]
+            record(e["group"]), record(e["name"]), taken, _age(e["age_seconds"]), str(len(e["members"])), state, e["txid"]
         )
     out.print(rows)
     for e in entries:
         for m in e["members"]:
             if m.get("present") is False:
                 out.print(
-                    f"{e['group']}@{e['name']}: member #{m['index']} {m['type']} on {m['target']} is gone"
-                    + (f" ({m['why']})" if m.get("why") else ""),
+                    shown(
+                        f"{e['group']}@{e['name']}: member #{m['index']} {m['type']} on {m['target']} is gone"
+                        + (f" ({m['why']})" if m.get("why") else "")
+                    ),
                     markup=False,
                 )
     if stale:
@@ -558,12 +561,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("blktx: interrupted", file=sys.stderr)
         return 130
     except BlktxError as exc:  # refused before anything ran
-        print(f"blktx {args.command}: {exc}", file=sys.stderr)
+        print(f"blktx {args.command}: {shown(str(exc))}", file=sys.stderr)
         return EXIT_INVALID
     except Exception as exc:  # noqa: BLE001 - a message, never a traceback
         changes = args.command in ("run", "recover", "demo", "revert", "delete", "prune")
         print(
-            f"blktx {args.command}: {type(exc).__name__}: {exc}"
+            f"blktx {args.command}: {type(exc).__name__}: {shown(str(exc))}"
             + ("; the journal knows what may be left: run `blktx recover`" if changes else ""),
             file=sys.stderr,
         )

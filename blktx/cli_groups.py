@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from blktx.errors import InvalidTransaction, Problem
+from blktx.plain import shown
 from blktx.report import console, print_json
 from blktx.result import Result
 from blktx.states import TxState
@@ -89,7 +90,7 @@ def _forget_only(args: argparse.Namespace, entries: list[dict[str, Any]]) -> int
     if args.json:
         print_json({"outcome": "committed", "exit_status": 0, "forgotten": names, "why": "no member was left"})
     else:
-        console().print(f"no member was left of {', '.join(names)}: removed from the catalog", markup=False)
+        console().print(shown(f"no member was left of {', '.join(names)}: removed from the catalog"), markup=False)
     return 0
 
 
@@ -218,12 +219,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if args.json:
             print_json({"group": group, "policy": describe(policy), "deleted": [], "outcome": "nothing to prune"})
         else:
-            console().print(f"nothing to prune in {group}: {len(entries)} group snapshots, all kept by {describe(policy)}")
+            console().print(
+                shown(f"nothing to prune in {group}: {len(entries)} group snapshots, all kept by {describe(policy)}"),
+                markup=False,
+            )
         return 0
     if not args.json:
-        console().print(f"pruning {len(doomed)} of {len(entries)} group snapshots of {group} ({describe(policy)})", markup=False)
+        console().print(
+            shown(f"pruning {len(doomed)} of {len(entries)} group snapshots of {group} ({describe(policy)})"), markup=False
+        )
         for e in doomed:
-            console().print(f"  delete {label(e)}", markup=False)
+            console().print(f"  delete {shown(label(e))}", markup=False)
     return _run_plan(args, doomed, "delete")
 
 
@@ -244,10 +250,10 @@ def _show_prune(
         print_json({"group": group, "policy": policy, "dry_run": True, "group_snapshots": rows})
         return 0
     out = console()
-    out.print(f"{group}: {policy} (dry run: nothing is deleted)", markup=False)
+    out.print(shown(f"{group}: {policy} (dry run: nothing is deleted)"), markup=False)
     for r in reversed(rows):
         taken = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["time"]))
-        out.print(f"  {r['verdict']:<6} {r['group_snapshot']:<40} {taken}  {', '.join(r['why'])}", markup=False)
+        out.print(shown(f"  {r['verdict']:<6} {r['group_snapshot']:<40} {taken}  {', '.join(r['why'])}"), markup=False)
     doomed = sum(r["verdict"] == "delete" for r in rows)
     out.print(f"would delete {doomed} of {len(rows)}", markup=False)
     return 0

@@ -24,8 +24,14 @@ from typing import Any, TextIO
 #: Console markup tags, as rich finds them (``rich.markup.RE_TAGS``).
 _TAGS = re.compile(r"((\\*)\[([a-z#/@][^[]*?)])")
 _ESCAPE = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")
-#: Control characters are shown, not sent: ``\\x1b`` for an escape, ``\\n`` in a cell.
-_SHOWN = {c: f"\\x{c:02x}" for c in (*range(32), *range(127, 160))} | {9: "\\t", 10: "\\n", 13: "\\r"}
+#: Control characters are shown, not sent: ``\\x1b`` for an escape, ``\\n`` in a cell;
+#: so are the characters that end a line for some readers (U+2028, U+2029) or reorder
+#: what a terminal shows (the bidirectional controls).
+_SHOWN = (
+    {c: f"\\x{c:02x}" for c in (*range(32), *range(127, 160))}
+    | {c: f"\\u{c:04x}" for c in (0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+    | {9: "\\t", 10: "\\n", 13: "\\r"}
+)
 _IN_TEXT = {c: v for c, v in _SHOWN.items() if c not in (9, 10)}
 
 
@@ -37,10 +43,22 @@ def escape(markup: str) -> str:
     return markup
 
 
+def shown(text: str) -> str:
+    """``text`` (a name, a message: anything a backend, a guest or a spec wrote) as one
+    line with every control character shown (``\\n``, ``\\x1b``): one record, on a
+    terminal and in a log alike, that drives no terminal."""
+    return text.translate(_SHOWN)
+
+
 def record(text: str) -> str:
-    """``text`` escaped for markup and made one line (``\\n``, ``\\t`` shown): an error,
-    warning or leftover is one record, on a terminal and in a log alike."""
-    return escape(text.translate(_SHOWN))
+    """:func:`shown`, escaped for console markup."""
+    return escape(shown(text))
+
+
+def lines(text: str) -> str:
+    """Many lines of output (a command's): newlines and tabs kept, every other control
+    character shown."""
+    return text.translate(_IN_TEXT)
 
 
 def render(markup: str) -> str:
@@ -136,3 +154,4 @@ class Console:
         else:
             text = _text(str(value), markup)
         self.file.write(text + "\n")
+        self.file.flush()  # as rich does: a run killed later keeps what it printed

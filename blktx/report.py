@@ -13,7 +13,7 @@ from typing import Any, Protocol, TextIO
 from blktx import plain
 from blktx.events import Event
 from blktx.hookspecs import hookimpl
-from blktx.plain import escape, record
+from blktx.plain import escape, lines, record, shown
 from blktx.plugins import Registry
 from blktx.result import COMMITTED, Result, action_json
 from blktx.status import action_word
@@ -131,11 +131,11 @@ def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
             state = None if not result.checked_only else "checked"
             rows.add_row(
                 str(a.index),
-                escape(a.type.name),
-                escape(a.target),
+                record(a.type.name),
+                record(a.target),
                 _state(a.state, state),
                 f"{took * 1000:.1f} ms" if took else "",
-                escape(a.error or ""),
+                record(a.error or ""),
             )
         out.print(rows)
         if len(result.actions) > limit:
@@ -144,10 +144,10 @@ def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
         if a.output and not result.problems:
             text = a.output.strip()
             text = text if len(text) <= 500 else text[:500] + " … (--json has it all)"
-            out.print(f"#{a.index} {a.type.name}: {text}", markup=False, highlight=False)
+            out.print(f"#{a.index} {a.type.name}: {lines(text)}", markup=False, highlight=False)
     for hold in result.holds:
         window = f"{hold.window * 1000:.1f} ms" if hold.window is not None else "not resumed"
-        out.print(f"quiesced {hold.target} ({hold.kind}): {window}", markup=False)
+        out.print(f"quiesced {shown(hold.target)} ({shown(hold.kind)}): {window}", markup=False)
     if result.cut is not None:
         out.print(_cut_line(result.cut), markup=False)
     for lo in result.leftovers:
@@ -157,7 +157,7 @@ def print_result(result: Result, out: Console, *, limit: int = 200) -> None:
     for w in result.warnings:
         out.print(f"[yellow]warning[/yellow]: {record(w)}")
     colour = "green" if result.outcome == COMMITTED else "red" if result.problems or result.leftovers else "yellow"
-    out.print(f"[bold {colour}]{escape(result.summary())}[/]")
+    out.print(f"[bold {colour}]{record(result.summary())}[/]")
 
 
 def types_json(registry: Registry) -> list[dict[str, Any]]:
@@ -182,7 +182,8 @@ def print_shown(tx: dict[str, Any], out: Console) -> None:
     took = f", {tx['seconds']:.3f}s" if tx.get("seconds") is not None else ""
     out.print(f"transaction {tx['txid']}: {tx['outcome']} ({tx['words']}; state {tx['status']})", markup=False)
     out.print(
-        f"spec: {tx.get('file') or '(python)'}" + (f" - {tx['description']}" if tx.get("description") else ""), markup=False
+        shown(f"spec: {tx.get('file') or '(python)'}" + (f" - {tx['description']}" if tx.get("description") else "")),
+        markup=False,
     )
     out.print(f"started {started}{took}; {len(tx['actions'])} action(s)", markup=False)
     rows = _action_table(out)
@@ -190,27 +191,27 @@ def print_shown(tx: dict[str, Any], out: Console) -> None:
         ms = sum((a["durations"] or {}).values()) * 1000
         rows.add_row(
             str(a["index"]),
-            escape(a["type"]),
-            escape(a["target"]),
+            record(a["type"]),
+            record(a["target"]),
             _state(a["state"]),
             f"{ms:.1f} ms" if ms else "",
-            escape(a["error"] or ""),
+            record(a["error"] or ""),
         )
     out.print(rows)
     for h in tx["holds"]:
         state = "resumed" if h["resumed"] else "NOT resumed: `blktx recover` resumes it"
-        out.print(f"quiesced {h['target']} ({h['kind']}): {state}", markup=False)
+        out.print(f"quiesced {shown(h['target'])} ({shown(h['kind'])}): {state}", markup=False)
     detail = tx.get("detail") or {}
     if detail.get("cut"):
         out.print(_cut_line(detail["cut"]), markup=False)
     if detail.get("failure"):
-        out.print(f"failure: {Failure(**detail['failure'])}", markup=False)
+        out.print(f"failure: {shown(str(Failure(**detail['failure'])))}", markup=False)
     for left in detail.get("leftovers") or []:
-        out.print(f"[red]left behind[/red]: {escape(str(left))}")
+        out.print(f"[red]left behind[/red]: {record(str(left))}")
     for p in detail.get("pending") or []:
-        out.print(f"[yellow]pending finalize[/yellow]: {escape(str(Failure(**p)) if isinstance(p, dict) else str(p))}")
+        out.print(f"[yellow]pending finalize[/yellow]: {record(str(Failure(**p)) if isinstance(p, dict) else str(p))}")
     if detail.get("recovered"):
-        out.print(f"finished by blktx recover: {detail['recovered']}", markup=False)
+        out.print(f"finished by blktx recover: {shown(str(detail['recovered']))}", markup=False)
 
 
 def _cut_line(cut: dict[str, Any]) -> str:

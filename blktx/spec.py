@@ -249,7 +249,7 @@ def from_document(
 
 #: The caller's own descriptors (``-``, ``/dev/stdin``, ``<(generate)``): read whatever
 #: they are, a pipe included; relative paths resolve against the current folder.
-_DESCRIPTORS = ("/dev/stdin", "/dev/fd/", "/proc/self/fd/")
+_DESCRIPTOR = re.compile(r"/dev/stdin|/dev/fd/[0-9]+|/proc/self/fd/[0-9]+")
 
 
 def load_spec(path: str) -> Transaction:
@@ -257,7 +257,7 @@ def load_spec(path: str) -> Transaction:
     if path == "-":
         data = sys.stdin.buffer.read(MAX_SPEC_BYTES + 1)
         return parse_spec(_decode(data, "<stdin>"), file="<stdin>", base_dir=os.getcwd())
-    descriptor = os.path.abspath(path).startswith(_DESCRIPTORS)
+    descriptor = _DESCRIPTOR.fullmatch(os.path.abspath(path)) is not None
     try:
         # O_NONBLOCK: a FIFO in place of the spec must not hang the run
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if descriptor else os.O_NONBLOCK))
@@ -425,6 +425,12 @@ def bind(
                 key="snapshot",
                 hint='e.g. snapshot = "nightly-{now:%Y%m%d-%H%M}"',
             )
+    if not roots and os.path.realpath(tx.base_dir) == "/":
+        problem(
+            "the spec's paths would be confined to / (its folder, or the current folder for a spec on "
+            "standard input): that confines nothing [rule confined-paths]",
+            hint="give --root DIR (the folders its paths may be in), or run it from a folder of its own",
+        )
     options = Options(
         roots=list(roots) if roots else [tx.base_dir],
         allow_exec=allow_exec,

@@ -325,3 +325,27 @@ def test_a_command_built_alone_parses_and_helps_as_in_the_whole_parser() -> None
         assert sub(build_parser(name), name).format_help() == sub(whole, name).format_help(), name
     argv = ["run", "--json", "--wait", "3", "--jobs", "2", "--quiesce", "pause", "spec.toml"]
     assert vars(build_parser("run").parse_args(argv)) == vars(whole.parse_args(argv))
+
+
+def test_a_spec_whose_paths_would_be_confined_to_slash_is_refused(tmp_path: Path) -> None:
+    """A spec on standard input takes the current folder as its root; from / (a systemd
+    unit's default) that would confine nothing: refused unless --root is given."""
+    spec = 'version = 1\n[[action]]\ntype = "sim.noop"\nkey = "a"\n'
+    out = blktx_cli("check", "-", stdin=spec, cwd=Path("/"))
+    assert out.returncode == 2 and "confines nothing" in out.stdout and "--root" in out.stdout
+    out = blktx_cli("check", "--root", str(tmp_path), "-", stdin=spec, cwd=Path("/"))
+    assert out.returncode == 0, out.stdout
+
+
+def test_only_the_callers_own_descriptors_are_read_as_stdin(tmp_path: Path) -> None:
+    """``/dev/fd/N`` is a descriptor; ``/dev/fd/N/spec.toml`` (a file in a folder given as a
+    descriptor) and ``/dev/stdin.toml`` are not: a FIFO there is refused, never waited on."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "d").mkdir()
+    os.mkfifo(tmp_path / "d" / "spec.toml")
+    code = f"exec 5<{tmp_path / 'd'}; {sys.executable} -m blktx check /dev/fd/5/spec.toml"
+    out = subprocess.run(["bash", "-c", code], capture_output=True, text=True, timeout=20, check=False)
+    assert out.returncode == 2 and "not a regular file" in out.stdout, out.stdout + out.stderr

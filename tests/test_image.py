@@ -119,3 +119,28 @@ def test_a_read_that_hangs_is_refused_at_its_deadline(monkeypatch: pytest.Monkey
         _image.read_image(str(tmp_path / "on-nfs.qcow2"))
     assert time.monotonic() - t < 2
     release.set()
+
+
+def test_a_batch_is_never_charged_for_waiting_behind_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each batch has a reader of its own: a quick read is not refused because other
+    callers' long (but healthy) batches ran first (helper review)."""
+    from blktx_plugins import _image
+
+    def slow(path: str) -> object:
+        time.sleep(0.05 if path.startswith("slow") else 0.0)
+        return path
+
+    monkeypatch.setattr(_image, "_read_image", slow)
+    monkeypatch.setattr(_image, "READ_TIMEOUT", 1.0)
+    results: dict[str, list[object]] = {}
+    threads = [
+        threading.Thread(target=lambda n=n: results.__setitem__(f"t{n}", _image.read_images([f"slow{i}" for i in range(40)])))
+        for n in range(5)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    assert _image.read_images(["quick"]) == ["quick"]
+    for t in threads:
+        t.join()
+    assert all(r == [f"slow{i}" for i in range(40)] for r in results.values())

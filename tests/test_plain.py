@@ -18,7 +18,8 @@ from blktx.report import LOG_WIDTH, console
 #: Text as names and messages hold it: brackets and backslashes (markup), wide and
 #: combining characters, tabs and newlines; other control characters are tested apart.
 _CHARS = st.sampled_from(list("ab/[]\\=#@ \t\nxé漢😀\u0301"))
-TEXT = st.text(alphabet=_CHARS | st.characters(max_codepoint=0x2FFF, exclude_categories=("Cc", "Cs")))
+#: Not the characters blktx shows escaped on purpose (control, line and bidi characters).
+TEXT = st.text(alphabet=_CHARS | st.characters(max_codepoint=0x2FFF, exclude_categories=("Cc", "Cs", "Zl", "Zp", "Cf")))
 CELL = TEXT.map(lambda s: s.replace("\t", " ").replace("\n", " "))
 
 
@@ -118,3 +119,30 @@ def test_an_error_with_a_newline_is_one_record(tmp_path) -> None:  # type: ignor
     first, *rest = out.getvalue().splitlines()
     assert first.startswith("error: spec.toml:3") and first.endswith("Could not open\\nerror: forged record")
     assert not any(line.startswith("error:") for line in rest)
+
+
+def test_a_hostile_message_is_one_record_in_run_show_and_recover(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A guest or backend message with a newline, an escape, a carriage return or a
+    U+2028 stays inside its record in every command that prints it (helper review)."""
+    import json as _json
+
+    hostile = "boom\\nerror: FORGED record\\r\\u001b[2J\\u2028error: FORGED too"  # TOML escapes
+    spec = tmp_path / "f.toml"
+    spec.write_text(f'version = 1\n[[action]]\ntype = "sim.noop"\nkey = "a"\n[[action]]\ntype = "fault"\nmessage = "{hostile}"\n')
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "BLKTX_LOCK_DIR": str(tmp_path / "locks")}
+    journal = str(tmp_path / "j.sqlite")
+
+    def blktx(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "blktx", *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+        for text in (out.stdout, out.stderr):
+            assert "\x1b" not in text and "\r" not in text and "\u2028" not in text, text
+            assert not any(line.startswith("error: FORGED") for line in text.splitlines()), text
+        return out.stdout
+
+    ran = blktx("run", "--journal", journal, str(spec))
+    assert "FORGED record" in ran and ran.splitlines()[-1].startswith("rolled back:")
+    txid = _json.loads(blktx("log", "--json", "--journal", journal))["transactions"][0]["txid"]
+    shown = blktx("show", "--journal", journal, txid)
+    (failure,) = [line for line in shown.splitlines() if line.startswith("failure:")]
+    assert failure.endswith("boom\\nerror: FORGED record\\r\\x1b[2J\\u2028error: FORGED too")
+    blktx("recover", "--journal", journal)
