@@ -43,7 +43,9 @@ def no_gc_rescans(actions: Sequence[Action]) -> Iterator[None]:
     """The actions live for the whole run, and what the run adds to them (timings,
     undo facts, journal text) too: keep the cyclic GC from rescanning them on every
     collection, which made large runs superlinear. Large runs collect no cycles until
-    they end (the few a plugin makes wait for then)."""
+    they end (the few a plugin makes wait for then). The collector is the process's:
+    a library running other transactions on other threads meanwhile collects none
+    either until the large run ends."""
     import gc
 
     frozen = len(actions) >= 1000 and gc.isenabled()
