@@ -154,3 +154,11 @@ def test_a_large_report_is_written_in_batches_not_whole() -> None:
     print_json(result, sink)
     assert json.loads(sink.getvalue()) == result.to_json()
     assert 1 < len(sink.sizes) < 20 and max(sink.sizes) < len(sink.getvalue()) / 2
+
+
+def test_a_committed_action_reads_in_effect_not_invalidated() -> None:
+    """Issue 17 item 3: people's words in the table; the JSON keeps the machine's state."""
+    result = Executor().run(Transaction([ActionSpec("sim.noop", {"key": "a"})], base_dir="/tmp"))
+    text = render(result)
+    assert "in effect" in text and "INVALIDATED" not in text
+    assert result.to_json()["actions"][0]["state"] == "INVALIDATED"
