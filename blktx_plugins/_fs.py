@@ -15,6 +15,12 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from blktx import ActionFailed
+
+if TYPE_CHECKING:
+    from blktx import Action
 
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
@@ -140,3 +146,58 @@ def drop_link(swap: str, ours: tuple[str, ...]) -> None:
     saying one of ``ours`` (the two things that swap writes), never anything else."""
     if swap and os.path.islink(swap) and os.readlink(swap) in ours:
         os.unlink(swap)
+
+
+class DeviceLink:
+    """The device symlink of a type that switches it to an overlay it made
+    (``qcow2.external-create``, ``qcow2.external-revert``, ``qmp.external-create``):
+    ``params["device"]``, what it said at check (``undo["link"]``), the private name
+    of a swap (``undo["swap"]``) and the overlay's identity (``undo["made"]``)."""
+
+    def _overlay_of(self, action: Action) -> str:
+        return str(action.params["overlay"])
+
+    def _link_text(self, action: Action) -> str:
+        """What the switch makes the device symlink say: the overlay, relative to its folder."""
+        return os.path.relpath(self._overlay_of(action), os.path.dirname(str(action.params["device"])))
+
+    def _points_to_ours(self, action: Action) -> bool:
+        """Whether the device still says what the switch wrote and leads to this run's
+        overlay (by its identity; an overlay that was there before, by its text)."""
+        device = action.params["device"]
+        try:
+            if os.readlink(device) != self._link_text(action):
+                return False
+            if action.undo.get("preexisting"):
+                return True
+            return identity(os.stat(device)) == action.undo.get("made")
+        except OSError:
+            return False
+
+    def _swap(self, action: Action, expected: str, text: str) -> None:
+        """Compare and swap the device symlink (:func:`swap_link`)."""
+        swap_link(action.params["device"], action.undo["swap"], expected, text)
+
+    def _drop_swap(self, action: Action) -> None:
+        drop_link(action.undo.get("swap", ""), (self._link_text(action), action.undo["link"]))
+
+    def _switch(self, action: Action) -> None:
+        """Re-point the device at the overlay: a retry finds it done; a device re-pointed
+        by someone else since the check is refused and left alone."""
+        device = action.params["device"]
+        if os.readlink(device) == self._link_text(action):
+            return  # already switched (a retry)
+        if os.readlink(device) != action.undo["link"]:
+            raise ActionFailed(
+                f"device {device} was re-pointed after the check (it says {os.readlink(device)!r}, "
+                f"not {action.undo['link']!r}); it was left alone"
+            )
+        self._swap(action, action.undo["link"], self._link_text(action))
+
+    def _switch_back(self, action: Action, hooked: bool = False) -> None:
+        """Cancel's part: the device back to what it said at check, only while it still
+        points at this run's overlay (unless a hook switched it back), then whatever a
+        killed swap left under the private name."""
+        if not hooked and self._points_to_ours(action):
+            self._swap(action, self._link_text(action), action.undo["link"])
+        self._drop_swap(action)

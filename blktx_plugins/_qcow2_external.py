@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionType, Leftover, Param, Refused, RunContext
-from blktx_plugins._fs import drop_link, fsync_dir, identity, is_ours, private_file, publish, remove_if_ours, swap_link
+from blktx_plugins._fs import DeviceLink, fsync_dir, identity, is_ours, private_file, publish, remove_if_ours
 from blktx_plugins._image import MAX_CHAIN, Header, check_chain, open_verified, read_image, shown, within
 from blktx_plugins._qemu import backing_name, create_overlay, die_with_parent, holder, image_format
 
@@ -173,16 +173,12 @@ def _in_use(paths: list[str]) -> str | None:
     return None
 
 
-def _link_text(action: Action) -> str:
-    return os.path.relpath(_overlay(action), os.path.dirname(str(action.params["device"])))
-
-
 def _overlay(action: Action) -> str:
     """The revert's new overlay: the parameter, else the name check chose."""
     return str(action.params.get("overlay") or action.undo.get("overlay") or "")
 
 
-class ExternalRevert(ActionType):
+class ExternalRevert(DeviceLink, ActionType):
     """Bring a device (symlink layout) back to a group snapshot of qcow2.external-create: a new overlay on its frozen image."""
 
     name = "qcow2.external-revert"
@@ -302,19 +298,8 @@ class ExternalRevert(ActionType):
         finally:
             private.close()
 
-    def _points_to_ours(self, action: Action) -> bool:
-        device = action.params["device"]
-        try:
-            return os.readlink(device) == _link_text(action) and identity(os.stat(device)) == action.undo.get("made")
-        except OSError:
-            return False
-
-    def _swap(self, action: Action, expected: str, text: str) -> None:
-        """Compare and swap the device symlink (:func:`~blktx_plugins._fs.swap_link`)."""
-        swap_link(action.params["device"], action.undo["swap"], expected, text)
-
-    def _drop_swap(self, action: Action) -> None:
-        drop_link(action.undo.get("swap", ""), (_link_text(action), action.undo["link"]))
+    def _overlay_of(self, action: Action) -> str:
+        return _overlay(action)
 
     def invalidate(self, action: Action, ctx: RunContext) -> None:
         device, current = action.params["device"], action.undo["current"]
@@ -324,7 +309,7 @@ class ExternalRevert(ActionType):
             action.undo["hooked"] = True
             return
         text = os.readlink(device)
-        if text == _link_text(action):
+        if text == self._link_text(action):
             return  # already switched (a retry)
         if text != action.undo["link"]:
             raise ActionFailed(
@@ -333,7 +318,7 @@ class ExternalRevert(ActionType):
         who = holder(current) if action.undo.get("current_id") else None
         if who:
             raise ActionFailed(f"{device}'s image {current} came into use by {who} after the check; left alone")
-        self._swap(action, action.undo["link"], _link_text(action))
+        self._swap(action, action.undo["link"], self._link_text(action))
 
     def cancel(self, action: Action, ctx: RunContext) -> None:
         if "link" not in action.undo:
@@ -342,9 +327,7 @@ class ExternalRevert(ActionType):
         switched = ctx.hook is not None and ctx.hook.blktx_switch_active_image(
             ctx=ctx, action=action, device=device, old=overlay, new=action.undo["current"]
         )
-        if not switched and self._points_to_ours(action):
-            self._swap(action, _link_text(action), action.undo["link"])
-        self._drop_swap(action)
+        self._switch_back(action, hooked=switched)
         made = action.undo.get("made")
         remove_if_ours(overlay, made)
         remove_if_ours(action.undo.get("tmp", ""), made)

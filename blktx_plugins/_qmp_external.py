@@ -24,7 +24,7 @@ from typing import Any
 
 from blktx import Action, ActionFailed, ActionFailures, Leftover, Param, Refused, RunContext
 from blktx.states import INVALIDATED
-from blktx_plugins._fs import Private, drop_link, is_ours, private_file, publish, remove_if_ours, swap_link
+from blktx_plugins._fs import DeviceLink, Private, is_ours, private_file, publish, remove_if_ours
 from blktx_plugins._image import has_protocol, shown
 from blktx_plugins._qemu import Qmp, VmGone, create_overlay, gather
 from blktx_plugins._qmp_monitor import MonitorBusy
@@ -32,7 +32,7 @@ from blktx_plugins._qmp_window import _connections
 from blktx_plugins.qmp import _COMMON, _QmpType
 
 
-class ExternalCreate(_QmpType):
+class ExternalCreate(DeviceLink, _QmpType):
     """Create an overlay file for a running VM's drive and switch the drive to it."""
 
     # do makes the overlay file and node; only the switch (invalidate) needs the VM paused.
@@ -177,47 +177,13 @@ class ExternalCreate(_QmpType):
                 continue
             try:
                 if a.params.get("device"):
-                    self._repoint(a)
+                    self._switch(a)
                 else:
                     self._warn_at_close(a, ctx)
             except Exception as exc:  # noqa: BLE001 - this action's failure: the group rolls back
                 failures[a.index] = exc
         if failures:
             raise ActionFailures(failures)
-
-    # -- the device symlink (as qcow2.external-create keeps it) ------------------------------
-
-    def _link_text(self, action: Action) -> str:
-        """What invalidate makes the device symlink say."""
-        return os.path.relpath(str(action.params["overlay"]), os.path.dirname(str(action.params["device"])))
-
-    def _points_to_ours(self, action: Action) -> bool:
-        """Whether the device still points where invalidate put it: at this run's overlay."""
-        try:
-            if os.readlink(action.params["device"]) != self._link_text(action):
-                return False
-            st = os.stat(action.params["device"])
-        except OSError:
-            return False
-        return [st.st_dev, st.st_ino] == action.undo.get("made")
-
-    def _swap(self, action: Action, expected: str, text: str) -> None:
-        """Compare and swap the device symlink (:func:`~blktx_plugins._fs.swap_link`)."""
-        swap_link(action.params["device"], action.undo["swap"], expected, text)
-
-    def _drop_swap(self, action: Action) -> None:
-        drop_link(action.undo.get("swap", ""), (self._link_text(action), action.undo["link"]))
-
-    def _repoint(self, action: Action) -> None:
-        device = action.params["device"]
-        if os.readlink(device) == self._link_text(action):
-            return  # already re-pointed (a retry)
-        if os.readlink(device) != action.undo["link"]:
-            raise ActionFailed(
-                f"device {device} was re-pointed after the check (it says {os.readlink(device)!r}, "
-                f"not {action.undo['link']!r}); it was left alone"
-            )
-        self._swap(action, action.undo["link"], self._link_text(action))
 
     def _warn_at_close(self, action: Action, ctx: RunContext) -> None:
         """Without a device: when the run ends committed, the result warns that a
@@ -251,9 +217,7 @@ class ExternalCreate(_QmpType):
         except VmGone:
             pass  # the switch lived in the dead QEMU's memory only; the file goes below
         if action.params.get("device") and "link" in action.undo:
-            if self._points_to_ours(action):
-                self._swap(action, self._link_text(action), action.undo["link"])
-            self._drop_swap(action)
+            self._switch_back(action)
         remove_if_ours(action.params["overlay"], action.undo.get("made"))
         remove_if_ours(action.undo.get("tmp", ""), action.undo.get("made"))
 

@@ -161,24 +161,18 @@ def _use(pid: str, real: str) -> str | None:
     """How process ``pid`` uses something under ``real``: its working directory, root,
     executable, an open file or a mapped file; None when it does not."""
     base = f"/proc/{pid}"
-    for link, what in (("cwd", "working directory"), ("root", "root directory"), ("exe", "executable")):
+    links = [("cwd", "working directory"), ("root", "root directory"), ("exe", "executable")]
+    try:
+        links += [(f"fd/{fd}", "open file") for fd in os.listdir(f"{base}/fd")]
+    except OSError:
+        pass
+    for link, what in links:
         try:
             target = os.readlink(f"{base}/{link}").removesuffix(" (deleted)")
         except OSError:
             continue
         if _under(target, real):
             return f"{what} {target}"
-    try:
-        fds = os.listdir(f"{base}/fd")
-    except OSError:
-        fds = []
-    for fd in fds:
-        try:
-            target = os.readlink(f"{base}/fd/{fd}").removesuffix(" (deleted)")
-        except OSError:
-            continue
-        if _under(target, real):
-            return f"open file {target}"
     try:
         with open(f"{base}/maps", encoding="utf-8", errors="replace") as fh:
             for line in fh:

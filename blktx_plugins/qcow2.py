@@ -26,7 +26,7 @@ from typing import Any
 
 from blktx import Action, ActionFailed, ActionFailures, ActionType, Leftover, Param, Refused, Register, RunContext, hookimpl
 from blktx_plugins._daemons import Daemons, batches, fd_problem
-from blktx_plugins._fs import drop_link, is_ours, private_file, publish, remove_if_ours, swap_link
+from blktx_plugins._fs import DeviceLink, is_ours, private_file, publish, remove_if_ours
 from blktx_plugins._image import (
     Header,
     Snapshot,
@@ -494,7 +494,7 @@ class InternalDelete(ActionType):
         _delete_snapshots(plan, actions, ctx.txid, ctx.options.jobs)
 
 
-class ExternalCreate(ActionType):
+class ExternalCreate(DeviceLink, ActionType):
     """Create a qcow2 overlay on top of a device's current image and make it the active image."""
 
     name = "qcow2.external-create"
@@ -583,44 +583,13 @@ class ExternalCreate(ActionType):
         finally:
             private.close()
 
-    def _link_text(self, action: Action) -> str:
-        """What invalidate makes the device symlink say."""
-        return os.path.relpath(str(action.params["overlay"]), os.path.dirname(str(action.params["device"])))
-
-    def _points_to_ours(self, action: Action) -> bool:
-        """Whether the device still points where invalidate put it: at this run's overlay."""
-        device = action.params["device"]
-        try:
-            if os.readlink(device) != self._link_text(action):
-                return False
-            if action.undo.get("preexisting"):
-                return True
-            st = os.stat(device)
-        except OSError:
-            return False
-        return [st.st_dev, st.st_ino] == action.undo.get("made")
-
-    def _swap(self, action: Action, expected: str, text: str) -> None:
-        """Compare and swap the device symlink (:func:`~blktx_plugins._fs.swap_link`)."""
-        swap_link(action.params["device"], action.undo["swap"], expected, text)
-
-    def _drop_swap(self, action: Action) -> None:
-        drop_link(action.undo.get("swap", ""), (self._link_text(action), action.undo["link"]))
-
     def invalidate(self, action: Action, ctx: RunContext) -> None:
         device, overlay = action.params["device"], action.params["overlay"]
         if ctx.hook is not None and ctx.hook.blktx_switch_active_image(
             ctx=ctx, action=action, device=device, old=action.undo["old"], new=overlay
         ):
             return
-        if os.readlink(device) == self._link_text(action):
-            return  # already switched (a retry)
-        if os.readlink(device) != action.undo["link"]:
-            raise ActionFailed(
-                f"device {device} was re-pointed after the check (it says {os.readlink(device)!r}, "
-                f"not {action.undo['link']!r}); it was left alone"
-            )
-        self._swap(action, action.undo["link"], self._link_text(action))
+        self._switch(action)
 
     def cancel(self, action: Action, ctx: RunContext) -> None:
         if "old" not in action.undo:
@@ -629,9 +598,7 @@ class ExternalCreate(ActionType):
         switched = ctx.hook is not None and ctx.hook.blktx_switch_active_image(
             ctx=ctx, action=action, device=device, old=overlay, new=action.undo["old"]
         )
-        if not switched and self._points_to_ours(action):
-            self._swap(action, self._link_text(action), action.undo["link"])
-        self._drop_swap(action)
+        self._switch_back(action, hooked=switched)
         made = action.undo.get("made")
         if not action.undo.get("preexisting"):
             remove_if_ours(overlay, made)
