@@ -1,7 +1,8 @@
 """Start-up cost: CPU time (user + sys) of one short blktx command, as a timer runs it.
 
 Each method is one whole process, its CPU time read from ``wait4``'s rusage:
-``blktx check one.toml`` (one ``sim.noop`` action), the same with ``--json``, and
+``blktx check one.toml`` (one ``sim.noop`` action), the same with ``--json``,
+``blktx check qcow2.toml`` (one ``qcow2.internal-create`` of a 1 MiB image), and
 ``blktx types --json``, each run as the console script does
 (``python -c 'from blktx.cli import main; main()'``), against ``python -c pass``
 (the floor of any Python command on this machine: interpreter and ``site``). The
@@ -31,6 +32,8 @@ TARGET_MS = 80.0
 MAIN = "import sys; from blktx.cli import main; sys.exit(main())"
 COMMANDS = {
     "check": ["check", "one.toml"],
+    # A real one-image spec: its plugin (qcow2, with its image and daemon modules) is imported.
+    "check qcow2": ["check", "qcow2.toml"],
     "check --json": ["check", "--json", "one.toml"],
     "types --json": ["types", "--json"],
 }
@@ -53,6 +56,10 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="blktx-startup-") as work:
         Path(work, "one.toml").write_text('version = 1\n[[action]]\ntype = "sim.noop"\nkey = "a"\n')
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", os.path.join(work, "a.qcow2"), "1M"], check=True)
+        Path(work, "qcow2.toml").write_text(
+            'version = 1\n[[action]]\ntype = "qcow2.internal-create"\nimage = "a.qcow2"\nname = "s"\n'
+        )
         trees = {"this tree": str(ROOT)}
         if args.against:
             other = os.path.join(work, "against")

@@ -65,8 +65,8 @@ environment:
 """
 
 
-def _registry(args: argparse.Namespace) -> plugins.Registry:
-    registry = plugins.default_registry()
+def _registry(args: argparse.Namespace, *, lazy: bool = False) -> plugins.Registry:
+    registry = plugins.default_registry(lazy=lazy)
     if not getattr(args, "json", False):
         err = console(sys.stderr)
         for problem in registry.problems:
@@ -95,7 +95,7 @@ def _load(args: argparse.Namespace) -> Transaction | int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    registry = _registry(args)
+    registry = _registry(args, lazy=True)  # only the spec's types' built-in plugins are imported
     tx = _load(args)
     if isinstance(tx, int):
         return tx
@@ -125,7 +125,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    registry = _registry(args)
+    registry = _registry(args, lazy=True)
     tx = _load(args)
     if isinstance(tx, int):
         return tx

@@ -26,16 +26,52 @@ class RegisteredType:
     plugin: str
 
 
+#: A built-in plugin registers only types whose name begins with its entry-point
+#: name, or with the prefix this table gives it (``tests/test_plugins.py`` checks
+#: both), so a registry can import it only when a type of it is asked for.
+BUILTIN_PREFIXES = {"host": "hostfs"}
+BUILTIN_MODULE = "blktx_plugins."
+
+
 @dataclass
 class Registry:
-    """The plugin manager, the action types it registered and the problems it met."""
+    """The plugin manager, the action types it registered and the problems it met.
+
+    ``pending`` holds built-in plugins not imported yet (a lazy registry, see
+    :func:`load`): :meth:`get` imports the one a type's name points at, and
+    :attr:`types` imports them all before answering.
+    """
 
     pm: pluggy.PluginManager
-    types: dict[str, RegisteredType] = field(default_factory=dict)
+    loaded: dict[str, RegisteredType] = field(default_factory=dict)
     problems: list[PluginProblem] = field(default_factory=list)
+    pending: dict[str, EntryPoint] = field(default_factory=dict)
+
+    @property
+    def types(self) -> dict[str, RegisteredType]:
+        """Every registered type (every pending plugin imported first)."""
+        self.load_pending()
+        return self.loaded
+
+    def load_pending(self) -> None:
+        for name in sorted(self.pending):
+            self._load_one(name)
+
+    def _load_one(self, name: str) -> None:
+        ep = self.pending.pop(name, None)
+        if ep is not None:
+            _load_entry_point(self, ep)
+
+    def plugin_names(self) -> list[str]:
+        """The names of the plugins loaded or pending (not those that failed)."""
+        return sorted({name for name, _ in self.pm.list_name_plugin() if name} | set(self.pending))
 
     def get(self, name: str) -> ActionType | None:
-        entry = self.types.get(name)
+        entry = self.loaded.get(name)
+        if entry is None and self.pending:
+            prefix = name.split(".", 1)[0]
+            self._load_one(BUILTIN_PREFIXES.get(prefix, prefix))
+            entry = self.loaded.get(name)
         return entry.instance if entry else None
 
     def unknown(self, name: str, others: tuple[str, ...] = ()) -> str:
@@ -65,8 +101,8 @@ class Registry:
         def register(cls: type[ActionType]) -> None:
             problems = declaration_problems(cls)
             name = getattr(cls, "name", "")
-            if not problems and name in self.types:
-                problems = [f"type {name!r} is already registered by plugin {self.types[name].plugin!r}"]
+            if not problems and name in self.loaded:
+                problems = [f"type {name!r} is already registered by plugin {self.loaded[name].plugin!r}"]
             if problems:
                 self.problems.append(PluginProblem(plugin_name, f"{getattr(cls, '__name__', cls)!s}: " + "; ".join(problems)))
                 return
@@ -75,7 +111,7 @@ class Registry:
             except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop the others
                 self.problems.append(PluginProblem(plugin_name, f"{cls.__name__}() failed: {exc}"))
                 return
-            self.types[name] = RegisteredType(cls, instance, plugin_name)
+            self.loaded[name] = RegisteredType(cls, instance, plugin_name)
 
         try:
             impl(register=register)
@@ -202,8 +238,13 @@ def _allowed() -> set[str] | None:
     return {name.strip() for name in value.split(",") if name.strip()}
 
 
-def load(extra: list[tuple[str, object]] | None = None) -> Registry:
+def load(extra: list[tuple[str, object]] | None = None, *, lazy: bool = False) -> Registry:
     """Load every plugin of the ``blktx`` entry-point group, then ``extra`` ones.
+
+    ``lazy``: built-in plugins (``blktx_plugins.*``) are imported only when a type
+    of theirs is asked for (:meth:`Registry.get`) or the whole list is
+    (:attr:`Registry.types`); other distributions' plugins are always imported,
+    since their hooks may act on any run.
 
     ``BLKTX_LOAD_PLUGINS`` (comma-separated entry-point names; empty for none)
     limits which entry points load. ``BLKTX_TRACE_HOOKS=1`` prints every hook call
@@ -232,18 +273,25 @@ def load(extra: list[tuple[str, object]] | None = None) -> Registry:
             )
             continue
         ep = eps[0]
-        try:
-            module = ep.load()
-        except Exception as exc:  # noqa: BLE001 - reported; the other plugins still load
-            registry.problems.append(PluginProblem(ep.name, f"failed to import {ep.value}: {type(exc).__name__}: {exc}"))
-            continue
-        _add(registry, ep.name, module)
+        if lazy and ep.value.strip().startswith(BUILTIN_MODULE):
+            registry.pending[ep.name] = ep
+        else:
+            _load_entry_point(registry, ep)
     for name, plugin in extra or []:
         _add(registry, name, plugin)
     if os.environ.get("BLKTX_TRACE_HOOKS"):
         pm.trace.root.setwriter(sys.stderr.write)
         pm.enable_tracing()
     return registry
+
+
+def _load_entry_point(registry: Registry, ep: EntryPoint) -> None:
+    try:
+        module = ep.load()
+    except Exception as exc:  # noqa: BLE001 - reported; the other plugins still load
+        registry.problems.append(PluginProblem(ep.name, f"failed to import {ep.value}: {type(exc).__name__}: {exc}"))
+        return
+    _add(registry, ep.name, module)
 
 
 def _add(registry: Registry, name: str, plugin: object) -> None:
@@ -258,9 +306,13 @@ def _add(registry: Registry, name: str, plugin: object) -> None:
 _cached: Registry | None = None
 
 
-def default_registry() -> Registry:
-    """The registry of the installed plugins, loaded once per process."""
+def default_registry(*, lazy: bool = False) -> Registry:
+    """The registry of the installed plugins, loaded once per process; ``lazy``
+    leaves the built-in plugins no type was asked of unimported (``check`` and
+    ``run`` of a spec: only its types' plugins are imported)."""
     global _cached
     if _cached is None:
-        _cached = load()
+        _cached = load(lazy=True)
+    if not lazy:
+        _cached.load_pending()
     return _cached

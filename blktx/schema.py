@@ -57,7 +57,7 @@ def schema(registry: Registry) -> dict[str, Any]:
                 },
             }
         )
-    plugins = sorted(name for name, _ in registry.pm.list_name_plugin() if name)
+    plugins = registry.plugin_names()
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "blktx transaction spec, version 1",

@@ -446,7 +446,7 @@ def bind(
             continue
         kind = OPTION_KEYS.get(key)
         if kind is None:
-            plugins = sorted(name for name, _ in registry.pm.list_name_plugin() if name)
+            plugins = registry.plugin_names()
             if isinstance(value, dict) and key in plugins:
                 options.extra[key] = value
                 continue

@@ -161,3 +161,54 @@ def test_a_guess_from_another_plugin_says_so() -> None:
     hint = registry.unknown("qcwo2.internal-create")
     assert hint.startswith("did you mean 'qcow2.internal-create'?") and "a type of plugin 'qcow2', not 'qcwo2'" in hint
     assert registry.unknown("zzz.qqq") == "`blktx types` lists the installed types"
+
+
+def test_every_built_in_type_is_named_for_the_plugin_a_lazy_registry_imports() -> None:
+    from blktx.plugins import BUILTIN_MODULE, BUILTIN_PREFIXES, entry_points
+
+    built_in = {ep.name for ep in entry_points() if ep.value.startswith(BUILTIN_MODULE)}
+    registry = load()
+    owners = {name: entry.plugin for name, entry in registry.types.items() if entry.plugin in built_in}
+    assert len(owners) >= 20 and {"qcow2", "qmp", "libvirt", "sim", "hostfs"} <= set(owners.values())
+    for name, plugin in owners.items():
+        prefix = name.split(".", 1)[0]
+        assert BUILTIN_PREFIXES.get(prefix, prefix) == plugin, name
+
+
+def test_a_lazy_registry_imports_a_built_in_plugin_only_when_asked_and_answers_as_an_eager_one() -> None:
+    lazy, eager = load(lazy=True), load()
+    assert "qcow2" in lazy.pending and "file.snapshot" in lazy.loaded, "other distributions' plugins always load"
+    assert lazy.plugin_names() == eager.plugin_names()
+    assert type(lazy.get("host.fsfreeze")).__name__ == "FsFreeze" and "hostfs" not in lazy.pending
+    assert "qcow2" in lazy.pending, "asking for one type imports its plugin alone"
+    for typo in ("qcow2.internal-craete", "qmp.snap", "nosuch.thing"):
+        assert lazy.get(typo) is None
+        assert lazy.unknown(typo) == eager.unknown(typo)
+    assert sorted(lazy.types) == sorted(eager.types) and not lazy.pending
+
+
+def test_check_and_run_import_only_the_plugins_of_their_types(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    spec = tmp_path / "one.toml"
+    spec.write_text('version = 1\n[options.qcow2]\n[[action]]\ntype = "sim.noop"\nkey = "a"\n')
+    probe = (
+        "import sys\nfrom blktx.cli import main\ncode = main(sys.argv[1:])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('blktx_plugins.') and m.count('.') == 1))\n"
+        "sys.exit(code)\n"
+    )
+    for command in (["check"], ["run", "--journal", str(tmp_path / "j.sqlite")], ["types"]):
+        out = subprocess.run(
+            [sys.executable, "-c", probe, *command, *([] if command == ["types"] else [str(spec)])],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**__import__("os").environ, "BLKTX_LOCK_DIR": str(tmp_path / "locks")},
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        imported = out.stdout.strip().splitlines()[-1]
+        if command == ["types"]:
+            assert "blktx_plugins.qcow2" in imported and "blktx_plugins.libvirt" in imported
+        else:  # an options table of a pending plugin is still known to be a plugin's
+            assert imported == "['blktx_plugins.sim']", (command, out.stdout)
