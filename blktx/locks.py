@@ -29,6 +29,7 @@ import fcntl
 import json
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,22 @@ class Claim:
     owners: dict[str, str] = field(default_factory=dict)  # lock key -> the target it came from
     path: str = ""
     fd: int | None = None
+    #: The claim's fsyncs (file, then folder) running beside the checks and BEGIN.
+    _syncing: threading.Thread | None = field(default=None, repr=False)
+    _sync_error: list[OSError] = field(default_factory=list, repr=False)
+
+    def durable(self) -> None:
+        """Wait until the claim is on disk; raise the ``OSError`` its fsync met.
+
+        A claim is exclusive from the moment it is written (the kernel lock and the
+        file other runs read); its durability matters only once something is touched,
+        since it is what keeps the targets claimed after a power loss: the run waits
+        for it before its first intent (``Transaction._forward``)."""
+        if self._syncing is not None:
+            self._syncing.join()
+            self._syncing = None
+        if self._sync_error:
+            raise self._sync_error[0]
 
     def to_json(self) -> dict[str, Any]:
         return {"txid": self.txid, "journal": self.journal, "keys": self.keys, "pid": os.getpid(), "since": time.time()}
@@ -185,7 +202,7 @@ class Locker:
             with self._mutex():
                 problems, dead = self._conflicts(claim)
                 if not problems:
-                    self._write(claim)
+                    self._write(claim, later=True)
                     return claim
             if dead or time.monotonic() >= deadline or stop():  # an interrupt ends the wait too
                 raise InvalidTransaction(problems)
@@ -254,9 +271,10 @@ class Locker:
                     removed += 1
         return removed
 
-    def _write(self, claim: Claim) -> None:
+    def _write(self, claim: Claim, *, later: bool = False) -> None:
         """Write the claim whole, then rename it into place (under the mutex): a claim
-        file is complete or absent, whatever kills the process or fills the disk."""
+        file is complete or absent, whatever kills the process or fills the disk.
+        ``later``: the fsyncs run in a thread; :meth:`Claim.durable` waits for them."""
         name = _name(claim.txid)
         tmp = f".{name}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._dirfd)
@@ -266,15 +284,29 @@ class Locker:
             data = json.dumps(claim.to_json()).encode()
             if os.write(fd, data) != len(data):
                 raise OSError(f"short write of the claim {name}")
-            os.fsync(fd)
+            if not later:
+                os.fsync(fd)
             os.rename(tmp, name, src_dir_fd=self._dirfd, dst_dir_fd=self._dirfd)
-            os.fsync(self._dirfd)
+            if not later:
+                os.fsync(self._dirfd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=self._dirfd)
             os.close(fd)
             raise
         claim.path, claim.fd = os.path.join(self.dir, "claims", name), fd
+        if later:
+            dirfd = self._dirfd
+
+            def sync() -> None:
+                try:  # the file's data before the folder's entry: both before the first intent
+                    os.fsync(fd)
+                    os.fsync(dirfd)
+                except OSError as exc:
+                    claim._sync_error.append(exc)
+
+            claim._syncing = threading.Thread(target=sync, name=f"blktx-claim-{claim.txid}", daemon=True)
+            claim._syncing.start()
 
     def take_over(self, txid: str, journal: str, targets: Sequence[str]) -> Claim | None:
         """For ``blktx recover``: hold the claim of a transaction whose run is gone
@@ -299,6 +331,8 @@ class Locker:
         (DONE, ABORTED, INVALID): an unfinished one keeps its targets claimed."""
         if claim.fd is None:
             return
+        with contextlib.suppress(OSError):  # its descriptor is closed below: no fsync may run on
+            claim.durable()
         if finished:
             # Not fsynced: the journal's final state is durable already, so a claim that
             # a power loss brings back is stale by that state, and the next run sweeps it.

@@ -265,9 +265,10 @@ class TransactionRun:
     def _forward(self) -> None:
         journal, txid, undoable, ctx = self.journal, self.txid, self.undoable, self.ctx
         self._raise_if_interrupted()
+        if self.claim is not None:  # its fsyncs ran beside the checks and BEGIN: on disk before anything is touched
+            self.claim.durable()
         quiesced = ctx.options.quiesce != "none"
-        # An invalidate that no type implements changes nothing: journaling it would
-        # only lengthen the quiesce window.
+        # An invalidate no type implements changes nothing: journaling it would lengthen the window.
         has_invalidate = any(implements(a.type, "invalidate") for a in undoable)
         last = "invalidate" if has_invalidate else "do"
         early = [a for a in undoable if a.type.do_before_quiesce] if quiesced else []
@@ -296,8 +297,7 @@ class TransactionRun:
         self._within_budget()
         if quiesced:  # every point in time is taken: the window ends before the durable writes
             self.resume_holds()
-        # The commit point: the last phase's results and COMMITTED, one durable write.
-        # Only once it has returned is the transaction committed.
+        # The commit point: the last phase's results and COMMITTED, one durable write; committed once it returned.
         with together(journal):
             journal.done(txid, last, undoable)
             journal.state(txid, TxState.COMMITTED, {})

@@ -58,8 +58,14 @@ MUTANTS = {
         """        forget(options.forgets)""",
         """        pass""",
     ),
+    "claim-not-durable-before-intent": (
+        "blktx/transaction.py",
+        """            self.claim.durable()""",
+        """            pass""",
+    ),
 }
 TESTS = {
+    "claim-not-durable-before-intent": ["tests/test_locks.py"],
     "delete-keeps-catalog-entry": ["tests/test_cli_groups.py"],
     "commit-before-write": ["tests/test_transaction.py"],
     "drop-cancel-intent": ["tests/test_recover.py::test_the_cancel_intent_is_durable_before_any_cancel"],

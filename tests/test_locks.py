@@ -225,3 +225,43 @@ def test_sigterm_ends_a_wait_for_locks_at_once(tmp_path: Path) -> None:
         assert proc.returncode == 1 and "interrupted by SIGTERM before anything was touched" in out
     finally:
         Locker().release(holder, finished=True)
+
+
+def test_the_claim_is_on_disk_before_the_first_intent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim's fsyncs run beside the checks and BEGIN, but the run waits for them
+    before anything may be touched: a slow fsync still comes before the do intent."""
+    order: list[str] = []
+    real_fsync, real_intent = os.fsync, SqliteJournal.intent
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.3)
+        real_fsync(fd)
+        order.append("fsync")
+
+    def intent(self: SqliteJournal, txid: str, phase: str, actions: object) -> None:
+        order.append(f"intent {phase}")
+        real_intent(self, txid, phase, actions)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    monkeypatch.setattr(SqliteJournal, "intent", intent)
+    result = Executor(journal=SqliteJournal(str(tmp_path / "j.sqlite")), locker=Locker()).run(noop_tx(["a"]))
+    assert result.outcome == "committed"
+    assert order[:3] == ["fsync", "fsync", "intent do"], order
+
+
+def test_a_claim_that_cannot_be_made_durable_aborts_the_run_before_anything_is_touched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    journal = SqliteJournal(str(tmp_path / "j.sqlite"))
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    result = Executor(journal=journal, locker=Locker()).run(noop_tx(["a", "b"]))
+    monkeypatch.undo()
+    assert result.outcome == "rolled back" and "Input/output error" in str(result.failure)
+    assert [a.state for a in result.actions] == ["START", "START"], "no action began"
+    db = sqlite3.connect(tmp_path / "j.sqlite")
+    assert db.execute("SELECT status FROM tx").fetchall() == [("ABORTED",)]
+    assert db.execute("SELECT DISTINCT state FROM action").fetchall() == [("START",)]
+    assert Locker().claims() == [], "an aborted run leaves no claim"
