@@ -38,14 +38,25 @@ import time
 from typing import Any
 
 MODES = ("commit", "rollback")
+#: Run at the TaskFlow sizes: TaskFlow as it runs by default (nothing persisted), with
+#: its ``dir`` persistence, and blktx with nothing persisted (the like-for-like pairs).
+TASKFLOW_METHODS = ("taskflow", "taskflow-dir", "blktx-memory")
+#: (numerator, denominator, what the pair compares)
+PAIRS = (
+    ("taskflow", "blktx", "TaskFlow (nothing persisted) / blktx (journal fsynced, locks)"),
+    ("taskflow", "blktx-memory", "like for like, nothing persisted: TaskFlow / blktx"),
+    ("taskflow-dir", "blktx", "like for like, both persisted: TaskFlow dir backend (no fsync) / blktx (fsync)"),
+)
 #: The targets of issue 16, checked on the medians.
 TASKFLOW_OVER_BLKTX = 100.0
 GROWTH_100K_OVER_10K = 11.0
 PEAK_MB_100K = 250.0
 
 
-def child_taskflow(n: int, mode: str) -> dict[str, Any]:
-    """One TaskFlow run in this process: N no-op tasks (and a failing one last for a rollback)."""
+def child_taskflow(n: int, mode: str, persist: str | None = None) -> dict[str, Any]:
+    """One TaskFlow run in this process: N no-op tasks (and a failing one last for a rollback);
+    ``persist``: a folder for TaskFlow's ``dir`` persistence backend (its only local one
+    without SQLAlchemy: a JSON file per flow and atom detail, written without fsync)."""
     from taskflow import engines, task
     from taskflow.patterns import linear_flow
 
@@ -69,14 +80,26 @@ def child_taskflow(n: int, mode: str) -> dict[str, Any]:
     flow.add(*[Noop(name=f"t{i}") for i in range(n)])
     if mode == "rollback":
         flow.add(Fault(name="fault"))
+    backend = {"backend": {"connection": "dir", "path": persist}} if persist else {}
     t = time.perf_counter()
     try:
-        engines.run(flow, engine="serial")
+        engines.run(flow, engine="serial", **backend)
         outcome = "committed"
     except RuntimeError as exc:
         assert str(exc) == "fault injected", exc
         outcome = "rolled back"
     return {"seconds": time.perf_counter() - t, "outcome": outcome, "reverted": reverted[0]}
+
+
+def child_blktx_memory(spec: str) -> dict[str, Any]:
+    """One blktx run in this process with nothing persisted (no journal, no locks), as
+    TaskFlow's engine runs by default: the executor alone, the like-for-like figure."""
+    from blktx.executor import Executor
+    from blktx.spec import load_spec
+
+    tx = load_spec(spec)
+    result = Executor().run(tx)
+    return {"seconds": result.seconds, "outcome": result.outcome, "actions": len(result.actions)}
 
 
 def write_spec(folder: str, n: int, mode: str) -> str:
@@ -132,10 +155,26 @@ def run_blktx(work: str, spec: str, n: int, mode: str) -> dict[str, Any]:
     return {"seconds": seconds, "inner": report["seconds"], "peak_mb": peak}
 
 
-def run_taskflow(work: str, n: int, mode: str) -> dict[str, Any]:
-    out = os.path.join(work, "taskflow.json")
+def run_blktx_memory(work: str, spec: str, n: int, mode: str) -> dict[str, Any]:
+    out = os.path.join(work, "blktx-memory.json")
     os.sync()
-    seconds, peak, status, err = timed([sys.executable, __file__, "--child", "taskflow", str(n), mode], dict(os.environ), out)
+    seconds, peak, status, err = timed([sys.executable, __file__, "--child", "blktx-memory", spec, mode], dict(os.environ), out)
+    with open(out, encoding="utf-8") as fh:
+        report = json.loads(fh.read() or "{}")
+    expected = ("committed", n) if mode == "commit" else ("rolled back", n + 1)
+    if status != 0 or (report.get("outcome"), report.get("actions")) != expected:
+        raise SystemExit(f"blktx-memory N={n} {mode}: status {status}, {report}, expected {expected}\n{err}")
+    return {"seconds": seconds, "inner": report["seconds"], "peak_mb": peak}
+
+
+def run_taskflow(work: str, n: int, mode: str, persist: bool = False) -> dict[str, Any]:
+    out = os.path.join(work, "taskflow.json")
+    folder = tempfile.mkdtemp(dir=work) if persist else ""
+    os.sync()
+    argv = [sys.executable, __file__, "--child", "taskflow-dir" if persist else "taskflow", str(n), mode, folder]
+    seconds, peak, status, err = timed(argv, dict(os.environ), out)
+    if folder:
+        shutil.rmtree(folder)
     with open(out, encoding="utf-8") as fh:
         report = json.loads(fh.read() or "{}")
     expected = ("committed", 0) if mode == "commit" else ("rolled back", n)
@@ -171,7 +210,7 @@ def stats(values: list[float]) -> dict[str, float]:
 
 def bench(sizes: list[int], tf_sizes: list[int], repeats: int) -> dict[str, Any]:
     cases = [("blktx", n, mode) for n in sorted(set(sizes) | set(tf_sizes)) for mode in MODES]
-    cases += [("taskflow", n, mode) for n in tf_sizes for mode in MODES]
+    cases += [(method, n, mode) for method in TASKFLOW_METHODS for n in tf_sizes for mode in MODES]
     cases.append(("python", 0, "start"))  # the floor of any whole process: `python -c pass`
     runs: dict[tuple[str, int, str], list[dict[str, Any]]] = {case: [] for case in cases}
     work = tempfile.mkdtemp(prefix="blktx-overhead-")
@@ -184,8 +223,10 @@ def bench(sizes: list[int], tf_sizes: list[int], repeats: int) -> dict[str, Any]
             for method, n, mode in cases[shift:] + cases[:shift]:
                 if method == "blktx":
                     one = run_blktx(work, specs[(n, mode)], n, mode)
-                elif method == "taskflow":
-                    one = run_taskflow(work, n, mode)
+                elif method == "blktx-memory":
+                    one = run_blktx_memory(work, specs[(n, mode)], n, mode)
+                elif method.startswith("taskflow"):
+                    one = run_taskflow(work, n, mode, persist=method == "taskflow-dir")
                 else:
                     seconds, peak, _, _ = timed([sys.executable, "-c", "pass"], dict(os.environ), os.devnull)
                     one = {"seconds": seconds, "inner": 0.0, "peak_mb": peak}
@@ -226,11 +267,12 @@ def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {(r["method"], r["n"], r["mode"]): r for r in rows}
     out: list[dict[str, Any]] = []
     for (method, n, mode), row in by.items():
-        ours = by.get(("blktx", n, mode))
-        if method == "taskflow" and ours:
-            whole = row["seconds"]["median"] / ours["seconds"]["median"]
-            inner = row["inner"]["median"] / ours["inner"]["median"]
-            out.append({"what": f"TaskFlow / blktx, N={n} {mode}", "whole": whole, "inner": inner, "target": ">= 100"})
+        for theirs, mine, what in PAIRS:
+            ours = by.get((mine, n, mode))
+            if method == theirs and ours:
+                whole = row["seconds"]["median"] / ours["seconds"]["median"]
+                inner = row["inner"]["median"] / ours["inner"]["median"]
+                out.append({"what": f"{what}, N={n} {mode}", "whole": whole, "inner": inner, "target": ">= 100"})
     for mode in MODES:
         small, large = by.get(("blktx", 10_000, mode)), by.get(("blktx", 100_000, mode))
         if small and large:
@@ -243,7 +285,7 @@ def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for c in out:
         if "value" in c:
             c["met"] = c["value"] < PEAK_MB_100K
-        elif c["what"].startswith("TaskFlow"):
+        elif c["target"] == ">= 100":
             c["met"] = {"whole": c["whole"] >= TASKFLOW_OVER_BLKTX, "inner": c["inner"] >= TASKFLOW_OVER_BLKTX}
         else:
             c["met"] = {"whole": c["whole"] <= GROWTH_100K_OVER_10K, "inner": c["inner"] <= GROWTH_100K_OVER_10K}
@@ -254,13 +296,13 @@ def print_report(report: dict[str, Any]) -> None:
     print(
         f"{report['repeats']} runs each, interleaved; median [min-max]; whole process = start to exit, in-process = the run alone"
     )
-    print(f"{'method':<9} {'N':>7} {'mode':<9} {'whole process s':<24} {'in-process s':<26} peak RSS MB")
+    print(f"{'method':<12} {'N':>7} {'mode':<9} {'whole process s':<24} {'in-process s':<26} peak RSS MB")
     for r in sorted(report["rows"], key=lambda r: (r["n"], r["mode"], r["method"])):
         s, i, p = r["seconds"], r["inner"], r["peak_mb"]
         whole = f"{s['median']:7.3f} [{s['min']:.3f}-{s['max']:.3f}]"
         inner = f"{i['median']:8.4f} [{i['min']:.4f}-{i['max']:.4f}]"
         peak = f"{p['median']:6.1f} [{p['min']:.1f}-{p['max']:.1f}]"
-        print(f"{r['method']:<9} {r['n']:>7} {r['mode']:<9} {whole:<24} {inner:<26} {peak}")
+        print(f"{r['method']:<12} {r['n']:>7} {r['mode']:<9} {whole:<24} {inner:<26} {peak}")
     for c in report["checks"]:
         if "value" in c:
             print(f"{c['what']}: {c['value']:.1f} (target {c['target']}: {'met' if c['met'] else 'NOT met'})")
@@ -281,7 +323,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="N for blktx alone")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000], help="N for blktx alone")
     parser.add_argument(
         "--taskflow-sizes",
         "--taskflow-size",
@@ -292,11 +334,14 @@ def main() -> int:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print every run as JSON")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _, n, mode = args.child
-        print(json.dumps(child_taskflow(int(n), mode)))
+        kind, arg, mode, *rest = args.child
+        if kind == "blktx-memory":
+            print(json.dumps(child_blktx_memory(arg)))
+        else:
+            print(json.dumps(child_taskflow(int(arg), mode, rest[0] if kind == "taskflow-dir" else None)))
         return 0
     tf_sizes = args.taskflow_sizes
     try:
