@@ -34,6 +34,7 @@ from blktx import Action, ActionFailed, ActionType, Leftover, Param, Refused, Ru
 from blktx_plugins._fs import DeviceLink, fsync_dir, identity, is_ours, private_file, publish, remove_if_ours
 from blktx_plugins._image import MAX_CHAIN, Header, check_chain, open_verified, read_image, shown, within
 from blktx_plugins._qemu import backing_name, create_overlay, die_with_parent, holder, image_format
+from blktx_plugins._runas import RunAs, least_privileged
 
 #: How long a rebase may take: it copies the data the frozen image holds.
 REBASE_TIMEOUT = 24 * 3600.0
@@ -385,21 +386,34 @@ class ExternalRevert(DeviceLink, ActionType):
         return found
 
 
-def _rebase(child: Layer, below: Layer | None) -> None:
+def _rebase(child: Layer, below: Layer | None, run_as: RunAs | None) -> None:
     """``qemu-img rebase`` (safe mode) of ``child`` onto ``below`` (None: no backing file).
 
     QEMU copies every cluster the old and new backing files disagree on into ``child``,
     then changes the header last; ``-t writethrough`` makes each copied cluster (data and
     L2 entry) durable before the next, so neither a kill nor a power loss can leave the
-    new header over clusters that are not there. Killed with blktx."""
+    new header over clusters that are not there. Killed with blktx.
+
+    QEMU opens the chain by the names in its headers: ``run_as`` (see
+    :mod:`blktx_plugins._runas`) is the one user who could change them, so a header
+    rewritten after the check makes it read only what that user can read."""
     os.close(open_verified(child.path, child.ident))  # still the file the check read
     target = ["-b", ""] if below is None else ["-b", backing_name(child.path, below.path), "-F", below.fmt]
     argv = ["qemu-img", "rebase", "-q", "-t", "writethrough", "-f", "qcow2", *target, child.path]
+    who: dict[str, Any] = {} if run_as is None else {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
     out = subprocess.run(
-        argv, capture_output=True, text=True, timeout=REBASE_TIMEOUT, check=False, preexec_fn=die_with_parent(os.getpid())
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=REBASE_TIMEOUT,
+        check=False,
+        preexec_fn=die_with_parent(os.getpid()),
+        cwd="/",
+        **who,
     )
     if out.returncode != 0:
-        raise ActionFailed(f"qemu-img rebase of {child.path}: {(out.stderr or out.stdout).strip()}")
+        as_whom = f" (run as {run_as})" if run_as else ""
+        raise ActionFailed(f"qemu-img rebase of {child.path}{as_whom}: {(out.stderr or out.stdout).strip()}")
 
 
 class ExternalDelete(ActionType):
@@ -419,10 +433,11 @@ class ExternalDelete(ActionType):
     def target(self, action: Action) -> str:
         return str(action.params["device"])
 
-    def _judge(self, action: Action, roots: list[str]) -> tuple[Layer | None, Layer | None]:
-        """The image above the frozen one in the device's chain and the one below it (None,
-        None: it is in no chain, and nothing next to it depends on it). Refused when
-        deleting it would change what the device or anything else sees."""
+    def _judge(self, action: Action, roots: list[str]) -> tuple[Layer | None, Layer | None, RunAs | None]:
+        """The image above the frozen one in the device's chain, the one below it (None,
+        None: it is in no chain, and nothing next to it depends on it) and whom the rebase
+        runs as. Refused when deleting it would change what the device or anything else
+        sees, or when the rebase could not run as the one user who can change the chain."""
         device, frozen, ident = action.params["device"], action.params["image"], action.undo["ident"]
         layers = chain_of(device, roots)
         at = next((i for i, layer in enumerate(layers) if layer.ident == ident), None)
@@ -451,13 +466,21 @@ class ExternalDelete(ActionType):
         if who:
             raise Refused(who, hint="shut the VM down first")
         if child is None:
-            return None, None
+            return None, None, None
         if child.header is not None and child.header.data_file is not None:
             raise Refused(f"{child.path} keeps its data in an external data file: blktx does not rebase such an image")
         if not os.access(child.path, os.W_OK):
             raise Refused(f"{child.path} is not writable")
         below = layers[at + 1] if at is not None and at + 1 < len(layers) else None
-        return child, below
+        opened = [layer.path for layer in layers[at - 1 :]] if at is not None else []  # what qemu-img opens by name
+        run_as = least_privileged(opened)
+        problem = run_as.refusal(opened[1:], opened[:1]) if run_as else None
+        if problem:
+            raise Refused(
+                f"the merge would run as the one user who can change its images, and {problem}",
+                hint="give the chain's images one owner who can read them all, and its folders to root",
+            )
+        return child, below, run_as
 
     def check(self, action: Action, ctx: RunContext) -> None:
         device, frozen = action.params["device"], action.params["image"]
@@ -485,7 +508,7 @@ class ExternalDelete(ActionType):
             raise Refused(f"conflicts with action #{claimed[tuple(ident)]}: both delete {frozen}")
         claimed[tuple(ident)] = action.index
         action.undo["ident"] = ident
-        child, _ = self._judge(action, ctx.options.roots)
+        child, _, _ = self._judge(action, ctx.options.roots)
         action.undo["above"] = [child.path, child.ident] if child else None
 
     def do(self, action: Action, ctx: RunContext) -> None:
@@ -495,13 +518,13 @@ class ExternalDelete(ActionType):
         try:
             # Found again now: another delete of this transaction may have merged the
             # image above, or a killed run may have rebased it already.
-            child, below = self._judge(action, ctx.options.roots)
+            child, below, run_as = self._judge(action, ctx.options.roots)
         except Refused as exc:
             raise ActionFailed(f"{exc}; left alone") from None
         if child is not None:
             action.undo["rebasing"] = [child.path, child.ident]
             ctx.remember([action])
-            _rebase(child, below)
+            _rebase(child, below, run_as)
             backing = read_image(child.path).backing
             if backing is not None and _is(os.path.join(os.path.dirname(child.path), backing), ident):
                 raise ActionFailed(f"{child.path} still names {frozen} as its backing file after the rebase; left alone")

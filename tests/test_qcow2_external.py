@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from blktx.locks import Locker
 from blktx.plugins import default_registry
 
 pytestmark = needs_qemu_img
+NOBODY = 65534
 
 SPEC = """version = 1
 group = "{group}"
@@ -362,6 +365,72 @@ def test_a_delete_killed_between_its_rebase_and_the_unlink_is_finished(img: Path
     actions[0].type.do(actions[0], ctx)
     assert not (img / "vm.s1.qcow2").exists() and sees(img / "vm.s2.qcow2", S3) and sees(img / "vm", NOW)
     actions[0].type.do(actions[0], ctx)  # and again: gone already, done
+
+
+# -- the merge runs as the one user who can change the chain --------------------------------
+
+
+@pytest.fixture
+def tenant_img() -> Iterator[Path]:
+    """The three group snapshots in a folder only root can change but others can reach,
+    ``vm.s1.qcow2`` and ``vm.s2.qcow2`` owned by ``nobody`` (a tenant), ``base.qcow2``
+    root's (0644), and beside them ``secret``: root's, 0600, 4 MiB of 0x5a."""
+    if os.geteuid() != 0:
+        pytest.skip("the attack needs root (blktx's setting) and the user nobody")
+    top = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="blktx-tenant-"))
+    top.chmod(0o755)
+    try:
+        img = build(top)
+        for name in ("vm.s1.qcow2", "vm.s2.qcow2"):
+            os.chown(img / name, NOBODY, NOBODY)
+        (img / "secret").write_bytes(b"\x5a" * (4 << 20))
+        (img / "secret").chmod(0o600)
+        yield img
+    finally:
+        shutil.rmtree(top)
+
+
+def test_a_merge_of_a_tenants_images_runs_as_the_tenant_and_keeps_every_point_in_time(tenant_img: Path) -> None:
+    img = tenant_img
+    keep = saved(img, img.parent, "vm.s2.qcow2", "vm")
+    out = blktx("delete", "--json", "app@s2")  # vm.s1.qcow2 merged into vm.s2.qcow2 (both nobody's)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not (img / "vm.s1.qcow2").exists() and same(img / "vm.s2.qcow2", keep["vm.s2.qcow2"]) and sees(img / "vm", NOW)
+    assert os.stat(img / "vm.s2.qcow2").st_uid == NOBODY
+
+
+def test_a_tenant_who_rewrites_a_header_before_the_merge_cannot_make_root_read_a_file(tenant_img: Path) -> None:
+    """The owner of vm.s1.qcow2 points its backing file at root's secret just before
+    qemu-img starts (a qemu-img on PATH doing it first, as the tenant: the race of
+    docs/security.md). Run as root the merge would copy the secret into vm.s2.qcow2,
+    which the tenant reads; run as the tenant it cannot open it."""
+    img = tenant_img
+    real = shutil.which("qemu-img")
+    fake = img.parent / "bin"
+    fake.mkdir(mode=0o755)
+    (fake / "qemu-img").write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = rebase ]; then {real} rebase -u -f qcow2 -F raw -b {img / "secret"} {img / "vm.s1.qcow2"}; fi\n'
+        f'exec {real} "$@"\n'
+    )
+    (fake / "qemu-img").chmod(0o755)
+    out = blktx("delete", "--json", "app@s2", env={"PATH": f"{fake}:{os.environ['PATH']}"})
+    assert out.returncode != 0, out.stdout
+    report = json.loads(out.stdout)
+    (error,) = [a["error"] for a in report["actions"] if a["error"]]
+    assert "uid 65534" in error and "secret" in error, error  # the finalize's retry found the rewritten header
+    assert b"\x5a" * 4096 not in (img / "vm.s2.qcow2").read_bytes(), "the secret was merged into the tenant's image"
+
+
+def test_a_chain_the_tenant_could_not_read_is_refused_at_check(tenant_img: Path) -> None:
+    img = tenant_img
+    (img / "base.qcow2").chmod(0o600)  # root's: the tenant's merge could not read it
+    before = world(img)
+    out = blktx("delete", "--json", "app@s2")
+    assert out.returncode == 2, out.stdout
+    message = json.loads(out.stdout)["problems"][0]["message"]
+    assert "uid 65534" in message and "cannot read" in message and "base.qcow2" in message
+    assert world(img) == before
 
 
 # -- crashes -------------------------------------------------------------------------------
