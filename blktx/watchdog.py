@@ -33,7 +33,6 @@ from __future__ import annotations
 import errno
 import os
 import select
-import signal
 import sys
 import time
 
@@ -42,7 +41,7 @@ import time
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import subprocess
-    from typing import IO
+    from typing import IO, Any, NoReturn
 
 #: Seconds past ``max_window`` before the watchdog takes over a run that is alive
 #: but stuck: the run's own budget check gets the first chance to roll back. Public:
@@ -55,9 +54,12 @@ GRACE = 1.0
 #: watching (at most ``READY_WAIT`` s later): on a small machine its start-up ran beside
 #: the window and slowed what ran in it (one libvirt domain's snapshot: 46 ms instead
 #: of 33, on 2 cores).
+#: ``importlib.machinery`` and not ``importlib.util`` (contextlib, enum: 3.5 ms more);
+#: the loader reads the file's own ``__pycache__`` entry, as an import of it would.
 _BOOT = (
-    "import sys, importlib.util as u; s = u.spec_from_file_location('blktx_watchdog_boot', sys.argv[1]); "
-    "m = u.module_from_spec(s); s.loader.exec_module(m); sys.exit(m.main(sys.argv[2:]))"
+    "import sys, importlib.machinery as im; l = im.SourceFileLoader('blktx_watchdog_boot', sys.argv[1]); "
+    "m = type(sys)(l.name); m.__file__, m.__loader__ = l.path, l; sys.modules[l.name] = m; l.exec_module(m); "
+    "m.end(m.main(sys.argv[2:]))"
 )
 #: The longest a window waits for its watchdog to be watching.
 READY_WAIT = 2.0
@@ -130,10 +132,25 @@ class Watchdog:
         if self._ready is not None:
             self._ready.close()
             self._ready = None
+        _exited(self.proc.pid, 5.0)
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def _exited(pid: int, timeout: float) -> None:
+    """Wait (at most ``timeout`` s) until the child ``pid`` has exited, woken the moment it
+    does (a pidfd): ``Popen.wait(timeout)`` polls with growing sleeps, and found a
+    watchdog that took 1 ms to exit only 5-7 ms later, on the run's way to its exit."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # before Linux 5.3: Popen.wait's polling
+        return
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
 
 
 def watch(stream: IO[bytes], budget: float, pid: int) -> str | None:
@@ -167,6 +184,7 @@ def sever(pid: int) -> str:
     through copies taken with ``pidfd_getfd(2)``: their peers see the run gone and
     take new clients. Kills the run instead when the kernel refuses; says which."""
     import ctypes
+    import signal
     import socket
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -246,7 +264,40 @@ def take_over(journal_path: str, txid: str, why: str) -> list[str]:
     return notes
 
 
-def main(argv: list[str] | None = None) -> int:
+class _Args:
+    """The watchdog's command line: ``--journal PATH --txid ID --budget S --pid N [--ready]``."""
+
+    def __init__(self, journal: str, txid: str, budget: float, pid: int, ready: bool) -> None:
+        self.journal, self.txid, self.budget, self.pid, self.ready = journal, txid, budget, pid, ready
+
+
+def _quick(argv: list[str]) -> _Args | None:
+    """The command line :class:`Watchdog` writes, read without argparse (its import,
+    ~4 ms, is on the run's way to its window); None for anything else (``--help``,
+    ``--journal=PATH``, a missing or odd value): argparse then reads it, or says why not."""
+    values: dict[str, str] = {}
+    ready, rest = False, list(argv)
+    while rest:
+        flag = rest.pop(0)
+        if flag == "--ready":
+            ready = True
+        elif flag in ("--journal", "--txid", "--budget", "--pid") and flag not in values and rest and not rest[0].startswith("-"):
+            values[flag] = rest.pop(0)
+        else:
+            return None
+    if len(values) != 4:
+        return None
+    try:
+        budget, pid = float(values["--budget"]), int(values["--pid"])
+    except ValueError:
+        return None
+    return _Args(values["--journal"], values["--txid"], budget, pid, ready)
+
+
+def _parse(argv: list[str] | None) -> _Args:
+    args = _quick(sys.argv[1:] if argv is None else argv)
+    if args is not None:
+        return args
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m blktx.watchdog", description=__doc__)
@@ -255,11 +306,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, required=True)
     parser.add_argument("--pid", type=int, required=True)
     parser.add_argument("--ready", action="store_true", help="write a byte to stdout once watching")
-    args = parser.parse_args(argv)
+    got = parser.parse_args(argv)
+    return _Args(got.journal, got.txid, got.budget, got.pid, got.ready)
+
+
+def _signals() -> Any:
+    """The C module under ``signal``: ``signal.py`` imports ``enum`` (5 ms of the
+    watchdog's start, on the run's way to its window) for what the watchdog does not use."""
+    import importlib
+
+    try:
+        return importlib.import_module("_signal")
+    except ImportError:  # pragma: no cover - not CPython
+        return importlib.import_module("signal")
+
+
+#: Whether this process took over a run (imported blktx, its plugins, the journal).
+_acted = False
+
+
+def end(status: int) -> NoReturn:
+    """How the watchdog process exits. One that only watched ends at once
+    (``os._exit``): nothing of it needs finalizing, and the interpreter's teardown
+    took 2 ms more of the run's wait in :meth:`Watchdog.stop`. One that acted exits
+    through the interpreter: plugins' ``atexit`` handlers, the journal's close."""
+    if not _acted:
+        try:
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+    sys.exit(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _acted
+    args = _parse(argv)
     # A ^C, a hang-up or a service stop (SIGTERM to the whole cgroup) is for the run:
     # the watchdog stays until the run is gone or overran, then ends the holds.
-    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+    sig = _signals()
+    for signum in (sig.SIGINT, sig.SIGHUP, sig.SIGTERM):
+        sig.signal(signum, sig.SIG_IGN)
     if args.ready:  # the run opens its window once it has this
         null = os.open(os.devnull, os.O_WRONLY)
         try:
@@ -271,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     why = watch(sys.stdin.buffer, args.budget, args.pid)
     if why is None:
         return 0
+    _acted = True
     if why.startswith(OVERRAN):
         # Alive: fence before anything, so that it cannot commit once its holds end
         # (already committed: they just need ending), then free what it holds.
@@ -289,4 +376,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end(main())

@@ -194,6 +194,116 @@ def test_a_process_runs_any_number_of_transactions_on_one_embedded_driver(
     assert plugin._embedded[uri].isAlive()
 
 
+def test_uuid_like_judges_as_uuid_does() -> None:
+    """lookup() tells a UUID from a name without importing uuid (2.4 ms a run): the
+    same answer as uuid.UUID for every spelling."""
+    import uuid
+
+    from blktx_plugins.libvirt import uuid_like
+
+    u = "61ae0bb6-c18c-4df0-aff4-7fa3881df745"
+    refs = [u, u.upper(), u.replace("-", ""), "{" + u + "}", "urn:uuid:" + u, "uuid:" + u, u[:-1], u + "0", "web-1"]
+    bare = u.replace("-", "")
+    refs += ["0x" + bare[2:], "+" + bare[1:], u.replace("-", "_"), " " + u[1:], "", "-" * 36, "g" * 32]
+    for ref in refs:
+        try:
+            uuid.UUID(ref)
+            valid = True
+        except ValueError:
+            valid = False
+        assert uuid_like(ref) is valid, ref
+
+
+def test_checks_of_a_group_run_at_once_and_each_refusal_names_its_action(
+    tmp_path: Path, embed: tuple[str, Any], domains: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One thread per domain's check; each refusal still names its own action, and a
+    group that passes looks every domain up once: the quiesce uses the check's handle."""
+    from blktx_plugins import libvirt as plugin
+
+    uri, _ = embed
+    actions = [
+        (SNAP, {"uri": uri, "domain": domains[0].name(), "name": "n"}),
+        (SNAP, {"uri": uri, "domain": "no-such-domain", "name": "n"}),
+        (SNAP, {"uri": uri, "domain": domains[1].name(), "name": "n", "disks": ["vdz"]}),
+        (SNAP, {"uri": uri, "domain": domains[2].name(), "name": "n"}),
+    ]
+    result = run(tmp_path, actions, quiesce="pause")
+    assert result.outcome == "invalid", result.summary()
+    assert [(p.action, "no domain" in p.message, "vdz" in p.message) for p in result.problems] == [
+        (1, True, False),
+        (2, False, True),
+    ]
+    assert all(seen(d)["snapshots"] == [] and seen(d)["state"] == 1 for d in domains)
+    lookups: list[str] = []
+    real = plugin.lookup
+    monkeypatch.setattr(plugin, "lookup", lambda conn, ref: (lookups.append(ref), real(conn, ref))[1])
+    result = run(tmp_path, group(uri, domains), quiesce="pause")
+    assert result.outcome == "committed", result.summary()
+    assert sorted(lookups) == sorted(d.name() for d in domains)
+    assert all(seen(d)["snapshots"] == ["nightly"] and seen(d)["state"] == 1 for d in domains)
+
+
+def test_a_domain_whose_state_cannot_be_read_before_the_window_is_not_snapshotted(
+    tmp_path: Path, embed: tuple[str, Any], domains: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its state decides whether it is paused: unread, the group rolls back before
+    anything is paused (it was left running and snapshotted unpaused)."""
+    import libvirt
+
+    from blktx_plugins import libvirt as plugin
+
+    uri, _ = embed
+    real = plugin._state_and_disks
+
+    def flaky(dom: Any) -> Any:
+        if dom.UUIDString() == domains[1].UUIDString():
+            raise libvirt.libvirtError("test: no answer")
+        return real(dom)
+
+    monkeypatch.setattr(plugin, "_state_and_disks", flaky)
+    before = {d.name(): seen(d) for d in domains}
+    result = run(tmp_path, group(uri, domains), quiesce="pause")
+    assert result.outcome == "rolled back", result.summary()
+    assert "reading its state and disks" in str(result.failure) and domains[1].name() in str(result.failure)
+    assert result.holds == []
+    assert {d.name(): seen(d) for d in domains} == before
+
+
+def test_one_uuid_on_two_hosts_is_two_domains(tmp_path: Path, daemon: Daemon, embed: tuple[str, Any]) -> None:
+    """A domain defined with one UUID on two hosts (a copy): each action snapshots,
+    pauses and resumes its own host's domain (handles are kept by URI and UUID)."""
+    from libvirt_helpers import domain_xml
+
+    from blktx_plugins.libvirt import open_connection
+
+    uri, conn = embed
+    far = open_connection(daemon.uri)
+    same = "5a1e0bb6-c18c-4df0-aff4-7fa3881df745"
+    doms = []
+    try:
+        for n, c in enumerate((conn, far)):
+            images = [make_image(tmp_path / f"twin{n}-d{i}.qcow2") for i in range(2)]
+            text = domain_xml(unique(f"twin{n}"), images).replace("</name>", f"</name><uuid>{same}</uuid>", 1)
+            doms.append(c.defineXML(text))
+            doms[-1].create()
+        actions = [(SNAP, {"uri": u, "domain": d.name(), "name": "n"}) for u, d in zip((uri, daemon.uri), doms, strict=True)]
+        result = run(tmp_path, actions, quiesce="pause")
+        assert result.outcome == "committed", result.summary()
+        assert len(result.holds) == 2 and all(h.window is not None for h in result.holds)
+        for n, dom in enumerate(doms):
+            after = seen(dom)
+            assert after["snapshots"] == ["n"] and after["state"] == 1
+            assert [Path(f).name for f in after["chains"]["vda"]] == [f"twin{n}-d0.n", f"twin{n}-d0.qcow2"]
+    finally:
+        for dom in doms:
+            dom.destroy()
+            for snap in dom.listAllSnapshots(0):
+                snap.delete(2)
+            dom.undefine()
+        far.close()
+
+
 def test_listed_disks_only(tmp_path: Path, embed: tuple[str, Any], domains: list[Any]) -> None:
     uri, _ = embed
     dom = domains[0]
