@@ -41,7 +41,6 @@ from blktx import Action, ActionFailed, ActionFailures, ActionType, Hold, Leftov
 
 if TYPE_CHECKING:
     import xml.etree.ElementTree as ET
-    from concurrent.futures import Future
 
 
 def _load() -> Any:
@@ -72,6 +71,81 @@ def xml(text: str) -> ET.Element:
     import xml.etree.ElementTree as ElementTree
 
     return ElementTree.fromstring(text)
+
+
+def _expat() -> Any:
+    """An expat parser naming elements as ElementTree does (``uri}local`` in a
+    namespace, so no namespaced element passes for a plain one). What a run reads of
+    libvirt's XML (the disks, a snapshot's creation time) needs no tree: ElementTree's
+    import was 2-3 ms of every run, expat's is 1."""
+    from xml.parsers import expat
+
+    return expat.ParserCreate(namespace_separator="}")
+
+
+def disk_map(text: str) -> dict[str, str]:
+    """Each writable disk of a domain's XML (target dev -> its active image, or ``""``):
+    every ``/domain/devices/disk`` of device ``disk`` (the default) with a ``target``
+    and no ``readonly`` child; its image from its first ``source`` child (``file``,
+    else ``dev``), never from a ``backingStore``'s."""
+    out: dict[str, str] = {}
+    depth = 0
+    disk: dict[str, Any] | None = None  # the disk element being read: its facts so far
+    parser = _expat()
+
+    def start(name: str, attrs: dict[str, str]) -> None:
+        nonlocal depth, disk
+        depth += 1
+        if depth == 2:
+            disk = {"devices": name == "devices"}
+        elif depth == 3 and disk is not None and disk["devices"] and name == "disk":
+            disk = {"devices": True, "disk": attrs.get("device", "disk") == "disk"}
+        elif depth == 4 and disk is not None and "disk" in disk and name in ("target", "source", "readonly"):
+            disk.setdefault(name, attrs)
+
+    def end(_name: str) -> None:
+        nonlocal depth, disk
+        if depth == 3 and disk is not None and "disk" in disk:
+            target, source = disk.get("target"), disk.get("source")
+            if disk["disk"] and target is not None and "readonly" not in disk:
+                out[str(target.get("dev"))] = "" if source is None else (source.get("file") or source.get("dev") or "")
+            disk = {"devices": True}
+        depth -= 1
+
+    parser.StartElementHandler, parser.EndElementHandler = start, end
+    parser.Parse(text, True)
+    return out
+
+
+def creation_time(text: str) -> str | None:
+    """``findtext("creationTime")`` of a snapshot's XML, as ElementTree answers it:
+    the text of the root's first ``creationTime`` child up to its own first child;
+    ``""`` when it has none, None when there is no such child."""
+    depth, state = 0, "before"  # before, inside (reading its text), after
+    got: list[str] = []
+    parser = _expat()
+
+    def start(name: str, _attrs: dict[str, str]) -> None:
+        nonlocal depth, state
+        depth += 1
+        if state == "before" and depth == 2 and name == "creationTime":
+            state = "inside"
+        elif state == "inside":
+            state = "after"  # a child: ElementTree's text ends here
+
+    def end(_name: str) -> None:
+        nonlocal depth, state
+        if state == "inside" and depth == 2:
+            state = "after"
+        depth -= 1
+
+    def data(chunk: str) -> None:
+        if state == "inside":
+            got.append(chunk)
+
+    parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = start, end, data
+    parser.Parse(text, True)
+    return None if state == "before" else "".join(got)
 
 
 def escape(text: str) -> str:
@@ -264,35 +338,61 @@ def _budget(ctx: RunContext, default: float = CALL_TIMEOUT) -> float:
     return max(0.05, min(default, left))
 
 
+#: The most calls of one step that run at once (the others wait for a free slot).
+MAX_AT_ONCE = 32
+
+
+class _Call:
+    """A call in a thread of its own; once ``done`` is set, its ``value`` or ``error``.
+    (Not ``concurrent.futures``: its import was 3 ms of every run.) The thread is not
+    a daemon: the process's exit waits for a libvirt call under way, as it waited for
+    a pool's workers."""
+
+    def __init__(self, call: Callable[[], Any], slots: threading.Semaphore, name: str) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self._call, self._slots = call, slots
+        threading.Thread(target=self._run, name=name).start()
+
+    def _run(self) -> None:
+        try:
+            with self._slots:
+                self.value = self._call()
+        except BaseException as exc:  # noqa: BLE001 - the caller's to judge, as a future's would be
+            self.error = exc
+        finally:
+            self.done.set()
+
+
 def _all_at_once(
-    calls: Sequence[Callable[[], T]], timeout: float, pending: dict[int, Future[Any]] | None = None, keys: Sequence[int] = ()
+    calls: Sequence[Callable[[], T]], timeout: float, pending: dict[int, _Call] | None = None, keys: Sequence[int] = ()
 ) -> list[T | BaseException]:
-    """Run every call in its own thread at once; each result or exception, in order.
-    A call still running after ``timeout`` gives a :class:`TimeoutError` (it goes on
-    in its thread: ``pending`` keeps its future under its key, for a cancel to wait)."""
+    """Run every call in its own thread at once (at most ``MAX_AT_ONCE`` at a time);
+    each result or exception, in order. A call still running after ``timeout`` gives a
+    :class:`TimeoutError` (it goes on in its thread: ``pending`` keeps it under its
+    key, for a cancel to wait)."""
     if not calls:
         return []
-    from concurrent.futures import ThreadPoolExecutor
-    from concurrent.futures import wait as wait_futures
-
-    pool = ThreadPoolExecutor(max_workers=min(len(calls), 32), thread_name_prefix="blktx-libvirt")
-    futures = [pool.submit(c) for c in calls]
-    pool.shutdown(wait=False)
-    wait_futures(futures, timeout=timeout)
+    slots = threading.Semaphore(MAX_AT_ONCE)
+    running = [_Call(c, slots, f"blktx-libvirt-{n}") for n, c in enumerate(calls)]
+    deadline = time.monotonic() + timeout
+    for call in running:
+        call.done.wait(max(0.0, deadline - time.monotonic()))
     out: list[T | BaseException] = []
-    for n, fut in enumerate(futures):
-        if not fut.done():
+    for n, call in enumerate(running):
+        if not call.done.is_set():
             if pending is not None and keys:
-                pending[keys[n]] = fut
+                pending[keys[n]] = call
             out.append(TimeoutError(f"libvirt did not answer within {timeout:.2f} s"))
-        elif fut.exception() is not None:
-            out.append(fut.exception())  # type: ignore[arg-type]
+        elif call.error is not None:
+            out.append(call.error)
         else:
-            out.append(fut.result())
+            out.append(call.value)
     return out
 
 
-def _pending(ctx: RunContext) -> dict[int, Future[Any]]:
+def _pending(ctx: RunContext) -> dict[int, _Call]:
     """Snapshot creations still running in a thread after their step gave up on them."""
     return ctx.resource("libvirt:pending", dict)
 
@@ -312,15 +412,7 @@ def _domain_state(dom: Any) -> str:
 
 def disks(dom: Any) -> dict[str, str]:
     """Each writable disk of the domain (target dev -> its active image, or ``""``)."""
-    root = xml(dom.XMLDesc(0))
-    out = {}
-    for disk in root.findall("./devices/disk"):
-        target = disk.find("target")
-        if disk.get("device", "disk") != "disk" or target is None or disk.find("readonly") is not None:
-            continue
-        source = disk.find("source")
-        out[str(target.get("dev"))] = "" if source is None else (source.get("file") or source.get("dev") or "")
-    return out
+    return disk_map(dom.XMLDesc(0))
 
 
 def agent_state(dom: Any) -> str | None:
@@ -466,7 +558,7 @@ class Snapshot(_LibvirtType):
         if ctx.window_deadline is not None:  # read when the window has ended (blktx_resume*)
             _unstamped(ctx).append((action, snap))
         else:
-            action.undo["created"] = xml(snap.getXMLDesc(0)).findtext("creationTime")
+            action.undo["created"] = creation_time(snap.getXMLDesc(0))
 
     def check_many(self, actions: Sequence[Action], ctx: RunContext) -> None:
         """Every domain's check at once, each in its own thread: each check is a handful
@@ -508,9 +600,7 @@ class Snapshot(_LibvirtType):
             return  # never checked: nothing was made
         late = _pending(ctx).pop(action.index, None)
         if late is not None:  # a create that outlived its step: let it end first
-            from concurrent.futures import wait as wait_futures
-
-            wait_futures([late], timeout=CALL_TIMEOUT)
+            late.done.wait(CALL_TIMEOUT)
         try:
             _, dom = self._open(action, ctx)
             snap = _find(dom, action.params["name"])
@@ -596,7 +686,7 @@ def _stamp_created(ctx: RunContext) -> None:
 
     def stamp(action: Action, snap: Any) -> None:
         try:
-            action.undo["created"] = xml(snap.getXMLDesc(0)).findtext("creationTime")
+            action.undo["created"] = creation_time(snap.getXMLDesc(0))
         except libvirt.libvirtError:
             pass  # left out: a delete then refuses this member rather than guess
 

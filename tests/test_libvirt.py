@@ -214,6 +214,89 @@ def test_uuid_like_judges_as_uuid_does() -> None:
         assert uuid_like(ref) is valid, ref
 
 
+def et_disks(text: str) -> dict[str, str]:
+    """What blktx read of a domain's disks with ElementTree (before disk_map)."""
+    out = {}
+    for disk in ET.fromstring(text).findall("./devices/disk"):
+        target = disk.find("target")
+        if disk.get("device", "disk") != "disk" or target is None or disk.find("readonly") is not None:
+            continue
+        source = disk.find("source")
+        out[str(target.get("dev"))] = "" if source is None else (source.get("file") or source.get("dev") or "")
+    return out
+
+
+DOMAIN_XMLS = [
+    "<domain><devices><disk type='file' device='disk'><source file='/a.qcow2'/><target dev='vda'/></disk></devices></domain>",
+    # a cdrom, a read-only disk, one without target, a block device, a network disk, a backing chain
+    "<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>x</name><devices>"
+    "<disk device='cdrom'><source file='/cd.iso'/><target dev='sda'/></disk>"
+    "<disk><source file='/ro.qcow2'/><target dev='vdb'/><readonly/></disk>"
+    "<disk><source file='/nt.qcow2'/></disk>"
+    "<disk type='block'><source dev='/dev/vg/lv'/><target dev='vdc'/></disk>"
+    "<disk type='network'><source protocol='rbd' name='pool/img'/><target dev='vdd'/></disk>"
+    "<disk><driver type='qcow2'/><source file='/top.qcow2'/><backingStore type='file'><source file='/base.qcow2'/>"
+    "<backingStore/></backingStore><target dev='vde'/><target dev='vdz'/></disk>"
+    "<disk><target dev='vdf'/></disk><interface type='network'><source network='default'/><target dev='vnet0'/></interface>"
+    "<qemu:disk><target dev='vdq'/></qemu:disk></devices>"
+    "<disk><source file='/outside.qcow2'/><target dev='vdx'/></disk><qemu:commandline/></domain>",
+    "<domain xmlns='urn:x'><devices><disk><source file='/ns.qcow2'/><target dev='vda'/></disk></devices></domain>",
+    "<domain><devices/></domain>",
+]
+
+SNAPSHOT_XMLS = [
+    "<domainsnapshot><name>n</name><creationTime>1764244000</creationTime><memory snapshot='no'/></domainsnapshot>",
+    "<domainsnapshot><name>n</name><creationTime></creationTime></domainsnapshot>",
+    "<domainsnapshot><name>n</name><creationTime>17<x/>64</creationTime><creationTime>2</creationTime></domainsnapshot>",
+    "<domainsnapshot><name>n</name><domain><creationTime>9</creationTime></domain></domainsnapshot>",
+    "<domainsnapshot><creationTime>&#49;&amp;2</creationTime></domainsnapshot>",
+]
+
+
+def test_the_xml_a_run_reads_is_read_as_elementtree_reads_it() -> None:
+    """disk_map and creation_time (expat, no tree) agree with ElementTree on every shape."""
+    from blktx_plugins.libvirt import creation_time, disk_map
+
+    for text in DOMAIN_XMLS:
+        assert disk_map(text) == et_disks(text), text
+    assert disk_map(DOMAIN_XMLS[1]) == {"vdc": "/dev/vg/lv", "vdd": "", "vde": "/top.qcow2", "vdf": ""}
+    for text in SNAPSHOT_XMLS:
+        assert creation_time(text) == ET.fromstring(text).findtext("creationTime"), text
+
+
+def test_all_at_once_gives_each_result_in_order_bounded_and_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    from blktx_plugins import libvirt as plugin
+
+    monkeypatch.setattr(plugin, "MAX_AT_ONCE", 2)
+    lock, now, most = threading.Lock(), [0], [0]
+
+    def work(n: int) -> int:
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.05)
+        with lock:
+            now[0] -= 1
+        if n == 2:
+            raise ValueError("two")
+        return n
+
+    got = plugin._all_at_once([lambda n=n: work(n) for n in range(5)], 10.0)
+    assert got[:2] == [0, 1] and isinstance(got[2], ValueError) and got[3:] == [3, 4]
+    assert most[0] == 2
+    release = threading.Event()
+    pending: dict[int, Any] = {}
+    t = time.monotonic()
+    got = plugin._all_at_once([lambda: 1, lambda: release.wait(10)], 0.2, pending, [7, 8])
+    assert got[0] == 1 and isinstance(got[1], TimeoutError) and time.monotonic() - t < 5
+    assert list(pending) == [8] and not pending[8].done.is_set()
+    release.set()
+    assert pending[8].done.wait(5) and pending[8].value is True
+
+
 def test_checks_of_a_group_run_at_once_and_each_refusal_names_its_action(
     tmp_path: Path, embed: tuple[str, Any], domains: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
