@@ -21,7 +21,11 @@ tests start it), each method in turn:
   (``python -m blktx run spec.toml``, a process of its own, as the loop's virsh).
 
 Each snapshot is deleted (merged back) between runs, outside the clock; the methods
-run interleaved, their order rotated each repeat.
+run interleaved, their order rotated each repeat. blktx is byte-compiled first, as an
+install compiles it: a stale ``.pyc`` would be compiled again at every start (never
+written back under ``PYTHONDONTWRITEBYTECODE``). Under the daemon, the floors of a
+command are timed too: ``python -c pass``, the imports of ``blktx run`` with
+libvirt-python (``python -c "import blktx.cli, libvirt"``), ``virsh -c URI version``.
 
     python bench/libvirt_group.py
     python bench/libvirt_group.py --domains 1 4 --repeat 5 --driver embed --json
@@ -120,6 +124,33 @@ def virsh_loop(uri: str, doms: list[Any], name: str) -> float:
     return wall
 
 
+def floors(uri: str, repeat: int) -> dict[str, float]:
+    """Median wall times of what any command of each kind pays before its work."""
+    argvs = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "python -c 'import blktx.cli, libvirt'": [sys.executable, "-c", "import blktx.cli, libvirt"],
+        "virsh -c URI version": ["virsh", "-q", "-c", uri, "version"],
+    }
+    out = {}
+    for what, argv in argvs.items():
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            subprocess.run(argv, capture_output=True, check=True)
+            times.append(time.perf_counter() - t0)
+        out[what] = statistics.median(times)
+    return out
+
+
+def compile_blktx() -> None:
+    """Byte-code for every module of blktx, as an install writes it."""
+    import compileall
+
+    root = Path(__file__).resolve().parent.parent
+    for package in ("blktx", "blktx_plugins"):
+        compileall.compile_dir(str(root / package), quiet=1)
+
+
 def measure(driver: str, uri: str, conn: Any, base: Path, n: int, repeat: int) -> dict[str, Any]:
     from libvirt_helpers import define
 
@@ -182,7 +213,9 @@ def main() -> None:
     why = libvirt_missing()
     if why:
         raise SystemExit(why)
+    compile_blktx()
     rows = []
+    floor: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="blktx-bench-libvirt-") as tmp:
         for driver in args.driver:
             daemon = None
@@ -197,6 +230,8 @@ def main() -> None:
                 uri = daemon.uri
             conn = open_connection(uri)
             try:
+                if daemon is not None:
+                    floor = floors(uri, max(args.repeat, 5))
                 for n in args.domains:
                     rows.append(measure(driver, uri, conn, Path(tempfile.mkdtemp(dir=tmp)), n, args.repeat))
             finally:
@@ -204,7 +239,7 @@ def main() -> None:
                 if daemon is not None:
                     daemon.stop()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"rows": rows, "floors": floor} if floor else rows, indent=2))
         return
     print(
         f"{'driver':>6} {'N':>3} {'blktx window':>13} {'by hand':>9} {'ratio':>6} {'blktx wall':>11} {'loop wall':>10} "
@@ -219,6 +254,8 @@ def main() -> None:
         if "virsh_wall" in r:
             line += f" {r['blktx_run_wall'] * 1000:>8.1f}ms {r['virsh_wall'] * 1000:>9.1f}ms {r['run_ratio_vs_virsh']:>6.2f}"
         print(line)
+    if floor:
+        print("floors: " + ", ".join(f"{what} {t * 1000:.1f}ms" for what, t in floor.items()))
 
 
 if __name__ == "__main__":
