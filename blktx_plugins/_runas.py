@@ -9,21 +9,24 @@ an image that user can read. So the tool runs as the one user and group that can
 change those files already: it can then read only what they could read themselves.
 
 - :func:`writers` — who can change a path: the owners and writable groups of the file
-  and of every folder above it (a folder's writer can swap the names below it), and
-  whether anyone can (world-writable, not sticky).
+  and of every folder above it (a folder's writer can swap the names below it), the
+  users and groups a POSIX ACL lets write them, and whether anyone can
+  (world-writable, not sticky).
 - :func:`least_privileged` — root when only root can change any of the paths;
   ``nobody:nogroup`` when anyone can; else that one user (or ``nobody``) with that
   one group (or the user's own, or ``nogroup``) and no other groups; refused when
-  several users or groups can.
+  several users or groups can, and when a user and a group can that is not the
+  user's alone (its other members would make the tool read as that user).
 - :func:`RunAs.refusal` — what that identity could not read, write or reach, found at
-  check from the permission bits (ACLs are not read: a tool they stop fails with
-  the OS's message).
+  check from the permission bits and POSIX ACLs.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -31,6 +34,38 @@ from blktx import Refused
 
 NOBODY = 65534
 NOGROUP = 65534
+
+# POSIX ACL entries (``system.posix_acl_access``: version 2, then tag u16, perm u16, id u32).
+ACL_XATTR = "system.posix_acl_access"
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+
+
+def acl(path: str) -> list[tuple[int, int, int]] | None:
+    """The POSIX access ACL of ``path`` (not following a symlink) as (tag, perm, id)
+    entries; None when it has none beyond its mode bits. Unreadable or malformed: the
+    refusal names the file (a tool run as someone else must not be given the benefit
+    of the doubt)."""
+    try:
+        data = os.getxattr(path, ACL_XATTR, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP):
+            return None
+        raise Refused(f"cannot read the ACL of {path}: {exc.strerror}") from None
+    if len(data) < 4 or (len(data) - 4) % 8 or struct.unpack_from("<I", data)[0] != 2:
+        raise Refused(f"the ACL of {path} is not one blktx can read")
+    return [struct.unpack_from("<HHI", data, at) for at in range(4, len(data), 8)]
+
+
+def _class_writers(st: os.stat_result, entries: list[tuple[int, int, int]] | None) -> tuple[set[int], set[int]]:
+    """The users (other than the owner) and groups whose ACL entries, or the group
+    bits, let them write a file or folder of ``st``."""
+    if entries is None:
+        return set(), ({st.st_gid} if st.st_mode & stat.S_IWGRP else set())
+    mask = next((perm for tag, perm, _ in entries if tag == ACL_MASK), 7)
+    users = {i for tag, perm, i in entries if tag == ACL_USER and perm & mask & 2}
+    groups = {i for tag, perm, i in entries if tag == ACL_GROUP and perm & mask & 2}
+    groups |= {st.st_gid for tag, perm, _ in entries if tag == ACL_GROUP_OBJ and perm & mask & 2}
+    return users, groups
 
 
 @dataclass(frozen=True)
@@ -57,8 +92,12 @@ def writers(paths: Iterable[str]) -> Writers:
             sticky = folder and bool(st.st_mode & stat.S_ISVTX)
             if st.st_uid != 0:
                 users.setdefault(st.st_uid, f"{here} is owned by uid {st.st_uid}")
-            if st.st_mode & stat.S_IWGRP and not sticky:
-                groups.setdefault(st.st_gid, f"{here} is writable by gid {st.st_gid}")
+            if not sticky and not stat.S_ISLNK(st.st_mode):
+                by_acl, by_group = _class_writers(st, acl(here))
+                for uid in sorted(by_acl - {0}):
+                    users.setdefault(uid, f"{here} is writable by uid {uid} (its ACL)")
+                for gid in sorted(by_group):
+                    groups.setdefault(gid, f"{here} is writable by gid {gid}")
             if st.st_mode & stat.S_IWOTH and not sticky and not stat.S_ISLNK(st.st_mode):
                 anyone = anyone or f"{here} is writable by anyone"
             parent = os.path.dirname(here)
@@ -81,15 +120,28 @@ class RunAs:
 
     def allows(self, path: str, bits: int) -> bool:
         """Whether this identity has ``bits`` (``os.R_OK``, ``W_OK``, ``X_OK``) on ``path``
-        by its permission bits."""
+        by its permission bits and POSIX ACL (as the kernel decides it)."""
         st = os.stat(path)
         mode = st.st_mode
+        entries = acl(os.path.realpath(path))
         if st.st_uid == self.uid:
             have = (mode >> 6) & 7
-        elif st.st_gid == self.gid:
-            have = (mode >> 3) & 7
+        elif entries is None:
+            have = (mode >> 3) & 7 if st.st_gid == self.gid else mode & 7
         else:
-            have = mode & 7
+            mask = next((perm for tag, perm, _ in entries if tag == ACL_MASK), 7)
+            named = [perm for tag, perm, i in entries if tag == ACL_USER and i == self.uid]
+            groups = [
+                perm
+                for tag, perm, i in entries
+                if (tag == ACL_GROUP_OBJ and st.st_gid == self.gid) or (tag == ACL_GROUP and i == self.gid)
+            ]
+            if named:
+                have = named[0] & mask
+            elif groups:
+                have = next((p & mask for p in groups if p & mask & bits == bits), 0)
+            else:
+                have = mode & 7
         return have & bits == bits
 
     def refusal(self, reads: Iterable[str], writes: Iterable[str]) -> str | None:
@@ -127,6 +179,16 @@ def least_privileged(paths: Iterable[str]) -> RunAs | None:
             hint="give the chain's images and folders one owner",
         )
     uid = next(iter(found.users), NOBODY)
+    if found.users and found.groups and not _own_group(uid, next(iter(found.groups))):
+        # The group's other members can change the chain too: run as the user, the tool
+        # would read for them what only the user may (and as the group, what only they may).
+        whys = [*found.users.values(), *found.groups.values()]
+        raise Refused(
+            "the images are changeable by more than one user or group (" + "; ".join(whys) + ", "
+            "a group that is not that user's alone): no one identity can open them all without "
+            "reading what another could not",
+            hint="give the chain's images one owner, and make them and their folders writable by no group",
+        )
     if found.groups:
         gid = next(iter(found.groups))
     elif found.users:
@@ -139,3 +201,19 @@ def least_privileged(paths: Iterable[str]) -> RunAs | None:
     else:
         gid = NOGROUP
     return RunAs(uid, gid, next(iter([*found.users.values(), *found.groups.values()])))
+
+
+def _own_group(uid: int, gid: int) -> bool:
+    """Whether ``gid`` is ``uid``'s primary group and no other user (root aside) is in
+    it, as the user and group databases say; False when either is unknown."""
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwuid(uid)
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    if user.pw_gid != gid or set(group.gr_mem) - {user.pw_name, "root"}:
+        return False
+    return all(p.pw_uid in (uid, 0) for p in pwd.getpwall() if p.pw_gid == gid)

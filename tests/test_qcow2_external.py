@@ -14,9 +14,11 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -431,6 +433,98 @@ def test_a_chain_the_tenant_could_not_read_is_refused_at_check(tenant_img: Path)
     message = json.loads(out.stdout)["problems"][0]["message"]
     assert "uid 65534" in message and "cannot read" in message and "base.qcow2" in message
     assert world(img) == before
+
+
+ALICE, TENANTS = 1234, 4242  # a tenant with no passwd entry, and a group of tenants
+
+
+def _attack_between_check_and_qemu(
+    img: Path, attack: list[str], who: tuple[int, int], args: list[str]
+) -> subprocess.CompletedProcess[str]:
+    """Run ``blktx *args`` with a qemu-img on PATH that, at a rebase, waits while
+    ``attack`` runs as ``who`` (uid, gid; no other groups): another user acting in the
+    moment between blktx's last check and qemu-img opening the chain by name."""
+    real = shutil.which("qemu-img")
+    sync = img.parent / "sync"
+    sync.mkdir(mode=0o777)
+    sync.chmod(0o777)
+    fake = img.parent / "bin"
+    fake.mkdir(mode=0o755)
+    (fake / "qemu-img").write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = rebase ]; then : > {sync}/go; while [ ! -e {sync}/done ]; do sleep 0.02; done; fi\n'
+        f'exec {real} "$@"\n'
+    )
+    (fake / "qemu-img").chmod(0o755)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blktx", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (sync / "go").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if (sync / "go").exists():
+            subprocess.run(attack, user=who[0], group=who[1], extra_groups=[], check=True, capture_output=True, cwd="/")
+        (sync / "done").touch()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_a_group_member_cannot_make_the_merge_read_the_image_owners_files(tenant_img: Path) -> None:
+    """The images are alice's and writable by her group, whose other members (here
+    ``nobody``) may not read her files. A member rewrites vm.s1's backing to alice's
+    private file in the moment before qemu-img starts: run as alice (with the group),
+    the merge would copy it into vm.s2.qcow2, which the member reads."""
+    img = tenant_img
+    for name in ("vm.s1.qcow2", "vm.s2.qcow2"):
+        os.chown(img / name, ALICE, TENANTS)
+        os.chmod(img / name, 0o664)
+    private = img / "alice-private"
+    private.write_bytes(b"\x5a" * (4 << 20))
+    os.chown(private, ALICE, ALICE)
+    private.chmod(0o600)
+    attack = ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "raw", "-b", str(private), str(img / "vm.s1.qcow2")]
+    out = _attack_between_check_and_qemu(img, attack, (NOBODY, TENANTS), ["delete", "--json", "app@s2"])
+    assert b"\x5a" * 4096 not in (img / "vm.s2.qcow2").read_bytes(), "alice's file was merged into an image her group reads"
+    assert out.returncode == 2, out.stdout + out.stderr  # refused at check: alice and her group's members can change it
+    assert "more than one user or group" in json.loads(out.stdout)["problems"][0]["message"]
+
+
+def _grant(path: Path, uid: int, perm: int) -> None:
+    """An ACL giving ``uid`` ``perm`` (rwx bits) on ``path``, as ``setfacl -m u:UID:...``
+    does; the group class (``mask``) then shows in the group bits of its mode."""
+    mode = os.stat(path).st_mode
+    ents = [(0x01, (mode >> 6) & 7, -1), (0x02, perm, uid), (0x04, (mode >> 3) & 7, -1), (0x10, perm | ((mode >> 3) & 7), -1)]
+    ents.append((0x20, mode & 7, -1))
+    os.setxattr(path, "system.posix_acl_access", struct.pack("<I", 2) + b"".join(struct.pack("<HHi", *e) for e in ents))
+
+
+def test_a_user_an_acl_lets_change_the_images_cannot_make_the_merge_read_a_file(tenant_img: Path) -> None:
+    """The images are root's, and an ACL lets ``nobody`` write them (their mode then shows
+    the ACL's mask as group bits: 0660 root:root). The merge must not run as anyone who
+    can read what nobody cannot: here root's group-readable file."""
+    img = tenant_img
+    for name in ("vm.s1.qcow2", "vm.s2.qcow2"):
+        os.chown(img / name, 0, 0)
+        os.chmod(img / name, 0o600)
+        _grant(img / name, NOBODY, 6)
+    secret = img / "root-group-secret"
+    secret.write_bytes(b"\x5a" * (4 << 20))
+    secret.chmod(0o640)  # root:root: not nobody's to read
+    attack = ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(img / "vm.s1.qcow2")]
+    out = _attack_between_check_and_qemu(img, attack, (NOBODY, NOBODY), ["delete", "--json", "app@s2"])
+    assert b"\x5a" * 4096 not in (img / "vm.s2.qcow2").read_bytes(), "root's file was merged into an image nobody reads"
+    assert out.returncode in (1, 3), out.stdout + out.stderr  # the merge ran as nobody, who cannot open the secret
+    (error,) = [a["error"] for a in json.loads(out.stdout)["actions"] if a["error"]]
+    assert "uid 65534, gid 65534" in error and str(secret) in error, error
 
 
 # -- crashes -------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,3 +95,68 @@ def test_refusal_names_what_the_identity_cannot_read_write_or_reach(folder: Path
     os.chmod(folder, 0o755)
     os.chmod(a, 0o400)
     assert who.refusal([], [a]) == f"uid 1234, gid {NOGROUP} (test) cannot read and write {a}"
+
+
+def _acl(path: str, *entries: tuple[int, int, int]) -> None:
+    """Set ``path``'s access ACL: (tag, perm, id) entries (``setfacl`` without the tool)."""
+    os.setxattr(path, "system.posix_acl_access", struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries))
+
+
+UNDEF = 0xFFFFFFFF
+
+
+def test_a_user_an_acl_lets_write_an_image_counts_as_one_who_can_change_it(folder: Path) -> None:
+    """A root-owned image with ``user:1234:rw-`` (its mode then shows the mask, 0660):
+    1234 can change it, not some member of gid 0."""
+    (a,) = files(folder, "a")
+    _acl(a, (0x01, 6, UNDEF), (0x02, 6, 1234), (0x04, 0, UNDEF), (0x10, 6, UNDEF), (0x20, 0, UNDEF))
+    assert os.stat(a).st_mode & 0o777 == 0o660
+    found = writers([a])
+    assert found.users == {1234: f"{a} is writable by uid 1234 (its ACL)"} and found.groups == {}
+    who = least_privileged([a])
+    assert who is not None and (who.uid, who.gid) == (1234, NOGROUP)
+    assert who.allows(a, os.R_OK | os.W_OK)  # by the ACL: no refusal at check for that
+    _acl(a, (0x01, 6, UNDEF), (0x02, 6, 1234), (0x04, 0, UNDEF), (0x10, 4, UNDEF), (0x20, 0, UNDEF))
+    assert writers([a]).users == {} and not RunAs(1234, NOGROUP, "t").allows(a, os.W_OK)  # the mask takes write away
+
+
+def test_a_group_an_acl_lets_write_a_folder_counts(folder: Path) -> None:
+    (a,) = files(folder, "a")
+    _acl(str(folder), (0x01, 7, UNDEF), (0x04, 5, UNDEF), (0x08, 7, 777), (0x10, 7, UNDEF), (0x20, 5, UNDEF))
+    assert writers([a]).groups == {777: f"{folder} is writable by gid 777"}
+
+
+def test_a_user_and_a_group_with_other_members_are_refused(folder: Path) -> None:
+    """alice's image, writable by her group: the group's other members can change it too,
+    and run as alice the tool would read her files for them."""
+    (a,) = files(folder, "a")
+    os.chown(a, 1234, 4242)
+    os.chmod(a, 0o664)
+    with pytest.raises(Refused, match="more than one user or group"):
+        least_privileged([a])
+    os.chown(a, NOBODY, NOGROUP)  # nogroup is also the primary group of other users (sshd, _apt...)
+    if any(p.pw_gid == NOGROUP and p.pw_uid not in (0, NOBODY) for p in pwd.getpwall()):
+        with pytest.raises(Refused, match="more than one user or group"):
+            least_privileged([a])
+
+
+def test_a_user_and_a_group_of_their_own_run_as_that_user() -> None:
+    own = [
+        p
+        for p in pwd.getpwall()
+        if p.pw_uid != 0
+        and not set(grp.getgrgid(p.pw_gid).gr_mem) - {p.pw_name, "root"}
+        and all(q.pw_uid in (0, p.pw_uid) for q in pwd.getpwall() if q.pw_gid == p.pw_gid)
+    ]
+    if not own:
+        pytest.skip("no user with a group of their own here")
+    top = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="blktx-runas-"))
+    try:
+        top.chmod(0o755)
+        (a,) = files(top, "a")
+        os.chown(a, own[0].pw_uid, own[0].pw_gid)
+        os.chmod(a, 0o664)
+        who = least_privileged([a])
+        assert who is not None and (who.uid, who.gid) == (own[0].pw_uid, own[0].pw_gid)
+    finally:
+        shutil.rmtree(top)
