@@ -46,6 +46,8 @@ class Registry:
     loaded: dict[str, RegisteredType] = field(default_factory=dict)
     problems: list[PluginProblem] = field(default_factory=list)
     pending: dict[str, EntryPoint] = field(default_factory=dict)
+    #: The entry points registered so far (eagerly or lazily), for :meth:`_in_eager_order`.
+    entry_points: set[str] = field(default_factory=set)
 
     @property
     def types(self) -> dict[str, RegisteredType]:
@@ -61,6 +63,22 @@ class Registry:
         ep = self.pending.pop(name, None)
         if ep is not None:
             _load_entry_point(self, ep)
+            self._in_eager_order()
+
+    def _in_eager_order(self) -> None:
+        """Re-register the plugins in the order an eager :func:`load` registers them (the
+        entry points by name, then the others as they came), since pluggy calls the last
+        registered first: a plugin imported when a spec names its type must not change
+        the order the quiesce hooks run in (a host filesystem frozen before
+        ``postgres.backup``'s checkpoint, say) with the order the spec lists its types."""
+        current = [name for name, plugin in self.pm.list_name_plugin() if name and plugin is not None]
+        wanted = sorted(n for n in current if n in self.entry_points) + [n for n in current if n not in self.entry_points]
+        first = next((i for i, (a, b) in enumerate(zip(current, wanted, strict=True)) if a != b), None)
+        if first is None:
+            return
+        plugins = {name: self.pm.unregister(name=name) for name in current[first:]}
+        for name in wanted[first:]:
+            self.pm.register(plugins[name], name=name)
 
     def plugin_names(self) -> list[str]:
         """The names of the plugins loaded or pending (not those that failed)."""
@@ -291,6 +309,7 @@ def _load_entry_point(registry: Registry, ep: EntryPoint) -> None:
     except Exception as exc:  # noqa: BLE001 - reported; the other plugins still load
         registry.problems.append(PluginProblem(ep.name, f"failed to import {ep.value}: {type(exc).__name__}: {exc}"))
         return
+    registry.entry_points.add(ep.name)
     _add(registry, ep.name, module)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from blktx import Action, ActionType, Param, hookimpl
-from blktx.plugins import load
+from blktx.plugins import Registry, load
 
 
 class Good(ActionType):
@@ -212,3 +212,30 @@ def test_check_and_run_import_only_the_plugins_of_their_types(tmp_path: Path) ->
             assert "blktx_plugins.qcow2" in imported and "blktx_plugins.libvirt" in imported
         else:  # an options table of a pending plugin is still known to be a plugin's
             assert imported == "['blktx_plugins.sim']", (command, out.stdout)
+
+
+def test_a_lazy_registry_calls_the_hooks_in_the_order_an_eager_one_does() -> None:
+    """pluggy calls the plugin registered last first: imported in the order a spec names
+    its types, a host.fsfreeze named after a postgres.backup froze the filesystem before
+    ``pg_backup_start``'s checkpoint (which then waits for the thaw), where an eager
+    registry calls postgres first whatever the spec's order."""
+
+    class Observer:
+        @hookimpl
+        def blktx_quiesce(self, ctx: object, actions: object) -> None:
+            return None
+
+    hooks = ("blktx_quiesce", "blktx_resume", "blktx_resume_many", "blktx_cleanup", "blktx_register_action_types")
+
+    def order(registry: Registry) -> dict[str, list[str]]:
+        return {h: [i.plugin_name for i in getattr(registry.pm.hook, h).get_hookimpls()] for h in hooks}
+
+    eager = load()
+    eager.pm.register(Observer(), name="observer")
+    for names in (["postgres.backup", "host.fsfreeze"], ["qmp.internal-create", "libvirt.snapshot", "exec"], ["sim.noop"]):
+        lazy = load(lazy=True)
+        lazy.pm.register(Observer(), name="observer")  # as cli's Progress: before the spec's types are asked for
+        for name in names:
+            assert lazy.get(name) is not None, name
+        for hook, called in order(lazy).items():
+            assert called == [p for p in order(eager)[hook] if p in called], (names, hook)
