@@ -226,6 +226,9 @@ class Locker:
                 for key in wanted & keys:
                     by_key.setdefault(key, (holder, "wait for it, or give --wait SECONDS", None))
                 continue
+            if data is None and self._never_durable(name):  # its run touched nothing: see _never_durable
+                self._unlink(name)
+                continue
             if why is None and journal in ("", "None"):  # a run without a journal: nothing to recover
                 self._unlink(name)
                 continue
@@ -253,6 +256,22 @@ class Locker:
             problems.append(Problem(message, target=target, hint=hint))
         return problems, dead
 
+    def _never_durable(self, name: str) -> bool:
+        """Whether the claim file ``name`` (not held by a live process) is empty or all
+        NUL bytes: what a power loss leaves of a claim whose rename reached the disk
+        before its data did (its fsyncs run in a thread after the rename, and another
+        fsync on the filesystem, BEGIN's, or the periodic commit can make the rename
+        durable first). Its run never passed :meth:`Claim.durable`, which comes before
+        its first intent: it touched nothing, and the claim is stale. Any other
+        unreadable claim still refuses its targets."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dirfd)
+        except FileNotFoundError:
+            return False
+        with os.fdopen(fd, "rb") as fh:
+            head = fh.read(64 << 10)
+            return not head.strip(b"\0") and not fh.read(1)
+
     def _unlink(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=self._dirfd)
@@ -264,6 +283,10 @@ class Locker:
         removed = 0
         with self._mutex():
             for name, data in self._claims():
+                if data is None and not self.live(name[:-5]) and self._never_durable(name):
+                    self._unlink(name)
+                    removed += 1
+                    continue
                 if data is None or self.live(str(data.get("txid"))):
                     continue
                 if _over(journal_state(str(data.get("journal")), str(data.get("txid")))):

@@ -265,3 +265,22 @@ def test_a_claim_that_cannot_be_made_durable_aborts_the_run_before_anything_is_t
     assert db.execute("SELECT status FROM tx").fetchall() == [("ABORTED",)]
     assert db.execute("SELECT DISTINCT state FROM action").fetchall() == [("START",)]
     assert Locker().claims() == [], "an aborted run leaves no claim"
+
+
+@pytest.mark.parametrize("left", [b"", b"\0" * 145], ids=["empty", "zeros"])
+def test_a_claim_a_power_loss_left_without_its_data_is_stale(tmp_path: Path, left: bytes) -> None:
+    """The claim's fsyncs run after its rename: a power loss in between can leave the
+    name without the data (ext4's delayed allocation: an empty file; seen on a
+    loop-mounted ext4 copied at that moment). Its run never passed ``durable()``, so it
+    touched nothing: the claim must not refuse every target of every later run."""
+    claims = Path(os.environ["BLKTX_LOCK_DIR"]) / "claims"
+    locker = Locker()
+    (claims / "20261127T000000-cafe0001.json").write_bytes(left)
+    claim = locker.acquire("tx-next", str(tmp_path / "j.sqlite"), ["sim:noop/a"])
+    locker.release(claim, finished=True)
+    assert not (claims / "20261127T000000-cafe0001.json").exists()
+    (claims / "20261127T000000-cafe0002.json").write_bytes(left)
+    assert locker.sweep() == 1 and not (claims / "20261127T000000-cafe0002.json").exists()
+    (claims / "20261127T000000-cafe0003.json").write_bytes(b"{not json")  # any other unreadable claim still refuses
+    with pytest.raises(InvalidTransaction, match="unreadable"):
+        locker.acquire("tx-last", str(tmp_path / "j.sqlite"), ["sim:noop/a"])
