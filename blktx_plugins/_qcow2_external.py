@@ -386,6 +386,29 @@ class ExternalRevert(DeviceLink, ActionType):
         return found
 
 
+def _names_opened(layers: list[Layer], below: Layer | None) -> list[str]:
+    """The names ``qemu-img rebase`` of ``layers[0]`` onto ``below`` opens: each backing
+    file joined, as QEMU joins it, to the folder of the name it opened the image above
+    by (not its real path: a symlink on the way is followed when QEMU opens it), along
+    the old chain and along the new one from the name :func:`backing_name` gives."""
+    if not layers:
+        return []
+    names = [layers[0].path]
+    for layer in layers[:-1]:
+        if layer.header is None or layer.header.backing is None:
+            break
+        names.append(os.path.join(os.path.dirname(names[-1]), layer.header.backing))
+    if below is not None:
+        name = os.path.join(os.path.dirname(layers[0].path), backing_name(layers[0].path, below.path))
+        names.append(name)
+        for layer in layers[next((i for i, x in enumerate(layers) if x is below), len(layers)) : -1]:
+            if layer.header is None or layer.header.backing is None:
+                break
+            name = os.path.join(os.path.dirname(name), layer.header.backing)
+            names.append(name)
+    return names
+
+
 def _rebase(child: Layer, below: Layer | None, run_as: RunAs | None) -> None:
     """``qemu-img rebase`` (safe mode) of ``child`` onto ``below`` (None: no backing file).
 
@@ -473,7 +496,8 @@ class ExternalDelete(ActionType):
             raise Refused(f"{child.path} is not writable")
         below = layers[at + 1] if at is not None and at + 1 < len(layers) else None
         opened = [layer.path for layer in layers[at - 1 :]] if at is not None else []  # what qemu-img opens by name
-        run_as = least_privileged(opened)
+        # ... by the names QEMU joins from the headers (symlinks included), not their real paths
+        run_as = least_privileged([*opened, *_names_opened(layers[at - 1 :] if at is not None else [], below)])
         problem = run_as.refusal(opened[1:], opened[:1]) if run_as else None
         if problem:
             raise Refused(

@@ -9,7 +9,8 @@ an image that user can read. So the tool runs as the one user and group that can
 change those files already: it can then read only what they could read themselves.
 
 - :func:`writers` — who can change a path: the owners and writable groups of the file
-  and of every folder above it (a folder's writer can swap the names below it), the
+  and of every folder above it and above each symlink its lookup follows (a
+  folder's writer can swap the names below it), the
   users and groups a POSIX ACL lets write them, and whether anyone can
   (world-writable, not sticky).
 - :func:`least_privileged` — root when only root can change any of the paths;
@@ -83,11 +84,14 @@ def writers(paths: Iterable[str]) -> Writers:
     groups: dict[int, str] = {}
     anyone: str | None = None
     seen: set[str] = set()
-    for path in paths:
-        here = os.path.abspath(path)
+    for here in (p for path in paths for p in resolution(path)):
         while here not in seen:
             seen.add(here)
-            st = os.lstat(here)
+            try:
+                st = os.lstat(here)
+            except FileNotFoundError:  # a name QEMU would look up and not find: its folder's writers may make it
+                here = os.path.dirname(here)
+                continue
             folder = stat.S_ISDIR(st.st_mode)
             sticky = folder and bool(st.st_mode & stat.S_ISVTX)
             if st.st_uid != 0:
@@ -105,6 +109,41 @@ def writers(paths: Iterable[str]) -> Writers:
                 break
             here = parent
     return Writers(users, groups, anyone)
+
+
+def resolution(path: str) -> list[str]:
+    """Where each symlink a lookup of ``path`` follows lies (its folder's real path
+    joined with its name), then the real path ``path`` resolves to: whoever can change
+    any of their folders can change what a tool opening ``path`` by name opens."""
+    found: list[str] = []
+    parts = os.path.abspath(path).split("/")[::-1]
+    current, hops = "/", 0
+    while parts:
+        name = parts.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = os.path.dirname(current)
+            continue
+        step = os.path.join(current, name)
+        try:
+            st = os.lstat(step)
+        except FileNotFoundError:
+            current = step
+            continue
+        if not stat.S_ISLNK(st.st_mode):
+            current = step
+            continue
+        hops += 1
+        if hops > 40:
+            raise Refused(f"{path}: too many levels of symbolic links")
+        found.append(step)
+        target = os.readlink(step)
+        if target.startswith("/"):
+            current = "/"
+        parts.extend(target.split("/")[::-1])
+    found.append(current)
+    return found
 
 
 @dataclass(frozen=True)

@@ -527,6 +527,34 @@ def test_a_user_an_acl_lets_change_the_images_cannot_make_the_merge_read_a_file(
     assert "uid 65534, gid 65534" in error and str(secret) in error, error
 
 
+def test_a_tenants_symlink_on_the_way_to_a_backing_file_counts_as_theirs(tenant_img: Path) -> None:
+    """Root's images, but vm.s2.qcow2 names its backing file through ``t/lnk``, a symlink
+    in a folder of the tenant's (with --allow-shared-folders): every real path is root's
+    alone, yet QEMU follows the link when it opens the chain by name. The tenant points
+    it at another VM's disk (root's, 0600) as qemu-img starts: run as root, the merge
+    copied that disk into vm.s2.qcow2, which the tenant reads."""
+    img = tenant_img
+    for name in ("vm.s1.qcow2", "vm.s2.qcow2"):
+        os.chown(img / name, 0, 0)
+    private = img / "root-vm.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(private), "8M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 4M", str(private)], check=True, capture_output=True)
+    private.chmod(0o600)
+    tenant = img / "t"
+    tenant.mkdir()
+    os.chown(tenant, NOBODY, NOBODY)
+    os.symlink(str(img / "vm.s1.qcow2"), tenant / "lnk")
+    os.lchown(tenant / "lnk", NOBODY, NOBODY)
+    rebase = ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", "t/lnk", str(img / "vm.s2.qcow2")]
+    subprocess.run(rebase, check=True)
+    attack = ["ln", "-sfn", str(private), str(tenant / "lnk")]
+    out = _attack_between_check_and_qemu(img, attack, (NOBODY, NOBODY), ["delete", "--json", "--allow-shared-folders", "app@s2"])
+    assert b"\x5a" * 4096 not in (img / "vm.s2.qcow2").read_bytes(), "root's VM disk was merged through the tenant's symlink"
+    assert out.returncode == 2, out.stdout + out.stderr  # run as the tenant, who may not write root's vm.s2.qcow2
+    message = json.loads(out.stdout)["problems"][0]["message"]
+    assert "uid 65534" in message and str(tenant) in message, message
+
+
 # -- crashes -------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from blktx import Refused
-from blktx_plugins._runas import NOBODY, NOGROUP, RunAs, least_privileged, writers
+from blktx_plugins._runas import NOBODY, NOGROUP, RunAs, least_privileged, resolution, writers
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="files owned by other users need root (blktx's setting)")
 
@@ -160,3 +160,16 @@ def test_a_user_and_a_group_of_their_own_run_as_that_user() -> None:
         assert who is not None and (who.uid, who.gid) == (own[0].pw_uid, own[0].pw_gid)
     finally:
         shutil.rmtree(top)
+
+
+def test_the_folders_of_the_symlinks_a_lookup_follows_count(folder: Path) -> None:
+    """``a`` is root's in root's folder, but named through ``t/link``: the owner of ``t``
+    can point the link elsewhere."""
+    (a,) = files(folder, "a")
+    (folder / "t").mkdir()
+    os.chown(folder / "t", 1234, 0)
+    os.symlink("../a", folder / "t" / "link")
+    assert resolution(str(folder / "t" / "link")) == [str(folder / "t" / "link"), a]
+    assert least_privileged([a]) is None
+    who = least_privileged([str(folder / "t" / "link")])
+    assert who is not None and who.uid == 1234 and str(folder / "t") in who.why
