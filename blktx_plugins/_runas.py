@@ -14,10 +14,12 @@ change those files already: it can then read only what they could read themselve
   users and groups a POSIX ACL lets write them, and whether anyone can
   (world-writable, not sticky).
 - :func:`least_privileged` — root when only root can change any of the paths;
-  ``nobody:nogroup`` when anyone can; else that one user (or ``nobody``) with that
-  one group (or the user's own, or ``nogroup``) and no other groups; refused when
-  several users or groups can, and when a user and a group can that is not the
-  user's alone (its other members would make the tool read as that user).
+  else the one user who can, with their own group (the primary one of the user
+  database, ``nogroup`` for a uid it does not know) and no other groups; refused
+  when several users can, when anyone or a group without such a user can (no one
+  uid stands for them: ``nobody`` may own files some of them must not read), and
+  when a user and a group can that is not the user's alone (its other members
+  would make the tool read as that user).
 - :func:`RunAs.refusal` — what that identity could not read, write or reach, found at
   check from the permission bits and POSIX ACLs.
 """
@@ -206,9 +208,16 @@ def least_privileged(paths: Iterable[str]) -> RunAs | None:
     """Whom a tool opening ``paths`` by name runs as: None (root) when only root can
     change any of them; raises :class:`Refused` when more than one user or group can."""
     found = writers(paths)
-    if found.anyone is not None:  # anyone may be the one who changed them: only what anyone can read
-        return RunAs(NOBODY, NOGROUP, found.anyone)
-    if not found.users and not found.groups:
+    if found.anyone is not None or (found.groups and not found.users):
+        # Anyone, or a group's members: no one user stands for them all, and any uid
+        # blktx chose (``nobody`` too) may own files some of them must not read.
+        why = found.anyone or next(iter(found.groups.values()))
+        raise Refused(
+            f"{why}: whoever changed the chain could choose what the merge reads, and no one user "
+            "stands for them all to run it as",
+            hint="give the chain's images one owning user, writable by no group and no one else, in folders only root writes",
+        )
+    if not found.users:
         return None
     if len(found.users) > 1 or len(found.groups) > 1:
         whys = [*found.users.values(), *found.groups.values()]
@@ -217,7 +226,7 @@ def least_privileged(paths: Iterable[str]) -> RunAs | None:
             "no one identity can open them all without reading what another could not",
             hint="give the chain's images and folders one owner",
         )
-    uid = next(iter(found.users), NOBODY)
+    uid = next(iter(found.users))
     if found.users and found.groups and not _own_group(uid, next(iter(found.groups))):
         # The group's other members can change the chain too: run as the user, the tool
         # would read for them what only the user may (and as the group, what only they may).

@@ -435,6 +435,21 @@ def test_a_chain_the_tenant_could_not_read_is_refused_at_check(tenant_img: Path)
     assert world(img) == before
 
 
+def test_a_chain_only_a_group_can_change_is_refused_at_check(tenant_img: Path) -> None:
+    """root's images, writable by a group of tenants: no one uid stands for its members
+    (run as nobody, the merge would read nobody's files for any of them)."""
+    img = tenant_img
+    for name in ("vm.s1.qcow2", "vm.s2.qcow2"):
+        os.chown(img / name, 0, 4242)
+        os.chmod(img / name, 0o660)
+    before = world(img)
+    out = blktx("delete", "--json", "app@s2")
+    assert out.returncode == 2, out.stdout
+    message = json.loads(out.stdout)["problems"][0]["message"]
+    assert "writable by gid 4242" in message and "no one user stands for them all" in message, message
+    assert world(img) == before and names() == ["s1", "s2", "s3"]
+
+
 ALICE, TENANTS = 1234, 4242  # a tenant with no passwd entry, and a group of tenants
 
 
