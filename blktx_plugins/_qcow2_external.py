@@ -490,8 +490,9 @@ class ExternalDelete(ActionType):
             raise Refused(who, hint="shut the VM down first")
         if child is None:
             return None, None, None
-        if child.header is not None and child.header.data_file is not None:
-            raise Refused(f"{child.path} keeps its data in an external data file: blktx does not rebase such an image")
+        for layer in layers[at - 1 :] if at is not None else []:  # qemu-img would open each one by name
+            if layer.header is not None and layer.header.data_file is not None:
+                raise Refused(f"{layer.path} keeps its data in an external data file: blktx does not rebase such a chain")
         if not os.access(child.path, os.W_OK):
             raise Refused(f"{child.path} is not writable")
         below = layers[at + 1] if at is not None and at + 1 < len(layers) else None

@@ -435,6 +435,26 @@ def test_a_chain_the_tenant_could_not_read_is_refused_at_check(tenant_img: Path)
     assert world(img) == before
 
 
+def test_a_chain_with_an_external_data_file_below_is_not_rebased(tmp_path: Path) -> None:
+    """qemu-img would open the data file by the name in the header: refused at check."""
+    img = tmp_path / "img"
+    img.mkdir()
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={img / 'base.raw'}", str(img / "base.qcow2"), "4M"],
+        check=True,
+    )
+    os.symlink("base.qcow2", img / "vm")
+    for k in (1, 2):
+        (tmp_path / f"s{k}.toml").write_text(SPEC.format(group="app", k=k))
+        assert blktx("run", str(tmp_path / f"s{k}.toml")).returncode == 0
+    before = world(img)
+    out = blktx("delete", "--json", "app@s2")  # vm.s1.qcow2 merged into vm.s2.qcow2, onto base.qcow2
+    assert out.returncode == 2, out.stdout
+    message = json.loads(out.stdout)["problems"][0]["message"]
+    assert "base.qcow2 keeps its data in an external data file" in message, message
+    assert world(img) == before
+
+
 def test_a_chain_only_a_group_can_change_is_refused_at_check(tenant_img: Path) -> None:
     """root's images, writable by a group of tenants: no one uid stands for its members
     (run as nobody, the merge would read nobody's files for any of them)."""
