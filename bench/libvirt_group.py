@@ -206,6 +206,9 @@ def main() -> None:
     parser.add_argument("--driver", nargs="+", choices=["embed", "daemon"], default=["embed", "daemon"])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    # libvirt's own log (the embedded driver's, in this process) prints its warnings to
+    # stderr, which bench/all.py writes into the README: errors only
+    os.environ.setdefault("LIBVIRT_LOG_OUTPUTS", "4:stderr")
     from libvirt_helpers import QEMU_CONF, Daemon, libvirt_missing
 
     from blktx_plugins.libvirt import open_connection

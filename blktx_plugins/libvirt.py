@@ -496,7 +496,8 @@ class Snapshot(_LibvirtType):
                 f"{where}: undoing an external snapshot deletes it through libvirt, which needs libvirt "
                 f">= {version_text(DELETE_EXTERNAL)}; this host runs {version_text(version)}"
             )
-        if _find(dom, name) is not None:
+        before = sorted(s.getName() for s in dom.listAllSnapshots(0))  # also tells whether the name is taken
+        if name in before:
             raise Refused(f"{where} already has a snapshot named {name!r}", hint="choose another name")
         have = disks(dom)
         chosen = list(p.get("disks") or have)
@@ -522,7 +523,7 @@ class Snapshot(_LibvirtType):
                 "state": state,
                 "disks": {d: have[d] for d in chosen},
                 "overlays": {d: f"{os.path.splitext(have[d])[0]}.{name}" for d in chosen if have[d]},
-                "before": sorted(s.getName() for s in dom.listAllSnapshots(0)),
+                "before": before,
             }
         )
 

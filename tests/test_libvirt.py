@@ -179,6 +179,20 @@ def test_checks_refuse_with_the_reason(tmp_path: Path, embed: tuple[str, Any], d
     assert seen(domains[0])["snapshots"] == []
 
 
+def test_a_taken_snapshot_name_is_refused_at_check(tmp_path: Path, embed: tuple[str, Any], domains: list[Any]) -> None:
+    """Told from the domain's snapshot list (read once: also the undo's "before")."""
+    uri, _ = embed
+    dom = domains[0]
+    dom.snapshotCreateXML("<domainsnapshot><name>taken</name></domainsnapshot>", 16 | 128)  # DISK_ONLY | ATOMIC
+    chains = seen(dom)["chains"]
+    result = run(tmp_path, [(SNAP, {"uri": uri, "domain": dom.name(), "name": "taken"})], quiesce="pause")
+    assert result.outcome == "invalid" and "already has a snapshot named 'taken'" in str(result.problems[0])
+    result = Executor().check(Transaction([ActionSpec(SNAP, {"uri": uri, "domain": dom.name(), "name": "other"})]))
+    assert result.outcome == "checked", result.summary()
+    assert result.actions[0].undo["before"] == ["taken"]
+    assert seen(dom)["snapshots"] == ["taken"] and seen(dom)["chains"] == chains
+
+
 def test_a_process_runs_any_number_of_transactions_on_one_embedded_driver(
     tmp_path: Path, embed: tuple[str, Any], domains: list[Any]
 ) -> None:
