@@ -423,7 +423,7 @@ def _rebase(child: Layer, below: Layer | None, run_as: RunAs | None) -> None:
     os.close(open_verified(child.path, child.ident))  # still the file the check read
     target = ["-b", ""] if below is None else ["-b", backing_name(child.path, below.path), "-F", below.fmt]
     argv = ["qemu-img", "rebase", "-q", "-t", "writethrough", "-f", "qcow2", *target, child.path]
-    who: dict[str, Any] = {} if run_as is None else {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
+    who: dict[str, Any] = {} if run_as is None else {"user": run_as.uid, "group": run_as.gid, "extra_groups": list(run_as.groups)}
     out = subprocess.run(
         argv,
         capture_output=True,

@@ -150,11 +150,16 @@ def resolution(path: str) -> list[str]:
 
 @dataclass(frozen=True)
 class RunAs:
-    """A user and group to run a tool as, with no supplementary groups."""
+    """A user and group to run a tool as, with the user's own supplementary groups
+    (``groups``, from the group database: what the user can read anyway)."""
 
     uid: int
     gid: int
     why: str
+    groups: tuple[int, ...] = ()
+
+    def _in(self, gid: int) -> bool:
+        return gid == self.gid or gid in self.groups
 
     def __str__(self) -> str:
         return f"uid {self.uid}, gid {self.gid} ({self.why})"
@@ -168,14 +173,14 @@ class RunAs:
         if st.st_uid == self.uid:
             have = (mode >> 6) & 7
         elif entries is None:
-            have = (mode >> 3) & 7 if st.st_gid == self.gid else mode & 7
+            have = (mode >> 3) & 7 if self._in(st.st_gid) else mode & 7
         else:
             mask = next((perm for tag, perm, _ in entries if tag == ACL_MASK), 7)
             named = [perm for tag, perm, i in entries if tag == ACL_USER and i == self.uid]
             groups = [
                 perm
                 for tag, perm, i in entries
-                if (tag == ACL_GROUP_OBJ and st.st_gid == self.gid) or (tag == ACL_GROUP and i == self.gid)
+                if (tag == ACL_GROUP_OBJ and self._in(st.st_gid)) or (tag == ACL_GROUP and self._in(i))
             ]
             if named:
                 have = named[0] & mask
@@ -237,18 +242,16 @@ def least_privileged(paths: Iterable[str]) -> RunAs | None:
             "reading what another could not",
             hint="give the chain's images one owner, and make them and their folders writable by no group",
         )
-    if found.groups:
-        gid = next(iter(found.groups))
-    elif found.users:
-        import pwd
+    why = next(iter([*found.users.values(), *found.groups.values()]))
+    import pwd
 
-        try:
-            gid = pwd.getpwuid(uid).pw_gid
-        except KeyError:
-            gid = NOGROUP
-    else:
-        gid = NOGROUP
-    return RunAs(uid, gid, next(iter([*found.users.values(), *found.groups.values()])))
+    try:
+        user = pwd.getpwuid(uid)
+    except KeyError:  # a uid the user database does not know (a container's): no groups of its own
+        return RunAs(uid, next(iter(found.groups), NOGROUP), why)
+    # The user's own groups, as a login gives them: what the user can read anyway.
+    groups = tuple(sorted(set(os.getgrouplist(user.pw_name, user.pw_gid)) - {user.pw_gid}))
+    return RunAs(uid, user.pw_gid, why, groups)
 
 
 def _own_group(uid: int, gid: int) -> bool:

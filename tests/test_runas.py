@@ -177,3 +177,19 @@ def test_the_folders_of_the_symlinks_a_lookup_follows_count(folder: Path) -> Non
     assert least_privileged([a]) is None
     who = least_privileged([str(folder / "t" / "link")])
     assert who is not None and who.uid == 1234 and str(folder / "t") in who.why
+
+
+def test_the_users_own_supplementary_groups_count_as_what_it_can_read(folder: Path) -> None:
+    """Run as a user, the tool keeps the groups a login gives that user (it reads only
+    what the user could): a file of one of them is readable, others' are not."""
+    (a,) = files(folder, "a")
+    os.chown(a, 0, 777)
+    os.chmod(a, 0o640)
+    assert RunAs(1234, NOGROUP, "t", groups=(777,)).allows(a, os.R_OK)
+    assert not RunAs(1234, NOGROUP, "t", groups=(778,)).allows(a, os.R_OK)
+    (b,) = files(folder, "b")
+    os.chown(b, NOBODY, NOGROUP)
+    who = least_privileged([b])
+    entry = pwd.getpwuid(NOBODY)
+    expected = tuple(sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)) - {entry.pw_gid}))
+    assert who is not None and (who.uid, who.gid, who.groups) == (NOBODY, entry.pw_gid, expected)
