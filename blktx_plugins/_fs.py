@@ -157,6 +157,14 @@ class DeviceLink:
     def _overlay_of(self, action: Action) -> str:
         return str(action.params["overlay"])
 
+    def _relative_backing(self, action: Action) -> bool:
+        """Whether the overlay may name its backing file relative to its own folder.
+        QEMU opens it through the device and joins a relative backing name to the
+        *device's* folder (not the overlay's): only when the two are one folder do the
+        VM and ``qemu-img info OVERLAY`` find the same file; otherwise it is absolute."""
+        device, overlay = os.path.abspath(str(action.params["device"])), os.path.abspath(self._overlay_of(action))
+        return os.path.realpath(os.path.dirname(device)) == os.path.realpath(os.path.dirname(overlay))
+
     def _link_text(self, action: Action) -> str:
         """What the switch makes the device symlink say: the overlay, relative to its folder."""
         return os.path.relpath(self._overlay_of(action), os.path.dirname(str(action.params["device"])))

@@ -405,17 +405,19 @@ def _other_format(path: str) -> bytes | None:
     return next((m for m in _OTHER_MAGICS if head.startswith(m)), None)
 
 
-def check_chain(path: str, roots: list[str], header: Header | None = None) -> Header:
+def check_chain(path: str, roots: list[str], header: Header | None = None, opened_as: str | None = None) -> Header:
     """Refuse an image whose backing chain or data file QEMU would reach outside
     ``roots`` or through a protocol; return ``path``'s own header.
 
-    Each name is resolved as QEMU resolves it (relative to the folder of the image
-    that names it), refused if it has a protocol prefix, confined to ``roots``, and
-    read by blktx within the limits above. A chain that loops or is longer than
-    :data:`MAX_CHAIN` is refused.
+    Each name is resolved as QEMU resolves it: joined to the folder of the *name*
+    the image that names it was opened by (``opened_as``, a device symlink that leads
+    to ``path``: its own folder, not its target's), refused if it has a protocol prefix, confined to
+    ``roots``, and read by blktx within the limits above. A chain that loops or is
+    longer than :data:`MAX_CHAIN` is refused.
     """
     top = header or read_image(path)
     current, h = os.path.realpath(path), top
+    opened = os.path.abspath(opened_as or path)  # the name QEMU has for the image: backing names join its folder
     seen = {tuple(top.ident)}
     for _ in range(MAX_CHAIN):
         for what, name in (("external data file", h.data_file), ("backing file", h.backing)):
@@ -429,7 +431,7 @@ def check_chain(path: str, roots: list[str], header: Header | None = None) -> He
                     "[rule confined-paths]: QEMU would connect to or parse it",
                     hint="rebase the image onto a file: qemu-img rebase -u -F FMT -b ./FILE IMAGE",
                 )
-            resolved = os.path.join(os.path.dirname(current), name)
+            resolved = os.path.join(os.path.dirname(opened), name)
             if not within(resolved, roots):
                 raise Refused(
                     f"{current}: its {what} {shown(name)} resolves to {os.path.realpath(resolved)}, "
@@ -438,10 +440,11 @@ def check_chain(path: str, roots: list[str], header: Header | None = None) -> He
                 )
         try:
             if h.data_file is not None:
-                os.close(open_image(os.path.realpath(os.path.join(os.path.dirname(current), h.data_file))))
+                os.close(open_image(os.path.realpath(os.path.join(os.path.dirname(opened), h.data_file))))
             if h.backing is None:
                 return top
-            nxt = os.path.realpath(os.path.join(os.path.dirname(current), h.backing))
+            nxt_name = os.path.join(os.path.dirname(opened), h.backing)
+            nxt = os.path.realpath(nxt_name)
             fmt = h.backing_format
             if fmt not in (None, "qcow2", "raw"):
                 raise Refused(
@@ -471,7 +474,7 @@ def check_chain(path: str, roots: list[str], header: Header | None = None) -> He
         if tuple(h.ident) in seen:
             raise Refused(f"{path}: its backing chain loops at {nxt} [rule confined-paths]")
         seen.add(tuple(h.ident))
-        current = nxt
+        current, opened = nxt, nxt_name
     raise Refused(f"{path}: its backing chain is longer than {MAX_CHAIN} images [rule confined-paths]")
 
 

@@ -109,11 +109,14 @@ class Layer:
 
 def chain_of(device: str, roots: list[str]) -> list[Layer]:
     """The images the device opens, its active image first, each read by blktx (the
-    chain confined to ``roots`` first, as every check does)."""
+    chain confined to ``roots`` first, as every check does). Backing names are joined
+    as QEMU joins them: to the folder of the name it opened the image above by (the
+    device's own folder first), each layer's ``path`` the real file that gives."""
+    opened = os.path.abspath(device)
     path = os.path.realpath(device)
     fmt = image_format(path)[0]
     if fmt == "qcow2":
-        check_chain(path, roots)
+        check_chain(path, roots, opened_as=opened)
     layers: list[Layer] = []
     while len(layers) < MAX_CHAIN:
         fmt, _, ident = image_format(path) if fmt != "raw" else ("raw", 0, identity(os.stat(path)))
@@ -121,7 +124,8 @@ def chain_of(device: str, roots: list[str]) -> list[Layer]:
         layers.append(Layer(path, ident, fmt, header))
         if header is None or header.backing is None:
             return layers
-        path = os.path.realpath(os.path.join(os.path.dirname(path), header.backing))
+        opened = os.path.join(os.path.dirname(opened), header.backing)
+        path = os.path.realpath(opened)
         fmt = header.backing_format or ""
     raise Refused(f"{device}: its backing chain is longer than {MAX_CHAIN} images")
 
@@ -291,7 +295,7 @@ class ExternalRevert(DeviceLink, ActionType):
             ctx.remember([action])
             # The overlay names the frozen image by path: it must still be that file.
             os.close(open_verified(frozen, action.undo["frozen_id"]))
-            create_overlay(private, overlay, frozen, action.undo["format"], action.undo["size"])
+            create_overlay(private, overlay, frozen, action.undo["format"], action.undo["size"], self._relative_backing(action))
             try:
                 publish(private, overlay)
             except FileExistsError:

@@ -110,7 +110,7 @@ def backing_name(overlay: str, backing: str) -> str:
     """How an overlay names its backing file: relative to the overlay's folder (a
     folder of images stays movable) and starting with ``./`` or ``/``, so that no
     folder name (``json:{...}``, ``nbd:...``) can be read by QEMU as a protocol."""
-    rel = os.path.relpath(backing, os.path.dirname(overlay))
+    rel = os.path.relpath(backing, os.path.realpath(os.path.dirname(os.path.abspath(overlay))))
     return rel if rel.startswith("/") else "./" + rel
 
 

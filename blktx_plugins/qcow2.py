@@ -527,8 +527,8 @@ class ExternalCreate(DeviceLink, ActionType):
         if not os.path.exists(current):
             raise Refused(f"device {device} points to {current}, which does not exist")
         fmt, size, ident = image_format(current)
-        if fmt == "qcow2":
-            check_chain(current, ctx.options.roots)
+        if fmt == "qcow2":  # as QEMU opens it: through the device, backing names joined to its folder
+            check_chain(current, ctx.options.roots, opened_as=device)
         who = holder(current)
         if who:
             raise Refused(f"{current} is in use by {who}", hint="use qmp.external-create for a running VM")
@@ -539,7 +539,8 @@ class ExternalCreate(DeviceLink, ActionType):
             raise Refused(f"overlay {overlay} already exists", hint="choose a new name, or set reuse = true to use it")
         if exists:
             backing = check_chain(overlay, ctx.options.roots).backing
-            if backing is None or os.path.realpath(os.path.join(os.path.dirname(overlay), backing)) != current:
+            here = os.path.dirname(os.path.abspath(device))  # QEMU will open it through the device
+            if backing is None or os.path.realpath(os.path.join(here, backing)) != current:
                 raise Refused(f"overlay {overlay} is backed by {shown(backing or '')}, not by the current image {current}")
         elif not os.access(os.path.dirname(overlay), os.W_OK):
             raise Refused(f"cannot create files in {os.path.dirname(overlay)}")
@@ -575,7 +576,7 @@ class ExternalCreate(DeviceLink, ActionType):
             size = action.undo.get("size")
             if not isinstance(size, int):  # journaled by an older version
                 size = image_format(action.undo["old"])[1]
-            create_overlay(private, overlay, action.undo["old"], action.undo["format"], size)
+            create_overlay(private, overlay, action.undo["old"], action.undo["format"], size, self._relative_backing(action))
             try:
                 publish(private, overlay)
             except FileExistsError:

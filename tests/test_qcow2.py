@@ -86,6 +86,43 @@ def test_external_snapshot_switches_the_device_atomically(images: Path) -> None:
     assert same_data(images / "vm", images / "vm.base.qcow2")
 
 
+def backing_chain_opens(path: Path) -> bool:
+    """Whether QEMU opens ``path``'s whole chain (as a VM given that name would)."""
+    return subprocess.run(["qemu-img", "info", "-U", "--backing-chain", str(path)], capture_output=True).returncode == 0
+
+
+def test_a_device_in_another_folder_than_its_overlay_gets_an_absolute_backing_name(tmp_path: Path) -> None:
+    """QEMU opens the overlay through the device and joins a relative backing name to
+    the device's folder, not the overlay's: across folders the name must be absolute,
+    or the VM could not open (or would open another file as) its backing file."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "links").mkdir()
+    make_image(tmp_path / "images" / "base.qcow2")
+    os.symlink("../images/base.qcow2", tmp_path / "links" / "vm")
+    result = run(tmp_path, [("qcow2.external-create", {"device": "links/vm", "overlay": "images/vm.s1.qcow2"})])
+    assert result.outcome == "committed", result.summary()
+    info = subprocess.run(["qemu-img", "info", str(tmp_path / "images" / "vm.s1.qcow2")], capture_output=True, text=True)
+    assert f"backing file: {tmp_path / 'images' / 'base.qcow2'}" in info.stdout, info.stdout
+    assert backing_chain_opens(tmp_path / "links" / "vm") and backing_chain_opens(tmp_path / "images" / "vm.s1.qcow2")
+
+
+def test_a_chain_is_checked_as_qemu_opens_it_through_the_device(tmp_path: Path) -> None:
+    """A device in another folder leads to an image whose backing name is relative:
+    QEMU joins it to the device's folder, where there is no such file. blktx reads the
+    chain the same way, and refuses it, naming that path."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "links").mkdir()
+    make_image(tmp_path / "images" / "base.qcow2")
+    top = tmp_path / "images" / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "./base.qcow2", "-F", "qcow2", str(top)], check=True)
+    os.symlink("../images/top.qcow2", tmp_path / "links" / "vm")
+    assert not backing_chain_opens(tmp_path / "links" / "vm")
+    before = world(tmp_path)
+    result = run(tmp_path, [("qcow2.external-create", {"device": "links/vm", "overlay": "links/vm.s1.qcow2"})])
+    assert result.outcome == "invalid" and world(tmp_path) == before
+    assert f"{tmp_path / 'links' / 'base.qcow2'} does not exist" in str(result.problems[0]), result.problems
+
+
 def test_an_image_in_use_by_a_running_qemu_is_refused_naming_the_process(images: Path) -> None:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("needs qemu-system-x86_64 (Debian qemu-system-x86)")

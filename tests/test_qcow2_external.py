@@ -580,6 +580,10 @@ def test_a_tenants_symlink_on_the_way_to_a_backing_file_counts_as_theirs(tenant_
     os.chown(tenant, NOBODY, NOBODY)
     os.symlink(str(img / "vm.s1.qcow2"), tenant / "lnk")
     os.lchown(tenant / "lnk", NOBODY, NOBODY)
+    # vm.s1 names base.qcow2 absolutely: reached through t/lnk, a relative name would be
+    # joined to t/ (as QEMU joins it) and the chain refused as broken before run-as is judged
+    absolute = ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", str(img / "base.qcow2"), str(img / "vm.s1.qcow2")]
+    subprocess.run(absolute, check=True)
     rebase = ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", "t/lnk", str(img / "vm.s2.qcow2")]
     subprocess.run(rebase, check=True)
     attack = ["ln", "-sfn", str(private), str(tenant / "lnk")]
