@@ -50,15 +50,6 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 FLAGS = 16 | 128  # VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | ATOMIC
-#: What this process set only for itself (see main).
-OWN_ENV = {"LIBVIRT_LOG_OUTPUTS": os.environ.get("LIBVIRT_LOG_OUTPUTS")}
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment a command of the bench runs with: this process's, as it was given."""
-    env = {k: v for k, v in os.environ.items() if k not in OWN_ENV}
-    env.update({k: v for k, v in OWN_ENV.items() if v is not None})
-    return {**env, **extra}
 
 
 def clean(doms: list[Any]) -> None:
@@ -109,7 +100,7 @@ def blktx_command(base: Path, uri: str, doms: list[Any], name: str) -> float:
         text += f'[[action]]\ntype = "libvirt.snapshot"\nuri = {json.dumps(uri)}\ndomain = "{d.name()}"\nname = "{name}"\n'
     spec = base / f"{name}.toml"
     spec.write_text(text)
-    env = child_env(BLKTX_LOCK_DIR=str(base / "locks"))
+    env = {**os.environ, "BLKTX_LOCK_DIR": str(base / "locks")}
     argv = [sys.executable, "-m", "blktx", "run", str(spec), "--journal", str(base / "journal.sqlite")]
     t0 = time.perf_counter()
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
@@ -126,7 +117,7 @@ def virsh_loop(uri: str, doms: list[Any], name: str) -> float:
         for d in doms
     )
     t0 = time.perf_counter()
-    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=False, env=child_env())
+    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"virsh loop: exit {done.returncode}\n{done.stderr}")
@@ -145,7 +136,7 @@ def floors(uri: str, repeat: int) -> dict[str, float]:
         times = []
         for _ in range(repeat):
             t0 = time.perf_counter()
-            subprocess.run(argv, capture_output=True, check=True, env=child_env())
+            subprocess.run(argv, capture_output=True, check=True)
             times.append(time.perf_counter() - t0)
         out[what] = statistics.median(times)
     return out
@@ -219,10 +210,6 @@ def main() -> None:
 
     from blktx_plugins.libvirt import open_connection
 
-    # libvirt's own log (the embedded driver's, in this process) prints to stderr, which
-    # bench/all.py writes into the README: errors only, to /dev/null, in this process
-    # only (the daemon, blktx and virsh are given the environment as it was)
-    os.environ["LIBVIRT_LOG_OUTPUTS"] = "4:file:/dev/null"
     why = libvirt_missing()
     if why:
         raise SystemExit(why)
@@ -239,11 +226,7 @@ def main() -> None:
                 uri = f"qemu:///embed?root={root}"
             else:
                 (Path(tmp) / "daemon").mkdir()
-                quiet = os.environ.pop("LIBVIRT_LOG_OUTPUTS")
-                try:
-                    daemon = Daemon(Path(tmp) / "daemon")
-                finally:
-                    os.environ["LIBVIRT_LOG_OUTPUTS"] = quiet
+                daemon = Daemon(Path(tmp) / "daemon")
                 uri = daemon.uri
             conn = open_connection(uri)
             try:
