@@ -21,18 +21,8 @@ if TYPE_CHECKING:
     import xml.etree.ElementTree as ET
 
 from blktx import Action, ActionFailed, ActionType, Param, Refused, RunContext
-from blktx_plugins.libvirt import (
-    _DOMAIN,
-    DELETE_EXTERNAL,
-    REVERT_EXTERNAL,
-    _find,
-    _LibvirtType,
-    _msg,
-    _ours,
-    libvirt,
-    version_text,
-    xml,
-)
+from blktx_plugins._libvirt_base import DELETE_EXTERNAL, REVERT_EXTERNAL, _find, _msg, _ours, libvirt, version_text, xml
+from blktx_plugins.libvirt import _DOMAIN, _LibvirtType
 
 _NAME = Param("name", "str", required=True, doc="the snapshot's name")
 _TOKEN = Param(

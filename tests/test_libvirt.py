@@ -198,7 +198,7 @@ def test_a_process_runs_any_number_of_transactions_on_one_embedded_driver(
 ) -> None:
     """libvirt (9.0) registers an embedded driver anew at each open and refuses the
     16th open in a process ("Too many drivers"): runs share one connection to it."""
-    from blktx_plugins import libvirt as plugin
+    from blktx_plugins import _libvirt_base as plugin
 
     uri, _ = embed
     for n in range(20):
@@ -213,7 +213,7 @@ def test_uuid_like_judges_as_uuid_does() -> None:
     same answer as uuid.UUID for every spelling."""
     import uuid
 
-    from blktx_plugins.libvirt import uuid_like
+    from blktx_plugins._libvirt_base import uuid_like
 
     u = "61ae0bb6-c18c-4df0-aff4-7fa3881df745"
     refs = [u, u.upper(), u.replace("-", ""), "{" + u + "}", "urn:uuid:" + u, "uuid:" + u, u[:-1], u + "0", "web-1"]
@@ -269,7 +269,7 @@ SNAPSHOT_XMLS = [
 
 def test_the_xml_a_run_reads_is_read_as_elementtree_reads_it() -> None:
     """disk_map and creation_time (expat, no tree) agree with ElementTree on every shape."""
-    from blktx_plugins.libvirt import creation_time, disk_map
+    from blktx_plugins._libvirt_base import creation_time, disk_map
 
     for text in DOMAIN_XMLS:
         assert disk_map(text) == et_disks(text), text
@@ -282,7 +282,7 @@ def test_all_at_once_gives_each_result_in_order_bounded_and_in_time(monkeypatch:
     import threading
     import time
 
-    from blktx_plugins import libvirt as plugin
+    from blktx_plugins import _libvirt_base as plugin
 
     monkeypatch.setattr(plugin, "MAX_AT_ONCE", 2)
     lock, now, most = threading.Lock(), [0], [0]
