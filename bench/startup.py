@@ -4,7 +4,7 @@ Each method is one whole process, its CPU time read from ``wait4``'s rusage:
 ``blktx check one.toml`` (one ``sim.noop`` action), the same with ``--json``,
 ``blktx check qcow2.toml`` (one ``qcow2.internal-create`` of a 1 MiB image), and
 ``blktx types --json``, each run as the console script does
-(``python -c 'from blktx.cli import main; main()'``), against ``python -c pass``
+(``python -c 'from blktx.cli import entry; entry()'``), against ``python -c pass``
 (the floor of any Python command on this machine: interpreter and ``site``). The
 byte code is compiled first (``compileall``), as an installed package has it. With
 ``--against REV`` the same commands run from a ``git worktree`` of REV too
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 #: The issue 16 target: ``blktx check one.toml`` within this many ms of CPU.
 TARGET_MS = 80.0
-MAIN = "import sys; from blktx.cli import main; sys.exit(main())"
+MAIN = "import sys; from blktx.cli import entry; sys.exit(entry())"
 COMMANDS = {
     "check": ["check", "one.toml"],
     # A real one-image spec: its plugin (qcow2, with its image and daemon modules) is imported.

@@ -11,6 +11,6 @@ import sys
 if sys.path and sys.path[0] in ("", os.getcwd()) and not os.path.isfile(os.path.join(sys.path[0] or ".", "blktx", "__main__.py")):
     del sys.path[0]
 
-from blktx.cli import main
+from blktx.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

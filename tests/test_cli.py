@@ -349,3 +349,26 @@ def test_only_the_callers_own_descriptors_are_read_as_stdin(tmp_path: Path) -> N
     code = f"exec 5<{tmp_path / 'd'}; {sys.executable} -m blktx check /dev/fd/5/spec.toml"
     out = subprocess.run(["bash", "-c", code], capture_output=True, text=True, timeout=20, check=False)
     assert out.returncode == 2 and "not a regular file" in out.stdout, out.stdout + out.stderr
+
+
+def test_the_command_closes_its_journal_before_it_freezes_the_heap_for_exit(tmp_path: Path) -> None:
+    """``entry`` (the ``blktx`` script, ``python -m blktx``) freezes the process's objects
+    so that the exit skips their collection: the journal is closed first (checkpointed:
+    no ``-wal`` left beside it), and the exit status is main's."""
+    import subprocess
+    import sys
+
+    import tomli
+
+    spec = tmp_path / "one.toml"
+    spec.write_text('version = 1\n[[action]]\ntype = "sim.noop"\nkey = "a"\n')
+    env = {**__import__("os").environ, "BLKTX_LOCK_DIR": str(tmp_path / "locks")}
+    out = subprocess.run(
+        [sys.executable, "-m", "blktx", "run", "--journal", str(tmp_path / "j.sqlite"), str(spec)], env=env, capture_output=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in tmp_path.glob("j.sqlite*")) == ["j.sqlite"]
+    bad = subprocess.run([sys.executable, "-m", "blktx", "check", str(tmp_path / "missing.toml")], env=env, capture_output=True)
+    assert bad.returncode == 2
+    scripts = tomli.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["blktx"] == "blktx.cli:entry"
