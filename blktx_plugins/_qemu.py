@@ -348,16 +348,17 @@ class Agent(Qmp):
 
 
 def gather(calls: list[tuple[Qmp, str, dict[str, Any] | None]], timeout: float = 120.0) -> list[Any]:
-    import asyncio
-
     """Send one command to each of many connections at once; each call's reply, or
     its exception (:class:`ActionFailed` or :class:`VmGone`, also when it took more
-    than ``timeout`` seconds) in its place."""
+    than ``timeout`` seconds) in its place. No calls: no asyncio imported (~15 ms)."""
+    if not calls:
+        return []
+    import asyncio
 
     async def all_of() -> list[Any]:
         return await asyncio.gather(*(c.execute(n, a, timeout) for c, n, a in calls), return_exceptions=True)
 
-    return run_async(all_of()) if calls else []
+    return run_async(all_of())
 
 
 def qsd_prefix(txid: str) -> str:
