@@ -48,7 +48,8 @@ def run(name: str) -> tuple[int, str]:
     load = os.getloadavg()[0]
     when = time.strftime("%Y-%m-%d %H:%M")
     print(f"== {name}: python {' '.join(argv)}", flush=True)
-    proc = subprocess.Popen([sys.executable, *argv], cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # stderr (libvirt's own log lines, warnings) goes to the terminal, not into the block
+    proc = subprocess.Popen([sys.executable, *argv], cwd=HERE.parent, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     lines = []
     for line in proc.stdout:
