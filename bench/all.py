@@ -26,6 +26,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
+#: A line of libvirt's own log: ``2026-11-27 13:51:15.007+0000: 10276: info : ...``.
+LIBVIRT_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+[+-]\d{4}: \d+: \w+ : ")
 #: name -> the arguments its README block is measured with.
 BENCHES: dict[str, list[str]] = {
     "startup": ["bench/startup.py", "--repeat", "21"],
@@ -48,13 +50,15 @@ def run(name: str) -> tuple[int, str]:
     load = os.getloadavg()[0]
     when = time.strftime("%Y-%m-%d %H:%M")
     print(f"== {name}: python {' '.join(argv)}", flush=True)
-    # stderr (libvirt's own log lines, warnings) goes to the terminal, not into the block
-    proc = subprocess.Popen([sys.executable, *argv], cwd=HERE.parent, stdout=subprocess.PIPE, text=True)
+    # Both streams (some benches print their progress and table on stderr); libvirt's
+    # own log lines (the embedded driver's start-up, taint warnings) stay out of the block.
+    proc = subprocess.Popen([sys.executable, *argv], cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     lines = []
     for line in proc.stdout:
         print(line, end="", flush=True)
-        lines.append(line)
+        if not LIBVIRT_LOG.match(line):
+            lines.append(line)
     status = proc.wait()
     block = f"```\n$ python {' '.join(argv)}    # {head}, {when}, load average before {load:.2f}\n{''.join(lines)}```\n"
     return status, block
