@@ -80,6 +80,15 @@ def group(uri: str, doms: list[Any], name: str = "nightly") -> list[tuple[str, d
     return [(SNAP, {"uri": uri, "domain": d.name(), "name": name}) for d in doms]
 
 
+def remove_domains(doms: list[Any]) -> None:
+    """Stop, strip of snapshots (metadata only) and undefine each domain."""
+    for dom in doms:
+        dom.destroy()
+        for snap in dom.listAllSnapshots(0):
+            snap.delete(2)
+        dom.undefine()
+
+
 def test_three_domains_images_and_btrfs_commit(
     tmp_path: Path, embed: tuple[str, Any], domains: list[Any], btrfs_mount: Path
 ) -> None:
@@ -393,11 +402,7 @@ def test_one_uuid_on_two_hosts_is_two_domains(tmp_path: Path, daemon: Daemon, em
             assert after["snapshots"] == ["n"] and after["state"] == 1
             assert [Path(f).name for f in after["chains"]["vda"]] == [f"twin{n}-d0.n", f"twin{n}-d0.qcow2"]
     finally:
-        for dom in doms:
-            dom.destroy()
-            for snap in dom.listAllSnapshots(0):
-                snap.delete(2)
-            dom.undefine()
+        remove_domains(doms)
         far.close()
 
 
@@ -505,11 +510,7 @@ def test_recover_resumes_the_domains_of_a_killed_run(tmp_path: Path, daemon: Dae
             assert made in ([True, True], [False, False]), f"kill after write {n}: {made}"
         assert kills >= 4, f"only {kills} kills: the run never reached the quiesce window"
     finally:
-        for dom in doms:
-            dom.destroy()
-            for snap in dom.listAllSnapshots(0):
-                snap.delete(2)
-            dom.undefine()
+        remove_domains(doms)
         conn.close()
 
 
