@@ -98,18 +98,22 @@ class Registry:
         image's type for a live VM's, say) is never offered without saying so."""
         import difflib
 
-        plugin = name.split(".", 1)[0]
+        prefix = name.split(".", 1)[0]
+        plugin = BUILTIN_PREFIXES.get(prefix, prefix)  # host.* is plugin hostfs's
         failed = [p.message for p in self.problems if p.plugin == plugin]
         if failed:
             return f"plugin {plugin!r} did not load: {failed[0]}"
-        same = [n for n in self.types if n.split(".", 1)[0] == plugin]
+        same = [n for n in self.types if n.split(".", 1)[0] == prefix]
         match = difflib.get_close_matches(name, same or [*self.types, *others], n=1)
         if not match:
             return "`blktx types` lists the installed types"
-        other = match[0].split(".", 1)[0]
-        if same or other == match[0]:
+        entry = self.loaded.get(match[0])
+        if same or entry is None or "." not in match[0]:
             return f"did you mean {match[0]!r}?"
-        return f"did you mean {match[0]!r}? It is a type of plugin {other!r}, not {plugin!r}: `blktx types` says what each does"
+        return (
+            f"did you mean {match[0]!r}? It is a type of plugin {entry.plugin!r}, not {plugin!r}: "
+            "`blktx types` says what each does"
+        )
 
     def register_types_of(self, plugin_name: str, plugin: object) -> None:
         impl = getattr(plugin, "blktx_register_action_types", None)

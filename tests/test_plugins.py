@@ -239,3 +239,17 @@ def test_a_lazy_registry_calls_the_hooks_in_the_order_an_eager_one_does() -> Non
             assert lazy.get(name) is not None, name
         for hook, called in order(lazy).items():
             assert called == [p for p in order(eager)[hook] if p in called], (names, hook)
+
+
+def test_a_type_whose_prefix_is_not_its_plugins_name_is_explained_by_its_plugin() -> None:
+    """host.* types are plugin hostfs's: its import failure is the hint for them, and a
+    guess from another plugin names the plugin, not the prefix."""
+    from blktx.errors import PluginProblem
+
+    registry = load()
+    assert registry.unknown("host.fsfreez") == "did you mean 'host.fsfreeze'?"
+    assert registry.unknown("exe") == "did you mean 'exec'?"
+    registry.loaded.pop("host.fsfreeze")
+    registry.problems.append(PluginProblem("hostfs", "failed to import blktx_plugins.hostfs: OSError: boom"))
+    hint = registry.unknown("host.fsfreeze")
+    assert hint == "plugin 'hostfs' did not load: failed to import blktx_plugins.hostfs: OSError: boom"
