@@ -99,12 +99,14 @@ def _ident_param(action: Action, name: str) -> list[int] | None:
 
 @dataclass(frozen=True)
 class Layer:
-    """One image of a device's chain: its real path, identity, format and header."""
+    """One image of a device's chain: its real path, identity, format and header, and
+    the name QEMU opens it by through the device (its backing names join that folder)."""
 
     path: str
     ident: list[int]
     fmt: str
     header: Header | None
+    opened: str = ""
 
 
 def chain_of(device: str, roots: list[str]) -> list[Layer]:
@@ -121,7 +123,7 @@ def chain_of(device: str, roots: list[str]) -> list[Layer]:
     while len(layers) < MAX_CHAIN:
         fmt, _, ident = image_format(path) if fmt != "raw" else ("raw", 0, identity(os.stat(path)))
         header = read_image(path) if fmt == "qcow2" else None
-        layers.append(Layer(path, ident, fmt, header))
+        layers.append(Layer(path, ident, fmt, header, opened))
         if header is None or header.backing is None:
             return layers
         opened = os.path.join(os.path.dirname(opened), header.backing)
@@ -403,7 +405,7 @@ def _names_opened(layers: list[Layer], below: Layer | None) -> list[str]:
             break
         names.append(os.path.join(os.path.dirname(names[-1]), layer.header.backing))
     if below is not None:
-        name = os.path.join(os.path.dirname(layers[0].path), backing_name(layers[0].path, below.path))
+        name = os.path.join(os.path.dirname(layers[0].path), _new_backing(layers[0], below))
         names.append(name)
         for layer in layers[next((i for i, x in enumerate(layers) if x is below), len(layers)) : -1]:
             if layer.header is None or layer.header.backing is None:
@@ -411,6 +413,16 @@ def _names_opened(layers: list[Layer], below: Layer | None) -> list[str]:
             name = os.path.join(os.path.dirname(name), layer.header.backing)
             names.append(name)
     return names
+
+
+def _new_backing(child: Layer, below: Layer) -> str:
+    """The backing name the rebase writes into ``child``: relative to its real folder
+    (:func:`backing_name`) only when a VM, opening ``child`` through the device, joins it
+    to that very folder; else ``below``'s absolute path (QEMU joins a relative name to the
+    folder of the name it opened ``child`` by, the device's own for its active image)."""
+    if os.path.realpath(os.path.dirname(child.opened or child.path)) == os.path.dirname(child.path):
+        return backing_name(child.path, below.path)
+    return below.path
 
 
 def _rebase(child: Layer, below: Layer | None, run_as: RunAs | None) -> None:
@@ -425,7 +437,7 @@ def _rebase(child: Layer, below: Layer | None, run_as: RunAs | None) -> None:
     :mod:`blktx_plugins._runas`) is the one user who could change them, so a header
     rewritten after the check makes it read only what that user can read."""
     os.close(open_verified(child.path, child.ident))  # still the file the check read
-    target = ["-b", ""] if below is None else ["-b", backing_name(child.path, below.path), "-F", below.fmt]
+    target = ["-b", ""] if below is None else ["-b", _new_backing(child, below), "-F", below.fmt]
     argv = ["qemu-img", "rebase", "-q", "-t", "writethrough", "-f", "qcow2", *target, child.path]
     who: dict[str, Any] = {} if run_as is None else {"user": run_as.uid, "group": run_as.gid, "extra_groups": list(run_as.groups)}
     out = subprocess.run(

@@ -702,3 +702,30 @@ def test_a_frozen_image_re_pointed_outside_the_roots_is_never_merged(img: Path) 
     assert out.returncode == 2, out.stdout + out.stderr
     assert "outside" in json.loads(out.stdout)["problems"][0]["message"]
     assert world(img) == before and names() == ["s1", "s2", "s3"]
+
+
+def test_deleting_below_an_overlay_in_another_folder_than_its_device_keeps_what_the_vm_opens(tmp_path: Path) -> None:
+    """The device is in links/, its overlays in img/ (named absolutely, as QEMU opens them
+    through the device). Merging the frozen image below the active overlay writes a new
+    backing name: it must lead, joined to the device's folder as QEMU joins it, to the
+    same file it leads to from the overlay's own folder."""
+    img, links = tmp_path / "img", tmp_path / "links"
+    img.mkdir()
+    links.mkdir()
+    make_image(img / "base.qcow2", pattern=1)
+    os.symlink("../img/base.qcow2", links / "vm")
+    for k in (1, 2):
+        spec = tmp_path / f"s{k}.toml"
+        spec.write_text(SPEC.format(group="app", k=k).replace('device = "img/vm"', 'device = "links/vm"'))
+        with journal() as j:
+            result = Executor(default_registry(), journal=j, locker=Locker()).run(load_spec(str(spec)))
+        assert result.outcome == "committed", result.summary()
+        subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-c", f"write -P {k + 1} {k}M 1M", str(links / "vm")], check=True, capture_output=True
+        )
+    assert sees(links / "vm", S3)
+    out = blktx("delete", "app@s2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    info = subprocess.run(["qemu-img", "info", "-U", str(links / "vm")], capture_output=True, text=True).stdout
+    assert sees(links / "vm", S3), info
+    assert blktx("delete", "app@s1").returncode == 0 and sees(links / "vm", S3)
