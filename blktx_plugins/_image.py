@@ -405,7 +405,9 @@ def _other_format(path: str) -> bytes | None:
     return next((m for m in _OTHER_MAGICS if head.startswith(m)), None)
 
 
-def check_chain(path: str, roots: list[str], header: Header | None = None, opened_as: str | None = None) -> Header:
+def check_chain(
+    path: str, roots: list[str], header: Header | None = None, opened_as: str | None = None, opens: list[str] | None = None
+) -> Header:
     """Refuse an image whose backing chain or data file QEMU would reach outside
     ``roots`` or through a protocol; return ``path``'s own header.
 
@@ -413,7 +415,8 @@ def check_chain(path: str, roots: list[str], header: Header | None = None, opene
     the image that names it was opened by (``opened_as``, a device symlink that leads
     to ``path``: its own folder, not its target's), refused if it has a protocol prefix, confined to
     ``roots``, and read by blktx within the limits above. A chain that loops or is
-    longer than :data:`MAX_CHAIN` is refused.
+    longer than :data:`MAX_CHAIN` is refused. ``opens``: appended the real path of
+    every data and backing file the chain names, in order (what QEMU would open).
     """
     top = header or read_image(path)
     current, h = os.path.realpath(path), top
@@ -440,11 +443,16 @@ def check_chain(path: str, roots: list[str], header: Header | None = None, opene
                 )
         try:
             if h.data_file is not None:
-                os.close(open_image(os.path.realpath(os.path.join(os.path.dirname(opened), h.data_file))))
+                data = os.path.realpath(os.path.join(os.path.dirname(opened), h.data_file))
+                os.close(open_image(data))
+                if opens is not None:
+                    opens.append(data)
             if h.backing is None:
                 return top
             nxt_name = os.path.join(os.path.dirname(opened), h.backing)
             nxt = os.path.realpath(nxt_name)
+            if opens is not None:
+                opens.append(nxt)
             fmt = h.backing_format
             if fmt not in (None, "qcow2", "raw"):
                 raise Refused(

@@ -42,6 +42,7 @@ from blktx_plugins._image import (
 )
 from blktx_plugins._qemu import (
     VmGone,
+    backing_name,
     check_writable_image,
     create_overlay,
     heartbeat_bound,
@@ -527,8 +528,9 @@ class ExternalCreate(DeviceLink, ActionType):
         if not os.path.exists(current):
             raise Refused(f"device {device} points to {current}, which does not exist")
         fmt, size, ident = image_format(current)
+        opens: list[str] = []
         if fmt == "qcow2":  # as QEMU opens it: through the device, backing names joined to its folder
-            check_chain(current, ctx.options.roots, opened_as=device)
+            check_chain(current, ctx.options.roots, opened_as=device, opens=opens)
         who = holder(current)
         if who:
             raise Refused(f"{current} is in use by {who}", hint="use qmp.external-create for a running VM")
@@ -537,13 +539,27 @@ class ExternalCreate(DeviceLink, ActionType):
         exists = os.path.lexists(overlay)
         if exists and not action.params["reuse"]:
             raise Refused(f"overlay {overlay} already exists", hint="choose a new name, or set reuse = true to use it")
+        here = os.path.dirname(os.path.abspath(device))  # QEMU will open the overlay through the device
         if exists:
-            backing = check_chain(overlay, ctx.options.roots).backing
-            here = os.path.dirname(os.path.abspath(device))  # QEMU will open it through the device
+            backing = check_chain(overlay, ctx.options.roots, opened_as=device).backing
             if backing is None or os.path.realpath(os.path.join(here, backing)) != current:
                 raise Refused(f"overlay {overlay} is backed by {shown(backing or '')}, not by the current image {current}")
+            after = os.path.join(here, backing)
         elif not os.access(os.path.dirname(overlay), os.W_OK):
             raise Refused(f"cannot create files in {os.path.dirname(overlay)}")
+        else:
+            after = os.path.join(here, backing_name(overlay, current)) if self._relative_backing(action) else current
+        if fmt == "qcow2" and os.path.realpath(os.path.dirname(after)) != os.path.realpath(here):
+            # QEMU will open the current image by the overlay's name for it: its own
+            # relative names then join another folder. They must still name what they do.
+            then: list[str] = []
+            check_chain(current, ctx.options.roots, opened_as=after, opens=then)
+            if then != opens:
+                raise Refused(
+                    f"{current} names its backing or data files relative to the device's folder {here}; "
+                    f"opened through the overlay they would be {', '.join(then) or 'none'}, not {', '.join(opens)}",
+                    hint="name them absolutely (qemu-img rebase -u -F FMT -b /PATH IMAGE), or keep the overlay beside the device",
+                )
         # Private names, unique to this action and recorded before they are created:
         # the overlay when the filesystem has no unnamed files, and the symlink swap.
         token = f"blktx-{ctx.txid}-{os.urandom(4).hex()}"

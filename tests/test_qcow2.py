@@ -887,3 +887,28 @@ def test_a_vm_clock_that_cannot_be_written_fails_nothing(images: Path, monkeypat
     result = run(images, group(20))
     assert result.outcome == "committed", result.summary()
     assert all("nightly" in qemu_snapshots(images / f"d{i}.qcow2") for i in range(20))
+
+
+@pytest.mark.parametrize("overlay", ["images/vm.s1.qcow2", "links/vm.s1.qcow2"])
+def test_an_overlay_keeps_the_current_images_relative_backing_name_meaning_what_it_meant(tmp_path: Path, overlay: str) -> None:
+    """The device in links/ leads to images/top.qcow2, whose backing name ./b0.qcow2 QEMU
+    joins to links/ (the folder of the name it opened top by). Once the overlay names top
+    (absolutely, or ./../images/top.qcow2), QEMU opens top by another name and joins
+    ./b0.qcow2 to images/: another file, one the check never confined. Refused, or the
+    guest would see other data after the commit."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "links").mkdir()
+    make_image(tmp_path / "links" / "b0.qcow2", pattern=0x11)
+    make_image(tmp_path / "images" / "b0.qcow2", pattern=0x77)
+    top = tmp_path / "images" / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "./b0.qcow2", "-F", "qcow2", str(top)], check=True)
+    os.symlink("../images/top.qcow2", tmp_path / "links" / "vm")
+
+    def guest_sees(pattern: int) -> bool:
+        cmd = ["qemu-io", "-r", "-U", "-f", "qcow2", "-c", f"read -P {pattern} 0 1M", str(tmp_path / "links" / "vm")]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        return out.returncode == 0 and "verification failed" not in out.stdout + out.stderr
+
+    assert guest_sees(0x11)
+    result = run(tmp_path, [("qcow2.external-create", {"device": "links/vm", "overlay": overlay})])
+    assert result.outcome == "invalid" or guest_sees(0x11), result.summary()
