@@ -435,6 +435,11 @@ def check_chain(
                     hint="rebase the image onto a file: qemu-img rebase -u -F FMT -b ./FILE IMAGE",
                 )
             resolved = os.path.join(os.path.dirname(opened), name)
+            if not os.path.isdir(os.path.dirname(resolved)):  # as the kernel resolves it: ``gone/../x`` fails
+                raise Refused(
+                    f"{current}: its {what} {shown(name)} goes through a folder that does not exist "
+                    "[rule confined-paths]: QEMU could not open it, and whoever creates that folder would choose the file"
+                )
             if not within(resolved, roots):
                 raise Refused(
                     f"{current}: its {what} {shown(name)} resolves to {os.path.realpath(resolved)}, "

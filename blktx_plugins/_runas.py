@@ -115,10 +115,14 @@ def writers(paths: Iterable[str]) -> Writers:
 
 def resolution(path: str) -> list[str]:
     """Where each symlink a lookup of ``path`` follows lies (its folder's real path
-    joined with its name), then the real path ``path`` resolves to: whoever can change
-    any of their folders can change what a tool opening ``path`` by name opens."""
+    joined with its name), each folder it passes through (``sub`` of ``sub/../x``
+    too), then the real path ``path`` resolves to: whoever can change any of them can
+    change what a tool opening ``path`` by name opens. A folder on the way that does
+    not exist is refused (the kernel stops there; whoever makes it later steers the rest)."""
     found: list[str] = []
-    parts = os.path.abspath(path).split("/")[::-1]
+    passed: set[str] = set()
+    # not abspath(): it would fold "gone/.." away before the walk, as the kernel does not
+    parts = (path if path.startswith("/") else os.path.join(os.getcwd(), path)).split("/")[::-1]
     current, hops = "/", 0
     while parts:
         name = parts.pop()
@@ -131,9 +135,14 @@ def resolution(path: str) -> list[str]:
         try:
             st = os.lstat(step)
         except FileNotFoundError:
+            if parts:  # the kernel stops here; whoever creates it later decides where the rest leads
+                raise Refused(f"{path}: its folder {step} does not exist") from None
             current = step
             continue
         if not stat.S_ISLNK(st.st_mode):
+            if parts:  # a folder passed through (then perhaps left by ".."): its writers count too
+                passed.add(step)
+                found.append(step)
             current = step
             continue
         hops += 1
@@ -145,7 +154,8 @@ def resolution(path: str) -> list[str]:
             current = "/"
         parts.extend(target.split("/")[::-1])
     found.append(current)
-    return found
+    # the folders above the end are walked by writers() anyway: keep those it would not reach
+    return [p for p in found if p not in passed or not (current + "/").startswith(p + "/")]
 
 
 @dataclass(frozen=True)

@@ -144,3 +144,21 @@ def test_a_batch_is_never_charged_for_waiting_behind_others(monkeypatch: pytest.
     for t in threads:
         t.join()
     assert all(r == [f"slow{i}" for i in range(40)] for r in results.values())
+
+
+def test_a_backing_name_through_a_folder_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+    """``./gone/../base.qcow2``: Python's realpath makes it ``base.qcow2``, the kernel
+    (and so QEMU) fails at ``gone``, until whoever can create ``gone`` makes it lead
+    elsewhere. Refused, as QEMU would fail."""
+    from blktx_plugins._image import check_chain
+
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "1M"], check=True)
+    top = tmp_path / "top.qcow2"
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "./gone/../base.qcow2", "-F", "qcow2", str(top), "1M"]
+    subprocess.run(argv, check=True)
+    assert subprocess.run(["qemu-img", "info", "--backing-chain", str(top)], capture_output=True).returncode != 0
+    with pytest.raises(Refused, match="goes through a folder that does not exist"):
+        check_chain(str(top), [str(tmp_path)])
+    (tmp_path / "gone").mkdir()  # once it exists, QEMU and blktx read the same chain
+    assert subprocess.run(["qemu-img", "info", "--backing-chain", str(top)], capture_output=True).returncode == 0
+    assert check_chain(str(top), [str(tmp_path)]).backing == "./gone/../base.qcow2"

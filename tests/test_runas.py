@@ -173,7 +173,7 @@ def test_the_folders_of_the_symlinks_a_lookup_follows_count(folder: Path) -> Non
     (folder / "t").mkdir()
     os.chown(folder / "t", 1234, 0)
     os.symlink("../a", folder / "t" / "link")
-    assert resolution(str(folder / "t" / "link")) == [str(folder / "t" / "link"), a]
+    assert resolution(str(folder / "t" / "link")) == [str(folder / "t"), str(folder / "t" / "link"), a]
     assert least_privileged([a]) is None
     who = least_privileged([str(folder / "t" / "link")])
     assert who is not None and who.uid == 1234 and str(folder / "t") in who.why
@@ -193,3 +193,18 @@ def test_the_users_own_supplementary_groups_count_as_what_it_can_read(folder: Pa
     entry = pwd.getpwuid(NOBODY)
     expected = tuple(sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)) - {entry.pw_gid}))
     assert who is not None and (who.uid, who.gid, who.groups) == (NOBODY, entry.pw_gid, expected)
+
+
+def test_every_folder_a_name_passes_through_counts_and_a_missing_one_is_refused(folder: Path) -> None:
+    """``sub/../a`` passes through ``sub``: its owner can make it a symlink elsewhere,
+    so they count; ``gone/../a`` stops the kernel at ``gone``: refused."""
+    from blktx_plugins._runas import resolution
+
+    (a,) = files(folder, "a")
+    (folder / "sub").mkdir()
+    os.chown(folder / "sub", 1234, 0)
+    via = f"{folder}/sub/../a"
+    assert resolution(via) == [f"{folder}/sub", a]
+    assert 1234 in writers([via]).users
+    with pytest.raises(Refused, match=r"its folder .*gone does not exist"):
+        resolution(f"{folder}/gone/../a")
