@@ -297,7 +297,8 @@ class Locker:
     def _write(self, claim: Claim, *, later: bool = False) -> None:
         """Write the claim whole, then rename it into place (under the mutex): a claim
         file is complete or absent, whatever kills the process or fills the disk.
-        ``later``: the fsyncs run in a thread; :meth:`Claim.durable` waits for them."""
+        ``later``: the fsyncs run in a thread; :meth:`Claim.durable` waits for them. Until
+        then a power loss may leave the renamed file empty (:meth:`_never_durable`)."""
         name = _name(claim.txid)
         tmp = f".{name}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._dirfd)

@@ -56,8 +56,10 @@ class Registry:
         return self.loaded
 
     def load_pending(self) -> None:
-        for name in sorted(self.pending):
-            self._load_one(name)
+        if self.pending:
+            for name in sorted(self.pending):
+                _load_entry_point(self, self.pending.pop(name))
+            self._in_eager_order()  # once for them all
 
     def _load_one(self, name: str) -> None:
         ep = self.pending.pop(name, None)

@@ -148,6 +148,16 @@ def drop_link(swap: str, ours: tuple[str, ...]) -> None:
         os.unlink(swap)
 
 
+def relative_backing_ok(image: str, opened: str) -> bool:
+    """Whether ``image`` may name its backing file relative to its own folder. QEMU joins
+    a relative backing name to the folder of the *name* it opened the image by
+    (``opened``: a device symlink, say), not the image's own: only when the two are one
+    folder do a VM and ``qemu-img info IMAGE`` find the same file; otherwise the name
+    must be absolute."""
+    real = os.path.realpath(os.path.dirname(os.path.abspath(image)))
+    return os.path.realpath(os.path.dirname(os.path.abspath(opened))) == real
+
+
 class DeviceLink:
     """The device symlink of a type that switches it to an overlay it made
     (``qcow2.external-create``, ``qcow2.external-revert``, ``qmp.external-create``):
@@ -158,12 +168,9 @@ class DeviceLink:
         return str(action.params["overlay"])
 
     def _relative_backing(self, action: Action) -> bool:
-        """Whether the overlay may name its backing file relative to its own folder.
-        QEMU opens it through the device and joins a relative backing name to the
-        *device's* folder (not the overlay's): only when the two are one folder do the
-        VM and ``qemu-img info OVERLAY`` find the same file; otherwise it is absolute."""
-        device, overlay = os.path.abspath(str(action.params["device"])), os.path.abspath(self._overlay_of(action))
-        return os.path.realpath(os.path.dirname(device)) == os.path.realpath(os.path.dirname(overlay))
+        """Whether the overlay may name its backing file relative to its own folder: QEMU
+        opens it through the device (:func:`relative_backing_ok`)."""
+        return relative_backing_ok(self._overlay_of(action), str(action.params["device"]))
 
     def _link_text(self, action: Action) -> str:
         """What the switch makes the device symlink say: the overlay, relative to its folder."""

@@ -31,7 +31,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from blktx import Action, ActionFailed, ActionType, Leftover, Param, Refused, RunContext
-from blktx_plugins._fs import DeviceLink, fsync_dir, identity, is_ours, private_file, publish, remove_if_ours
+from blktx_plugins._fs import (
+    DeviceLink,
+    fsync_dir,
+    identity,
+    is_ours,
+    private_file,
+    publish,
+    relative_backing_ok,
+    remove_if_ours,
+)
 from blktx_plugins._image import MAX_CHAIN, Header, check_chain, open_verified, read_image, shown, within
 from blktx_plugins._qemu import backing_name, create_overlay, die_with_parent, holder, image_format
 from blktx_plugins._runas import RunAs, least_privileged
@@ -420,7 +429,7 @@ def _new_backing(child: Layer, below: Layer) -> str:
     (:func:`backing_name`) only when a VM, opening ``child`` through the device, joins it
     to that very folder; else ``below``'s absolute path (QEMU joins a relative name to the
     folder of the name it opened ``child`` by, the device's own for its active image)."""
-    if os.path.realpath(os.path.dirname(child.opened or child.path)) == os.path.dirname(child.path):
+    if relative_backing_ok(child.path, child.opened or child.path):
         return backing_name(child.path, below.path)
     return below.path
 
